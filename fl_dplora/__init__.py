@@ -1,0 +1,1 @@
+"""fl-dplora: federated DP-LoRA fine-tuning on Flower."""

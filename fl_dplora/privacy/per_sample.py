@@ -1,0 +1,86 @@
+"""Exact per-example gradients of LoRA parameters, for DP-SGD.
+
+Every LoRA factor is an `nn.Linear` (lora_A: d_in -> r, lora_B: r -> d_out). For a linear layer the
+gradient of example b is sum_t g[b,t]^T x[b,t] (g: gradient w.r.t. the layer output, x: its input),
+so two hooks per factor give all per-example gradients at a cost of B*T*r*(d_in+d_out) multiply-adds,
+small next to the base model's forward+backward. The caller must reduce the loss as a SUM over
+examples (per-example mean over tokens is fine): that is the reduction these gradients are exact for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LoRAGradSampler:
+    """Hooks on the LoRA Linear modules that own `params`; collects per-example gradients.
+
+    Usage: with LoRAGradSampler(model, params) as gs: loss_sum.backward(); g = gs.per_example()
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        wanted = {id(p) for p in params}
+        self.modules: list[nn.Linear] = []
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in wanted:
+                if module.bias is not None and module.bias.requires_grad:
+                    raise ValueError("LoRA factors with a trainable bias are not supported")
+                self.modules.append(module)
+        found = {id(m.weight) for m in self.modules}
+        if found != wanted:
+            raise ValueError("every DP-trained parameter must be the weight of an nn.Linear LoRA factor")
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "LoRAGradSampler":
+        for module in self.modules:
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self._inputs.clear()
+        self._grads.clear()
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        key = id(module)
+        self._inputs[key] = inputs[0].detach()
+
+        def save_grad(grad: torch.Tensor) -> None:
+            self._grads[key] = grad.detach()
+
+        output.register_hook(save_grad)
+
+    def per_example(self) -> list[torch.Tensor]:
+        """Per-example gradients, one (B, out, in) tensor per module, in `self.modules` order."""
+        out = []
+        for module in self.modules:
+            x, g = self._inputs[id(module)], self._grads[id(module)]
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            g = g.reshape(g.shape[0], -1, g.shape[-1])
+            out.append(torch.einsum("bto,bti->boi", g, x))
+        return out
+
+    def clipped_sum(self, max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum over examples of per-example gradients clipped to `max_norm` (joint L2 over all factors).
+
+        Returns (one summed tensor per module, per-example norms before clipping).
+        """
+        grads = self.per_example()
+        sq = torch.zeros(grads[0].shape[0], dtype=torch.float64, device=grads[0].device)
+        for g in grads:
+            sq += g.double().pow(2).sum(dim=(1, 2))
+        norms = sq.sqrt()
+        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+        summed = [torch.einsum("b,boi->oi", factor, g) for g in grads]
+        self.clear()
+        return summed, norms

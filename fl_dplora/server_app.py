@@ -1,0 +1,216 @@
+"""Flower ServerApp: rounds of (sample → train → validate/aggregate → account → evaluate → log).
+
+Writes into the output dir (DESIGN.md): metrics.jsonl (one line per round), summary.json, adapter/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_dplora.config import ConfigError, resolve, resolve_output_dir
+from fl_dplora.data import check_task, eval_examples, load_task
+from fl_dplora.evaluate import evaluate
+from fl_dplora.models import adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer
+from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, paper_noise_multiplier
+from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
+
+log = logging.getLogger("fl_dplora")
+
+
+def preflight(cfg: Mapping[str, Any]) -> None:
+    """Cheap checks that need no model: fail in a second, not after a model load."""
+    check_model_name(cfg["model"])
+    check_task(cfg["task"])
+
+
+def client_level_sigma(cfg: Mapping[str, Any]) -> tuple[float, float]:
+    """(σ applied to the noise std σC, σ the accountant sees) for dp-mode client/paper.
+
+    paper: ΔA and ΔB are each clipped to C, so the pair has sensitivity √2·C while each gets noise
+    σC: the accountant sees a Gaussian mechanism with multiplier σ/√2.
+    """
+    factor = math.sqrt(2.0) if cfg["dp-mode"] == "paper" else 1.0
+    if cfg["noise-multiplier"] > 0:
+        sigma = float(cfg["noise-multiplier"])
+    else:
+        z = calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], float(cfg["fraction-train"]),
+                                       int(cfg["num-server-rounds"]), cfg["accountant"])
+        sigma = z * factor
+    return sigma, sigma / factor
+
+
+class RunWriter:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def round(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        tmp = self.out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.out_dir / "summary.json")
+
+
+def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    preflight(cfg)
+    out_dir = resolve_output_dir(cfg)
+    writer = RunWriter(out_dir)
+    mode = cfg["dp-mode"]
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    evals = eval_examples(cfg)
+    model = get_peft_model(cfg)
+    tokenizer = load_tokenizer(cfg["model"])
+    params = adapter_parameters(model, cfg)
+    full_params, full_bytes = full_model_stats(model)
+    trainable = sum(p.numel() for p in params.values())
+
+    server_sigma, accountant_sigma = client_level_sigma(cfg) if mode in ("client", "paper") else (0.0, 0.0)
+    strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=server_sigma)
+    server_ledger = PrivacyLedger()
+    client_eps: dict[int, dict[str, Any]] = {}
+    log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",
+             cfg["model"], cfg["task"], mode, trainable, 100 * trainable / full_params, full_params, out_dir)
+    if mode in ("client", "paper"):
+        log.info("client-level DP: noise multiplier %.4f (accountant sees %.4f), q=%.3f, %d rounds",
+                 server_sigma, accountant_sigma, cfg["fraction-train"], cfg["num-server-rounds"])
+    if mode == "paper":
+        log.info("paper's per-step formula (no composition, for reference only): sigma >= %.3f",
+                 paper_noise_multiplier(cfg["target-epsilon"], cfg["delta"]))
+
+    rounds = int(cfg["num-server-rounds"])
+    totals = {"up": 0, "down": 0}
+    last_eval: dict[str, float] = {}
+    epsilon = 0.0
+    rounds_done = 0
+    bar = tqdm(range(1, rounds + 1), desc="rounds", unit="round", disable=None)
+    for rnd in bar:
+        t_round = time.time()
+        config = ConfigRecord({**cfg, "_sigma": float(server_sigma)})
+        messages = strategy.configure_train(rnd, strategy.global_record(), config, grid)
+        replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
+        strategy.aggregate_train(rnd, replies)
+        st = strategy.stats
+        totals["up"] += st.bytes_up
+        totals["down"] += st.bytes_down
+
+        if mode in ("client", "paper"):
+            server_ledger.step(accountant_sigma, float(cfg["fraction-train"]), 1)
+            epsilon = server_ledger.epsilon(cfg["delta"], cfg["accountant"])
+        elif mode == "sample":
+            for m in st.client_metrics:
+                if "epsilon" in m:
+                    client_eps[int(m.get("partition-id", m["node_id"]))] = m
+            epsilon = max((float(m["epsilon"]) for m in client_eps.values()), default=0.0)
+        exhausted = [m for m in st.client_metrics if m.get("budget-exhausted")]
+
+        if rnd == rounds or (cfg["eval-every"] and rnd % int(cfg["eval-every"]) == 0):
+            last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
+        losses = [m["train_loss"] for m in st.client_metrics if "train_loss" in m]
+        row = {
+            "round": rnd, "num_clients": st.accepted, "sampled": st.sampled, "dropped": st.dropped,
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
+            "eval_macro_f1": last_eval.get("macro_f1"),
+            "epsilon": epsilon if mode != "none" else None, "delta": cfg["delta"] if mode != "none" else None,
+            "bytes_up": st.bytes_up, "bytes_down": st.bytes_down,
+            "client_seconds": sum(float(m.get("compute-seconds", 0.0)) for m in st.client_metrics),
+            "seconds": time.time() - t_round,
+        }
+        writer.round(row)
+        rounds_done = rnd
+        acc = f" acc={row['eval_accuracy']:.3f}" if row["eval_accuracy"] is not None else ""
+        eps = f" eps={epsilon:.3f}" if mode != "none" else ""
+        log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
+                 st.sampled, f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-", acc, eps,
+                 st.bytes_up, st.bytes_down, row["seconds"])
+        if exhausted and len(exhausted) == st.received:
+            log.error("stopping early: every sampled client has exhausted its privacy budget (target-epsilon %g)",
+                      cfg["target-epsilon"])
+            break
+
+    if rounds_done < rounds and not last_eval:
+        last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
+    _load_into(params, strategy.global_weights)
+    model.save_pretrained(str(out_dir / "adapter"))
+
+    privacy = _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done)
+    summary = {
+        "rounds": rounds_done,
+        "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
+                       **{k: v for k, v in last_eval.items() if k not in ("accuracy", "loss")}},
+        "trainable_params": trainable, "full_model_params": full_params, "full_model_bytes": full_bytes,
+        "bytes_up_total": totals["up"], "bytes_down_total": totals["down"],
+        "wall_seconds": time.time() - t_start, "privacy": privacy, "config": cfg,
+    }
+    writer.summary(summary)
+    log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
+             privacy["epsilon"], out_dir)
+    return summary
+
+
+def _load_into(params: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+
+
+def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
+    _load_into(params, strategy.global_weights)
+    rouge = 16 if task.kind == "generation" else 0
+    return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), rouge_samples=rouge)
+
+
+def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done) -> dict[str, Any]:
+    block = {"mode": mode, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
+             "accountant": None, "epsilon": None if mode != "none" else math.inf, "delta": cfg["delta"]}
+    if mode == "none":
+        block["epsilon"] = None
+        return block
+    block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon)
+    if mode == "sample":
+        worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
+        block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
+                     steps=int(worst.get("steps-total", 0)), unit="example", per_client={
+                         str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),
+                                  "steps": m.get("steps-total")} for k, m in sorted(client_eps.items())})
+    else:
+        block.update(noise_multiplier=server_sigma, sample_rate=cfg["fraction-train"], steps=rounds_done, unit="client",
+                     noise_placement="server sum" if mode == "client" and cfg["client-noise"] == "central" else "each client")
+    return block
+
+
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose config is Flower's run config with `overrides` on top (for fl-dplora simulate)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            cfg = resolve(overrides, base=dict(context.run_config))
+        except ConfigError as exc:
+            log.error("invalid run config:\n%s", exc)
+            raise
+        run_server(grid, cfg)
+
+    return server
+
+
+app = build_server_app()

@@ -1,0 +1,164 @@
+"""The server strategy: sample clients, validate replies, (clip, noise,) average LoRA updates.
+
+Clients send updates (local adapter minus global), so every mode is "global += aggregate(updates)":
+- none:   weighted by the clients' example counts (FedAvg).
+- sample: uniform mean (counts are private under DP; the noise was added on the clients).
+- client: DP-FedAvg. Poisson client sampling with q = fraction-train; each update clipped to C here
+          (even if the client already did: the server does not trust it), the sum noised with
+          N(0, σ²C²) from the OS CSPRNG (or on each client: client-noise = local), divided by the
+          expected number of clients q·N so that the scale carries no information.
+- paper:  clients clip ΔA and ΔB to C each and add N(0, σ²C²) before upload; uniform mean here.
+A reply that fails validation (keys, shapes, dtype, finiteness) is dropped and logged by node id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
+from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
+
+log = logging.getLogger("fl_dplora")
+
+
+@dataclass
+class RoundStats:
+    sampled: int = 0
+    received: int = 0
+    accepted: int = 0
+    dropped: list[str] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    client_metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DPLoRAFedAvg(FedAvg):
+    """FedAvg over LoRA updates with the dp-modes of DESIGN.md. Works with `strategy.start()` too."""
+
+    def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0):
+        super().__init__(
+            fraction_train=float(cfg["fraction-train"]), fraction_evaluate=0.0,
+            min_train_nodes=1, min_available_nodes=int(cfg["min-available"]),
+        )
+        self.cfg = dict(cfg)
+        self.global_weights = {k: v.detach().clone().float() for k, v in global_weights.items()}
+        self.server_sigma = server_sigma
+        secure = bool(cfg["secure-rng"])
+        self._rng = random.Random(None if secure else int(cfg["seed"]))
+        self._noise_gen = None if secure else make_generator(int(cfg["seed"]), -1)
+        self.stats = RoundStats()
+
+    # -------------------------------------------------------------- sampling
+    def sample(self, grid: Grid) -> tuple[list[int], int]:
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < self.min_available_nodes:
+            import time
+
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+            nodes = sorted(grid.get_node_ids())
+        q = self.fraction_train
+        if self.cfg["dp-mode"] in ("client", "paper"):
+            # Poisson sampling, exactly what the accountant assumes (may pick none: a noise-only round).
+            return [n for n in nodes if self._rng.random() < q], len(nodes)
+        size = max(1, min(len(nodes), round(q * len(nodes))))
+        return sorted(self._rng.sample(nodes, size)), len(nodes)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        node_ids, self.num_nodes = self.sample(grid)
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        self.stats = RoundStats(sampled=len(node_ids), bytes_down=wire_bytes(record) * len(node_ids))
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    # -------------------------------------------------------------- validation
+    def validate(self, msg: Message) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str]:
+        """(update, metrics, "") for a good reply, (None, metrics, reason) for a bad one."""
+        if msg.has_error():
+            return None, {}, f"client error: {msg.error.reason}"
+        content = msg.content
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        if metrics.get("budget-exhausted"):
+            return None, metrics, "privacy budget exhausted"
+        if "arrays" not in content.array_records:
+            return None, metrics, "no arrays in reply"
+        record = content["arrays"]
+        expected = set(self.global_weights)
+        got = set(record)
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            return None, metrics, f"wrong keys (missing {missing[:2]}{'...' if len(missing) > 2 else ''}, extra {extra[:2]}{'...' if len(extra) > 2 else ''})"
+        try:
+            update = from_array_record(record, self.cfg["transfer-dtype"])
+        except ValueError as exc:
+            return None, metrics, str(exc)
+        for key, t in update.items():
+            if tuple(t.shape) != tuple(self.global_weights[key].shape):
+                return None, metrics, f"{key}: shape {tuple(t.shape)}, expected {tuple(self.global_weights[key].shape)}"
+            if not torch.isfinite(t).all():
+                return None, metrics, f"{key}: non-finite values"
+        return update, metrics, ""
+
+    # -------------------------------------------------------------- aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mode, c = self.cfg["dp-mode"], float(self.cfg["max-grad-norm"])
+        updates, weights = [], []
+        for msg in replies:
+            self.stats.received += 1
+            if not msg.has_error():
+                self.stats.bytes_up += wire_bytes(msg.content)
+            update, metrics, reason = self.validate(msg)
+            node = msg.metadata.src_node_id
+            if metrics:
+                self.stats.client_metrics.append({"node_id": node, **metrics})
+            if update is None:
+                self.stats.dropped.append(f"node {node}: {reason}")
+                log.warning("round %d: dropped reply from node %s: %s", server_round, node, reason)
+                continue
+            if mode == "client":  # the server clips regardless of what the client claims
+                keys = list(update)
+                update = dict(zip(keys, clip_to_norm([update[k] for k in keys], c)[0]))
+            updates.append(update)
+            weights.append(float(metrics.get("num-examples", 1)) if mode == "none" else 1.0)
+        self.stats.accepted = len(updates)
+
+        if mode == "client":
+            # Noise is added even with zero replies: the accountant counted this round.
+            expected_m = max(1e-12, self.fraction_train * self.num_nodes)
+            total = {k: torch.zeros_like(v) for k, v in self.global_weights.items()}
+            for u in updates:
+                for k in total:
+                    total[k] += u[k]
+            if self.cfg["client-noise"] == "central":
+                for k in total:
+                    total[k] += gaussian_like(total[k], self.server_sigma * c, self._noise_gen)
+            agg = {k: v / expected_m for k, v in total.items()}
+        else:
+            if len(updates) < self.min_available_nodes or not updates:
+                log.warning("round %d: %d good replies < min-available %d; global adapter unchanged",
+                            server_round, len(updates), self.min_available_nodes)
+                return None, None
+            wsum = sum(weights)
+            agg = {k: sum(w * u[k] for w, u in zip(weights, updates)) / wsum for k in self.global_weights}
+        for k, v in agg.items():
+            self.global_weights[k] += v
+        return ArrayRecord({k: v for k, v in to_array_record(self.global_weights).items()}), MetricRecord(
+            {"accepted": len(updates)}
+        )
+
+    def global_record(self) -> ArrayRecord:
+        """The broadcast form of the current global adapter (in the transfer dtype)."""
+        return to_array_record(self.global_weights, self.cfg["transfer-dtype"])
+
+    def summary(self) -> None:
+        log.info("DPLoRAFedAvg: dp-mode=%s fraction-train=%.3f", self.cfg["dp-mode"], self.fraction_train)

@@ -1,0 +1,182 @@
+"""The local training step, shared by every dp-mode, client, benchmark and experiment.
+
+`local_train` runs `local-steps` optimizer steps on one client's shard:
+- dp-mode none/client/paper: a uniformly shuffled batch, mean loss, plain gradient.
+- dp-mode sample: DP-SGD. Each logical batch is Poisson-sampled with rate q = batch-size / n,
+  processed in micro-batches (memory bounded by micro-batch-size), per-example gradients clipped
+  to C, summed, noised once with N(0, sigma^2 C^2) and divided by the expected batch size q*n.
+  That is exactly the subsampled Gaussian mechanism the accountant composes, once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_dplora.data import Encoded, collate
+from fl_dplora.privacy.mechanisms import gaussian_like
+from fl_dplora.privacy.per_sample import LoRAGradSampler
+
+
+# ------------------------------------------------------------------ loss on answer tokens only
+def _decoder_and_head(model: nn.Module):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = inner.get_output_embeddings()
+    if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
+        return inner, None, None
+    return inner, decoder, head
+
+
+def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
+
+    The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
+    is most of the cost of long prompts. Falls back to full logits for exotic heads.
+    """
+    labels = batch["labels"]
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    targets = labels[rows, cols + 1]
+    inner, decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[rows, cols], targets, rows
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[rows, cols])
+    scale = getattr(inner.config, "logit_scale", None)
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    return logits, targets, rows
+
+
+def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over each example's answer tokens, shape [B]."""
+    logits, targets, rows = answer_logits(model, batch)
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    bsz = batch["labels"].shape[0]
+    sums = torch.zeros(bsz, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
+    counts = torch.zeros(bsz, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, torch.ones_like(token_loss))
+    return sums / counts.clamp(min=1)
+
+
+# ------------------------------------------------------------------ optimizer
+def make_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=float(cfg["learning-rate"]), weight_decay=0.0)
+    return torch.optim.SGD(params, lr=float(cfg["learning-rate"]), momentum=float(cfg["momentum"]))
+
+
+def lr_at(step: int, total: int, cfg: Mapping[str, Any]) -> float:
+    """Learning rate at a global step (counted over the whole run, so resumed runs continue it)."""
+    base = float(cfg["learning-rate"])
+    frac = min(1.0, step / max(1, total))
+    if cfg["lr-schedule"] == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg["lr-schedule"] == "linear":
+        return base * (1 - frac)
+    return base
+
+
+# ------------------------------------------------------------------ the local training loop
+@dataclass
+class DPSGD:
+    noise_multiplier: float
+    max_grad_norm: float
+    generator: torch.Generator | None  # None = OS CSPRNG
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int
+    mean_loss: float
+    seconds: float
+    sample_rate: float
+
+
+def _micro_batches(indices: list[int], size: int):
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def local_train(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    data: Sequence[Encoded],
+    cfg: Mapping[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSGD | None,
+    sampling_generator: torch.Generator,
+    step_offset: int = 0,
+    total_steps: int = 0,
+    pad_id: int = 0,
+    progress: bool = False,
+    device: torch.device | None = None,
+) -> TrainStats:
+    """Run cfg['local-steps'] optimizer steps. The one training loop of the project."""
+    from tqdm.auto import tqdm
+
+    steps, batch_size, micro = int(cfg["local-steps"]), int(cfg["batch-size"]), int(cfg["micro-batch-size"])
+    n = len(data)
+    q = min(1.0, batch_size / n)
+    device = device or next(iter(params)).device
+    params = list(params)
+    model.train()
+    t0 = time.perf_counter()
+    losses, seen = [], 0
+    order: list[int] = []
+    sampler = LoRAGradSampler(model, params) if dp else None
+    bar = tqdm(range(steps), desc="local steps", leave=False, disable=not progress, unit="step")
+    try:
+        if sampler:
+            sampler.__enter__()
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg)
+            if dp:  # Poisson sampling: each example independently with probability q
+                mask = torch.rand(n, generator=sampling_generator) < q
+                batch_idx = mask.nonzero().flatten().tolist()
+            else:  # epochs of a shuffled order, batch_size at a time
+                while len(order) < batch_size:
+                    order += torch.randperm(n, generator=sampling_generator).tolist()
+                batch_idx, order = order[:batch_size], order[batch_size:]
+            sums = [torch.zeros_like(p) for p in params]
+            for mb in _micro_batches(batch_idx, micro):
+                batch = {k: v.to(device) for k, v in collate([data[i] for i in mb], pad_id).items()}
+                loss_vec = per_example_loss(model, batch)
+                if dp:
+                    loss_vec.sum().backward()  # sum reduction: what per-example gradients assume
+                    clipped, _ = sampler.clipped_sum(dp.max_grad_norm)
+                    for s, c in zip(sums, clipped):
+                        s += c
+                else:
+                    (loss_vec.sum() / len(batch_idx)).backward()
+                    for s, p in zip(sums, params):
+                        s += p.grad
+                for p in params:
+                    p.grad = None
+                losses.append(float(loss_vec.detach().mean()))
+            seen += len(batch_idx)
+            for s, p in zip(sums, params):
+                if dp:
+                    noise = gaussian_like(s, dp.noise_multiplier * dp.max_grad_norm, dp.generator)
+                    p.grad = (s + noise) / (q * n)  # divide by the expected batch size: no data-dependent scale
+                else:
+                    p.grad = s
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress and losses:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+        model.eval()
+    return TrainStats(steps, seen, float(sum(losses) / max(1, len(losses))), time.perf_counter() - t0, q)
