@@ -24,13 +24,13 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def prepare_config(run_config: str | None, output_dir: str | None, num_clients: int | None = None) -> dict[str, Any]:
     """Resolve + validate everything that can be checked before Ray or a model starts."""
-    from fl_dplora.data import looks_like_path, partition_indices
-    from fl_dplora.server_app import preflight
-
     overrides = parse_overrides(run_config)
     if output_dir:
         overrides["output-dir"] = output_dir
-    cfg = resolve(overrides)
+    cfg = resolve(overrides)  # before the heavy imports below: a typo fails in well under a second
+    from fl_dplora.data import looks_like_path, partition_indices
+    from fl_dplora.server_app import preflight
+
     # Paths mean the user's current directory here, whatever directory the workers start in.
     cfg["output-dir"] = str(resolve_output_dir(cfg))
     for key in ("task", "model"):

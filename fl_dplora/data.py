@@ -111,10 +111,11 @@ def _general_instruct() -> TaskData:
         rows = [json.loads(line) for line in f if line.strip()]
     exs = [_instruct_example(r) for r in rows]
     # Fixed held-out set: every 30th row (~500), independent of the seed so runs compare.
-    return TaskData(
-        "general-instruct", "generation",
-        [e for i, e in enumerate(exs) if i % 30], [e for i, e in enumerate(exs) if i % 30 == 0],
-    )
+    held_out = [e for i, e in enumerate(exs) if i % 30 == 0]
+    # Dolly has exact duplicate rows: keep a held-out example's copies out of the training pool.
+    seen = {(e.prompt, e.answer) for e in held_out}
+    train = [e for i, e in enumerate(exs) if i % 30 and (e.prompt, e.answer) not in seen]
+    return TaskData("general-instruct", "generation", train, held_out)
 
 
 # ------------------------------------------------------------------ user files and hub datasets
@@ -253,13 +254,13 @@ def load_local_file(path: str, task: TaskData) -> list[Example]:
 @lru_cache(maxsize=4)
 def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: float, seed: int, max_train: int) -> tuple[tuple[int, ...], ...]:
     """Indices of each client's shard, made by flwr-datasets partitioners (deterministic given seed)."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
     data = load_task(task, seed)
     n = len(data.train) if max_train <= 0 else min(max_train, len(data.train))
     if num_partitions > n:
         raise ConfigError(f"num-clients: {num_partitions} clients but only {n} training examples")
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
     ds = Dataset.from_dict({"idx": order, "group": [data.train[i].group for i in order]})
     if partitioner == "iid":

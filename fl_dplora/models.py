@@ -90,7 +90,10 @@ def _tiny_config(name: str, vocab_size: int):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             tie_word_embeddings=True,
         )
-    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    # GPT2Config's default bos/eos (50256) lie outside the borrowed SmolLM2 vocabulary; use its ids
+    # (the same 1/2 that LlamaConfig defaults to).
+    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                      bos_token_id=1, eos_token_id=2)
 
 
 def load_base_model(name: str, seed: int = 0) -> nn.Module:
@@ -119,7 +122,7 @@ def load_base_model(name: str, seed: int = 0) -> nn.Module:
 def lora_key(cfg: Mapping[str, Any]) -> tuple:
     return (
         cfg["model"], int(cfg["lora-rank"]), float(cfg["lora-alpha"]), float(cfg["lora-dropout"]),
-        tuple(lora_targets(cfg)), cfg["lora-variant"], int(cfg["seed"]),
+        tuple(lora_targets(cfg)), cfg["lora-variant"], int(cfg["lora-layers"]), int(cfg["seed"]),
     )
 
 
@@ -153,7 +156,13 @@ def get_peft_model(cfg: Mapping[str, Any]):
             f"lora-targets: {', '.join(missing)} not in model {cfg['model']}; it has e.g. "
             + ", ".join(sorted(n for n in present if "proj" in n or "attn" in n or "fc" in n)[:8])
         )
+    num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
+    last = int(cfg["lora-layers"])
+    if last and num_layers and last > num_layers:
+        raise ConfigError(f"lora-layers: {last} but {cfg['model']} has only {num_layers} blocks")
+    layers = list(range(num_layers - last, num_layers)) if last and num_layers else None
     lora_cfg = LoraConfig(
+        layers_to_transform=layers,
         r=int(cfg["lora-rank"]), lora_alpha=float(cfg["lora-alpha"]), lora_dropout=float(cfg["lora-dropout"]),
         target_modules=targets, bias="none", task_type="CAUSAL_LM",
         fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",

@@ -103,6 +103,16 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     bar = tqdm(range(1, rounds + 1), desc="rounds", unit="round", disable=None)
     for rnd in bar:
         t_round = time.time()
+        if mode in ("client", "paper"):
+            # Every round is accounted (Poisson client sampling): never start one that overruns the budget.
+            next_ledger = PrivacyLedger(server_ledger.history)
+            next_ledger.step(accountant_sigma, float(cfg["fraction-train"]), 1)
+            next_epsilon = next_ledger.epsilon(cfg["delta"], cfg["accountant"])
+            if next_epsilon > cfg["target-epsilon"] * (1 + 1e-6):
+                log.error("stopping early: round %d would raise epsilon to %.4g > target-epsilon %g "
+                          "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
+                          rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
+                break
         config = ConfigRecord({**cfg, "_sigma": float(server_sigma)})
         messages = strategy.configure_train(rnd, strategy.global_record(), config, grid)
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
@@ -112,8 +122,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         totals["down"] += st.bytes_down
 
         if mode in ("client", "paper"):
-            server_ledger.step(accountant_sigma, float(cfg["fraction-train"]), 1)
-            epsilon = server_ledger.epsilon(cfg["delta"], cfg["accountant"])
+            server_ledger, epsilon = next_ledger, next_epsilon
         elif mode == "sample":
             for m in st.client_metrics:
                 if "epsilon" in m:

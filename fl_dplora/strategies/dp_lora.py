@@ -79,7 +79,10 @@ class DPLoRAFedAvg(FedAvg):
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         self.stats = RoundStats(sampled=len(node_ids), bytes_down=wire_bytes(record) * len(node_ids))
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        # Kept so that aggregate_train can name the sampled nodes that never replied: the grid
+        # assigns each message its id on push, and simply leaves out replies that miss the timeout.
+        self._sent = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        return self._sent
 
     # -------------------------------------------------------------- validation
     def validate(self, msg: Message) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any], str]:
@@ -113,12 +116,17 @@ class DPLoRAFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         mode, c = self.cfg["dp-mode"], float(self.cfg["max-grad-norm"])
         updates, weights = [], []
+        # message id -> sampled node. Error replies made by the SuperLink (e.g. node unavailable)
+        # come from node 0, so name the node by the message the reply answers.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", []) if m.metadata.message_id}
+        answered = set()
         for msg in replies:
             self.stats.received += 1
             if not msg.has_error():
                 self.stats.bytes_up += wire_bytes(msg.content)
             update, metrics, reason = self.validate(msg)
-            node = msg.metadata.src_node_id
+            answered.add(msg.metadata.reply_to_message_id)
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if metrics:
                 self.stats.client_metrics.append({"node_id": node, **metrics})
             if update is None:
@@ -130,6 +138,12 @@ class DPLoRAFedAvg(FedAvg):
                 update = dict(zip(keys, clip_to_norm([update[k] for k in keys], c)[0]))
             updates.append(update)
             weights.append(float(metrics.get("num-examples", 1)) if mode == "none" else 1.0)
+        for msg_id, node in sent.items():
+            if msg_id not in answered:
+                reason = "no reply (timeout or node lost)"
+                self.stats.dropped.append(f"node {node}: {reason}")
+                log.warning("round %d: dropped node %s: %s", server_round, node, reason)
+        self._sent = []
         self.stats.accepted = len(updates)
 
         if mode == "client":

@@ -1,0 +1,386 @@
+"""Deployment end to end: a real SuperLink and real SuperNodes on 127.0.0.1, runs started with `flwr run .`.
+
+What is pinned here (docs/deployment.md explains the commands):
+- insecure: 2 SuperNodes, one with a partition of the bundled data, one with its own JSONL file
+  (`data-path`); 2 rounds of the tiny model; the DESIGN.md outputs; status finished:completed;
+  epsilon grows in round 2, so the privacy ledger outlived the per-round ClientApp process.
+- TLS + SuperNode authentication: 2 registered keys train, a third, unregistered key is refused.
+- a SuperNode killed (SIGKILL) in the middle of round 1: the run still completes, and
+  metrics.jsonl names the lost node in that round's "dropped" list.
+
+Isolation: FLWR_HOME is a temporary folder (the user's ~/.flwr is never touched), every port is
+chosen at run time, and every process started here (with its children: flower-superexec,
+flwr-serverapp, flwr-clientapp) is stopped by pid in a `finally`. The test then checks that no
+process with this FLWR_HOME is left, including a local SuperLink daemon that `flwr` might spawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FLWR = str(BIN / "flwr")
+# Small, fast settings (same as the simulation smoke run); output-dir is added per test (absolute:
+# the ServerApp runs in another process with another working directory).
+SMALL = {
+    "model": "tiny-random-llama", "num-server-rounds": 2, "local-steps": 2, "batch-size": 8,
+    "micro-batch-size": 4, "max-eval-samples": 32, "max-train-samples": 300, "max-seq-len": 64,
+}
+METRICS_KEYS = {"round", "num_clients", "train_loss", "eval_loss", "eval_accuracy", "epsilon", "delta",
+                "bytes_up", "bytes_down", "seconds", "dropped"}
+SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes",
+                "bytes_up_total", "bytes_down_total", "wall_seconds", "privacy", "config"}
+PRIVACY_KEYS = {"mode", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "epsilon", "delta"}
+
+for _tool in ("flwr", "flower-superlink", "flower-supernode", "flower-superexec"):
+    if not (BIN / _tool).is_file():
+        pytest.skip(f"{_tool} not in {BIN} (pip install -e . in the venv)", allow_module_level=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+_PORTS: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, outside Ray's default worker range 10002-19999."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999 and port not in _PORTS:
+            _PORTS.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def run_config(**extra) -> str:
+    """`--run-config` text: TOML values, strings quoted."""
+    items = {**SMALL, **extra}
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items())
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Signal a process and all its descendants (collected first), then SIGKILL what is left."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+class Deployment:
+    """Processes of one test: SuperLink, SuperNodes, their logs, the `flwr` CLI with a private FLWR_HOME."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.home = tmp / "flwr-home"
+        self.logs = tmp / "logs"
+        self.home.mkdir()
+        self.logs.mkdir()
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLWR_"))}
+        self.env.update({
+            "FLWR_HOME": str(self.home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # flower-superlink starts `flower-superexec` by name: the venv's bin must be on PATH.
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # If anything made `flwr` start its local SuperLink daemon, keep it off the shared default ports.
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+        })
+        self.port = free_port()
+        self.ca: Path | None = None
+
+    # ------------------------------------------------------------------ processes
+    def start(self, name: str, args: list[str], cwd: Path | None = None, **env) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd or self.tmp,
+                                env={**self.env, **env}, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def tail(self, name: str, n: int = 40) -> str:
+        return f"--- {name}.log (tail) ---\n" + "\n".join(self.log(name).splitlines()[-n:])
+
+    def stop_all(self) -> None:
+        """SuperNodes first (newest first), then the SuperLink; each with its whole process tree."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            proc.wait(timeout=30)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Every live process that runs with this test's FLWR_HOME (ours, or a daemon `flwr` spawned)."""
+        found = []
+        for p in psutil.process_iter(["pid", "status"]):
+            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if p.environ().get("FLWR_HOME") == str(self.home):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    # ------------------------------------------------------------------ SuperLink
+    def write_connection(self, tls: bool) -> None:
+        lines = ["[superlink]", 'default = "e2e"', "", "[superlink.e2e]", f'address = "127.0.0.1:{self.port}"']
+        lines.append(f'root-certificates = "{self.ca}"' if tls else "insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def start_superlink(self, tls_dir: Path | None = None) -> None:
+        args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if tls_dir is None:
+            args.append("--insecure")
+        else:
+            self.ca = tls_dir / "ca.crt"
+            args += ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(tls_dir / "server.crt"),
+                     "--ssl-keyfile", str(tls_dir / "server.key"), "--enable-supernode-auth"]
+        self.write_connection(tls=tls_dir is not None)
+        proc = self.start("superlink", args)
+        scheme = "https" if tls_dir else "http"
+        ctx = ssl.create_default_context(cafile=str(self.ca)) if tls_dir else None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"SuperLink exited with {proc.returncode}\n{self.tail('superlink')}"
+            try:
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2, context=ctx) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"SuperLink not healthy after 60 s\n{self.tail('superlink')}")
+
+    # ------------------------------------------------------------------ SuperNodes
+    def start_supernode(self, name: str, node_config: str, key: Path | None = None) -> subprocess.Popen:
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                "--node-config", node_config]
+        args += ["--root-certificates", str(self.ca)] if self.ca else ["--insecure"]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(key)]
+        # One torch thread per ClientApp: several of them share the 2 cores of a small machine.
+        return self.start(name, args, OMP_NUM_THREADS="1")
+
+    # ------------------------------------------------------------------ flwr CLI
+    def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run([FLWR, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=self.env)
+        if check:
+            assert res.returncode == 0, f"flwr {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
+        return res
+
+    def flwr_json(self, *args: str) -> dict:
+        res = self.flwr(*args, "--format", "json", check=False)
+        try:
+            return json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": res.stdout + res.stderr}
+
+    def online_nodes(self) -> set[str]:
+        data = self.flwr_json("supernode", "list", "e2e")
+        return {str(n["node-id"]) for n in data.get("nodes", []) if n.get("status") == "online"}
+
+    def wait_nodes(self, n: int, names: list[str], timeout: float = 90) -> set[str]:
+        deadline = time.monotonic() + timeout
+        online: set[str] = set()
+        while time.monotonic() < deadline:
+            for name in names:
+                proc = dict(self.procs)[name]
+                assert proc.poll() is None, f"{name} exited with {proc.returncode}\n{self.tail(name)}"
+            online = self.online_nodes()
+            if len(online) >= n:
+                return online
+            time.sleep(1)
+        pytest.fail(f"{len(online)}/{n} SuperNodes online after {timeout} s\n" + "\n".join(self.tail(x) for x in names))
+
+    def run_status(self, run_id: str) -> dict:
+        runs = self.flwr_json("ls", "e2e", "--run-id", run_id).get("runs", [])
+        return runs[0] if runs else {}
+
+    def start_run(self, out_dir: Path, **overrides) -> subprocess.Popen:
+        """`flwr run . e2e --stream` in the repository root, in the background (log: flwr-run.log)."""
+        cfg = run_config(**overrides, **{"output-dir": str(out_dir)})
+        return self.start("flwr-run", [FLWR, "run", ".", "e2e", "--stream", "--run-config", cfg], cwd=REPO)
+
+    def finish_run(self, proc: subprocess.Popen, timeout: float = 300) -> dict:
+        """Wait for `flwr run --stream`, then read the run's real status (`--stream` exits 0 on failure too)."""
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"flwr run still streaming after {timeout} s\n{self.tail('flwr-run')}")
+        m = re.search(r"Successfully started run (\d+)", self.log("flwr-run"))
+        assert m, f"flwr run did not start a run (exit {proc.returncode})\n{self.tail('flwr-run')}"
+        run_id = m.group(1)
+        deadline = time.monotonic() + 60
+        status: dict = {}
+        while time.monotonic() < deadline:  # the stream can end a moment before the status is final
+            status = self.run_status(run_id)
+            if str(status.get("status", "")).startswith("finished"):
+                break
+            time.sleep(1)
+        assert status.get("status") == "finished:completed", (
+            f"run {run_id}: {status.get('status')} {status.get('status-details')}\n{self.tail('flwr-run', 60)}")
+        return status
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    dep = Deployment(tmp_path)
+    try:
+        yield dep
+    finally:
+        dep.stop_all()
+        left = dep.leftovers()
+        for p in left:  # by pid: only processes that run with this test's FLWR_HOME
+            kill_tree(p.pid, signal.SIGKILL, grace=5)
+        assert not left, f"processes left running: {[(p.pid, p.name()) for p in left]}"
+
+
+def assert_outputs(out: Path, rounds: int = 2) -> tuple[list[dict], dict]:
+    """The DESIGN.md outputs: metrics.jsonl (one row per round), summary.json, adapter/."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for r in rows:
+        assert METRICS_KEYS <= set(r), METRICS_KEYS - set(r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert {"accuracy", "loss"} <= set(summary["final_eval"])
+    assert PRIVACY_KEYS <= set(summary["privacy"]), PRIVACY_KEYS - set(summary["privacy"])
+    assert summary["rounds"] == rounds
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in tensors.values()) == summary["trainable_params"]
+    return rows, summary
+
+
+def assert_clean_stop(dep: Deployment) -> None:
+    dep.stop_all()
+    left = dep.leftovers()
+    assert not left, f"still running after stop: {[(p.pid, p.name(), p.cmdline()[:3]) for p in left]}"
+
+
+# ----------------------------------------------------------------------------- tests
+def test_insecure_deployment_partition_and_data_path_nodes(deployment: Deployment, tmp_path):
+    """SuperLink + 2 SuperNodes: node 0 trains on partition 0 of 2, node 1 only on its own JSONL file."""
+    dep = deployment
+    data = tmp_path / "node-data"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample_node_data.py"), str(data),
+                    "--nodes", "2", "--rows", "120"], check=True, capture_output=True)
+    own_file = data / "node-1.jsonl"
+    dep.start_superlink()
+    dep.start_supernode("supernode-0", "partition-id=0 num-partitions=2")
+    dep.start_supernode("supernode-1", f"data-path={json.dumps(str(own_file))}")  # a TOML string: quoted
+    dep.wait_nodes(2, ["supernode-0", "supernode-1"])
+
+    out = tmp_path / "run-out"
+    dep.finish_run(dep.start_run(out))
+    rows, summary = assert_outputs(out)
+    # Node 1 has no partition-id: without its data file its ClientApp would fail and be dropped.
+    assert [(r["num_clients"], r["dropped"]) for r in rows] == [(2, []), (2, [])]
+    # dp-mode=sample (default): the ledger lives in the SuperNode's context.state, so epsilon grows
+    # across rounds although each round runs in a fresh flwr-clientapp process.
+    assert summary["privacy"]["mode"] == "sample"
+    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] <= summary["config"]["target-epsilon"] + 1e-6
+    assert summary["config"]["output-dir"] == str(out)
+    assert_clean_stop(dep)
+
+
+def test_tls_and_supernode_auth_refuse_unregistered_key(deployment: Deployment, tmp_path):
+    """TLS + SuperNode auth: 2 registered keys run 2 rounds; a third, unregistered key is refused."""
+    dep = deployment
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "scripts" / "generate_test_certs.sh"), str(certs), "3"],
+                   check=True, capture_output=True, env=dep.env)
+    dep.start_superlink(tls_dir=certs)
+    registered = set()
+    for i in (0, 1):
+        res = dep.flwr_json("supernode", "register", str(certs / f"supernode-{i}.pub"), "e2e")
+        assert res.get("success"), res
+        registered.add(str(res["node-id"]))
+
+    intruder = dep.start_supernode("supernode-unregistered", "partition-id=0 num-partitions=2",
+                                   key=certs / "supernode-2")
+    dep.start_supernode("supernode-0", "partition-id=0 num-partitions=2", key=certs / "supernode-0")
+    dep.start_supernode("supernode-1", "partition-id=1 num-partitions=2", key=certs / "supernode-1")
+    try:
+        code = intruder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"unregistered SuperNode still running after 60 s\n{dep.tail('supernode-unregistered')}")
+    assert code != 0
+    assert "Failed to activate SuperNode" in dep.log("supernode-unregistered"), dep.tail("supernode-unregistered")
+    assert "No SuperNode found with the given public key" in dep.log("superlink"), dep.tail("superlink")
+    assert dep.wait_nodes(2, ["supernode-0", "supernode-1"]) == registered
+
+    out = tmp_path / "run-out"
+    dep.finish_run(dep.start_run(out, **{"dp-mode": "none"}))
+    rows, _ = assert_outputs(out)
+    assert [(r["num_clients"], r["dropped"]) for r in rows] == [(2, []), (2, [])]
+    assert all(r["train_loss"] is not None for r in rows)
+    assert_clean_stop(dep)
+
+
+def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deployment, tmp_path):
+    """3 SuperNodes, one SIGKILLed while it trains in round 1: the round times out for it (60 s),
+    the other replies are aggregated (min-available=1), round 2 runs, metrics.jsonl names the node."""
+    dep = deployment
+    dep.start_superlink()
+    names = [f"supernode-{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        dep.start_supernode(name, f"partition-id={i} num-partitions=3")
+    dep.wait_nodes(3, names)
+    victim = names[2]
+    victim_id = re.search(r"SuperNode ID: (\d+)", dep.log(victim)).group(1)
+
+    out = tmp_path / "run-out"
+    run = dep.start_run(out, **{"dp-mode": "none", "round-timeout": 60.0, "min-available": 1})
+    deadline = time.monotonic() + 180
+    while "Start `flwr-clientapp` process" not in dep.log(victim):  # it received round 1's message
+        assert run.poll() is None, f"run ended before round 1 reached {victim}\n{dep.tail('flwr-run')}"
+        assert time.monotonic() < deadline, f"{victim} got no message\n{dep.tail(victim)}"
+        time.sleep(0.5)
+    kill_tree(dict(dep.procs)[victim].pid, signal.SIGKILL, grace=5)  # the node is lost mid-round
+
+    dep.finish_run(run, timeout=360)
+    rows, summary = assert_outputs(out)
+    r1, r2 = rows
+    assert r1["sampled"] == 3 and r1["num_clients"] == 2
+    assert any(d.startswith(f"node {victim_id}:") for d in r1["dropped"]), r1["dropped"]
+    assert r2["num_clients"] == 2  # the run goes on with the two nodes left
+    assert f"node {victim_id}" in dep.log("flwr-run")  # the ServerApp log names it too
+    assert summary["rounds"] == 2
+    assert_clean_stop(dep)
