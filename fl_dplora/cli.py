@@ -78,6 +78,20 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.resume:
+        from fl_dplora import checkpoint
+
+        saved = checkpoint.load(Path(args.resume).resolve())  # refuses a damaged checkpoint
+        if args.run_config:
+            raise ConfigError("resume: the run continues with its saved config; drop --run-config")
+        overrides = {k: v for k, v in saved["config"].items() if k not in ("resume", "output-dir")}
+        args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
+        args.output_dir = str(Path(args.resume).resolve())
+        args.num_clients = args.num_clients or int(saved.get("num_nodes") or 0) or None
+        if not args.num_clients:
+            raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
+    elif args.num_clients is None:
+        args.num_clients = 5
     cfg = prepare_config(args.run_config, args.output_dir, args.num_clients)
     summary = simulate(cfg, args.num_clients, args.num_cpus, args.num_gpus, args.ray_address)
     fe = summary["final_eval"]
@@ -86,6 +100,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(f"fl-dplora: {summary['rounds']} rounds, {acc}eval loss {fe['loss']:.4f}, "
           f"epsilon {eps if eps is None else round(eps, 4)}, output {cfg['output-dir']}")
     return 0
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
@@ -110,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="run the Flower app in the simulation engine (Ray backend)")
-    s.add_argument("--num-clients", type=int, default=5)
+    s.add_argument("--num-clients", type=int, default=None, help="virtual clients (default 5)")
+    s.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     s.add_argument("--run-config", default="", help='overrides, e.g. "dp-mode=sample target-epsilon=8"')
     s.add_argument("--output-dir", default=None)
     s.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")

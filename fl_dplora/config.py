@@ -74,6 +74,8 @@ SCHEMA: dict[str, Key] = {
     "round-timeout": Key(float, 3600.0, min=1.0, help="seconds to wait for replies"),
     "seed": Key(int, 42, help="data partition, LoRA init, reproducible runs"),
     "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = derived from seed (reproducible, not private against whoever knows the seed)"),
+    "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
+    "resume": Key(bool, False, help="continue the run in output-dir from its last complete checkpoint"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
 }
 

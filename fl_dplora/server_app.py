@@ -17,6 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fl_dplora import checkpoint
 from fl_dplora.config import ConfigError, resolve, resolve_output_dir
 from fl_dplora.data import check_task, eval_examples, load_task
 from fl_dplora.evaluate import evaluate
@@ -50,11 +51,16 @@ def client_level_sigma(cfg: Mapping[str, Any]) -> tuple[float, float]:
 
 
 class RunWriter:
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, keep_rounds: int = 0):
+        """Start metrics.jsonl afresh, or keep its first `keep_rounds` rows when resuming."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        kept = []
+        if keep_rounds and self.metrics_path.is_file():
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["round"] <= keep_rounds]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def round(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -72,7 +78,10 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     t_start = time.time()
     preflight(cfg)
     out_dir = resolve_output_dir(cfg)
-    writer = RunWriter(out_dir)
+    resumed = checkpoint.load(out_dir) if cfg["resume"] else None  # refuse a damaged one before anything else
+    if resumed is not None:
+        _check_resume_config(resumed["config"], cfg)
+    writer = RunWriter(out_dir, keep_rounds=resumed["round"] if resumed else 0)
     mode = cfg["dp-mode"]
     task = load_task(cfg["task"], int(cfg["seed"]))
     evals = eval_examples(cfg)
@@ -100,7 +109,15 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     epsilon = 0.0
     rounds_done = 0
-    bar = tqdm(range(1, rounds + 1), desc="rounds", unit="round", disable=None)
+    client_ledgers: dict[str, dict[str, list]] = {}  # what the server knows of each client's ledger
+    if resumed is not None:
+        strategy.load_state_dict(resumed["strategy"])
+        server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
+        client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
+        client_ledgers, totals, epsilon = resumed["client_ledgers"], resumed["totals"], float(resumed["epsilon"])
+        rounds_done = int(resumed["round"])
+        log.info("resuming %s after round %d (epsilon so far %.4g)", out_dir, rounds_done, epsilon)
+    bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
     for rnd in bar:
         t_round = time.time()
         if mode in ("client", "paper"):
@@ -114,6 +131,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
         config = ConfigRecord({**cfg, "_sigma": float(server_sigma)})
+        if resumed is not None and rnd == rounds_done + 1 and client_ledgers:
+            # clients restarted with the server lose their context.state: hand back their ledgers
+            config["_client-ledgers"] = json.dumps(client_ledgers)
         messages = strategy.configure_train(rnd, strategy.global_record(), config, grid)
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
         strategy.aggregate_train(rnd, replies)
@@ -126,7 +146,10 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         elif mode == "sample":
             for m in st.client_metrics:
                 if "epsilon" in m:
-                    client_eps[int(m.get("partition-id", m["node_id"]))] = m
+                    key = int(m.get("partition-id", m["node_id"]))
+                    client_eps[key] = {k: v for k, v in m.items() if not k.startswith("ledger-")}
+                    client_ledgers[str(key)] = {"sigmas": m["ledger-sigmas"], "rates": m["ledger-rates"],
+                                                "steps": m["ledger-steps"]}
             epsilon = max((float(m["epsilon"]) for m in client_eps.values()), default=0.0)
         exhausted = [m for m in st.client_metrics if m.get("budget-exhausted")]
 
@@ -145,6 +168,13 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         }
         writer.round(row)
         rounds_done = rnd
+        if cfg["checkpoint-every"] and (rnd % int(cfg["checkpoint-every"]) == 0 or rnd == rounds):
+            checkpoint.save(out_dir, {
+                "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
+                "server_ledger": server_ledger.to_record(), "client_eps": {str(k): v for k, v in client_eps.items()},
+                "client_ledgers": client_ledgers, "totals": totals, "epsilon": float(epsilon),
+                "num_nodes": int(getattr(strategy, "num_nodes", 0)),
+            })
         acc = f" acc={row['eval_accuracy']:.3f}" if row["eval_accuracy"] is not None else ""
         eps = f" eps={epsilon:.3f}" if mode != "none" else ""
         log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
@@ -173,6 +203,15 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary
+
+
+def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """Resuming with other settings would not be the same run: name every key that differs."""
+    ignore = {"resume", "output-dir", "round-timeout"}
+    diff = [k for k in cfg if k not in ignore and saved.get(k) != cfg[k]]
+    if diff:
+        raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's {saved.get(k)!r}; resume with the same config"
+                                     for k in diff))
 
 
 def _load_into(params: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ Flower's `context.state`, so a thousand virtual clients cost a thousand small re
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -97,6 +98,11 @@ def train(msg: Message, context: Context) -> Message:
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
     ledger = PrivacyLedger.from_record(dict(state)) if "sigmas" in state else PrivacyLedger()
+    handed_back = msg.content["config"].get("_client-ledgers")
+    if "sigmas" not in state and handed_back:  # a resumed run: continue the ledger the server saved
+        saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
+        if saved:
+            ledger = PrivacyLedger.from_record(saved)
     mode = cfg["dp-mode"]
     q = min(1.0, int(cfg["batch-size"]) / n)
     part = _client_seed_parts(context)
@@ -145,8 +151,10 @@ def train(msg: Message, context: Context) -> Message:
         ledger.step(dp.noise_multiplier, q, steps)
         state.update(ledger.to_record())
         context.state[STATE_KEY] = state
+        record = ledger.to_record()
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
-                        "sample-rate": q, "steps-total": ledger.total_steps})
+                        "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
+                        "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
     # Only dp-mode none reveals data-dependent counts and losses; DP modes report expected counts.
     metrics["num-examples"] = n if mode == "none" else steps * int(cfg["batch-size"])
     if mode == "none":

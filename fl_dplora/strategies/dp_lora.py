@@ -170,6 +170,23 @@ class DPLoRAFedAvg(FedAvg):
             {"accepted": len(updates)}
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue sampling and noise exactly where they were."""
+        return {
+            "global_weights": {k: v.clone() for k, v in self.global_weights.items()},
+            "rng": self._rng.getstate(),
+            "noise_gen": self._noise_gen.get_state() if self._noise_gen is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state["global_weights"]) != set(self.global_weights):
+            raise ValueError("checkpoint adapter keys do not match this LoRA config")
+        self.global_weights = {k: v.clone().float() for k, v in state["global_weights"].items()}
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        if self._noise_gen is not None and state["noise_gen"] is not None:
+            self._noise_gen.set_state(state["noise_gen"])
+
     def global_record(self) -> ArrayRecord:
         """The broadcast form of the current global adapter (in the transfer dtype)."""
         return to_array_record(self.global_weights, self.cfg["transfer-dtype"])

@@ -1,0 +1,59 @@
+"""Round checkpoints: everything needed to continue a run as if it had never stopped.
+
+`checkpoint.pt` holds the global adapter, the round, the strategy's RNG states, every privacy
+ledger the server knows (its own, and each client's as last reported), byte totals and the
+config. It is written to a temp file, fsynced and renamed, and `checkpoint.json` next to it records
+its SHA-256 and size (written last), so a partial or corrupt file is detected and refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_dplora.config import ConfigError
+
+CKPT = "checkpoint.pt"
+META = "checkpoint.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(out_dir: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    _atomic_write(out_dir / CKPT, data)
+    meta = {"round": state["round"], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _atomic_write(out_dir / META, json.dumps(meta).encode())
+
+
+def load(out_dir: Path) -> dict[str, Any]:
+    """The last complete checkpoint of `out_dir`; ConfigError (one line) if missing or damaged."""
+    path, meta_path = out_dir / CKPT, out_dir / META
+    if not path.is_file() or not meta_path.is_file():
+        raise ConfigError(f"resume: no checkpoint in {out_dir} (expected {CKPT} and {META})")
+    data = path.read_bytes()
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"resume: {meta_path} is damaged ({exc.msg}); refusing to resume") from exc
+    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ConfigError(
+            f"resume: {path} is truncated or corrupt ({len(data)} bytes, expected {meta.get('bytes')}; "
+            "sha256 mismatch); refusing to resume"
+        )
+    return torch.load(io.BytesIO(data), weights_only=True)
