@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +26,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
+from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm, make_generator
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
 
 log = logging.getLogger("fl_dplora")
+OUTLIER_FACTOR = 10.0
 
 
 @dataclass
@@ -115,7 +117,7 @@ class DPLoRAFedAvg(FedAvg):
     # -------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         mode, c = self.cfg["dp-mode"], float(self.cfg["max-grad-norm"])
-        updates, weights = [], []
+        updates, weights, senders = [], [], []
         # message id -> sampled node. Error replies made by the SuperLink (e.g. node unavailable)
         # come from node 0, so name the node by the message the reply answers.
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", []) if m.metadata.message_id}
@@ -137,6 +139,7 @@ class DPLoRAFedAvg(FedAvg):
                 keys = list(update)
                 update = dict(zip(keys, clip_to_norm([update[k] for k in keys], c)[0]))
             updates.append(update)
+            senders.append(node)
             weights.append(float(metrics.get("num-examples", 1)) if mode == "none" else 1.0)
         for msg_id, node in sent.items():
             if msg_id not in answered:
@@ -144,6 +147,8 @@ class DPLoRAFedAvg(FedAvg):
                 self.stats.dropped.append(f"node {node}: {reason}")
                 log.warning("round %d: dropped node %s: %s", server_round, node, reason)
         self._sent = []
+        if mode != "client" and len(updates) >= 3:
+            updates, weights = self._drop_norm_outliers(server_round, updates, weights, senders)
         self.stats.accepted = len(updates)
 
         if mode == "client":
@@ -169,6 +174,23 @@ class DPLoRAFedAvg(FedAvg):
         return ArrayRecord({k: v for k, v in to_array_record(self.global_weights).items()}), MetricRecord(
             {"accepted": len(updates)}
         )
+
+    def _drop_norm_outliers(self, server_round, updates, weights, senders):
+        """Without a clipping bound to check (none/sample/paper carry noise or nothing), an update
+        whose norm is more than OUTLIER_FACTOR x the round's median is dropped: one client cannot
+        blow up the global adapter. (dp-mode = client clips every update instead.)"""
+        norms = [float(global_norm(list(u.values()))) for u in updates]
+        limit = OUTLIER_FACTOR * statistics.median(norms)
+        kept_u, kept_w = [], []
+        for u, w, node, norm in zip(updates, weights, senders, norms):
+            if norm > limit:
+                reason = f"update norm {norm:.4g} > {OUTLIER_FACTOR:g} x round median ({limit / OUTLIER_FACTOR:.4g})"
+                self.stats.dropped.append(f"node {node}: {reason}")
+                log.warning("round %d: dropped reply from node %s: %s", server_round, node, reason)
+                continue
+            kept_u.append(u)
+            kept_w.append(w)
+        return kept_u, kept_w
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue sampling and noise exactly where they were."""
