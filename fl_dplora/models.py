@@ -126,7 +126,7 @@ def lora_key(cfg: Mapping[str, Any]) -> tuple:
     )
 
 
-_CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None}
+_CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None, "init": None}
 
 
 def get_peft_model(cfg: Mapping[str, Any]):
@@ -171,12 +171,28 @@ def get_peft_model(cfg: Mapping[str, Any]):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]) + 1)
         peft_model = _wrap(base, lora_cfg)
+    peft_model.to(device_for_training())  # the GPU Ray/Flower assigned to this worker, if any
     if cfg["lora-variant"] == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
-    _CACHE.update(key=key, peft=peft_model)
+    _CACHE.update(key=key, peft=peft_model,
+                  init={n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n})
     return peft_model
+
+
+def reset_adapter(peft_model) -> None:
+    """Put the cached model's LoRA tensors back to their seed-shared init.
+
+    The process keeps one model, so a second run in the same process (in-process tests,
+    experiments) would otherwise start from whatever adapter the previous run left in it.
+    """
+    if _CACHE["peft"] is not peft_model:
+        raise ValueError("reset_adapter: not the model get_peft_model() cached")
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name in _CACHE["init"]:
+                param.copy_(_CACHE["init"][name])
 
 
 def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
@@ -201,4 +217,5 @@ def full_model_stats(peft_model) -> tuple[int, int]:
 
 
 def device_for_training() -> torch.device:
+    """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES from client num-gpus)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
