@@ -21,7 +21,9 @@ from fl_dplora import checkpoint
 from fl_dplora.config import ConfigError, resolve, resolve_output_dir
 from fl_dplora.data import check_task, eval_examples, load_task
 from fl_dplora.evaluate import evaluate
-from fl_dplora.models import adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer
+from fl_dplora.models import (
+    adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer, reset_adapter,
+)
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, paper_noise_multiplier
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
 
@@ -86,6 +88,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     task = load_task(cfg["task"], int(cfg["seed"]))
     evals = eval_examples(cfg)
     model = get_peft_model(cfg)
+    reset_adapter(model)  # the process-cached model may hold a previous run's adapter
     tokenizer = load_tokenizer(cfg["model"])
     params = adapter_parameters(model, cfg)
     full_params, full_bytes = full_model_stats(model)
@@ -115,6 +118,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
         client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
         client_ledgers, totals, epsilon = resumed["client_ledgers"], resumed["totals"], float(resumed["epsilon"])
+        last_eval = dict(resumed.get("last_eval", {}))  # rows between evaluations repeat the last one
         rounds_done = int(resumed["round"])
         log.info("resuming %s after round %d (epsilon so far %.4g)", out_dir, rounds_done, epsilon)
     bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
@@ -173,7 +177,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
                 "server_ledger": server_ledger.to_record(), "client_eps": {str(k): v for k, v in client_eps.items()},
                 "client_ledgers": client_ledgers, "totals": totals, "epsilon": float(epsilon),
-                "num_nodes": int(getattr(strategy, "num_nodes", 0)),
+                "num_nodes": int(getattr(strategy, "num_nodes", 0)), "last_eval": dict(last_eval),
             })
         acc = f" acc={row['eval_accuracy']:.3f}" if row["eval_accuracy"] is not None else ""
         eps = f" eps={epsilon:.3f}" if mode != "none" else ""

@@ -194,6 +194,8 @@ def test_fixed_sigma_over_budget_stops_early(mode, tmp_path):
                                       fraction_train=fraction, num_server_rounds=rounds, noise_multiplier=sigma,
                                       target_epsilon=target, accountant="rdp")
     rows = read_metrics(out)
+    if mode == "sample":
+        assert set(shard_sizes(summary, clients).values()) == {40}  # so q above is every client's rate
     stops = [line for line in log.lines if "stopping early" in line]
     print(f"{mode}: target {target:.3f}, rounds {summary['rounds']}, eps {summary['privacy']['epsilon']:.4f}; {stops}")
     assert stops and "target-epsilon" in stops[0]
@@ -202,3 +204,9 @@ def test_fixed_sigma_over_budget_stops_early(mode, tmp_path):
     assert summary["privacy"]["epsilon"] == pytest.approx(one, rel=0.01)  # the one round that did run
     assert all(r["epsilon"] <= target for r in rows)
     assert rows and rows[0]["epsilon"] > 0  # the first round did run before the stop
+    if mode == "sample":  # the refusing clients still report their (unchanged) ledgers
+        per_client = summary["privacy"]["per_client"]
+        assert len(per_client) == clients
+        for pc in per_client.values():
+            assert (pc["steps"], pc["sigma"], pc["epsilon"]) == (steps, sigma, pytest.approx(one, rel=0.01))
+        assert summary["privacy"]["steps"] == steps and summary["privacy"]["noise_multiplier"] == sigma

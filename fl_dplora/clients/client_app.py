@@ -122,8 +122,11 @@ def train(msg: Message, context: Context) -> Message:
         projected.step(sigma, q, int(cfg["local-steps"]))
         if projected.epsilon(cfg["delta"], cfg["accountant"]) > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
+            record = ledger.to_record()  # the unchanged ledger, reported like after a training round
             metrics.update({"budget-exhausted": 1, "num-examples": 0,
-                            "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"])})
+                            "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
+                            "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
+                            "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
 

@@ -12,6 +12,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -165,6 +166,7 @@ def _check_calibration_inputs(target_epsilon: float, delta: float, sample_rate: 
         raise ConfigError(f"steps: must be an integer >= 1, got {steps!r}")
 
 
+@lru_cache(maxsize=256)  # pure in its arguments; every client of a run asks the same question
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
