@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import ConfigError, parse_overrides, resolve, resolve_output_dir
+from fl_dplora.config import SCHEMA, ConfigError, parse_overrides, resolve, resolve_output_dir
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -82,8 +82,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from fl_dplora import checkpoint
 
         saved = checkpoint.load(Path(args.resume).resolve())  # refuses a damaged checkpoint
-        if args.run_config:
-            raise ConfigError("resume: the run continues with its saved config; drop --run-config")
+        if args.run_config:  # name what would change (one line per key), not just "drop it"
+            given = parse_overrides(args.run_config)
+            kept = {k: v for k, v in saved["config"].items() if k in SCHEMA}
+            merged = resolve({**kept, **given})  # a bad value fails here, naming its key
+            changed = [k for k in given if k not in ("resume", "output-dir") and merged[k] != kept.get(k)]
+            raise ConfigError("\n".join(
+                f"{k}: {merged[k]!r} differs from the checkpoint's {kept.get(k)!r}; resume continues the saved "
+                "config: drop --run-config" for k in changed) or "resume: the run continues with its saved config; "
+                "drop --run-config")
         overrides = {k: v for k, v in saved["config"].items() if k not in ("resume", "output-dir")}
         args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         args.output_dir = str(Path(args.resume).resolve())
@@ -148,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--local-steps", type=int, default=1)
     pr.add_argument("--steps", type=int, default=0, help="total steps (overrides rounds x local-steps)")
     pr.set_defaults(func=_cmd_privacy)
+    from fl_dplora.bench import add_parser as _add_bench
+    _add_bench(sub)
     return p
 
 

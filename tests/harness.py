@@ -21,12 +21,20 @@ return a replacement message; `after(node_id, msg, reply)` may return a replacem
 names with underscores) and runs `fl_dplora.server_app.run_server` on such a grid:
 
     summary, out_dir = run_in_process(3, num_server_rounds=2, dp_mode="none")
+
+`run_cli(["simulate", ...])` runs the installed `fl-dplora` console script in a subprocess and
+returns its exit code, output, wall and CPU seconds (also the `cli` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import resource
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +47,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
+
+REPO = Path(__file__).resolve().parent.parent
+FL_DPLORA = Path(sys.executable).parent / "fl-dplora"  # the console script of this venv
 
 # What the fast in-process tests run: tiny model, few short examples, no DP unless asked.
 TINY_DEFAULTS: dict[str, Any] = {
@@ -188,11 +199,13 @@ class InProcessGrid(Grid):
         return reply
 
 
-def tiny_config(**overrides: Any) -> dict[str, Any]:
-    """A resolved run config: TINY_DEFAULTS <- overrides (underscores or dashes in key names)."""
+def tiny_config(defaults: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """A resolved run config: pyproject defaults <- `defaults` (TINY_DEFAULTS when None) <- overrides
+    (underscores or dashes in key names). Raises ConfigError like the CLI would."""
     from fl_dplora.config import resolve
 
-    return resolve({**TINY_DEFAULTS, **{k.replace("_", "-"): v for k, v in overrides.items()}})
+    base = TINY_DEFAULTS if defaults is None else defaults
+    return resolve({**base, **{k.replace("_", "-"): v for k, v in overrides.items()}})
 
 
 def run_in_process(
@@ -200,18 +213,45 @@ def run_in_process(
     *,
     output_dir: str | Path | None = None,
     grid: InProcessGrid | None = None,
+    defaults: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Run the real server loop with `num_clients` in-process clients; return (summary, output dir).
 
     `overrides` are run-config keys (`dp_mode="sample"` or `**{"dp-mode": "sample"}`) on top of
-    TINY_DEFAULTS. Pass `grid` to inject faults or inspect `grid.exchanges` afterwards.
+    `defaults` (TINY_DEFAULTS when None; `{}` = pyproject's, as the CLI uses). Pass `grid` to inject
+    faults or inspect `grid.exchanges` afterwards. The output dir defaults to a fresh temp dir.
     """
     from fl_dplora.server_app import run_server
 
     if output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="fl-dplora-test-")
-    cfg = tiny_config(**overrides, **{"output-dir": str(output_dir)})
+    cfg = tiny_config(defaults, **overrides, **{"output-dir": str(output_dir)})
     grid = grid if grid is not None else InProcessGrid(num_clients, seed=int(cfg["seed"]))
     summary = run_server(grid, cfg)
     return summary, Path(cfg["output-dir"])
+
+
+# ----------------------------------------------------------------------------- the real CLI
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    cpu_s: float  # user + system CPU time of the child: robust to a busy machine, unlike wall time
+
+
+def run_cli(args: list[str], *, timeout: float = 600, env: Mapping[str, str] | None = None,
+            cwd: str | Path | None = None) -> CliResult:
+    """Run `fl-dplora ARGS` (the installed console script) in a subprocess and capture everything."""
+    if not FL_DPLORA.is_file():
+        raise FileNotFoundError(f"console script missing: {FL_DPLORA} (pip install -e . in the venv)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(FL_DPLORA), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=str(cwd or REPO))
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, wall, cpu)

@@ -15,6 +15,7 @@ from fl_dplora.models import (
     get_peft_model,
     load_base_model,
     load_tokenizer,
+    reset_adapter,
 )
 from harness import tiny_config
 
@@ -136,6 +137,23 @@ def test_new_rank_rewraps_the_loaded_base_instead_of_reloading(monkeypatch):
     assert back.get_base_model().get_input_embeddings().weight is embed
     p8 = adapter_parameters(back, cfg8)
     assert all(torch.equal(p8[k], a8[k]) for k in a8)  # the LoRA init is a function of the seed only
+
+
+def test_reset_adapter_restores_the_seed_init_of_the_cached_model():
+    cfg = tiny_config(**LLAMA)
+    model = get_peft_model(cfg)
+    reset_adapter(model)
+    init = _snapshot(adapter_parameters(model, cfg))
+    with torch.no_grad():
+        for p in adapter_parameters(model, cfg).values():
+            p.add_(1.0)  # what a finished run leaves behind
+    assert get_peft_model(cfg) is model
+    reset_adapter(model)
+    now = adapter_parameters(model, cfg)
+    assert all(torch.equal(now[k], init[k]) for k in init)
+    assert all(now[k].abs().sum() == 0 for k in init if "lora_B" in k)
+    with pytest.raises(ValueError):
+        reset_adapter(load_base_model("tiny-random-llama"))
 
 
 def test_same_seed_gives_identical_base_and_lora_init_on_every_party():

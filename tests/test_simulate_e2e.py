@@ -1,0 +1,269 @@
+"""End to end through the real console script: `fl-dplora simulate` (Flower simulation engine, Ray),
+3 clients x 2 rounds on tiny-random-llama, once without DP and once with dp-mode=sample.
+
+Both simulations start together in one module fixture (Ray's start-up is mostly waiting, so the
+pair costs little more than one); every test below reads their output directories. While they
+run, the same configuration runs through the in-process harness, to pin that the harness other
+tests rely on computes what the real engine computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl_dplora.config import SCHEMA, parse_overrides
+from fl_dplora.models import adapter_parameters, get_peft_model, load_base_model, load_tokenizer, reset_adapter
+from fl_dplora.privacy.accounting import PrivacyLedger
+from harness import FL_DPLORA, REPO, run_in_process
+
+pytestmark = pytest.mark.slow
+
+NUM_CLIENTS = 3
+RUN_CONFIG = ("model=tiny-random-llama num-server-rounds=2 local-steps=2 batch-size=8 micro-batch-size=4 "
+              "max-eval-samples=32 max-train-samples=300 max-seq-len=64")
+MODES = ("none", "sample")
+TIMEOUT_S = 560
+
+METRIC_KEYS = {"round", "num_clients", "train_loss", "eval_loss", "eval_accuracy", "epsilon", "delta",
+               "bytes_up", "bytes_down", "seconds"}
+SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes",
+                "bytes_up_total", "bytes_down_total", "wall_seconds", "privacy", "config"}
+PRIVACY_KEYS = {"mode", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "epsilon", "delta"}
+
+
+@dataclass
+class Sim:
+    mode: str
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+    wall_s: float
+
+    @property
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+    @property
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    procs = {}
+    t0 = time.perf_counter()
+    for mode in MODES:
+        out = root / mode
+        log_out, log_err = (root / f"{mode}.stdout").open("w"), (root / f"{mode}.stderr").open("w")
+        cmd = [str(FL_DPLORA), "simulate", "--num-clients", str(NUM_CLIENTS), "--run-config",
+               f"{RUN_CONFIG} dp-mode={mode}", "--output-dir", str(out), "--num-cpus", "1"]
+        procs[mode] = (subprocess.Popen(cmd, stdout=log_out, stderr=log_err, cwd=str(REPO)), out, log_out, log_err)
+    results: dict = {}
+    try:
+        # Meanwhile (Ray mostly waits while it starts), the same run through the in-process harness.
+        try:
+            out = root / "harness"
+            overrides = {**parse_overrides(RUN_CONFIG), "dp-mode": "none"}
+            results["harness"] = run_in_process(NUM_CLIENTS, output_dir=out, defaults={}, **overrides)
+        except Exception as exc:  # noqa: BLE001 - reported by the test that needs it
+            results["harness"] = exc
+        for mode, (proc, out, log_out, log_err) in procs.items():
+            try:
+                proc.wait(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log_out.close()
+            log_err.close()
+            results[mode] = Sim(mode, proc.returncode, (root / f"{mode}.stdout").read_text(),
+                                (root / f"{mode}.stderr").read_text(), out, time.perf_counter() - t0)
+    finally:
+        for proc, *_ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.fixture(params=MODES)
+def sim(request, sims) -> Sim:
+    s = sims[request.param]
+    assert s.returncode == 0, f"fl-dplora simulate (dp-mode={s.mode}) exited {s.returncode}:\n{s.stderr[-4000:]}"
+    return s
+
+
+def _cfg(sim: Sim) -> dict:
+    return sim.summary["config"]
+
+
+# ----------------------------------------------------------------------------- the command
+def test_simulate_exits_cleanly_and_prints_the_result(sim):
+    assert "Traceback" not in sim.stderr
+    last = sim.stdout.strip().splitlines()[-1]
+    assert last.startswith("fl-dplora: 2 rounds, accuracy ") and str(sim.out) in last
+
+
+def test_output_dir_holds_every_design_file(sim):
+    for rel in ("metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (sim.out / rel).is_file(), rel
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def test_metrics_has_one_row_per_round_with_every_design_key(sim):
+    rows = sim.rows
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
+        assert r["num_clients"] == NUM_CLIENTS
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
+        assert 0.0 <= r["eval_accuracy"] <= 1.0
+        assert isinstance(r["bytes_up"], int) and isinstance(r["bytes_down"], int)
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0
+        if sim.mode == "none":
+            assert r["epsilon"] is None and r["delta"] is None
+            assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+        else:
+            assert r["train_loss"] is None  # a raw loss is not a DP output
+            assert r["delta"] == 1e-5 and 0 < r["epsilon"] <= 8.0
+    if sim.mode == "sample":
+        assert rows[0]["epsilon"] < rows[1]["epsilon"]  # the ledger carried over between rounds
+
+
+# ----------------------------------------------------------------------------- summary.json
+def test_summary_has_every_design_key_and_agrees_with_the_rows(sim):
+    s, rows = sim.summary, sim.rows
+    assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
+    assert s["rounds"] == 2
+    assert {"accuracy", "loss"} <= set(s["final_eval"])
+    assert s["final_eval"]["loss"] == pytest.approx(rows[-1]["eval_loss"])
+    assert s["final_eval"]["accuracy"] == pytest.approx(rows[-1]["eval_accuracy"])
+    assert s["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert s["bytes_down_total"] == sum(r["bytes_down"] for r in rows)
+    assert s["trainable_params"] == 3584  # 2 layers x (q: 8x64 + 64x8, v: 8x64 + 32x8)
+    n_base = sum(p.numel() for p in load_base_model("tiny-random-llama", seed=42).parameters())
+    assert s["full_model_params"] == n_base and s["full_model_bytes"] == 4 * n_base
+    assert 0 < s["wall_seconds"] < TIMEOUT_S
+    assert PRIVACY_KEYS <= set(s["privacy"]), PRIVACY_KEYS - set(s["privacy"])
+
+
+def test_summary_config_is_the_resolved_run_config(sim):
+    cfg = _cfg(sim)
+    assert set(cfg) == set(SCHEMA)
+    for key, value in parse_overrides(f"{RUN_CONFIG} dp-mode={sim.mode}").items():
+        assert cfg[key] == value, key
+    assert cfg["output-dir"] == str(sim.out)
+    assert cfg["lora-rank"] == 8 and cfg["task"] == "fin-sentiment"  # defaults filled in
+
+
+def test_privacy_block(sim):
+    p, rows = sim.summary["privacy"], sim.rows
+    assert p["mode"] == sim.mode
+    if sim.mode == "none":
+        assert p["epsilon"] is None and p["noise_multiplier"] is None
+        return
+    cfg = _cfg(sim)
+    q = cfg["batch-size"] / (300 // NUM_CLIENTS)
+    assert p["accountant"] == "prv" and p["delta"] == 1e-5 and p["max_grad_norm"] == 1.0
+    assert p["sample_rate"] == pytest.approx(q)
+    assert p["steps"] == 2 * 2  # rounds x local-steps: the ledger persisted in the client's context.state
+    assert p["noise_multiplier"] > 0
+    assert p["epsilon"] == pytest.approx(rows[-1]["epsilon"])
+    ledger = PrivacyLedger()
+    ledger.step(p["noise_multiplier"], q, p["steps"])
+    assert p["epsilon"] == pytest.approx(ledger.epsilon(1e-5, "prv"), rel=1e-6)
+    assert 0.9 * 8.0 < p["epsilon"] <= 8.0  # sigma was calibrated to the target, not overshot
+
+
+# ----------------------------------------------------------------------------- the adapter
+def _initial_adapter(cfg: dict) -> dict[str, torch.Tensor]:
+    model = get_peft_model(cfg)
+    reset_adapter(model)  # the seed-shared init every party starts from
+    return {k: v.detach().clone() for k, v in adapter_parameters(model, cfg).items()}
+
+
+def test_global_adapter_moved_away_from_the_initial_one(sim):
+    cfg = _cfg(sim)
+    init = _initial_adapter(cfg)
+    saved = sim.adapter
+    assert set(saved) == set(init)
+    for key, t in saved.items():
+        assert torch.isfinite(t).all()
+        if "lora_B" in key:
+            assert init[key].abs().sum() == 0 and t.abs().sum() > 0, key  # B starts at 0 and was trained
+    assert any(not torch.equal(saved[k], init[k]) for k in saved if "lora_A" in k)
+
+
+def test_adapter_loads_with_peft_and_reproduces_the_in_memory_adapter(sim):
+    from peft import PeftModel
+
+    cfg = _cfg(sim)
+    saved = sim.adapter
+    loaded = PeftModel.from_pretrained(load_base_model("tiny-random-llama", seed=42), str(sim.out / "adapter"))
+    loaded.eval()
+    lora = {n.replace(".default", ""): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert set(lora) == set(saved)
+    assert all(torch.equal(lora[k].detach(), saved[k]) for k in saved)
+
+    in_memory = get_peft_model(cfg)  # what the server held: the same base, the saved tensors
+    params = adapter_parameters(in_memory, cfg)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    tok = load_tokenizer("tiny-random-llama")
+    ids = torch.tensor([tok("$AAPL beats estimates, raises guidance").input_ids])
+    with torch.no_grad():
+        want = in_memory(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+        base = load_base_model("tiny-random-llama", seed=42)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-5)  # the adapter is not a no-op
+
+
+# ----------------------------------------------------------------------------- traffic
+def test_bytes_up_per_client_is_the_lora_payload_and_far_below_the_model(sim):
+    s = sim.summary
+    payload = 4 * s["trainable_params"]
+    num_tensors = len(sim.adapter)
+    for r in sim.rows:
+        per_client = r["bytes_up"] / r["num_clients"]
+        # The LoRA values plus Flower's fixed framing (~0.5 KB per tensor; see test_client_reply for
+        # the "within a few %" check at a size where the framing does not dominate).
+        assert payload < per_client <= 1.02 * payload + 700 * num_tensors + 1024
+        assert per_client < 0.01 * s["full_model_bytes"]
+        assert r["bytes_down"] / r["num_clients"] < 0.01 * s["full_model_bytes"]
+
+
+# ----------------------------------------------------------------------------- harness fidelity
+def test_in_process_harness_matches_the_ray_engine(sims):
+    """The in-process driver (tests/harness.py) computes what the simulation engine computes."""
+    ray_run = sims["none"]
+    assert ray_run.returncode == 0, ray_run.stderr[-4000:]
+    if isinstance(sims["harness"], Exception):
+        raise sims["harness"]
+    summary, out = sims["harness"]
+    assert summary["config"] == {**ray_run.summary["config"], "output-dir": str(out)}
+    mine = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    theirs = ray_run.adapter
+    assert set(mine) == set(theirs)
+    for k in mine:  # replies may arrive in another order: float sums differ in the last bits only
+        assert torch.allclose(mine[k], theirs[k], atol=1e-6, rtol=1e-5), k
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(ray_run.rows) == 2
+    for a, b in zip(rows, ray_run.rows):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["bytes_up"] == b["bytes_up"]  # (bytes_down differs: the config carries the output dir)
