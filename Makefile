@@ -5,6 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= $(CURDIR)/runs/default
 CLIENTS ?= 5
+# The DP recipe of the default job (README "DP recipe"): on top of pyproject.toml's run config.
+RECIPE := dp-mode=sample target-epsilon=8 lora-variant=ffa lora-layers=8 lora-rank=8 \
+          batch-size=64 micro-batch-size=32 num-server-rounds=3 local-steps=2 \
+          optimizer=sgd learning-rate=1.0 momentum=0.9
 RUN_CONFIG ?=
 
 .PHONY: install run test test-fast privacy clean
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RUN_CONFIG)"
+	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RECIPE) $(RUN_CONFIG)"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

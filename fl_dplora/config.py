@@ -7,6 +7,7 @@ line instead of a model load.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import shlex
@@ -56,7 +57,7 @@ SCHEMA: dict[str, Key] = {
     "lora-dropout": Key(float, 0.0, min=0.0, max=0.9, help="dropout on the LoRA input"),
     "lora-targets": Key(str, "q_proj,v_proj", help="comma-separated module names"),
     "lora-variant": Key(str, "lora", choices=("lora", "ffa"), help="ffa = FFA-LoRA: A frozen at a seed-shared init, only B trained and sent"),
-    "lora-layers": Key(int, 0, min=0, help="adapt only the last N transformer blocks (0 = all): fewer DP-noised values, shorter backward"),
+    "lora-layers": Key(int, 0, min=0, help="adapt only the last N transformer blocks (0 or >= the model's depth = all): fewer DP-noised values, shorter backward"),
     "dp-mode": Key(str, "sample", choices=DP_MODES, help="what is protected, see Privacy"),
     "target-epsilon": Key(float, 8.0, min=0.0, min_exclusive=True, help="epsilon budget for the whole run"),
     "delta": Key(float, 1e-5, min=0.0, max=1.0, min_exclusive=True, help="delta; must be < 1/records protected"),
@@ -122,6 +123,8 @@ def _coerce(name: str, spec: Key, value: Any) -> tuple[Any, str | None]:
         value = str(value)
     if not isinstance(value, spec.type) or isinstance(value, bool):
         return value, f"{name}: expected {spec.type.__name__}, got {value!r}"
+    if spec.type is int and not -(2**63) <= value < 2**63:  # Flower ships ints as int64; torch seeds too
+        return value, f"{name}: must fit in a signed 64-bit integer, got {value!r}"
     if spec.type is float and not math.isfinite(value) and name != "target-epsilon":
         return value, f"{name}: must be finite, got {value!r}"
     if spec.choices and value not in spec.choices:
@@ -142,6 +145,7 @@ def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] 
         for key, value in source.items():
             if key not in SCHEMA:
                 close = [k for k in SCHEMA if k.replace("-", "") == key.replace("-", "").replace("_", "")]
+                close = close or difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6)  # typos: lora-rnak
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.append(f"{key}: unknown run-config key{hint}")
                 continue

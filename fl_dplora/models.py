@@ -158,9 +158,8 @@ def get_peft_model(cfg: Mapping[str, Any]):
         )
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     last = int(cfg["lora-layers"])
-    if last and num_layers and last > num_layers:
-        raise ConfigError(f"lora-layers: {last} but {cfg['model']} has only {num_layers} blocks")
-    layers = list(range(num_layers - last, num_layers)) if last and num_layers else None
+    # "the last N blocks"; a model with N blocks or fewer is adapted everywhere
+    layers = list(range(num_layers - last, num_layers)) if num_layers and 0 < last < num_layers else None
     lora_cfg = LoraConfig(
         layers_to_transform=layers,
         r=int(cfg["lora-rank"]), lora_alpha=float(cfg["lora-alpha"]), lora_dropout=float(cfg["lora-dropout"]),
