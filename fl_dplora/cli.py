@@ -38,9 +38,16 @@ def prepare_config(run_config: str | None, output_dir: str | None, num_clients: 
         if looks_like_path(cfg[key]) or p.exists():
             cfg[key] = str(p.resolve())
     preflight(cfg)
+    if cfg["resume"]:  # no/damaged checkpoint or another config: refuse now, not after Ray has started
+        from fl_dplora import checkpoint
+        from fl_dplora.server_app import _check_resume_config
+
+        _check_resume_config(checkpoint.load(Path(cfg["output-dir"]))["config"], cfg)
     if num_clients is not None:
         if num_clients < 1:
             raise ConfigError(f"num-clients: must be >= 1, got {num_clients}")
+        if cfg["min-available"] > num_clients:  # the server would wait forever for the missing nodes
+            raise ConfigError(f"min-available: {cfg['min-available']} is more than num-clients {num_clients}")
         partition_indices(cfg["task"], num_clients, cfg["partitioner"], float(cfg["dirichlet-alpha"]),
                           int(cfg["seed"]), int(cfg["max-train-samples"]))
         from fl_dplora.data import load_task

@@ -135,8 +135,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
         config = ConfigRecord({**cfg, "_sigma": float(server_sigma)})
-        if resumed is not None and rnd == rounds_done + 1 and client_ledgers:
-            # clients restarted with the server lose their context.state: hand back their ledgers
+        if resumed is not None and client_ledgers:
+            # clients restarted with the server lose their context.state: hand back their ledgers, in
+            # every round after a resume (a client may be sampled again only rounds later)
             config["_client-ledgers"] = json.dumps(client_ledgers)
         messages = strategy.configure_train(rnd, strategy.global_record(), config, grid)
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
