@@ -75,13 +75,27 @@ def run_config(**extra) -> str:
     return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items())
 
 
-def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-    """Signal a process and all its descendants (collected first), then SIGKILL what is left."""
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0, group: bool = False) -> None:
+    """Signal a process and all its descendants (collected first), then SIGKILL what is left.
+
+    group=True: `pid` was started with start_new_session=True, so its process group has id `pid`;
+    signal that group too (it also reaches members whose parent already died). flower-superexec
+    starts its own group, hence the tree as well.
+    """
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        procs = []
+    if group:
+        _signal_group(pid, sig)
     for p in procs:
         try:
             p.send_signal(sig)
@@ -93,6 +107,8 @@ def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    if group:
+        _signal_group(pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=10)
 
 
@@ -138,8 +154,7 @@ class Deployment:
     def stop_all(self) -> None:
         """SuperNodes first (newest first), then the SuperLink; each with its whole process tree."""
         for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                kill_tree(proc.pid)
+            kill_tree(proc.pid, group=True)  # also when it has exited: its group may have members left
             proc.wait(timeout=30)
 
     def leftovers(self) -> list[psutil.Process]:
@@ -284,7 +299,9 @@ def assert_outputs(out: Path, rounds: int = 2) -> tuple[list[dict], dict]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert sum(t.numel() for t in tensors.values()) == summary["trainable_params"]
+    assert tensors and all("lora_" in k for k in tensors), list(tensors)[:4]
+    # >=: with lora-variant=ffa the file also holds the frozen, seed-shared A matrices.
+    assert sum(t.numel() for t in tensors.values()) >= summary["trainable_params"] > 0
     return rows, summary
 
 
@@ -373,7 +390,7 @@ def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deploymen
         assert run.poll() is None, f"run ended before round 1 reached {victim}\n{dep.tail('flwr-run')}"
         assert time.monotonic() < deadline, f"{victim} got no message\n{dep.tail(victim)}"
         time.sleep(0.5)
-    kill_tree(dict(dep.procs)[victim].pid, signal.SIGKILL, grace=5)  # the node is lost mid-round
+    kill_tree(dict(dep.procs)[victim].pid, signal.SIGKILL, grace=5, group=True)  # the node is lost mid-round
 
     dep.finish_run(run, timeout=360)
     rows, summary = assert_outputs(out)
