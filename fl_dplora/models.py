@@ -62,17 +62,44 @@ def check_model_name(name: str) -> None:
         )
 
 
+def _gguf_tokenizer(gguf: Path):
+    """A GGUF's tokenizer, converted once and kept in ~/.cache/fl-dplora (conversion takes seconds,
+    and every Flower ClientApp process would otherwise pay it again)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("FL_DPLORA_CACHE", Path.home() / ".cache" / "fl-dplora")) / "tokenizers" / key
+    if (cache / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt below
+            shutil.rmtree(cache, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:  # write aside, then rename: concurrent workers never see a half-written folder
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only home or a concurrent writer won: the cache is an optimisation only
+    return tok
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     if name in ("smollm2-135m", *TINY_ALIASES):
-        gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = _gguf_tokenizer(smollm2_gguf_path())
     else:
         path = Path(os.path.expanduser(name))
         if path.suffix == ".gguf":
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = _gguf_tokenizer(path)
         else:
             tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:
