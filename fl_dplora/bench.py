@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -105,6 +104,9 @@ def _busy_note(env: dict[str, Any]) -> None:
     if load > (env["cpu_count"] or 1):
         print(f"note: load average {load:.1f} on {env['cpu_count']} CPUs: other processes compete for the CPU, "
               "wall times include waiting; the CPU-time ratios are the steadier ones")
+        if env["torch_threads"] > 1:
+            print("note: with several torch threads on a busy machine each parallel op waits for descheduled "
+                  "sibling threads (CPU time counts their spinning too); --threads 1 measures the code, not the contention")
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -118,12 +120,12 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _setup_torch(args: argparse.Namespace) -> None:
     import warnings
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # model-loading progress bars (read when tqdm is imported)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
     warnings.filterwarnings("ignore")  # transformers/peft deprecation chatter; numbers matter here
-    os.environ.setdefault("TQDM_DISABLE", "1")  # model-loading progress bars
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if getattr(args, "quick", False) and not getattr(args, "threads", 0):
         args.threads = 1  # a tiny model gains nothing from threads, and they stall on a busy machine
     if getattr(args, "threads", 0):
@@ -156,7 +158,7 @@ def _step_variants(cfg: dict[str, Any], data, pad_id: int, with_opacus: bool) ->
 
     Fixed sampling: the shard is exactly `batch-size` examples, so the DP step's Poisson rate is
     q = batch-size / n = 1 and it takes every example: the DP and the plain step process the same
-    examples in one micro-batch of the same padded shape. (With a real shard the Poisson batch size
+    examples in the same micro-batches of the same padded shapes. (With a real shard the Poisson batch size
     varies around batch-size; per-example time would then be the fair unit.)
     """
     import torch
@@ -348,14 +350,17 @@ def cmd_dp_overhead(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ round-overhead
 def cmd_round_overhead(args: argparse.Namespace) -> int:
+    from fl_dplora.config import ConfigError
+
     if args.quick:
         args.model = args.model or QUICK_MODEL
         args.num_clients = args.num_clients or 2
         args.rounds = args.rounds or 3
+        args.threads = args.threads or 1
     model_name = args.model or "smollm2-135m"
     clients, rounds = args.num_clients or 3, args.rounds or 3
     if rounds < 2:
-        raise SystemExit("fl-dplora: error: round-overhead needs --rounds >= 2 (round 1 is the warm-up)")
+        raise ConfigError("bench round-overhead: --rounds must be >= 2 (round 1 is the warm-up)")
     small = "batch-size=4 micro-batch-size=4 max-seq-len=32 max-train-samples=64" if args.quick else \
         "batch-size=8 micro-batch-size=8 max-seq-len=64 max-train-samples=600"
     run_config = (f"model={model_name} num-server-rounds={rounds} local-steps={args.local_steps} {small} "
@@ -365,11 +370,14 @@ def cmd_round_overhead(args: argparse.Namespace) -> int:
     num_cpus = args.num_cpus if args.num_cpus else float(os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "fl_dplora.cli", "simulate", "--num-clients", str(clients),
            "--num-cpus", str(num_cpus), "--output-dir", str(out_dir), "--run-config", run_config]
+    sub_env = {**os.environ, "FL_DPLORA_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if args.threads:  # torch reads these at start-up in every process of the run (Ray workers inherit them)
+        sub_env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env = _environment()
-    print(f"round-overhead: {' '.join(cmd[2:])}")
+    env["subprocess_threads"] = args.threads or "default"
+    print(f"round-overhead: {' '.join(cmd[2:])}" + (f"  (OMP_NUM_THREADS={args.threads})" if args.threads else ""))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                          env={**os.environ, "FL_DPLORA_PROGRESS": "0", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=sub_env)
     total_wall = time.perf_counter() - t0
     metrics_path = out_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics_path.is_file():
@@ -382,13 +390,19 @@ def cmd_round_overhead(args: argparse.Namespace) -> int:
               f"{r['seconds'] - r['client_seconds']:.3f}"] for r in rows]
     print(_table(table, ["round", "clients", "wall s", "client compute s", "wall/compute", "wall-compute s"]))
     wall, comp = [float(r["seconds"]) for r in later], [float(r["client_seconds"]) for r in later]
-    med = {"round_wall": _median(wall), "client_compute": _median(comp)}
+    med = {"round_wall": _median(wall), "client_compute": _median(comp),
+           "overhead": _median([w - c for w, c in zip(wall, comp)])}
     ratio = {"round_wall/client_compute": med["round_wall"] / med["client_compute"] if med["client_compute"] else float("nan"),
              "sum_round_wall/sum_client_compute": sum(wall) / sum(comp) if sum(comp) else float("nan")}
+    mid = [r for r in later if int(r["round"]) < rounds]  # rounds without the final central evaluation
+    if mid and sum(float(r["client_seconds"]) for r in mid):
+        ratio["no_eval_rounds"] = sum(float(r["seconds"]) for r in mid) / sum(float(r["client_seconds"]) for r in mid)
     per_round = [float(r["seconds"]) / float(r["client_seconds"]) for r in later if r["client_seconds"]]
     print(f"rounds >= 2: median round wall {med['round_wall']:.3f} s, median sum of client compute "
           f"{med['client_compute']:.3f} s, ratio {ratio['round_wall/client_compute']:.3f} "
-          f"(sum/sum {ratio['sum_round_wall/sum_client_compute']:.3f}); whole simulate process {total_wall:.1f} s")
+          f"(sum/sum {ratio['sum_round_wall/sum_client_compute']:.3f}"
+          + (f"; rounds 2..{rounds - 1} without the final evaluation {ratio['no_eval_rounds']:.3f}" if "no_eval_rounds" in ratio else "")
+          + f"); median overhead {med['overhead']:.3f} s per round; whole simulate process {total_wall:.1f} s")
     print("client compute = the clients' own compute-seconds (train handler start to reply), summed over "
           f"the round's clients; clients run {'one at a time' if num_cpus >= (os.cpu_count() or 1) else 'concurrently'} "
           f"({num_cpus:g} CPUs each of {os.cpu_count()}); the last round also evaluates centrally (8 examples)")
@@ -592,9 +606,10 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         args.batch_size, args.seq_len = args.batch_size or 4, args.seq_len or 32
     model_name = args.model or "smollm2-135m"
     batch, seq = args.batch_size or 16, args.seq_len or 96
+    micro = min(batch, args.micro_batch_size or batch)
     reps, warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
     overrides = {"model": model_name, "task": args.task, "lora-rank": args.rank, "lora-targets": args.targets,
-                 "batch-size": batch, "micro-batch-size": batch, "max-seq-len": seq, "local-steps": 1,
+                 "batch-size": batch, "micro-batch-size": micro, "max-seq-len": seq, "local-steps": 1,
                  "dp-mode": "none", "optimizer": "sgd"}
     cfg = resolve(overrides)
     data, tok = _fixed_batch(cfg, batch)
@@ -602,7 +617,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     variants, info, restore = _step_variants(cfg, data, tok.pad_token_id, with_opacus=False)
     env = _environment()
     print(f"throughput: {model_name}, LoRA r={args.rank} on {args.targets}, one local step of batch {batch} x "
-          f"max-seq-len {seq} ({tokens} tokens); {env['torch_threads']} torch threads; warm-up {warmup}, {reps} reps")
+          f"max-seq-len {seq} ({tokens} tokens) in micro-batches of {micro}; {env['torch_threads']} torch threads; warm-up {warmup}, {reps} reps")
     try:
         times = time_interleaved(variants, reps, warmup)
     finally:
@@ -633,7 +648,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         "peak_rss_mib": {m: r["peak_rss_process_kb"] / 1024 for m, r in rss.items()},
         "client_process": rss,
         "setup": {"model": model_name, "task": args.task, "lora_rank": args.rank, "lora_targets": args.targets,
-                  "batch_size": batch, "micro_batch_size": batch, "max_seq_len": seq, "tokens": tokens,
+                  "batch_size": batch, "micro_batch_size": micro, "max_seq_len": seq, "tokens": tokens,
                   "reps": reps, "warmup": warmup, **info},
         "environment": env,
     }
@@ -674,7 +689,8 @@ def add_parser(sub) -> None:
     common(p, timed=False)
     p.add_argument("--num-clients", type=int, default=0, help="default 3 (2 with --quick)")
     p.add_argument("--rounds", type=int, default=0, help="default 3; rounds >= 2 are measured")
-    p.add_argument("--local-steps", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the run's processes (0 = inherit)")
     p.add_argument("--dp-mode", default="sample")
     p.add_argument("--num-cpus", type=float, default=0.0, help="CPUs per virtual client (default: all: one at a time)")
     p.add_argument("--run-config", default="", help="extra run-config overrides")
@@ -695,5 +711,6 @@ def add_parser(sub) -> None:
     p = bs.add_parser("throughput", help="examples/s of a local step; peak RSS of a client process")
     common(p)
     lora(p, "default 16 (= the default micro-batch)", "max-seq-len, default 96 (the run default)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="default = batch size (peak memory scales with it)")
     p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
     p.set_defaults(func=cmd_throughput)
