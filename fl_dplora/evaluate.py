@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fl_dplora.data import Encoded, Example, TaskData, _render_prompt, collate, encode_example
+from fl_dplora.data import Example, TaskData, _render_prompt, collate, encode_example
 from fl_dplora.train import answer_logits
 
 
@@ -60,7 +60,7 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
         label_first = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.label_words]
     distinct_first = len(set(label_first)) == len(label_first)
 
-    total_loss, total_tokens, correct, preds, trues = 0.0, 0, 0, [], []
+    total_loss, total_tokens, preds, trues = 0.0, 0, [], []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}

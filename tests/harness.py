@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -255,3 +257,41 @@ def run_cli(args: list[str], *, timeout: float = 600, env: Mapping[str, str] | N
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return CliResult(proc.returncode, proc.stdout, proc.stderr, wall, cpu)
+
+
+# ----------------------------------------------------------------------------- processes
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0, group: bool = False) -> None:
+    """Signal a process and all its descendants (collected first), then SIGKILL what is left.
+
+    group=True: `pid` was started with start_new_session=True, so its process group has id `pid`;
+    signal that group too (it also reaches members whose parent already died). flower-superexec
+    starts its own group, hence the tree as well.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    if group:
+        _signal_group(pid, sig)
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if group:
+        _signal_group(pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from harness import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -73,43 +74,6 @@ def run_config(**extra) -> str:
     """`--run-config` text: TOML values, strings quoted."""
     items = {**SMALL, **extra}
     return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items())
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 15.0, group: bool = False) -> None:
-    """Signal a process and all its descendants (collected first), then SIGKILL what is left.
-
-    group=True: `pid` was started with start_new_session=True, so its process group has id `pid`;
-    signal that group too (it also reaches members whose parent already died). flower-superexec
-    starts its own group, hence the tree as well.
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    if group:
-        _signal_group(pid, sig)
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    if group:
-        _signal_group(pid, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=10)
 
 
 class Deployment:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from harness import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -47,26 +48,6 @@ def free_port() -> int:
         if not 10002 <= port <= 19999:
             return port
     raise RuntimeError("no free port")
-
-
-def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
 
 
 def processes_with_env(key: str, value: str) -> list[psutil.Process]:

@@ -14,7 +14,6 @@ A reply that fails validation (keys, shapes, dtype, finiteness) is dropped and l
 from __future__ import annotations
 
 import logging
-import math
 import random
 import statistics
 from collections.abc import Iterable, Mapping
