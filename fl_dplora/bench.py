@@ -290,15 +290,20 @@ def _profile_steps(variants: list[Variant], steps: int, top: int, out_dir: str |
     return report
 
 
+def _apply_quick_step_defaults(args: argparse.Namespace) -> None:
+    """--quick for the step benchmarks: the tiny model, short sequences, few repetitions."""
+    if args.quick:
+        args.model = args.model or QUICK_MODEL
+        args.reps, args.warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
+        args.batch_size, args.seq_len = args.batch_size or 4, args.seq_len or 32
+
+
 def cmd_dp_overhead(args: argparse.Namespace) -> int:
     _setup_torch(args)
     _quiet_transformers()
     from fl_dplora.config import resolve
 
-    if args.quick:
-        args.model = args.model or QUICK_MODEL
-        args.reps, args.warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
-        args.batch_size, args.seq_len = args.batch_size or 4, args.seq_len or 32
+    _apply_quick_step_defaults(args)
     model_name = args.model or "smollm2-135m"
     batch, seq = args.batch_size or 8, args.seq_len or 64
     reps, warmup = args.reps or 5, args.warmup if args.warmup is not None else 1
@@ -600,10 +605,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from fl_dplora.config import resolve
 
-    if args.quick:
-        args.model = args.model or QUICK_MODEL
-        args.reps, args.warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
-        args.batch_size, args.seq_len = args.batch_size or 4, args.seq_len or 32
+    _apply_quick_step_defaults(args)
     model_name = args.model or "smollm2-135m"
     batch, seq = args.batch_size or 16, args.seq_len or 96
     micro = min(batch, args.micro_batch_size or batch)
