@@ -233,9 +233,8 @@ def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> di
 
 def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done) -> dict[str, Any]:
     block = {"mode": mode, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
-             "accountant": None, "epsilon": None if mode != "none" else math.inf, "delta": cfg["delta"]}
+             "accountant": None, "epsilon": None, "delta": cfg["delta"]}
     if mode == "none":
-        block["epsilon"] = None
         return block
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon)
     if mode == "sample":
