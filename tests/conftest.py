@@ -35,3 +35,22 @@ def _fresh_model_cache():
     if models is not None:
         models._CACHE.update(base_id=None, key=None, peft=None)
     yield
+
+
+RAY_IMPORTED = 97  # exit code of the stand-in `ray` package below
+
+
+@pytest.fixture(scope="session")
+def no_ray(tmp_path_factory) -> dict[str, str]:
+    """Environment whose `import ray` ends the process with RAY_IMPORTED: proves where the CLI stops."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("no_ray")
+    (root / "ray").mkdir()
+    (root / "ray" / "__init__.py").write_text(
+        "import os, sys\nsys.stderr.write('TEST: ray was imported\\n'); sys.stderr.flush()\n"
+        f"os._exit({RAY_IMPORTED})\n"
+    )
+    assert subprocess.run([sys.executable, "-c", "import ray"], env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, timeout=60).returncode == RAY_IMPORTED
+    return {"PYTHONPATH": str(root)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-RAY_IMPORTED = 97
+from conftest import RAY_IMPORTED
 CPU_BUDGET_S = 10.0
 WALL_LIMIT_S = 120.0  # only a hang guard; the real bound is CPU_BUDGET_S
 
@@ -33,19 +33,6 @@ CASES = [
     ("more-clients-than-examples", "max-train-samples=5", 10, "num-clients"),
     ("unknown-run-config-key", "lora-rnak=4", 3, "lora-rnak"),
 ]
-
-
-@pytest.fixture(scope="module")
-def no_ray(tmp_path_factory) -> dict[str, str]:
-    """Environment whose `import ray` ends the process with RAY_IMPORTED."""
-    root = tmp_path_factory.mktemp("no_ray")
-    (root / "ray").mkdir()
-    (root / "ray" / "__init__.py").write_text(
-        "import os, sys\n"
-        "sys.stderr.write('TEST: ray was imported\\n'); sys.stderr.flush()\n"
-        f"os._exit({RAY_IMPORTED})\n"
-    )
-    return {"PYTHONPATH": str(root)}
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,12 @@ Near-miss controls show the checks are not broader than they should be.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 
 from fl_dplora.config import ConfigError, parse_overrides, resolve
 
-RAY_IMPORTED = 97
+from conftest import RAY_IMPORTED
 CPU_BUDGET_S = 10.0  # child CPU time: a busy machine inflates wall time, not this
 
 # (--run-config text, key the line must start with, words the line must contain)
@@ -126,20 +123,6 @@ def test_flower_run_config_is_validated_too():
 
 
 # ----------------------------------------------------------------------------- the real CLI
-@pytest.fixture(scope="module")
-def no_ray(tmp_path_factory) -> dict[str, str]:
-    """Environment whose `import ray` ends the process with RAY_IMPORTED."""
-    root = tmp_path_factory.mktemp("no_ray")
-    (root / "ray").mkdir()
-    (root / "ray" / "__init__.py").write_text(
-        "import os, sys\nsys.stderr.write('TEST: ray was imported\\n'); sys.stderr.flush()\n"
-        f"os._exit({RAY_IMPORTED})\n"
-    )
-    assert subprocess.run([sys.executable, "-c", "import ray"], env={**os.environ, "PYTHONPATH": str(root)},
-                          capture_output=True, timeout=60).returncode == RAY_IMPORTED
-    return {"PYTHONPATH": str(root)}
-
-
 def _cli_refuses(cli, no_ray, tmp_path, run_config: str, key: str, words: str) -> None:
     out = tmp_path / "out"
     r = cli(["simulate", "--num-clients", "2", "--run-config", f"model=tiny-random-llama {run_config}",

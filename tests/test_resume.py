@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import RAY_IMPORTED
 from safetensors.torch import load_file
 
 from fl_dplora.config import ConfigError
@@ -241,12 +242,9 @@ def test_resume_with_a_different_config_is_refused_naming_the_key(runs, cli, tmp
     assert snapshot(run_dir) == before
 
 
-def test_cli_resume_of_a_good_checkpoint_passes_the_up_front_checks(runs, cli, tmp_path):
+def test_cli_resume_of_a_good_checkpoint_passes_the_up_front_checks(runs, cli, no_ray, tmp_path):
     """Positive control for the refusals above: the same CLI on an intact copy of the directory
-    accepts the saved config and gets as far as starting Ray (a stand-in `ray` exits with 97)."""
+    accepts the saved config and gets as far as starting Ray (the stand-in `ray` exits with 97)."""
     run_dir = copy_of(runs["sample"].pristine, tmp_path / "run")
-    fake = tmp_path / "no_ray"
-    (fake / "ray").mkdir(parents=True)
-    (fake / "ray" / "__init__.py").write_text("import os\nos._exit(97)\n")
-    r = cli(["simulate", "--resume", str(run_dir)], env={"PYTHONPATH": str(fake)}, timeout=180)
-    assert r.returncode == 97, r.stderr[-3000:]
+    r = cli(["simulate", "--resume", str(run_dir)], env=no_ray, timeout=180)
+    assert r.returncode == RAY_IMPORTED, r.stderr[-3000:]
