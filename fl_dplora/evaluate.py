@@ -94,10 +94,11 @@ def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size) ->
         for start in range(0, len(examples), batch_size):
             chunk = [Example(e.prompt, word) for e in examples[start : start + batch_size]]
             enc = [encode_example(tokenizer, e, max_len) for e in chunk]
-            batch = collate(enc, tokenizer.pad_token_id)
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in collate(enc, tokenizer.pad_token_id).items()}
             logits, targets, rows = answer_logits(model, batch)
             lp = -F.cross_entropy(logits.float(), targets, reduction="none")
-            scores[start : start + len(chunk), j] = torch.zeros(len(chunk)).index_add(0, rows, lp)
+            scores[start : start + len(chunk), j] = torch.zeros(len(chunk)).index_add(0, rows.cpu(), lp.cpu())
     return scores.argmax(-1).tolist()
 
 

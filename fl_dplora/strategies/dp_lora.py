@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,6 @@ class DPLoRAFedAvg(FedAvg):
     def sample(self, grid: Grid) -> tuple[list[int], int]:
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < self.min_available_nodes:
-            import time
-
             log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.min_available_nodes)
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
