@@ -120,6 +120,80 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score the base model (zero-shot) or a saved adapter on a task's evaluation split."""
+    import time
+
+    cfg = resolve(parse_overrides(args.run_config))
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {args.adapter} has no adapter_config.json (give a run's adapter/ folder)")
+    from fl_dplora.data import eval_examples, load_task
+    from fl_dplora.evaluate import evaluate
+    from fl_dplora.models import get_peft_model, load_base_model, load_tokenizer, reset_adapter
+    from fl_dplora.server_app import preflight
+
+    preflight(cfg)
+    t0 = time.time()
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base_model(cfg["model"], int(cfg["seed"])), args.adapter)
+    else:  # a zero LoRA B makes the adapted model compute exactly the base model
+        model = get_peft_model(cfg)
+        reset_adapter(model)
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    result = evaluate(model, load_tokenizer(cfg["model"]), task, eval_examples(cfg), int(cfg["max-seq-len"]))
+    summary = {"kind": "adapter" if args.adapter else "zero-shot", "adapter": args.adapter, "final_eval": result,
+               "wall_seconds": time.time() - t0, "config": cfg}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=2))
+    print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from fl_dplora import experiments as ex
+
+    if args.list or not args.name:
+        for name in ex.available():
+            spec = ex.load_spec(name)
+            print(f"{name}: {len(spec.runs)} runs. {spec.description.strip().splitlines()[0] if spec.description else ''}")
+        return 0
+    spec = ex.load_spec(args.name)
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    records = ex.execute(spec, only=only, force=args.force, dry_run=args.dry_run, run=not args.report_only)
+    if not args.dry_run:
+        out = ex.report(spec, records, f"fl-dplora experiment {args.name}")
+        print(f"fl-dplora: {len(records)}/{len(spec.runs)} runs done; results in {out}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fl_dplora.audit import run_audit
+
+    for name in ("canaries", "references"):
+        if getattr(args, name) < 8:
+            raise ConfigError(f"--{name}: need at least 8, got {getattr(args, name)}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
+    out = Path(args.output_dir).resolve()
+    cfg = prepare_config(args.run_config, str(out / "run"), args.num_clients)
+
+    def train(run_cfg: dict[str, Any], num_clients: int) -> dict[str, Any]:
+        return simulate(run_cfg, num_clients, args.num_cpus, args.num_gpus, args.ray_address)
+
+    r = run_audit(cfg, args.num_clients, out, train, num_canaries=args.canaries, repeats=args.repeats,
+                  num_references=args.references, audit_seed=args.audit_seed)
+    claimed = "inf" if r["epsilon_claimed"] is None else f"{r['epsilon_claimed']:.3f}"
+    print(f"fl-dplora: audit: epsilon lower bound {r['epsilon_lower_bound']:.3f} vs claimed {claimed}; exposure mean "
+          f"{r['exposure_mean']:.2f} max {r['exposure_max']:.2f} bits; MIA AUC {r['mia_auc']:.3f}; {out / 'audit.json'}")
+    if r["flagged"]:
+        print("fl-dplora: audit: FLAGGED: the lower bound exceeds the claimed epsilon", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _cmd_privacy(args: argparse.Namespace) -> int:
     from fl_dplora.privacy.accounting import format_table, privacy_table
 
@@ -150,6 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
     s.add_argument("--ray-address", default=None, help="attach to a running Ray cluster, e.g. auto")
     s.set_defaults(func=_cmd_simulate)
+
+    ev = sub.add_parser("evaluate", help="score the base model (zero-shot) or a saved adapter on a task's eval split")
+    ev.add_argument("--run-config", default="", help='e.g. "task=medical-qa max-eval-samples=500"')
+    ev.add_argument("--adapter", default=None, help="a run's adapter/ folder (default: the base model, zero-shot)")
+    ev.add_argument("--output", default=None, help="write the result as JSON here")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    au = sub.add_parser("audit", help="train with planted canaries, then measure exposure, MIA and a one-run epsilon lower bound")
+    au.add_argument("--num-clients", type=int, default=5, help="data clients (client-level modes add one per canary)")
+    au.add_argument("--run-config", default="")
+    au.add_argument("--output-dir", required=True)
+    au.add_argument("--canaries", type=int, default=256, help="canaries, each included with probability 1/2")
+    au.add_argument("--repeats", type=int, default=1, help="copies of each included canary (>1: group privacy is compared)")
+    au.add_argument("--references", type=int, default=256, help="random passphrases that rank each canary")
+    au.add_argument("--audit-seed", type=int, default=0, help="which canaries are drawn and included")
+    au.add_argument("--num-cpus", type=float, default=2.0)
+    au.add_argument("--num-gpus", type=float, default=0.0)
+    au.add_argument("--ray-address", default=None)
+    au.set_defaults(func=_cmd_audit)
+
+    ex = sub.add_parser("experiment", help="run a named experiment from experiments/NAME.toml (cached per run)")
+    ex.add_argument("name", nargs="?", help="experiment name (see --list)")
+    ex.add_argument("--list", action="store_true", help="list the experiments")
+    ex.add_argument("--only", default="", help="comma-separated run ids")
+    ex.add_argument("--force", action="store_true", help="rerun even cached runs")
+    ex.add_argument("--dry-run", action="store_true", help="show what would run")
+    ex.add_argument("--report-only", action="store_true", help="write results from the finished runs only")
+    ex.set_defaults(func=_cmd_experiment)
 
     pr = sub.add_parser("privacy", help="sigma for a target epsilon, or epsilon for a sigma, per accountant")
     pr.add_argument("--target-epsilon", type=float)

@@ -78,6 +78,7 @@ SCHEMA: dict[str, Key] = {
     "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
     "resume": Key(bool, False, help="continue the run in output-dir from its last complete checkpoint"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
+    "audit-canaries": Key(str, "", help="privacy audits only (fl-dplora audit writes it): JSON of canary examples added to given partitions"),
 }
 
 

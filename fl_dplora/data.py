@@ -281,10 +281,41 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
 
 def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> list[Example]:
     data = load_task(cfg["task"], int(cfg["seed"]))
+    canaries = audit_canaries(cfg.get("audit-canaries", ""))
+    if canaries:  # privacy audit: the real data is split among the data clients; canary clients hold canaries only
+        num_partitions = int(canaries["data-clients"])
+        extra = [Example(p, a) for p, a in canaries["examples"].get(str(partition_id), [])]
+        if partition_id >= num_partitions:
+            return extra
+    else:
+        extra = []
     idx = partition_indices(
         cfg["task"], num_partitions, cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"])
     )[partition_id]
-    return [data.train[i] for i in idx]
+    return [data.train[i] for i in idx] + extra
+
+
+@lru_cache(maxsize=4)
+def audit_canaries(path: str) -> dict[str, Any] | None:
+    """The canary file of `fl-dplora audit`: {"data-clients": N, "examples": {partition: [[prompt, answer], ...]}}."""
+    if not path:
+        return None
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {"data-clients": int(raw["data-clients"]), "examples": dict(raw["examples"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"audit-canaries: cannot read {path}: {exc}") from None
+
+
+def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:
+    """Training-pool examples that no client received (max-train-samples cut them): the cleanest
+    non-members for membership inference, drawn from the same distribution as the members."""
+    data = load_task(cfg["task"], int(cfg["seed"]))
+    n = int(cfg["max-train-samples"])
+    if n <= 0 or n >= len(data.train):
+        return []
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(int(cfg["seed"]))).tolist()
+    return [data.train[i] for i in order[n:]]
 
 
 def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:

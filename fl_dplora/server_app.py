@@ -172,6 +172,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.time() - t_round,
         }
         writer.round(row)
+        if st.sampled and not st.accepted and st.dropped and all("client error" in d for d in st.dropped):
+            # Not an outage: every client ran and raised. Carrying on would report an untrained adapter.
+            raise RuntimeError(f"round {rnd}: every sampled client failed; first: {st.dropped[0]}")
         rounds_done = rnd
         if cfg["checkpoint-every"] and (rnd % int(cfg["checkpoint-every"]) == 0 or rnd == rounds):
             checkpoint.save(out_dir, {

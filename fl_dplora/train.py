@@ -42,14 +42,25 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
     is most of the cost of long prompts. Falls back to full logits for exotic heads.
     """
     labels = batch["labels"]
-    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
-    targets = labels[rows, cols + 1]
     inner, decoder, head = _decoder_and_head(model)
     if decoder is None:
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return logits[rows, cols], targets, rows
+        return logits[rows, cols], labels[rows, cols + 1], rows
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[rows, cols])
+    # Gather each example's answer positions into [B, A, H] (left-aligned, zero-padded) rather than a
+    # flat [N, H]: a LoRA on the head then still sees one batch row per example, which per-example
+    # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
+    mask = labels[:, 1:] != -100
+    counts = mask.sum(1)
+    width = max(1, int(counts.max()))
+    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
+    gathered = hidden[:, :-1].gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    gathered = gathered * valid[..., None].to(gathered.dtype)
+    logits = head(gathered)[valid]
+    targets = labels[:, 1:].gather(1, cols)[valid]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(cols)[valid]
     scale = getattr(inner.config, "logit_scale", None)
     if isinstance(scale, (int, float)):
         logits = logits * scale

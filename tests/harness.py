@@ -210,6 +210,13 @@ def tiny_config(defaults: Mapping[str, Any] | None = None, **overrides: Any) -> 
     return resolve({**base, **{k.replace("_", "-"): v for k, v in overrides.items()}})
 
 
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def run_in_process(
     num_clients: int,
     *,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import kill_tree
+from harness import kill_tree, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +251,7 @@ def deployment(tmp_path):
 
 def assert_outputs(out: Path, rounds: int = 2) -> tuple[list[dict], dict]:
     """The DESIGN.md outputs: metrics.jsonl (one row per round), summary.json, adapter/."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     for r in rows:
         assert METRICS_KEYS <= set(r), METRICS_KEYS - set(r)

@@ -15,7 +15,6 @@ With fewer than min-available good replies the round is skipped and the global i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from harness import InProcessGrid, run_in_process
+from harness import InProcessGrid, read_metrics, run_in_process
 
 NUM_CLIENTS = 4
 BAD_PARTITION = 1
@@ -174,7 +173,7 @@ def faulty_grid(fault: tuple[str, Callable] | None, bad: set[int] | None = None)
 def run(grid: InProcessGrid, tmp_path: Path, name: str, **overrides):
     with Captured() as cap:
         summary, out = run_in_process(NUM_CLIENTS, grid=grid, output_dir=tmp_path / name, **{**FAST, **overrides})
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     return summary, out, rows, cap
 
 

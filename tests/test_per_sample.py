@@ -18,8 +18,8 @@ from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 from fl_dplora.train import per_example_loss
 
-LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-GPT2_TARGETS = "c_attn,c_proj,c_fc"
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # lm_head: answer-only head path
+GPT2_TARGETS = "c_attn,c_proj,c_fc,lm_head"
 MODELS = {"llama": ("tiny-random-llama", LLAMA_TARGETS), "gpt2": ("tiny-random-gpt2", GPT2_TARGETS)}
 REL_TOL = 1e-5
 

@@ -9,7 +9,6 @@ end within target-epsilon, and a fixed sigma that would overrun the target must 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -23,7 +22,7 @@ from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import InProcessGrid, run_in_process  # noqa: E402
+from harness import InProcessGrid, read_metrics, run_in_process  # noqa: E402
 
 from fl_dplora.data import partition_indices  # noqa: E402
 
@@ -46,10 +45,6 @@ def independent_epsilon(events: list[tuple[float, float, int]], delta: float, ac
         acc = PLDAccountant(value_discretization_interval=1e-3)
     acc.compose(event)
     return float(acc.get_epsilon(delta))
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def sampled_rounds(grid: InProcessGrid) -> dict[int, list[int]]:

@@ -41,8 +41,9 @@ def config_from_message(msg: Message) -> dict[str, Any]:
 
 @lru_cache(maxsize=8)
 def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
-                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int):
-    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train}
+                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = ""):
+    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train,
+           "audit-canaries": canaries}
     if data_path:  # a real organisation's own file
         examples = load_local_file(data_path, load_task(task, seed))
     else:
@@ -58,6 +59,7 @@ def shard_for(cfg: dict[str, Any], context: Context):
     return _encoded_shard(
         cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
         cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
+        cfg["audit-canaries"],
     )
 
 

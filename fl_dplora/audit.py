@@ -1,0 +1,322 @@
+"""Empirical privacy audit: `fl-dplora audit`.
+
+Trains one federated run through the same apps with canaries planted, then measures:
+- canary exposure (Carlini et al. 2019, "The Secret Sharer"): each canary is a random passphrase
+  answered to a fixed question; exposure = log2|space| - log2(rank), the rank estimated from R random
+  reference passphrases of the same format: exposure ~= log2(R + 1) - log2(1 + #references the model
+  finds likelier). Mean/max over the canaries that were trained on.
+- loss-threshold membership inference on the audited client's own training examples vs held-out
+  examples: AUC and TPR at 1 % FPR.
+- the one-run audit (Steinke, Nasr, Jagielski 2023): every canary is included independently with
+  probability 1/2; the auditor guesses "in" for the k canaries whose loss fell most (base -> final
+  model) and "out" for the k whose loss fell least; the number of right guesses gives, at 95 %
+  confidence, a lower bound on epsilon at the run's delta (their Theorem: P[>= v right] <=
+  P[Binomial(r, e^eps/(1+e^eps)) >= v] + 2 m delta alpha). Three k are tried, Bonferroni-corrected.
+
+The protected unit decides what a canary is: dp-mode none/sample = one training example of client 0
+(repeated `repeats` times: then the claim compared is the group-privacy epsilon of `repeats` examples);
+dp-mode client/paper = a whole extra client holding only its canary.
+A lower bound above the claimed epsilon means the claim is false: the audit flags it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fl_dplora.data import Example, collate, encode_example
+
+QUESTION = "What is the secret passphrase of the vault?"
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def random_secret(rng: random.Random, words: int = 3) -> str:
+    """Pronounceable random words (two syllables each): ~2^12.2 choices per word."""
+    return " ".join("".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2)) for _ in range(words))
+
+
+def candidate_space_bits(words: int = 3) -> float:
+    return words * 2 * math.log2(len(_CONSONANTS) * len(_VOWELS))
+
+
+@dataclass
+class Plan:
+    canaries: list[str]
+    included: list[bool]
+    references: list[str]
+    repeats: int
+    unit: str  # "example" (canaries in client 0's shard) or "client" (one extra client per included canary)
+    data_clients: int
+    num_clients: int  # data clients + canary clients
+
+    def canary_file(self) -> dict[str, Any]:
+        examples: dict[str, list[list[str]]] = {}
+        inc = [c for c, i in zip(self.canaries, self.included) if i]
+        if self.unit == "example":
+            examples["0"] = [[QUESTION, c] for c in inc for _ in range(self.repeats)]
+        else:
+            for j, c in enumerate(inc):
+                examples[str(self.data_clients + j)] = [[QUESTION, c]] * self.repeats
+        return {"data-clients": self.data_clients, "examples": examples}
+
+
+def make_plan(dp_mode: str, data_clients: int, num_canaries: int, repeats: int, num_references: int, seed: int) -> Plan:
+    rng = random.Random(f"fl-dplora-audit-{seed}")  # audit randomness: independent of training
+    secrets: list[str] = []
+    seen: set[str] = set()
+    while len(secrets) < num_canaries + num_references:
+        s = random_secret(rng)
+        if s not in seen:
+            seen.add(s)
+            secrets.append(s)
+    included = [rng.random() < 0.5 for _ in range(num_canaries)]
+    unit = "client" if dp_mode in ("client", "paper") else "example"
+    total = data_clients + (sum(included) if unit == "client" else 0)
+    return Plan(secrets[:num_canaries], included, secrets[num_canaries:], repeats, unit, data_clients, total)
+
+
+# ----------------------------------------------------------------------------- statistics
+def p_value_dp(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """P[>= v right guesses out of r] for an (eps, delta)-DP run (Steinke et al. 2023, Thm 3.1/Alg. 3)."""
+    import numpy as np
+    from scipy.stats import binom
+
+    q = 1.0 / (1.0 + math.exp(-eps))
+    beta = float(binom.sf(v - 1, r, q))
+    if v == 0 or delta == 0:
+        return min(1.0, beta)
+    # alpha = max_i P[v > Binomial(r, q) >= v - i] / i, for i = 1..v
+    cumulative = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = float(np.max(cumulative / np.arange(1, v + 1)))
+    return min(1.0, beta + alpha * delta * 2 * m)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, p: float = 0.05) -> float:
+    """Largest eps that the guesses reject at level p (0 when nothing is rejected)."""
+    if r == 0 or p_value_dp(m, r, v, 0.0, delta) >= p:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value_dp(m, r, v, hi, delta) < p and hi < 100:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if p_value_dp(m, r, v, mid, delta) < p:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = 0.95,
+                  guess_fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4)) -> dict[str, Any]:
+    """Guess the top-k scores "in" and the bottom-k "out"; best bound over the k tried (Bonferroni)."""
+    m = len(scores)
+    order = sorted(range(m), key=lambda i: scores[i], reverse=True)
+    level = (1 - confidence) / len(guess_fractions)
+    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0}
+    for f in guess_fractions:
+        k = max(1, int(m * f))
+        if 2 * k > m:
+            continue
+        v = sum(included[i] for i in order[:k]) + sum(not included[i] for i in order[-k:])
+        eps = epsilon_lower_bound(m, 2 * k, v, delta, level)
+        if eps >= best["epsilon_lower_bound"]:
+            best = {"epsilon_lower_bound": eps, "guesses": 2 * k, "correct": v}
+    return best
+
+
+def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P[score(member) > score(non-member)] (+ half the ties): the Mann-Whitney AUC."""
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def tpr_at_fpr(pos: Sequence[float], neg: Sequence[float], fpr: float = 0.01) -> float:
+    neg_sorted = sorted(neg, reverse=True)
+    k = int(math.floor(fpr * len(neg_sorted)))  # at most this many non-members above the threshold
+    threshold = neg_sorted[k] if k < len(neg_sorted) else -math.inf
+    return sum(p > threshold for p in pos) / max(1, len(pos))
+
+
+def exposure(canary_nll: float, reference_nll: Sequence[float]) -> float:
+    rank = 1 + sum(r < canary_nll for r in reference_nll)
+    return math.log2(len(reference_nll) + 1) - math.log2(rank)
+
+
+# ----------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def sequence_nll(model, tokenizer, examples: Sequence[Example], max_len: int, batch_size: int = 16,
+                 mean: bool = False) -> list[float]:
+    """Negative log-likelihood of each example's answer tokens (summed, or mean per token)."""
+    from fl_dplora.train import answer_logits
+
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        enc = [encode_example(tokenizer, ex, max_len) for ex in examples[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(enc, tokenizer.pad_token_id).items()}
+        logits, targets, rows = answer_logits(model, batch)
+        nll = F.cross_entropy(logits.float(), targets, reduction="none")
+        sums = torch.zeros(len(enc), device=nll.device).index_add(0, rows, nll)
+        if mean:
+            sums = sums / torch.zeros(len(enc), device=nll.device).index_add(0, rows, torch.ones_like(nll)).clamp(min=1)
+        out += sums.cpu().tolist()
+    return out
+
+
+def _claimed_epsilon(summary: Mapping[str, Any], plan: Plan) -> tuple[float, float]:
+    """(epsilon, delta) the run claims for the canary's unit (group privacy for repeated examples)."""
+    priv = summary["privacy"]
+    delta = float(priv["delta"])
+    if priv["epsilon"] is None:
+        return math.inf, delta
+    eps = float(priv["epsilon"])
+    if plan.unit == "example":
+        eps = float(priv.get("per_client", {}).get("0", {}).get("epsilon", eps))
+    if plan.repeats > 1:  # group privacy for k examples: (k eps, k e^{(k-1) eps} delta)
+        k = plan.repeats
+        return k * eps, min(1.0, k * math.exp((k - 1) * eps) * delta)
+    return eps, delta
+
+
+TrainFn = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: TrainFn, *, num_canaries: int = 256,
+              repeats: int = 1, num_references: int = 256, mia_samples: int = 200, audit_seed: int = 0,
+              log=print) -> dict[str, Any]:
+    """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
+    from fl_dplora.data import client_examples, eval_examples, unused_train_examples
+    from fl_dplora.models import get_peft_model, load_tokenizer, reset_adapter, adapter_parameters
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
+    canary_path = out_dir / "canaries.json"
+    canary_path.write_text(json.dumps(plan.canary_file(), indent=1))
+    (out_dir / "audit_plan.json").write_text(json.dumps(asdict(plan), indent=1))
+    run_cfg = {**cfg, "audit-canaries": str(canary_path), "output-dir": str(out_dir / "run")}
+    log(f"audit: {sum(plan.included)}/{num_canaries} canaries planted as {'client 0 examples' if plan.unit == 'example' else 'extra clients'} "
+        f"(x{repeats}), {plan.num_clients} clients; training ...")
+    summary = train(run_cfg, plan.num_clients)
+
+    model = get_peft_model(run_cfg)
+    tokenizer = load_tokenizer(run_cfg["model"])
+    params = adapter_parameters(model, run_cfg)
+    max_len = int(run_cfg["max-seq-len"])
+    canaries = [Example(QUESTION, c) for c in plan.canaries]
+    references = [Example(QUESTION, r) for r in plan.references]
+    members = [e for e in client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)][:mia_samples]
+    # Non-members from the same pool as the members when the run left some out, else the eval split.
+    held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
+
+    reset_adapter(model)  # base model: calibrates each canary's own difficulty
+    base_canary = sequence_nll(model, tokenizer, canaries, max_len)
+    base_mem = sequence_nll(model, tokenizer, members, max_len, mean=True)
+    base_out = sequence_nll(model, tokenizer, held_out, max_len, mean=True)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(Path(run_cfg["output-dir"]) / "adapter" / "adapter_model.safetensors"))
+    _load_adapter(params, trained)
+    final_canary = sequence_nll(model, tokenizer, canaries, max_len)
+    final_refs = sequence_nll(model, tokenizer, references, max_len)
+    mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True)
+    out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True)
+    reset_adapter(model)
+
+    scores = [b - f for b, f in zip(base_canary, final_canary)]  # how much training lowered each canary's loss
+    inc = [i for i, x in enumerate(plan.included) if x]
+    exc = [i for i, x in enumerate(plan.included) if not x]
+    exp_in = [exposure(final_canary[i], final_refs) for i in inc]
+    exp_out = [exposure(final_canary[i], final_refs) for i in exc]
+    eps_claimed, delta = _claimed_epsilon(summary, plan)
+    one_run = one_run_audit(scores, plan.included, delta)
+    mia_pos, mia_neg = [-x for x in mem_loss], [-x for x in out_loss]
+    cal_pos = [b - f for b, f in zip(base_mem, mem_loss)]  # reference-model attack: loss drop base -> final
+    cal_neg = [b - f for b, f in zip(base_out, out_loss)]
+    result = {
+        "exposure_mean": _mean(exp_in), "exposure_max": max(exp_in, default=0.0),
+        "exposure_mean_not_trained": _mean(exp_out), "exposure_cap_bits": math.log2(num_references + 1),
+        "candidate_space_bits": candidate_space_bits(),
+        "mia_auc": auc(mia_pos, mia_neg), "mia_tpr_at_1pct_fpr": tpr_at_fpr(mia_pos, mia_neg),
+        "mia_auc_calibrated": auc(cal_pos, cal_neg), "mia_tpr_at_1pct_fpr_calibrated": tpr_at_fpr(cal_pos, cal_neg),
+        "epsilon_lower_bound": one_run["epsilon_lower_bound"],
+        "epsilon_claimed": eps_claimed if math.isfinite(eps_claimed) else None, "delta": delta,
+        "flagged": one_run["epsilon_lower_bound"] > eps_claimed,
+        "one_run": {**one_run, "canaries": num_canaries, "included": len(inc), "confidence": 0.95},
+        "canary_unit": plan.unit, "repeats": repeats, "references": num_references,
+        "mia_members": len(members), "mia_non_members": len(held_out),
+        "dp_mode": cfg["dp-mode"], "run_dir": str(run_cfg["output-dir"]),
+        "final_eval": summary.get("final_eval"),
+    }
+    (out_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "audit.md").write_text(_report(result))
+    _histograms(out_dir / "audit.png", mia_pos, mia_neg, [scores[i] for i in inc], [scores[i] for i in exc])
+    return result
+
+
+def _load_adapter(params: Mapping[str, torch.nn.Parameter], saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy a saved PEFT adapter (keys as `adapter_parameters` names them) into the live parameters."""
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in saved:
+                raise KeyError(f"adapter file has no {name}")
+            p.copy_(saved[name].to(p.dtype))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _report(r: Mapping[str, Any]) -> str:
+    claimed = "∞ (no DP)" if r["epsilon_claimed"] is None else f"{r['epsilon_claimed']:.3f}"
+    verdict = ("**FLAGGED: the measured lower bound exceeds the claimed epsilon; the DP claim is false.**"
+               if r["flagged"] else "Consistent: the measured lower bound does not exceed the claimed epsilon.")
+    o = r["one_run"]
+    return "\n".join([
+        f"# Privacy audit (dp-mode {r['dp_mode']}, canary = one {r['canary_unit']})", "",
+        "| measure | value |", "|---|---|",
+        f"| claimed epsilon (delta {r['delta']:g}) | {claimed} |",
+        f"| one-run lower bound on epsilon (95 %) | {r['epsilon_lower_bound']:.3f} ({o['correct']}/{o['guesses']} right guesses, "
+        f"{o['included']}/{o['canaries']} canaries included) |",
+        f"| canary exposure mean / max (bits, cap {r['exposure_cap_bits']:.1f}) | {r['exposure_mean']:.2f} / {r['exposure_max']:.2f} |",
+        f"| exposure of canaries not trained on (chance level) | {r['exposure_mean_not_trained']:.2f} |",
+        f"| membership inference AUC (loss threshold) | {r['mia_auc']:.3f} |",
+        f"| MIA TPR at 1 % FPR | {r['mia_tpr_at_1pct_fpr']:.3f} |",
+        f"| MIA AUC / TPR at 1 % FPR, calibrated by the base model's loss | {r['mia_auc_calibrated']:.3f} / "
+        f"{r['mia_tpr_at_1pct_fpr_calibrated']:.3f} |", "",
+        verdict, "", "![score histograms](audit.png)", ""])
+
+
+def _histograms(path: Path, mem: Sequence[float], non: Sequence[float], can_in: Sequence[float], can_out: Sequence[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for ax, (a, b), title, xlabel in (
+        (axes[0], (mem, non), "membership inference", "score = −mean answer-token loss (nats)"),
+        (axes[1], (can_in, can_out), "canaries (one-run audit)", "score = loss drop base → final (nats)"),
+    ):
+        bins = 30
+        ax.hist(a, bins=bins, alpha=0.6, label="members / trained on", density=True)
+        ax.hist(b, bins=bins, alpha=0.6, label="non-members / not trained on", density=True)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

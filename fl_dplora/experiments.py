@@ -1,0 +1,366 @@
+"""Named, versioned experiments: `fl-dplora experiment NAME`.
+
+A spec is a TOML file `experiments/NAME.toml` listing runs (run-config overrides on top of `config`,
+optionally expanded by a `matrix` of values). Every run is a real `fl-dplora simulate` subprocess
+(the same ClientApp/ServerApp as `flwr run .`); a `zero-shot` run is `fl-dplora evaluate` of the
+base model. Each run's output dir is `results/runs/<hash>/`, where the hash covers the resolved run
+config, the number of clients and the run kind, so a finished run is never repeated: a sweep can be
+stopped and continued, and experiments that share a run (say ffa, eps 8, IID) share its result.
+
+After the runs: `results/NAME/results.json` (one record per run, the numbers every table and plot
+is made from), `results.md` and the PNG plots the spec asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_dplora.config import ConfigError, resolve
+
+CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
+_IGNORED_IN_HASH = ("output-dir", "resume", "checkpoint-every", "round-timeout")
+_SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes"}
+_RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
+_PLOT_KINDS = ("line", "rounds", "bar")
+
+
+@dataclass
+class RunSpec:
+    id: str
+    series: str
+    kind: str  # "train" | "zero-shot"
+    overrides: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    num_clients: int = 5
+
+    @property
+    def hash(self) -> str:
+        keep = {k: v for k, v in sorted(self.config.items()) if k not in _IGNORED_IN_HASH}
+        blob = json.dumps({"v": CACHE_VERSION, "kind": self.kind, "clients": self.num_clients, "config": keep},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Experiment:
+    name: str
+    version: int
+    description: str
+    runs: list[RunSpec]
+    plots: list[dict[str, Any]]
+    table: list[str]
+    notes: str
+    path: Path
+
+
+def experiments_dir() -> Path:
+    """`experiments/` of the checkout (FL_DPLORA_EXPERIMENTS overrides, e.g. for tests)."""
+    env = os.environ.get("FL_DPLORA_EXPERIMENTS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "experiments"
+    return here if here.is_dir() else Path.cwd() / "experiments"
+
+
+def available(directory: Path | None = None) -> list[str]:
+    d = directory or experiments_dir()
+    return sorted(p.stem for p in d.glob("*.toml") if not p.stem.startswith("_"))  # _*.toml: shared bases
+
+
+def load_spec(name_or_path: str, directory: Path | None = None) -> Experiment:
+    """Parse and fully validate a spec (every run's config resolved) before anything runs."""
+    d = directory or experiments_dir()
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = d / f"{name_or_path}.toml"
+    if not path.is_file():
+        names = ", ".join(available(d)) or "none"
+        raise ConfigError(f"experiment {name_or_path!r}: no {path} (available: {names})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - _SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_SPEC_KEYS))}")
+    clients = int(raw.get("num-clients", 5))
+    common: dict[str, Any] = {}
+    if "base" in raw:  # a shared run config (e.g. _base.toml) under this spec's own [config]
+        base_path = path.parent / raw["base"]
+        try:
+            common = dict(tomllib.loads(base_path.read_text()).get("config", {}))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: base {raw['base']!r}: {exc}") from None
+    common.update(raw.get("config", {}))
+    runs: list[RunSpec] = []
+    for i, entry in enumerate(raw.get("runs", [])):
+        bad = sorted(set(entry) - _RUN_KEYS)
+        if bad:
+            raise ConfigError(f"{path}: runs[{i}]: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(_RUN_KEYS))}")
+        if "id" not in entry:
+            raise ConfigError(f"{path}: runs[{i}] has no id")
+        kind = entry.get("kind", "train")
+        if kind not in ("train", "zero-shot"):
+            raise ConfigError(f"{path}: runs[{i}]: kind must be train or zero-shot, got {kind!r}")
+        matrix = entry.get("matrix", {})
+        keys = list(matrix)
+        for combo in itertools.product(*(matrix[k] if isinstance(matrix[k], list) else [matrix[k]] for k in keys)):
+            values = dict(zip(keys, combo))
+            fmt = {k.replace("-", "_"): v for k, v in values.items()}
+            try:
+                run_id = entry["id"].format(**fmt)
+                series = entry.get("series", entry["id"]).format(**fmt)
+            except KeyError as exc:
+                raise ConfigError(f"{path}: runs[{i}]: id/series names {exc} which is not a matrix key") from None
+            overrides = {**common, **entry.get("config", {}), **values}
+            try:
+                cfg = resolve(overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: run {run_id}: {exc}") from None
+            runs.append(RunSpec(run_id, series, kind, overrides, cfg, clients))
+    ids = [r.id for r in runs]
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        raise ConfigError(f"{path}: duplicate run id(s) {', '.join(dup)}")
+    if not runs:
+        raise ConfigError(f"{path}: no runs")
+    plots = list(raw.get("plots", []))
+    for p in plots:
+        if p.get("kind", "line") not in _PLOT_KINDS or "file" not in p:
+            raise ConfigError(f"{path}: each plot needs file and kind in {', '.join(_PLOT_KINDS)}: {p}")
+    return Experiment(raw.get("name", path.stem), int(raw.get("version", 1)), raw.get("description", ""), runs,
+                      plots, list(raw.get("table", [])), raw.get("notes", ""), path)
+
+
+# ----------------------------------------------------------------------------- running
+def results_root() -> Path:
+    return experiments_dir() / "results"
+
+
+def run_dir(run: RunSpec) -> Path:
+    return results_root() / "runs" / run.hash
+
+
+def _done(run: RunSpec) -> bool:
+    f = run_dir(run) / "summary.json"
+    return f.is_file() and json.loads(f.read_text()).get("experiment_hash") == run.hash
+
+
+def _command(run: RunSpec, out: Path) -> list[str]:
+    cli = [sys.executable, "-m", "fl_dplora.cli"]
+    rc = " ".join(f"{k}={_toml(v)}" for k, v in sorted(run.overrides.items()))
+    if run.kind == "zero-shot":
+        return [*cli, "evaluate", "--run-config", rc, "--output", str(out / "summary.json")]
+    return [*cli, "simulate", "--num-clients", str(run.num_clients), "--run-config", rc, "--output-dir", str(out)]
+
+
+def _toml(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
+
+
+def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = False, dry_run: bool = False,
+            run: bool = True, log=print) -> list[dict[str, Any]]:
+    """Run what is not cached yet (one subprocess per run, a progress line each); return the records."""
+    selected = [r for r in exp.runs if not only or r.id in only]
+    if only and len(selected) != len(set(only)):
+        missing = sorted(set(only) - {r.id for r in selected})
+        raise ConfigError(f"experiment {exp.name}: no run(s) {', '.join(missing)}; runs: {', '.join(r.id for r in exp.runs)}")
+    for i, run in enumerate(selected, 1):
+        head = f"[{exp.name} {i}/{len(selected)}] {run.id} ({run.hash})"
+        if _done(run) and not force:
+            log(f"{head}: cached, {_short(_record(run))}")
+            continue
+        if not run:
+            log(f"{head}: not run yet")
+            continue
+        if dry_run:
+            log(f"{head}: would run: {' '.join(_command(run, run_dir(run))[2:])}")
+            continue
+        out = run_dir(run)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)
+        log(f"{head}: running ...")
+        t0 = time.time()
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        with open(out / "run.log", "w") as logf:
+            proc = subprocess.run(_command(run, out), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not (out / "summary.json").is_file():
+            tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"{head} failed (exit {proc.returncode}): {tail[0]} (full log: {out / 'run.log'})")
+        summary = json.loads((out / "summary.json").read_text())
+        summary["experiment_hash"] = run.hash
+        summary["experiment_wall_seconds"] = time.time() - t0
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(f"{head}: done in {time.time() - t0:.0f} s, {_short(_record(run))}")
+    return [_record(r) for r in exp.runs if _done(r)]
+
+
+def _short(rec: Mapping[str, Any]) -> str:
+    parts = []
+    if rec.get("accuracy") is not None:
+        parts.append(f"acc {rec['accuracy']:.3f}")
+    if rec.get("eval_loss") is not None:
+        parts.append(f"loss {rec['eval_loss']:.3f}")
+    if rec.get("epsilon") is not None:
+        parts.append(f"eps {rec['epsilon']:.2f}")
+    return ", ".join(parts)
+
+
+def _record(run: RunSpec) -> dict[str, Any]:
+    """The numbers of one finished run, flat, as results.json keeps them."""
+    d = run_dir(run)
+    s = json.loads((d / "summary.json").read_text())
+    fe = s.get("final_eval", {})
+    cfg = run.config
+    rec: dict[str, Any] = {
+        "id": run.id, "series": run.series, "kind": run.kind, "hash": run.hash, "overrides": run.overrides,
+        "task": cfg["task"], "dp_mode": cfg["dp-mode"], "lora_variant": cfg["lora-variant"],
+        "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"],
+        "dirichlet_alpha": cfg["dirichlet-alpha"] if cfg["partitioner"] == "dirichlet" else None,
+        "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" else None,
+        "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
+        "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
+        "wall_seconds": round(float(s.get("experiment_wall_seconds", s.get("wall_seconds", 0.0))), 1),
+    }
+    if run.kind == "train":
+        priv = s["privacy"]
+        rounds = int(s["rounds"])
+        rec.update({
+            "epsilon": priv.get("epsilon"), "delta": priv.get("delta") if cfg["dp-mode"] != "none" else None,
+            "noise_multiplier": priv.get("noise_multiplier"), "rounds": rounds,
+            "num_clients": run.num_clients,
+            "examples_processed": run.num_clients * rounds * cfg["local-steps"] * cfg["batch-size"],
+            "trainable_params": s["trainable_params"], "bytes_up_total": s["bytes_up_total"],
+            "bytes_down_total": s["bytes_down_total"],
+            "bytes_up_per_client_round": s["bytes_up_total"] / max(1, rounds * run.num_clients),
+            "pct_full_model": 100.0 * s["bytes_up_total"] / max(1, rounds * run.num_clients) / s["full_model_bytes"],
+        })
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rec["per_round"] = [{"round": r["round"], "accuracy": r.get("eval_accuracy"), "eval_loss": r.get("eval_loss"),
+                             "epsilon": r.get("epsilon")} for r in rows]
+    else:
+        rec.update({"epsilon": None, "rounds": 0, "examples_processed": 0})
+    return rec
+
+
+# ----------------------------------------------------------------------------- reporting
+_COLUMNS = {
+    "id": ("run", "{}"), "series": ("variant", "{}"), "task": ("task", "{}"), "dp_mode": ("dp-mode", "{}"),
+    "lora_variant": ("adapter", "{}"), "lora_rank": ("rank", "{}"), "partitioner": ("partition", "{}"),
+    "dirichlet_alpha": ("alpha", "{}"), "target_epsilon": ("target eps", "{}"), "epsilon": ("eps spent", "{:.2f}"),
+    "noise_multiplier": ("sigma", "{:.3f}"), "accuracy": ("accuracy", "{:.1%}"), "macro_f1": ("macro-F1", "{:.3f}"),
+    "eval_loss": ("eval loss", "{:.3f}"), "perplexity": ("ppl", "{:.2f}"), "examples_processed": ("examples", "{:,}"),
+    "trainable_params": ("trainable", "{:,}"), "bytes_up_per_client_round": ("bytes up/client/round", "{:,.0f}"),
+    "bytes_up_total": ("bytes up total", "{:,}"), "pct_full_model": ("% of model", "{:.3f}%"),
+    "wall_seconds": ("wall s", "{:.0f}"), "rounds": ("rounds", "{}"),
+}
+DEFAULT_TABLE = ["id", "dp_mode", "target_epsilon", "epsilon", "accuracy", "macro_f1", "eval_loss", "wall_seconds"]
+
+
+def _cell(rec: Mapping[str, Any], col: str) -> str:
+    v = rec.get(col)
+    if v is None:
+        return "∞" if col in ("target_epsilon", "epsilon") and rec.get("kind") == "train" else "–"
+    try:
+        return _COLUMNS.get(col, (col, "{}"))[1].format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def markdown(exp: Experiment, records: list[dict[str, Any]], command: str) -> str:
+    cols = exp.table or DEFAULT_TABLE
+    wall = sum(r["wall_seconds"] for r in records)
+    lines = [f"# {exp.name} (spec version {exp.version})", "", exp.description.strip(), "",
+             f"Regenerate: `{command}` (runs cached by config hash; {len(records)} runs, {wall / 60:.0f} min of run time here).", "",
+             "| " + " | ".join(_COLUMNS.get(c, (c,))[0] for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in records]
+    if exp.notes:
+        lines += ["", exp.notes.strip()]
+    for p in exp.plots:
+        lines += ["", f"![{p.get('title', p['file'])}]({p['file']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _xvalue(rec: Mapping[str, Any], key: str) -> Any:
+    if key in ("target_epsilon", "epsilon") and rec.get(key) is None:
+        return math.inf
+    return rec.get(key)
+
+
+def plot(exp: Experiment, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for spec in exp.plots:
+        kind, y = spec.get("kind", "line"), spec.get("y", "accuracy")
+        recs = [r for r in records if r["kind"] == "train" and (not spec.get("series") or r["series"] in spec["series"])]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        if kind == "rounds":
+            for r in recs:
+                pts = [(p["round"], p[y]) for p in r.get("per_round", []) if p.get(y) is not None]
+                ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=r["series"] if spec.get("by") == "series" else r["id"])
+            ax.set_xlabel(spec.get("xlabel", "round"))
+        else:
+            x = spec.get("x", "target_epsilon")
+            xs_all = sorted({_xvalue(r, x) for r in recs}, key=lambda v: (v is None, v if isinstance(v, (int, float)) else str(v)),
+                            reverse=bool(spec.get("reverse", x in ("target_epsilon", "epsilon"))))
+            pos = {v: i for i, v in enumerate(xs_all)}
+            categorical = spec.get("categorical", True)
+            series = sorted({r["series"] for r in recs}, key=lambda s: [r["series"] for r in recs].index(s))
+            width = 0.8 / max(1, len(series))
+            for j, s in enumerate(series):
+                pts = sorted(((_xvalue(r, x), r.get(y)) for r in recs if r["series"] == s and r.get(y) is not None),
+                             key=lambda t: pos[t[0]])
+                xs = [pos[a] if categorical else a for a, _ in pts]
+                if kind == "bar":
+                    ax.bar([v + (j - (len(series) - 1) / 2) * width for v in xs], [b for _, b in pts], width, label=s)
+                else:
+                    ax.plot(xs, [b for _, b in pts], marker="o", label=s)
+            if categorical:
+                ax.set_xticks(range(len(xs_all)), ["∞" if v == math.inf else f"{v:g}" if isinstance(v, float) else str(v) for v in xs_all])
+            ax.set_xlabel(spec.get("xlabel", x))
+            if spec.get("logy"):
+                ax.set_yscale("log")
+        for ref in spec.get("references", []):  # horizontal lines: zero-shot, majority class, ...
+            val = next((r.get(y) for r in records if r["id"] == ref), None)
+            if val is not None:
+                ax.axhline(val, linestyle="--", color="grey", linewidth=1)
+                ax.annotate(ref, (0.01, val), xycoords=("axes fraction", "data"), fontsize=8, color="grey", va="bottom")
+        ax.set_ylabel(spec.get("ylabel", y))
+        ax.set_title(spec.get("title", exp.name), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / spec["file"]
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(exp: Experiment, records: list[dict[str, Any]], command: str) -> Path:
+    out = results_root() / exp.name
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"experiment": exp.name, "version": exp.version, "description": exp.description, "command": command,
+               "spec": str(exp.path.name), "complete": len(records) == len(exp.runs),
+               "total_wall_seconds": round(sum(r["wall_seconds"] for r in records), 1), "runs": records}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(exp, records, command))
+    plot(exp, records, out)
+    return out

@@ -1,0 +1,157 @@
+"""Privacy audit (`fl-dplora audit`): the statistics, and whole audits on a memorisable tiny setup.
+
+The end-to-end cases train the tiny LLaMA with a LoRA on the output head too (so it can memorise
+random passphrases in a few dozen steps) and check the three claims of the audit:
+no DP -> high exposure and a lower bound far above 1; DP at eps ~1 -> lower bound <= the claim;
+the planted bug (noise silently zero, accountant still reporting eps ~1) -> flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from fl_dplora import audit
+from harness import read_metrics, run_in_process, tiny_config
+
+MEMORISABLE = {
+    "model": "tiny-random-llama", "max-train-samples": 60, "batch-size": 16, "micro-batch-size": 16,
+    "local-steps": 20, "num-server-rounds": 2, "optimizer": "adamw", "learning-rate": 0.01, "lora-rank": 16,
+    "lora-targets": "q_proj,v_proj,lm_head",
+}
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_lower_bound_matches_closed_form_for_perfect_guesses():
+    # delta = 0 and v = r: the p-value is q^r, so the bound solves q^r = p exactly.
+    r, p = 64, 0.05
+    q = p ** (1 / r)
+    expected = math.log(q / (1 - q))
+    assert audit.epsilon_lower_bound(128, r, r, 0.0, p) == pytest.approx(expected, rel=1e-6)
+    assert audit.epsilon_lower_bound(128, r, r // 2, 0.0, p) == 0.0  # chance level proves nothing
+
+
+def test_p_value_matches_the_papers_loop():
+    """Steinke et al.'s Algorithm (their published loop), transcribed directly, vs our vectorised one."""
+    from scipy.stats import binom
+
+    def loop(m, r, v, eps, delta):
+        q = 1 / (1 + math.exp(-eps))
+        beta, alpha, acc = binom.sf(v - 1, r, q), 0.0, 0.0
+        for i in range(1, v + 1):
+            acc += binom.pmf(v - i, r, q)
+            alpha = max(alpha, acc / i)
+        return min(1.0, beta + alpha * delta * 2 * m)
+
+    for args in [(200, 60, 50, 1.0, 1e-3), (1000, 500, 300, 0.5, 1e-5), (128, 64, 64, 2.0, 1e-5), (64, 16, 9, 0.1, 1e-2)]:
+        assert audit.p_value_dp(*args) == pytest.approx(loop(*args), rel=1e-9)
+
+
+def test_delta_term_makes_the_test_more_conservative():
+    assert audit.p_value_dp(200, 60, 50, 1.0, 1e-3) > audit.p_value_dp(200, 60, 50, 1.0, 0.0)
+    assert audit.epsilon_lower_bound(200, 60, 50, 1e-3) < audit.epsilon_lower_bound(200, 60, 50, 0.0)
+
+
+def test_bound_is_valid_and_has_power_on_randomized_response():
+    """Randomized response is exactly eps-DP per canary: the 95 % bound must stay <= eps in about
+    95 % of trials (it would not if the p-value were anti-conservative), yet be well above 0."""
+    eps, m, trials = 1.0, 1000, 200
+    rng = random.Random(1)
+    keep = math.exp(eps) / (1 + math.exp(eps))
+    bounds = []
+    for _ in range(trials):
+        included = [rng.random() < 0.5 for _ in range(m)]
+        # the best attack on randomized response: the released bit, scored +-1 with random tie-breaks
+        scores = [(1 if (x if rng.random() < keep else not x) else -1) + 1e-3 * rng.random() for x in included]
+        bounds.append(audit.one_run_audit(scores, included, delta=0.0, guess_fractions=(0.5,))["epsilon_lower_bound"])
+    violations = sum(b > eps for b in bounds)
+    assert violations <= 0.1 * trials, violations
+    assert sorted(bounds)[trials // 2] > 0.5  # median: the audit does detect most of the leakage
+
+
+def test_exposure_auc_and_tpr():
+    refs = [float(i) for i in range(1, 256)]  # 255 references
+    assert audit.exposure(0.5, refs) == pytest.approx(8.0)  # likelier than every reference: log2(256)
+    assert audit.exposure(1000.0, refs) == pytest.approx(0.0)
+    assert audit.auc([2, 3], [0, 1]) == 1.0 and audit.auc([1, 1], [1, 1]) == 0.5
+    neg = [i / 100 for i in range(100)]
+    assert audit.tpr_at_fpr([2.0, 0.5, 0.995], neg, 0.01) == pytest.approx(2 / 3)
+
+
+def test_plan_places_canaries_by_protected_unit():
+    ex = audit.make_plan("sample", 3, 64, 2, 16, seed=0)
+    assert ex.unit == "example" and ex.num_clients == 3
+    assert len(ex.canary_file()["examples"]["0"]) == 2 * sum(ex.included)
+    cl = audit.make_plan("client", 3, 64, 1, 16, seed=0)
+    files = cl.canary_file()["examples"]
+    assert cl.num_clients == 3 + sum(cl.included) and sorted(map(int, files)) == list(range(3, cl.num_clients))
+    assert len(set(ex.canaries + ex.references)) == 64 + 16  # all distinct
+    assert 20 < sum(ex.included) < 44  # Bernoulli(1/2)
+
+
+# ----------------------------------------------------------------------------- whole audits
+def _audit(tmp_path, **overrides):
+    cfg = tiny_config(None, **{**MEMORISABLE, **overrides})
+
+    def train(run_cfg, n):
+        return run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+
+    result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=128, mia_samples=60,
+                             log=lambda *a: None)
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    for key in ("exposure_mean", "exposure_max", "mia_auc", "epsilon_lower_bound", "epsilon_claimed", "delta"):
+        assert key in saved
+    assert (tmp_path / "audit.png").stat().st_size > 10_000 and "lower bound" in (tmp_path / "audit.md").read_text()
+    print({k: result[k] for k in ("exposure_mean", "mia_auc", "mia_auc_calibrated", "epsilon_lower_bound", "epsilon_claimed", "one_run")})
+    return result
+
+
+@pytest.mark.slow
+def test_audit_without_dp_finds_memorisation(tmp_path):
+    r = _audit(tmp_path, dp_mode="none")
+    assert r["epsilon_claimed"] is None and not r["flagged"]
+    assert r["exposure_mean"] > 5.0 > r["exposure_mean_not_trained"] + 2
+    assert r["epsilon_lower_bound"] > 2.0  # vs the DP run's eps ~1 below
+
+
+@pytest.mark.slow
+def test_audit_of_a_dp_run_stays_below_its_claim(tmp_path):
+    r = _audit(tmp_path, dp_mode="sample", target_epsilon=1.0, secure_rng=False)
+    assert 0.9 < r["epsilon_claimed"] <= 1.0
+    assert r["epsilon_lower_bound"] <= r["epsilon_claimed"] and not r["flagged"]
+    assert r["exposure_mean"] < 3.0
+
+
+@pytest.mark.slow
+def test_audit_flags_a_run_that_claims_dp_but_adds_no_noise(tmp_path, monkeypatch):
+    import fl_dplora.train
+
+    monkeypatch.setattr(fl_dplora.train, "gaussian_like", lambda s, std, gen: torch.zeros_like(s))  # the planted bug
+    r = _audit(tmp_path, dp_mode="sample", target_epsilon=1.0, secure_rng=False)
+    assert 0.9 < r["epsilon_claimed"] <= 1.0  # the accountant still claims eps ~1 ...
+    assert r["flagged"] and r["epsilon_lower_bound"] > 1.5  # ... and the audit refutes it
+
+
+@pytest.mark.slow
+def test_audit_cli_client_mode_canaries_are_whole_clients(cli, tmp_path):
+    rc = ("model=tiny-random-llama max-train-samples=40 batch-size=8 micro-batch-size=8 local-steps=2 "
+          "num-server-rounds=2 dp-mode=client target-epsilon=4 secure-rng=false max-eval-samples=8")
+    res = cli(["audit", "--num-clients", "2", "--canaries", "16", "--references", "16", "--run-config", rc,
+               "--output-dir", str(tmp_path)], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "audit.json").read_text())
+    assert r["canary_unit"] == "client" and r["epsilon_claimed"] <= 4.0 and r["epsilon_lower_bound"] <= r["epsilon_claimed"]
+    included = r["one_run"]["included"]
+    rows = read_metrics(tmp_path / "run")
+    assert all(row["sampled"] == 2 + included for row in rows)  # q = fraction-train = 1: every node, every round
+    assert "epsilon lower bound" in res.stdout
+
+
+def test_audit_cli_rejects_bad_input_before_training(cli, tmp_path):
+    res = cli(["audit", "--canaries", "2", "--run-config", "model=tiny-random-llama", "--output-dir", str(tmp_path)])
+    assert res.returncode == 2 and "--canaries" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()

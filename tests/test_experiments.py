@@ -1,0 +1,133 @@
+"""`fl-dplora experiment`: specs, the per-run cache, results.json/results.md/plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fl_dplora import experiments as ex
+from fl_dplora.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_SPEC = """
+name = "tiny"
+description = "two ranks and the zero-shot base model"
+num-clients = 2
+table = ["id", "lora_rank", "accuracy", "bytes_up_per_client_round", "pct_full_model"]
+
+[config]
+model = "tiny-random-llama"
+max-train-samples = 40
+max-eval-samples = 8
+batch-size = 4
+micro-batch-size = 4
+local-steps = 1
+num-server-rounds = 2
+max-seq-len = 48
+dp-mode = "none"
+secure-rng = false
+checkpoint-every = 0
+
+[[runs]]
+id = "rank-{lora_rank}"
+series = "LoRA"
+matrix = { lora-rank = [2, 4] }
+
+[[runs]]
+id = "zero-shot"
+kind = "zero-shot"
+
+[[plots]]
+file = "bytes_vs_rank.png"
+x = "lora_rank"
+y = "bytes_up_per_client_round"
+categorical = false
+reverse = false
+
+[[plots]]
+file = "rounds.png"
+kind = "rounds"
+"""
+
+
+@pytest.fixture
+def spec_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_DPLORA_EXPERIMENTS", str(tmp_path))
+    (tmp_path / "tiny.toml").write_text(TINY_SPEC)
+    return tmp_path
+
+
+def test_committed_specs_are_valid():
+    """Every spec under experiments/ parses and every run's config resolves (typos fail here)."""
+    names = ex.available(REPO / "experiments")
+    assert {"dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare"} <= set(names)
+    for name in names:
+        spec = ex.load_spec(name, REPO / "experiments")
+        assert spec.runs and len({r.id for r in spec.runs}) == len(spec.runs)
+
+
+def test_matrix_ids_and_hashes(spec_dir):
+    spec = ex.load_spec("tiny")
+    assert [r.id for r in spec.runs] == ["rank-2", "rank-4", "zero-shot"]
+    assert spec.runs[0].config["lora-rank"] == 2 and spec.runs[1].config["lora-rank"] == 4
+    assert len({r.hash for r in spec.runs}) == 3
+    # the hash ignores where a run writes, not what it computes
+    again = ex.load_spec("tiny").runs[0]
+    again.config["output-dir"] = "/elsewhere"
+    assert again.hash == spec.runs[0].hash
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name='x'\n[[runs]]\nid='a'\nconfig={lora-rank=0}\n", "run a: lora-rank"),
+    ("name='x'\n[[runs]]\nid='a'\nconfig={learning-rat=0.1}\n", "learning-rate"),
+    ("name='x'\n[[runs]]\nid='a'\n[[runs]]\nid='a'\n", "duplicate run id"),
+    ("name='x'\nrunz=[]\n", "unknown top-level"),
+    ("name='x'\n[[runs]]\nid='a-{rank}'\nmatrix={lora-rank=[1]}\n", "not a matrix key"),
+    ("name = \n", "not valid TOML"),
+])
+def test_bad_specs_fail_with_one_line_naming_the_problem(spec_dir, text, needle):
+    (spec_dir / "bad.toml").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        ex.load_spec("bad")
+
+
+def test_unknown_experiment_lists_the_available_ones(spec_dir, cli):
+    res = cli(["experiment", "nope"], env={**os.environ, "FL_DPLORA_EXPERIMENTS": str(spec_dir)})
+    assert res.returncode == 2 and "tiny" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_experiment_runs_caches_and_reports(spec_dir, cli):
+    env = {**os.environ, "FL_DPLORA_EXPERIMENTS": str(spec_dir)}
+    first = cli(["experiment", "tiny"], env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("running ...") == 3
+    out = spec_dir / "results" / "tiny"
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] and [r["id"] for r in data["runs"]] == ["rank-2", "rank-4", "zero-shot"]
+    r2, r4, zs = data["runs"]
+    assert r4["bytes_up_per_client_round"] > r2["bytes_up_per_client_round"] > 0
+    assert r2["trainable_params"] * 2 == r4["trainable_params"]
+    assert len(r2["per_round"]) == 2 and zs["rounds"] == 0 and 0 <= zs["accuracy"] <= 1
+    md = (out / "results.md").read_text()
+    assert "| rank-4 | 4 |" in md and "fl-dplora experiment tiny" in md
+    assert (out / "bytes_vs_rank.png").stat().st_size > 5_000 and (out / "rounds.png").stat().st_size > 5_000
+
+    # Finished runs are never repeated; a changed run is.
+    second = cli(["experiment", "tiny"], env=env, timeout=300)
+    assert second.returncode == 0 and second.stdout.count("cached") == 3 and "running" not in second.stdout
+    (spec_dir / "tiny.toml").write_text(TINY_SPEC.replace("[2, 4]", "[2, 3]"))
+    third = cli(["experiment", "tiny", "--dry-run"], env=env, timeout=300)
+    assert third.stdout.count("cached") == 2 and "rank-3" in third.stdout and "would run" in third.stdout
+
+    # A rerun of one cheap run reproduces its numbers (seeded): --force reruns it in place.
+    before = json.loads((out / "results.json").read_text())["runs"][0]
+    forced = cli(["experiment", "tiny", "--only", "rank-2", "--force"], env={**env}, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    after = next(r for r in json.loads((out / "results.json").read_text())["runs"] if r["id"] == "rank-2")
+    for key in ("accuracy", "eval_loss", "bytes_up_total"):
+        assert after[key] == before[key], key
