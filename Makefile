@@ -5,13 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= $(CURDIR)/runs/default
 CLIENTS ?= 5
-# The DP recipe of the default job (README "DP recipe"): on top of pyproject.toml's run config.
-RECIPE := dp-mode=sample target-epsilon=8 lora-variant=ffa lora-layers=8 lora-rank=8 \
-          batch-size=64 micro-batch-size=32 num-server-rounds=3 local-steps=2 \
-          optimizer=sgd learning-rate=1.0 momentum=0.9
 RUN_CONFIG ?=
 
-.PHONY: install run test test-fast privacy clean
+.PHONY: install run test test-fast experiments clean
 
 install: $(STAMP)
 
@@ -26,13 +22,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RECIPE) $(RUN_CONFIG)"
+	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RUN_CONFIG)"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
+
+# Every experiment under experiments/ (finished runs are cached: rerunning continues a sweep).
+EXPERIMENTS ?= dp-recipe epsilon-sweep comm-vs-rank mode-compare non-iid
+experiments: install
+	for e in $(EXPERIMENTS); do HF_HUB_OFFLINE=1 $(BIN)/fl-dplora experiment $$e || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

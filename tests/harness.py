@@ -67,6 +67,10 @@ TINY_DEFAULTS: dict[str, Any] = {
     "dp-mode": "none",
     "secure-rng": False,
     "checkpoint-every": 0,
+    # the plain LoRA setup the tests were written for (pyproject's defaults carry the DP recipe)
+    "lora-variant": "lora",
+    "lora-layers": 0,
+    "learning-rate": 0.05,
 }
 
 ClientFn = Callable[[Message, Context], Message]

@@ -35,7 +35,7 @@ def fresh_model_cache():
 def build(which: str):
     """(model in float64 eval mode, its LoRA modules' weights in sampler order, sampler, batch examples)."""
     name, targets = MODELS[which]
-    cfg = resolve({"model": name, "lora-targets": targets, "lora-rank": 4})
+    cfg = resolve({"model": name, "lora-targets": targets, "lora-rank": 4, "lora-variant": "lora", "lora-layers": 0})
     model = get_peft_model(cfg).double().eval()  # eval: GPT-2's dropout would differ between the two paths
     named = {k: p for k, p in adapter_parameters(model, cfg).items() if p.requires_grad}
     for t in targets.split(","):
