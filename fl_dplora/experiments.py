@@ -226,10 +226,11 @@ def _record(run: RunSpec) -> dict[str, Any]:
     cfg = run.config
     rec: dict[str, Any] = {
         "id": run.id, "series": run.series, "kind": run.kind, "hash": run.hash, "overrides": run.overrides,
-        "task": cfg["task"], "dp_mode": cfg["dp-mode"], "lora_variant": cfg["lora-variant"],
+        "task": cfg["task"], "dp_mode": cfg["dp-mode"] if run.kind == "train" else None,
+        "lora_variant": cfg["lora-variant"] if run.kind == "train" else None,
         "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"],
         "dirichlet_alpha": cfg["dirichlet-alpha"] if cfg["partitioner"] == "dirichlet" else None,
-        "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" else None,
+        "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" and run.kind == "train" else None,
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
         "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
         "wall_seconds": round(float(s.get("experiment_wall_seconds", s.get("wall_seconds", 0.0))), 1),
@@ -310,30 +311,38 @@ def plot(exp: Experiment, records: list[dict[str, Any]], out_dir: Path) -> list[
     for spec in exp.plots:
         kind, y = spec.get("kind", "line"), spec.get("y", "accuracy")
         recs = [r for r in records if r["kind"] == "train" and (not spec.get("series") or r["series"] in spec["series"])]
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=120)
         if kind == "rounds":
             for r in recs:
                 pts = [(p["round"], p[y]) for p in r.get("per_round", []) if p.get(y) is not None]
                 ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=r["series"] if spec.get("by") == "series" else r["id"])
             ax.set_xlabel(spec.get("xlabel", "round"))
+            ax.xaxis.get_major_locator().set_params(integer=True)
         else:
             x = spec.get("x", "target_epsilon")
-            xs_all = sorted({_xvalue(r, x) for r in recs}, key=lambda v: (v is None, v if isinstance(v, (int, float)) else str(v)),
-                            reverse=bool(spec.get("reverse", x in ("target_epsilon", "epsilon"))))
+            values = [_xvalue(r, x) for r in recs]
+            if all(isinstance(v, (int, float)) for v in values):
+                xs_all = sorted(set(values), reverse=bool(spec.get("reverse", x in ("target_epsilon", "epsilon"))))
+            else:  # names: keep the spec's run order
+                xs_all = list(dict.fromkeys(values))
             pos = {v: i for i, v in enumerate(xs_all)}
             categorical = spec.get("categorical", True)
             series = sorted({r["series"] for r in recs}, key=lambda s: [r["series"] for r in recs].index(s))
-            width = 0.8 / max(1, len(series))
+            # side-by-side bars only where several series share an x; one bar per x stays centred
+            shared = len({(r["series"], _xvalue(r, x)) for r in recs}) > len(xs_all)
+            width = 0.8 / max(1, len(series)) if shared else 0.6
             for j, s in enumerate(series):
                 pts = sorted(((_xvalue(r, x), r.get(y)) for r in recs if r["series"] == s and r.get(y) is not None),
                              key=lambda t: pos[t[0]])
                 xs = [pos[a] if categorical else a for a, _ in pts]
                 if kind == "bar":
-                    ax.bar([v + (j - (len(series) - 1) / 2) * width for v in xs], [b for _, b in pts], width, label=s)
+                    offset = (j - (len(series) - 1) / 2) * width if shared else 0.0
+                    ax.bar([v + offset for v in xs], [b for _, b in pts], width, label=s)
                 else:
                     ax.plot(xs, [b for _, b in pts], marker="o", label=s)
             if categorical:
-                ax.set_xticks(range(len(xs_all)), ["∞" if v == math.inf else f"{v:g}" if isinstance(v, float) else str(v) for v in xs_all])
+                ax.set_xticks(range(len(xs_all)), ["∞" if v == math.inf else f"{v:g}" if isinstance(v, float) else str(v) for v in xs_all],
+                              rotation=20 if any(isinstance(v, str) and len(v) > 8 for v in xs_all) else 0)
             ax.set_xlabel(spec.get("xlabel", x))
             if spec.get("logy"):
                 ax.set_yscale("log")
@@ -345,8 +354,10 @@ def plot(exp: Experiment, records: list[dict[str, Any]], out_dir: Path) -> list[
         ax.set_ylabel(spec.get("ylabel", y))
         ax.set_title(spec.get("title", exp.name), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        handles, labels = ax.get_legend_handles_labels()
+        if labels:  # below the axes: never over the data
+            fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 1) // 2) if labels else 0, 1, 1))
         path = out_dir / spec["file"]
         fig.savefig(path)
         plt.close(fig)
