@@ -131,3 +131,20 @@ def test_experiment_runs_caches_and_reports(spec_dir, cli):
     after = next(r for r in json.loads((out / "results.json").read_text())["runs"] if r["id"] == "rank-2")
     for key in ("accuracy", "eval_loss", "bytes_up_total"):
         assert after[key] == before[key], key
+
+
+def test_evaluate_a_saved_adapter_reproduces_the_runs_final_eval(tmp_path, cli):
+    """`fl-dplora evaluate --adapter` (how a user scores a trained adapter on another test set)."""
+    from harness import TINY_DEFAULTS, run_in_process
+
+    summary, out = run_in_process(2, output_dir=tmp_path / "run")
+    rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, (str, bool)) else v}" for k, v in TINY_DEFAULTS.items())
+    res = cli(["evaluate", "--adapter", str(out / "adapter"), "--run-config", rc, "--output", str(tmp_path / "eval.json")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads((tmp_path / "eval.json").read_text())["final_eval"]
+    assert got["accuracy"] == summary["final_eval"]["accuracy"]
+    assert got["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-5)
+    base = cli(["evaluate", "--run-config", rc])  # zero-shot: the untrained base model scores differently
+    assert base.returncode == 0 and f"loss {got['loss']:.4f}" not in base.stdout
+    bad = cli(["evaluate", "--adapter", str(tmp_path), "--run-config", rc])
+    assert bad.returncode == 2 and "adapter_config.json" in bad.stderr
