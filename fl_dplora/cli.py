@@ -162,7 +162,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     spec = ex.load_spec(args.name)
     only = [s for s in args.only.split(",") if s] if args.only else None
-    records = ex.execute(spec, only=only, force=args.force, dry_run=args.dry_run, run=not args.report_only)
+    records = ex.execute(spec, only=only, force=args.force, dry_run=args.dry_run, train=not args.report_only)
     if not args.dry_run:
         out = ex.report(spec, records, f"fl-dplora experiment {args.name}")
         print(f"fl-dplora: {len(records)}/{len(spec.runs)} runs done; results in {out}")

@@ -171,7 +171,7 @@ def _toml(v: Any) -> str:
 
 
 def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = False, dry_run: bool = False,
-            run: bool = True, log=print) -> list[dict[str, Any]]:
+            train: bool = True, log=print) -> list[dict[str, Any]]:
     """Run what is not cached yet (one subprocess per run, a progress line each); return the records."""
     selected = [r for r in exp.runs if not only or r.id in only]
     if only and len(selected) != len(set(only)):
@@ -182,7 +182,7 @@ def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = Fal
         if _done(run) and not force:
             log(f"{head}: cached, {_short(_record(run))}")
             continue
-        if not run:
+        if not train:
             log(f"{head}: not run yet")
             continue
         if dry_run:

@@ -95,6 +95,14 @@ def test_bad_specs_fail_with_one_line_naming_the_problem(spec_dir, text, needle)
         ex.load_spec("bad")
 
 
+def test_report_only_never_trains(spec_dir, cli):
+    res = cli(["experiment", "tiny", "--report-only"], env={**os.environ, "FL_DPLORA_EXPERIMENTS": str(spec_dir)})
+    assert res.returncode == 0 and res.stdout.count("not run yet") == 3 and "running" not in res.stdout
+    assert not (spec_dir / "results" / "runs").exists()
+    data = json.loads((spec_dir / "results" / "tiny" / "results.json").read_text())
+    assert data["runs"] == [] and not data["complete"]
+
+
 def test_unknown_experiment_lists_the_available_ones(spec_dir, cli):
     res = cli(["experiment", "nope"], env={**os.environ, "FL_DPLORA_EXPERIMENTS": str(spec_dir)})
     assert res.returncode == 2 and "tiny" in res.stderr and "Traceback" not in res.stderr
