@@ -199,7 +199,8 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
               log=print) -> dict[str, Any]:
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
     from fl_dplora.data import client_examples, eval_examples, unused_train_examples
-    from fl_dplora.models import get_peft_model, load_tokenizer, reset_adapter, adapter_parameters
+    from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
+    from fl_dplora.server_app import _load_into
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
@@ -217,7 +218,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     max_len = int(run_cfg["max-seq-len"])
     canaries = [Example(QUESTION, c) for c in plan.canaries]
     references = [Example(QUESTION, r) for r in plan.references]
-    members = [e for e in client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)][:mia_samples]
+    members = client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)[:mia_samples]
     # Non-members from the same pool as the members when the run left some out, else the eval split.
     held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
 
@@ -228,7 +229,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     from safetensors.torch import load_file
 
     trained = load_file(str(Path(run_cfg["output-dir"]) / "adapter" / "adapter_model.safetensors"))
-    _load_adapter(params, trained)
+    _load_into(params, trained)  # the server's copy-into-live-parameters helper
     final_canary = sequence_nll(model, tokenizer, canaries, max_len)
     final_refs = sequence_nll(model, tokenizer, references, max_len)
     mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True)
@@ -264,15 +265,6 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     (out_dir / "audit.md").write_text(_report(result))
     _histograms(out_dir / "audit.png", mia_pos, mia_neg, [scores[i] for i in inc], [scores[i] for i in exc])
     return result
-
-
-def _load_adapter(params: Mapping[str, torch.nn.Parameter], saved: Mapping[str, torch.Tensor]) -> None:
-    """Copy a saved PEFT adapter (keys as `adapter_parameters` names them) into the live parameters."""
-    with torch.no_grad():
-        for name, p in params.items():
-            if name not in saved:
-                raise KeyError(f"adapter file has no {name}")
-            p.copy_(saved[name].to(p.dtype))
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -251,6 +251,11 @@ def load_local_file(path: str, task: TaskData) -> list[Example]:
 
 
 # ------------------------------------------------------------------ partitioning
+def _train_order(n: int, seed: int) -> list[int]:
+    """The seeded shuffle of the training pool: its first max-train-samples go to the clients."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 @lru_cache(maxsize=4)
 def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: float, seed: int, max_train: int) -> tuple[tuple[int, ...], ...]:
     """Indices of each client's shard, made by flwr-datasets partitioners (deterministic given seed)."""
@@ -261,7 +266,7 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
+    order = _train_order(len(data.train), seed)[:n]
     ds = Dataset.from_dict({"idx": order, "group": [data.train[i].group for i in order]})
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
@@ -314,8 +319,7 @@ def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:
     n = int(cfg["max-train-samples"])
     if n <= 0 or n >= len(data.train):
         return []
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(int(cfg["seed"]))).tolist()
-    return [data.train[i] for i in order[n:]]
+    return [data.train[i] for i in _train_order(len(data.train), int(cfg["seed"]))[n:]]
 
 
 def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
