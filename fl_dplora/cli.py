@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,11 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     spec = ex.load_spec(args.name)
     only = [s for s in args.only.split(",") if s] if args.only else None
+    if args.verify:
+        with tempfile.TemporaryDirectory(prefix="fl-dplora-verify-") as scratch:
+            failed = ex.verify(spec, only=only, scratch=Path(scratch))
+        print(f"fl-dplora: {'all reruns reproduced the cached numbers' if not failed else f'{failed} run(s) differ'}")
+        return 1 if failed else 0
     records = ex.execute(spec, only=only, force=args.force, dry_run=args.dry_run, train=not args.report_only)
     if not args.dry_run:
         out = ex.report(spec, records, f"fl-dplora experiment {args.name}")
@@ -251,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="rerun even cached runs")
     ex.add_argument("--dry-run", action="store_true", help="show what would run")
     ex.add_argument("--report-only", action="store_true", help="write results from the finished runs only")
+    ex.add_argument("--verify", action="store_true",
+                    help="rerun finished runs (with --only: those) in a scratch dir and check their numbers match")
     ex.set_defaults(func=_cmd_experiment)
 
     pr = sub.add_parser("privacy", help="sigma for a target epsilon, or epsilon for a sigma, per accountant")

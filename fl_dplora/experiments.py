@@ -170,13 +170,18 @@ def _toml(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
 
 
-def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = False, dry_run: bool = False,
-            train: bool = True, log=print) -> list[dict[str, Any]]:
-    """Run what is not cached yet (one subprocess per run, a progress line each); return the records."""
+def _select(exp: Experiment, only: list[str] | None) -> list[RunSpec]:
     selected = [r for r in exp.runs if not only or r.id in only]
     if only and len(selected) != len(set(only)):
         missing = sorted(set(only) - {r.id for r in selected})
         raise ConfigError(f"experiment {exp.name}: no run(s) {', '.join(missing)}; runs: {', '.join(r.id for r in exp.runs)}")
+    return selected
+
+
+def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = False, dry_run: bool = False,
+            train: bool = True, log=print) -> list[dict[str, Any]]:
+    """Run what is not cached yet (one subprocess per run, a progress line each); return the records."""
+    selected = _select(exp, only)
     for i, run in enumerate(selected, 1):
         head = f"[{exp.name} {i}/{len(selected)}] {run.id} ({run.hash})"
         if _done(run) and not force:
@@ -188,23 +193,83 @@ def execute(exp: Experiment, *, only: list[str] | None = None, force: bool = Fal
         if dry_run:
             log(f"{head}: would run: {' '.join(_command(run, run_dir(run))[2:])}")
             continue
-        out = run_dir(run)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
         log(f"{head}: running ...")
-        t0 = time.time()
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        with open(out / "run.log", "w") as logf:
-            proc = subprocess.run(_command(run, out), stdout=logf, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode != 0 or not (out / "summary.json").is_file():
-            tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"{head} failed (exit {proc.returncode}): {tail[0]} (full log: {out / 'run.log'})")
-        summary = json.loads((out / "summary.json").read_text())
-        summary["experiment_hash"] = run.hash
-        summary["experiment_wall_seconds"] = time.time() - t0
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(f"{head}: done in {time.time() - t0:.0f} s, {_short(_record(run))}")
+        seconds = _launch(run, run_dir(run), head)
+        log(f"{head}: done in {seconds:.0f} s, {_short(_record(run))}")
     return [_record(r) for r in exp.runs if _done(r)]
+
+
+def _launch(run: RunSpec, out: Path, head: str) -> float:
+    """One run as a subprocess into `out` (summary.json stamped with the run hash); returns its wall time."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    t0 = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    with open(out / "run.log", "w") as logf:
+        proc = subprocess.run(_command(run, out), stdout=logf, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not (out / "summary.json").is_file():
+        tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{head} failed (exit {proc.returncode}): {tail[0]} (full log: {out / 'run.log'})")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["experiment_hash"] = run.hash
+    summary["experiment_wall_seconds"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary["experiment_wall_seconds"]
+
+
+# The numbers a rerun must reproduce: final-eval metrics, privacy spent, bytes sent.
+_VERIFIED = (("final_eval", "accuracy"), ("final_eval", "macro_f1"), ("final_eval", "loss"),
+             ("final_eval", "perplexity"), ("privacy", "epsilon"), ("privacy", "noise_multiplier"),
+             ("bytes_up_total",), ("bytes_down_total",))
+
+
+def _pick(summary: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        summary = summary.get(key) if isinstance(summary, Mapping) else None
+    return summary
+
+
+def compare_summaries(cached: Mapping[str, Any], fresh: Mapping[str, Any], rel_tol: float = 1e-4) -> list[str]:
+    """What differs between two summaries of the same run ('' list when the rerun reproduced it)."""
+    diffs = []
+    for path in _VERIFIED:
+        a, b = _pick(cached, path), _pick(fresh, path)
+        same = (a == b) if not (isinstance(a, float) and isinstance(b, float)) else \
+            math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+        if not same:
+            diffs.append(f"{'.'.join(path)} {a} -> {b}")
+    return diffs
+
+
+def verify(exp: Experiment, *, only: list[str] | None = None, scratch: Path, log=print) -> int:
+    """Rerun finished runs into `scratch` (the cache is left alone) and compare with the cached numbers.
+
+    Returns the number of runs whose rerun differs."""
+    selected = _select(exp, only)
+    checks = []
+    for i, run in enumerate(selected, 1):
+        head = f"[{exp.name} verify {i}/{len(selected)}] {run.id} ({run.hash})"
+        if not _done(run):
+            log(f"{head}: not run yet, nothing to verify")
+            continue
+        log(f"{head}: rerunning ...")
+        seconds = _launch(run, scratch / run.hash, head)
+        cached = json.loads((run_dir(run) / "summary.json").read_text())
+        diffs = compare_summaries(cached, json.loads((scratch / run.hash / "summary.json").read_text()))
+        checked = {".".join(p): _pick(cached, p) for p in _VERIFIED if _pick(cached, p) is not None}
+        checks.append({"id": run.id, "hash": run.hash, "reproduced": not diffs, "differences": diffs,
+                       "checked": checked, "rerun_wall_seconds": round(seconds, 1)})
+        if diffs:
+            log(f"{head}: DIFFERS after {seconds:.0f} s: {'; '.join(diffs)}")
+        else:
+            log(f"{head}: reproduced in {seconds:.0f} s: {', '.join(f'{k} {v}' for k, v in checked.items())}")
+    if checks:  # committed evidence next to the results it vouches for
+        out = results_root() / exp.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "verify.json").write_text(json.dumps({
+            "command": f"fl-dplora experiment {exp.name} --only {','.join(c['id'] for c in checks)} --verify",
+            "date": time.strftime("%Y-%m-%d"), "runs": checks}, indent=2))
+    return sum(not c["reproduced"] for c in checks)
 
 
 def _short(rec: Mapping[str, Any]) -> str:

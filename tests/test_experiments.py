@@ -132,13 +132,40 @@ def test_experiment_runs_caches_and_reports(spec_dir, cli):
     third = cli(["experiment", "tiny", "--dry-run"], env=env, timeout=300)
     assert third.stdout.count("cached") == 2 and "rank-3" in third.stdout and "would run" in third.stdout
 
-    # A rerun of one cheap run reproduces its numbers (seeded): --force reruns it in place.
-    before = json.loads((out / "results.json").read_text())["runs"][0]
+    # A rerun of one cheap run reproduces its numbers (seeded): --verify reruns it in a scratch dir and
+    # compares; --force reruns it in place.
+    cached = json.loads((out / "results.json").read_text())["runs"][0]
+    verified = cli(["experiment", "tiny", "--only", "rank-2,zero-shot", "--verify"], env=env, timeout=600)
+    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
+    assert verified.stdout.count("reproduced") == 2 and "all reruns reproduced" in verified.stdout
+    record = json.loads((out / "verify.json").read_text())
+    assert [r["reproduced"] for r in record["runs"]] == [True, True]
+    assert record["runs"][0]["checked"]["final_eval.accuracy"] == cached["accuracy"]
     forced = cli(["experiment", "tiny", "--only", "rank-2", "--force"], env={**env}, timeout=600)
     assert forced.returncode == 0, forced.stderr[-2000:]
     after = next(r for r in json.loads((out / "results.json").read_text())["runs"] if r["id"] == "rank-2")
     for key in ("accuracy", "eval_loss", "bytes_up_total"):
-        assert after[key] == before[key], key
+        assert after[key] == cached[key], key
+
+
+def test_verify_compares_every_reproduced_number():
+    cached = {"final_eval": {"accuracy": 0.675, "loss": 0.8, "macro_f1": None}, "bytes_up_total": 1000,
+              "privacy": {"epsilon": 7.99, "noise_multiplier": 0.41}, "bytes_down_total": 5}
+    same = json.loads(json.dumps(cached))
+    same["final_eval"]["loss"] = 0.8 * (1 + 1e-7)  # thread-order float noise is not a difference
+    assert ex.compare_summaries(cached, same) == []
+    for path, value in [(("final_eval", "accuracy"), 0.68), (("final_eval", "loss"), 0.81), (("bytes_up_total",), 1001),
+                        (("privacy", "epsilon"), 8.5), (("privacy", "noise_multiplier"), 0.3), (("bytes_down_total",), 6)]:
+        changed = json.loads(json.dumps(cached))
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        diffs = ex.compare_summaries(cached, changed)
+        assert len(diffs) == 1 and diffs[0].startswith(".".join(path)), (path, diffs)
+    missing = json.loads(json.dumps(cached))
+    del missing["privacy"]
+    assert len(ex.compare_summaries(cached, missing)) == 2
 
 
 def test_evaluate_a_saved_adapter_reproduces_the_runs_final_eval(tmp_path, cli):
