@@ -28,6 +28,9 @@ from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multipli
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
 
 log = logging.getLogger("fl_dplora")
+# Where the server writes and how it waits stay on the server: clients (other organisations' machines)
+# get everything else, and a run's bytes do not depend on the server's paths.
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout"})
 
 
 def preflight(cfg: Mapping[str, Any]) -> None:
@@ -134,7 +137,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
-        config = ConfigRecord({**cfg, "_sigma": float(server_sigma)})
+        config = ConfigRecord({**{k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}, "_sigma": float(server_sigma)})
         if resumed is not None and client_ledgers:
             # clients restarted with the server lose their context.state: hand back their ledgers, in
             # every round after a resume (a client may be sampled again only rounds later)

@@ -103,6 +103,17 @@ def test_reply_metrics_are_numbers_and_no_config_record_goes_back(plain, dp_samp
                 assert all(isinstance(v, (int, float)) and not isinstance(v, (str, bool)) for v in items), (key, value)
 
 
+def test_instructions_carry_the_run_config_but_not_the_servers_paths(plain):
+    from fl_dplora.server_app import SERVER_ONLY_KEYS
+
+    out_dir = str(plain["out"])
+    for ex in plain["grid"].exchanges:
+        sent = ex.instruction.content["config"]
+        assert sent["task"] == plain["cfg"]["task"] and sent["lora-rank"] == plain["cfg"]["lora-rank"]
+        assert not SERVER_ONLY_KEYS & set(sent.keys())
+        assert out_dir.encode() not in _blob(ex.instruction)
+
+
 def test_reply_holds_no_raw_text_of_the_clients_shard(plain, dp_sample):
     for run in (plain, dp_sample):
         grid, cfg = run["grid"], run["cfg"]

@@ -27,7 +27,7 @@ def test_results_block_is_what_readme_results_generates():
 
 
 def test_numbers_in_the_results_prose_are_in_some_results_json():
-    """Accuracies (`67.0 %`), sigmas (`σ = 1.05`, `0.543`) and byte counts (`262,566 B`) quoted in the
+    """Accuracies (`67.0 %`), sigmas (`σ = 1.05`, `0.543`) and byte counts (`262,566 B`), losses and perplexities (`ppl 18.20`) quoted in the
     'What agrees with the paper' prose must each be a value of a committed run."""
     prose = README.split("### What agrees with the paper", 1)[1].split("<!-- results:begin -->", 1)[0]
     recs = _records()
@@ -35,12 +35,15 @@ def test_numbers_in_the_results_prose_are_in_some_results_json():
     sigmas = {f"{r['noise_multiplier']:.{n}f}" for r in recs if r.get("noise_multiplier") for n in (2, 3)}
     byte_counts = {f"{round(r['bytes_up_per_client_round']):,}" for r in recs if r.get("bytes_up_per_client_round")}
     losses = {f"{r['eval_loss']:.{n}f}" for r in recs if r.get("eval_loss") is not None for n in (1, 3)}
+    perplexities = {f"{r['perplexity']:.2f}" for r in recs if r.get("perplexity") is not None}
     quoted_acc = re.findall(r"(?<![\d.])(\d{1,3}\.\d) %", prose)
-    quoted_sigma = re.findall(r"σ = (\d\.\d{2,3})|\((\d\.\d{3}) vs (\d\.\d{3})\)", prose)
+    quoted_sigma = re.findall(r"σ (?:= )?(\d\.\d{2,3})|\((\d\.\d{3}) vs (\d\.\d{3})\)", prose)
     quoted_bytes = re.findall(r"(\d{1,3}(?:,\d{3})+) B\b", prose)
     quoted_loss = re.findall(r"loss (\d+\.\d+)", prose)
+    quoted_ppl = re.findall(r"ppl (\d+\.\d+)", prose)
     assert len(quoted_acc) >= 10 and quoted_bytes and quoted_sigma  # the prose does quote results
     assert not sorted(set(quoted_acc) - accuracies)
     assert not sorted({s for group in quoted_sigma for s in group if s} - sigmas)
     assert not sorted(set(quoted_bytes) - byte_counts)
     assert not sorted(set(quoted_loss) - losses)
+    assert quoted_ppl and not sorted(set(quoted_ppl) - perplexities)
