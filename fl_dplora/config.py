@@ -39,6 +39,10 @@ class Key:
 TASKS = ("fin-sentiment", "medical-qa", "general-instruct")
 DP_MODES = ("none", "sample", "client", "paper")
 
+# Where the server writes and how it waits: they stay on the server (clients, other organisations'
+# machines, get the rest of the run config) and do not change what a run computes.
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout"})
+
 SCHEMA: dict[str, Key] = {
     "model": Key(str, "smollm2-135m", help="alias (smollm2-135m, tiny-random-llama, tiny-random-gpt2), HF id, local dir or .gguf"),
     "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import ConfigError, resolve
+from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
-_IGNORED_IN_HASH = ("output-dir", "resume", "checkpoint-every", "round-timeout")
+_IGNORED_IN_HASH = SERVER_ONLY_KEYS  # where a run writes, not what it computes
 _SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes"}
 _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
 _PLOT_KINDS = ("line", "rounds", "bar")
@@ -257,10 +257,13 @@ def verify(exp: Experiment, *, only: list[str] | None = None, scratch: Path, log
         log(f"{head}: rerunning ...")
         seconds = _launch(run, scratch / run.hash, head)
         cached = json.loads((run_dir(run) / "summary.json").read_text())
-        diffs = compare_summaries(cached, json.loads((scratch / run.hash / "summary.json").read_text()))
+        fresh = json.loads((scratch / run.hash / "summary.json").read_text())
+        diffs = compare_summaries(cached, fresh)
         checked = {".".join(p): _pick(cached, p) for p in _VERIFIED if _pick(cached, p) is not None}
         checks.append({"id": run.id, "hash": run.hash, "reproduced": not diffs, "differences": diffs,
-                       "checked": checked, "rerun_wall_seconds": round(seconds, 1)})
+                       "checked": checked, "rerun": {".".join(p): _pick(fresh, p) for p in _VERIFIED},
+                       "bit_identical": all(_pick(cached, p) == _pick(fresh, p) for p in _VERIFIED),
+                       "rerun_wall_seconds": round(seconds, 1)})
         if diffs:
             log(f"{head}: DIFFERS after {seconds:.0f} s: {'; '.join(diffs)}")
         else:

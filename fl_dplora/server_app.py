@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_dplora import checkpoint
-from fl_dplora.config import ConfigError, resolve, resolve_output_dir
+from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
 from fl_dplora.data import check_task, eval_examples, load_task
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
@@ -28,9 +28,6 @@ from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multipli
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
 
 log = logging.getLogger("fl_dplora")
-# Where the server writes and how it waits stay on the server: clients (other organisations' machines)
-# get everything else, and a run's bytes do not depend on the server's paths.
-SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout"})
 
 
 def preflight(cfg: Mapping[str, Any]) -> None:

@@ -104,7 +104,7 @@ def test_reply_metrics_are_numbers_and_no_config_record_goes_back(plain, dp_samp
 
 
 def test_instructions_carry_the_run_config_but_not_the_servers_paths(plain):
-    from fl_dplora.server_app import SERVER_ONLY_KEYS
+    from fl_dplora.config import SERVER_ONLY_KEYS
 
     out_dir = str(plain["out"])
     for ex in plain["grid"].exchanges:

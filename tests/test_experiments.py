@@ -137,9 +137,9 @@ def test_experiment_runs_caches_and_reports(spec_dir, cli):
     cached = json.loads((out / "results.json").read_text())["runs"][0]
     verified = cli(["experiment", "tiny", "--only", "rank-2,zero-shot", "--verify"], env=env, timeout=600)
     assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
-    assert verified.stdout.count("reproduced") == 2 and "all reruns reproduced" in verified.stdout
+    assert verified.stdout.count("): reproduced in") == 2 and "all reruns reproduced" in verified.stdout
     record = json.loads((out / "verify.json").read_text())
-    assert [r["reproduced"] for r in record["runs"]] == [True, True]
+    assert [(r["reproduced"], r["bit_identical"]) for r in record["runs"]] == [(True, True)] * 2
     assert record["runs"][0]["checked"]["final_eval.accuracy"] == cached["accuracy"]
     forced = cli(["experiment", "tiny", "--only", "rank-2", "--force"], env={**env}, timeout=600)
     assert forced.returncode == 0, forced.stderr[-2000:]
