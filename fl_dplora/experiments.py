@@ -232,7 +232,7 @@ def _pick(summary: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def compare_summaries(cached: Mapping[str, Any], fresh: Mapping[str, Any], rel_tol: float = 1e-4) -> list[str]:
-    """What differs between two summaries of the same run ('' list when the rerun reproduced it)."""
+    """What differs between two summaries of the same run (empty when the rerun reproduced it)."""
     diffs = []
     for path in _VERIFIED:
         a, b = _pick(cached, path), _pick(fresh, path)

@@ -27,8 +27,9 @@ def test_results_block_is_what_readme_results_generates():
 
 
 def test_numbers_in_the_results_prose_are_in_some_results_json():
-    """Accuracies (`67.0 %`), sigmas (`σ = 1.05`, `0.543`) and byte counts (`262,566 B`), losses and perplexities (`ppl 18.20`) quoted in the
-    'What agrees with the paper' prose must each be a value of a committed run."""
+    """Accuracies (`67.0 %`), sigmas (`σ = 1.05`, `0.543`), byte counts (`262,566 B`), losses and
+    perplexities (`ppl 18.20`) quoted in the 'What agrees with the paper' prose must each be a value
+    of a committed run."""
     prose = README.split("### What agrees with the paper", 1)[1].split("<!-- results:begin -->", 1)[0]
     recs = _records()
     accuracies = {f"{100 * r['accuracy']:.1f}" for r in recs if r.get("accuracy") is not None}
@@ -47,3 +48,12 @@ def test_numbers_in_the_results_prose_are_in_some_results_json():
     assert not sorted(set(quoted_bytes) - byte_counts)
     assert not sorted(set(quoted_loss) - losses)
     assert quoted_ppl and not sorted(set(quoted_ppl) - perplexities)
+
+
+def test_committed_reproduction_checks_passed():
+    """README cites verify.json files: each rerun there reproduced its cached run, bit for bit."""
+    files = sorted((REPO / "experiments" / "results").glob("*/verify.json"))
+    assert files and all(f"experiments/results/{f.parent.name}/verify.json" in README for f in files)
+    for f in files:
+        runs = json.loads(f.read_text())["runs"]
+        assert runs and all(r["reproduced"] and r["bit_identical"] and not r["differences"] for r in runs), f
