@@ -31,7 +31,7 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
 
 # Every experiment under experiments/ (finished runs are cached: rerunning continues a sweep).
-EXPERIMENTS ?= dp-recipe epsilon-sweep comm-vs-rank mode-compare non-iid
+EXPERIMENTS ?= dp-recipe epsilon-sweep comm-vs-rank mode-compare non-iid seed-check
 experiments: install
 	for e in $(EXPERIMENTS); do HF_HUB_OFFLINE=1 $(BIN)/fl-dplora experiment $$e || exit 1; done
 

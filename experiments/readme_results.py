@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 from fl_dplora import experiments as ex  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ["dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare"]
+ORDER = ["dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
 
 
 def block() -> str:

@@ -298,7 +298,7 @@ def _record(run: RunSpec) -> dict[str, Any]:
         "id": run.id, "series": run.series, "kind": run.kind, "hash": run.hash, "overrides": run.overrides,
         "task": cfg["task"], "dp_mode": cfg["dp-mode"] if run.kind == "train" else None,
         "lora_variant": cfg["lora-variant"] if run.kind == "train" else None,
-        "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"],
+        "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"], "seed": cfg["seed"],
         "dirichlet_alpha": cfg["dirichlet-alpha"] if cfg["partitioner"] == "dirichlet" else None,
         "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" and run.kind == "train" else None,
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
@@ -335,7 +335,7 @@ _COLUMNS = {
     "eval_loss": ("eval loss", "{:.3f}"), "perplexity": ("ppl", "{:.2f}"), "examples_processed": ("examples", "{:,}"),
     "trainable_params": ("trainable", "{:,}"), "bytes_up_per_client_round": ("bytes up/client/round", "{:,.0f}"),
     "bytes_up_total": ("bytes up total", "{:,}"), "pct_full_model": ("% of model", "{:.3f}%"),
-    "wall_seconds": ("wall s", "{:.0f}"), "rounds": ("rounds", "{}"),
+    "wall_seconds": ("wall s", "{:.0f}"), "rounds": ("rounds", "{}"), "seed": ("seed", "{}"),
 }
 DEFAULT_TABLE = ["id", "dp_mode", "target_epsilon", "epsilon", "accuracy", "macro_f1", "eval_loss", "wall_seconds"]
 
