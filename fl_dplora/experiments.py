@@ -30,7 +30,6 @@ from typing import Any
 from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
-_IGNORED_IN_HASH = SERVER_ONLY_KEYS  # where a run writes, not what it computes
 _SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes"}
 _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
 _PLOT_KINDS = ("line", "rounds", "bar")
@@ -47,7 +46,7 @@ class RunSpec:
 
     @property
     def hash(self) -> str:
-        keep = {k: v for k, v in sorted(self.config.items()) if k not in _IGNORED_IN_HASH}
+        keep = {k: v for k, v in sorted(self.config.items()) if k not in SERVER_ONLY_KEYS}  # not what it computes
         blob = json.dumps({"v": CACHE_VERSION, "kind": self.kind, "clients": self.num_clients, "config": keep},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -225,21 +224,27 @@ _VERIFIED = (("final_eval", "accuracy"), ("final_eval", "macro_f1"), ("final_eva
              ("bytes_up_total",))
 
 
-def _pick(summary: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        summary = summary.get(key) if isinstance(summary, Mapping) else None
-    return summary
+def _verified_numbers(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The _VERIFIED values of a summary, keyed 'final_eval.accuracy' etc. (None where absent)."""
+    out = {}
+    for path in _VERIFIED:
+        value: Any = summary
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        out[".".join(path)] = value
+    return out
 
 
 def compare_summaries(cached: Mapping[str, Any], fresh: Mapping[str, Any], rel_tol: float = 1e-4) -> list[str]:
     """What differs between two summaries of the same run (empty when the rerun reproduced it)."""
     diffs = []
-    for path in _VERIFIED:
-        a, b = _pick(cached, path), _pick(fresh, path)
+    new = _verified_numbers(fresh)
+    for name, a in _verified_numbers(cached).items():
+        b = new[name]
         same = (a == b) if not (isinstance(a, float) and isinstance(b, float)) else \
             math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
         if not same:
-            diffs.append(f"{'.'.join(path)} {a} -> {b}")
+            diffs.append(f"{name} {a} -> {b}")
     return diffs
 
 
@@ -259,10 +264,10 @@ def verify(exp: Experiment, *, only: list[str] | None = None, scratch: Path, log
         cached = json.loads((run_dir(run) / "summary.json").read_text())
         fresh = json.loads((scratch / run.hash / "summary.json").read_text())
         diffs = compare_summaries(cached, fresh)
-        checked = {".".join(p): _pick(cached, p) for p in _VERIFIED if _pick(cached, p) is not None}
+        before, after = _verified_numbers(cached), _verified_numbers(fresh)
+        checked = {k: v for k, v in before.items() if v is not None}
         checks.append({"id": run.id, "hash": run.hash, "reproduced": not diffs, "differences": diffs,
-                       "checked": checked, "rerun": {".".join(p): _pick(fresh, p) for p in _VERIFIED},
-                       "bit_identical": all(_pick(cached, p) == _pick(fresh, p) for p in _VERIFIED),
+                       "checked": checked, "rerun": after, "bit_identical": before == after,
                        "rerun_wall_seconds": round(seconds, 1)})
         if diffs:
             log(f"{head}: DIFFERS after {seconds:.0f} s: {'; '.join(diffs)}")

@@ -122,6 +122,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         rounds_done = int(resumed["round"])
         log.info("resuming %s after round %d (epsilon so far %.4g)", out_dir, rounds_done, epsilon)
     bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
+    client_cfg = {k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
     for rnd in bar:
         t_round = time.time()
         if mode in ("client", "paper"):
@@ -134,7 +135,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
-        config = ConfigRecord({**{k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}, "_sigma": float(server_sigma)})
+        config = ConfigRecord({**client_cfg, "_sigma": float(server_sigma)})
         if resumed is not None and client_ledgers:
             # clients restarted with the server lose their context.state: hand back their ledgers, in
             # every round after a resume (a client may be sampled again only rounds later)
