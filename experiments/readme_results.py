@@ -30,9 +30,12 @@ def block() -> str:
         status = "" if data["complete"] else f" (partial: {len(data['runs'])} of {len(spec.runs)} runs finished)"
         lines = [f"### {name}{status}", "", spec.description.strip(), "",
                  f"`{data['command']}`: {len(data['runs'])} runs, {data['total_wall_seconds'] / 60:.0f} min here "
-                 f"(2 CPU cores); full table: [results.md](experiments/results/{name}/results.md).", "",
-                 "| " + " | ".join(ex._COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(ex._cell(r, c) for c in cols) + " |" for r in data["runs"]]
+                 f"(2 CPU cores); full table: [results.md](experiments/results/{name}/results.md).", ""]
+        if data.get("cells") and spec.aggregate:  # runs that differ only in seed etc.: one row each, mean ± SE
+            lines += ex.cell_table(spec, data["cells"])
+        else:
+            lines += ["| " + " | ".join(ex._COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(ex._cell(r, c) for c in cols) + " |" for r in data["runs"]]
         lines.append("")
         for p in spec.plots:
             if (path.parent / p["file"]).is_file():

@@ -157,15 +157,16 @@ def exposure(canary_nll: float, reference_nll: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def sequence_nll(model, tokenizer, examples: Sequence[Example], max_len: int, batch_size: int = 16,
-                 mean: bool = False) -> list[float]:
+                 mean: bool = False, system_prompt: str = "auto", prefix_cache: str = "off") -> list[float]:
     """Negative log-likelihood of each example's answer tokens (summed, or mean per token)."""
-    from fl_dplora.train import answer_logits
+    from fl_dplora.forward import answer_logits, attach_prefix
 
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(examples), batch_size):
-        enc = [encode_example(tokenizer, ex, max_len) for ex in examples[start : start + batch_size]]
+        enc = attach_prefix(model, [encode_example(tokenizer, ex, max_len, system_prompt)
+                                    for ex in examples[start : start + batch_size]], prefix_cache)
         batch = {k: v.to(device) for k, v in collate(enc, tokenizer.pad_token_id).items()}
         logits, targets, rows = answer_logits(model, batch)
         nll = F.cross_entropy(logits.float(), targets, reduction="none")
@@ -216,6 +217,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     tokenizer = load_tokenizer(run_cfg["model"])
     params = adapter_parameters(model, run_cfg)
     max_len = int(run_cfg["max-seq-len"])
+    score = {"system_prompt": run_cfg["system-prompt"]}  # encoded exactly as the run trained on them
     canaries = [Example(QUESTION, c) for c in plan.canaries]
     references = [Example(QUESTION, r) for r in plan.references]
     members = client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)[:mia_samples]
@@ -223,17 +225,17 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
 
     reset_adapter(model)  # base model: calibrates each canary's own difficulty
-    base_canary = sequence_nll(model, tokenizer, canaries, max_len)
-    base_mem = sequence_nll(model, tokenizer, members, max_len, mean=True)
-    base_out = sequence_nll(model, tokenizer, held_out, max_len, mean=True)
+    base_canary = sequence_nll(model, tokenizer, canaries, max_len, **score)
+    base_mem = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
+    base_out = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
     from safetensors.torch import load_file
 
     trained = load_file(str(Path(run_cfg["output-dir"]) / "adapter" / "adapter_model.safetensors"))
     _load_into(params, trained)  # the server's copy-into-live-parameters helper
-    final_canary = sequence_nll(model, tokenizer, canaries, max_len)
-    final_refs = sequence_nll(model, tokenizer, references, max_len)
-    mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True)
-    out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True)
+    final_canary = sequence_nll(model, tokenizer, canaries, max_len, **score)
+    final_refs = sequence_nll(model, tokenizer, references, max_len, **score)
+    mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
+    out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
     reset_adapter(model)
 
     scores = [b - f for b, f in zip(base_canary, final_canary)]  # how much training lowered each canary's loss

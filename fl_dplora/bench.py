@@ -4,6 +4,8 @@
     fl-dplora bench round-overhead [--quick] [--json FILE]   round wall time / client compute time
     fl-dplora bench comm           [--quick] [--json FILE]   bytes per client per round on the wire
     fl-dplora bench throughput     [--quick] [--json FILE]   examples/s of a local step, client peak RSS
+    fl-dplora bench prefix-cache   [--quick] [--json FILE]   DP step with/without the frozen-prefix cache
+                                                             (bench_cache.py), its build rate, client RSS
 
 Timing method (dp-overhead, throughput): every variant runs `--warmup` times, then `--reps`
 repetitions interleaved round-robin (the starting variant rotates each repetition), so a load spike
@@ -659,7 +661,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ command line
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="performance benchmarks (dp-overhead, round-overhead, comm, throughput)",
+    b = sub.add_parser("bench", help="performance benchmarks (dp-overhead, round-overhead, comm, throughput, prefix-cache)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bs = b.add_subparsers(dest="bench", required=True)
 
@@ -716,3 +718,11 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batch-size", type=int, default=0, help="default = batch size (peak memory scales with it)")
     p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
     p.set_defaults(func=cmd_throughput)
+
+    from fl_dplora.bench_cache import add_arguments, cmd_prefix_cache  # here, not at the top: bench_cache imports this module
+
+    p = bs.add_parser("prefix-cache", help="DP step examples/s with vs without the prefix cache; build rate; client RSS")
+    common(p)
+    lora(p, "expected (Poisson) batch, default 32 (4 with --quick)", "max-seq-len, default 96 (32 with --quick)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_prefix_cache)

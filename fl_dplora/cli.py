@@ -143,7 +143,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = get_peft_model(cfg)
         reset_adapter(model)
     task = load_task(cfg["task"], int(cfg["seed"]))
-    result = evaluate(model, load_tokenizer(cfg["model"]), task, eval_examples(cfg), int(cfg["max-seq-len"]))
+    result = evaluate(model, load_tokenizer(cfg["model"]), task, eval_examples(cfg), int(cfg["max-seq-len"]),
+                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if args.adapter else "zero-shot", "adapter": args.adapter, "final_eval": result,
                "wall_seconds": time.time() - t0, "config": cfg}
     if args.output:

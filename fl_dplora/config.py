@@ -43,6 +43,12 @@ DP_MODES = ("none", "sample", "client", "paper")
 # machines, get the rest of the run config) and do not change what a run computes.
 SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout"})
 
+# Keys added after results were recorded, at the value that computes what runs did before the key
+# existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
+# prefix-cache changes where the frozen blocks run, never what a run computes (exact to float rounding).
+LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens"}
+NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
+
 SCHEMA: dict[str, Key] = {
     "model": Key(str, "smollm2-135m", help="alias (smollm2-135m, tiny-random-llama, tiny-random-gpt2), HF id, local dir or .gguf"),
     "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),
@@ -56,6 +62,9 @@ SCHEMA: dict[str, Key] = {
     "momentum": Key(float, 0.9, min=0.0, max=0.999, help="SGD momentum"),
     "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear"), help="over all steps of the run"),
     "max-seq-len": Key(int, 96, min=8, help="tokens per example; long prompts lose their middle, never the answer"),
+    "system-prompt": Key(str, "auto", help="auto = the chat template's own (SmolLM2: a 20-token default); empty = no system turn; other text = that system turn"),
+    "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: classification tasks train the decision the evaluation scores (softmax over the label words' first tokens); generation tasks always use answer-tokens"),
+    "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="with lora-layers = N, compute the frozen blocks below the last N once per example and train/evaluate only the top N; disk also keeps them in ~/.cache/fl-dplora/prefix for later runs (as private as the data: it stays on the node)"),
     "lora-rank": Key(int, 8, min=1, help="LoRA rank r"),
     "lora-alpha": Key(float, 16.0, min=0.0, min_exclusive=True, help="LoRA scale alpha (update scaled by alpha/r)"),
     "lora-dropout": Key(float, 0.0, min=0.0, max=0.9, help="dropout on the LoRA input"),

@@ -333,12 +333,21 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
 
 
 # ------------------------------------------------------------------ tokenization
-def _render_prompt(tokenizer, prompt: str) -> str:
+def _render_prompt(tokenizer, prompt: str, system_prompt: str = "auto") -> str:
+    """The prompt in the model's chat template. system_prompt: `auto` = whatever the template does
+    (SmolLM2 adds a 20-token default), "" = no system turn at all, other text = that system turn."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return f"### Instruction:\n{prompt}\n\n### Response:\n"
+        user = [{"role": "user", "content": prompt}]
+        if system_prompt == "auto":
+            return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        system = [{"role": "system", "content": system_prompt}]
+        text = tokenizer.apply_chat_template(system + user, tokenize=False, add_generation_prompt=True)
+        if not system_prompt:  # drop the empty system turn the template rendered, if it rendered one
+            empty = tokenizer.apply_chat_template(system, tokenize=False)
+            text = text[len(empty):] if text.startswith(empty) else text
+        return text
+    head = f"{system_prompt}\n\n" if system_prompt not in ("", "auto") else ""
+    return f"{head}### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 def _answer_suffix(tokenizer) -> str:
@@ -350,10 +359,12 @@ def _answer_suffix(tokenizer) -> str:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 on prompt and padding
+    prefix: torch.Tensor | None = None  # [T, H] state entering block `prefix_start` (forward.attach_prefix)
+    prefix_start: int = 0
 
 
-def encode_example(tokenizer, ex: Example, max_len: int) -> Encoded:
-    prompt_ids = tokenizer(_render_prompt(tokenizer, ex.prompt), add_special_tokens=False).input_ids
+def encode_example(tokenizer, ex: Example, max_len: int, system_prompt: str = "auto") -> Encoded:
+    prompt_ids = tokenizer(_render_prompt(tokenizer, ex.prompt, system_prompt), add_special_tokens=False).input_ids
     answer_ids = tokenizer(ex.answer + _answer_suffix(tokenizer), add_special_tokens=False).input_ids
     answer_ids = answer_ids[: max(1, max_len // 2)]
     budget = max_len - len(answer_ids)
@@ -374,8 +385,18 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    starts = {e.prefix_start if e.prefix is not None else 0 for e in encoded}
+    if starts != {0}:  # every example carries its cached prefix state: pad them like the ids
+        if len(starts) != 1 or any(e.prefix is None for e in encoded):
+            raise ValueError("collate: a batch mixes examples with and without (or with different) prefix caches")
+        hidden = torch.zeros(len(encoded), width, encoded[0].prefix.shape[-1], dtype=encoded[0].prefix.dtype)
+        for i, e in enumerate(encoded):
+            hidden[i, : len(e.input_ids)] = e.prefix
+        batch["prefix_hidden"] = hidden
+        batch["prefix_start"] = torch.tensor(starts.pop())
+    return batch
 
 
-def encode_all(tokenizer, examples: Sequence[Example], max_len: int) -> list[Encoded]:
-    return [encode_example(tokenizer, ex, max_len) for ex in examples]
+def encode_all(tokenizer, examples: Sequence[Example], max_len: int, system_prompt: str = "auto") -> list[Encoded]:
+    return [encode_example(tokenizer, ex, max_len, system_prompt) for ex in examples]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_dplora.data import Example, TaskData, _render_prompt, collate, encode_example
-from fl_dplora.train import answer_logits
+from fl_dplora.forward import answer_logits, attach_prefix
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
@@ -50,11 +50,12 @@ def rouge_l(reference: str, candidate: str) -> float:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_len: int,
-             batch_size: int = 16, rouge_samples: int = 0) -> dict[str, float]:
+             batch_size: int = 16, rouge_samples: int = 0, system_prompt: str = "auto",
+             prefix_cache: str = "off") -> dict[str, float]:
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    encoded = [encode_example(tokenizer, ex, max_len) for ex in examples]
+    encoded = attach_prefix(model, [encode_example(tokenizer, ex, max_len, system_prompt) for ex in examples], prefix_cache)
     label_first = []
     if task.kind == "classification":
         label_first = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.label_words]
@@ -75,25 +76,28 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
             preds += scores.argmax(-1).tolist()
             trues += [ex.label for ex in examples[start : start + batch_size]]
     if task.kind == "classification" and not distinct_first:
-        preds, trues = _score_full_labels(model, tokenizer, task, examples, max_len, batch_size), [e.label for e in examples]
+        preds = _score_full_labels(model, tokenizer, task, examples, max_len, batch_size, system_prompt)
+        trues = [e.label for e in examples]
 
     loss = total_loss / max(1, total_tokens)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_examples": len(examples)}
     if task.kind == "classification":
         out["accuracy"] = sum(int(p == t) for p, t in zip(preds, trues)) / max(1, len(trues))
         out["macro_f1"] = macro_f1(trues, preds, len(task.label_words))
+        # the accuracy of always answering the most frequent label of these very examples
+        out["majority_rate"] = max(trues.count(c) for c in set(trues)) / max(1, len(trues)) if trues else 0.0
     if rouge_samples and task.kind == "generation":
-        out["rouge_l"] = _rouge_on_sample(model, tokenizer, examples[:rouge_samples], max_len)
+        out["rouge_l"] = _rouge_on_sample(model, tokenizer, examples[:rouge_samples], max_len, system_prompt)
     return out
 
 
-def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size) -> list[int]:
+def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size, system_prompt="auto") -> list[int]:
     """Sum of log-probs of each whole label sequence; used when label words share a first token."""
     scores = torch.zeros(len(examples), len(task.label_words))
     for j, word in enumerate(task.label_words):
         for start in range(0, len(examples), batch_size):
             chunk = [Example(e.prompt, word) for e in examples[start : start + batch_size]]
-            enc = [encode_example(tokenizer, e, max_len) for e in chunk]
+            enc = [encode_example(tokenizer, e, max_len, system_prompt) for e in chunk]
             device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in collate(enc, tokenizer.pad_token_id).items()}
             logits, targets, rows = answer_logits(model, batch)
@@ -102,10 +106,12 @@ def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size) ->
     return scores.argmax(-1).tolist()
 
 
-def _rouge_on_sample(model, tokenizer, examples: Sequence[Example], max_len: int) -> float:
+def _rouge_on_sample(model, tokenizer, examples: Sequence[Example], max_len: int, system_prompt: str = "auto") -> float:
     vals = []
+    device = next(model.parameters()).device
     for ex in examples:
-        ids = tokenizer(_render_prompt(tokenizer, ex.prompt), add_special_tokens=False, return_tensors="pt").input_ids[:, -max_len:]
+        ids = tokenizer(_render_prompt(tokenizer, ex.prompt, system_prompt), add_special_tokens=False,
+                        return_tensors="pt").input_ids[:, -max_len:].to(device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -8,7 +8,8 @@ config, the number of clients and the run kind, so a finished run is never repea
 stopped and continued, and experiments that share a run (say ffa, eps 8, IID) share its result.
 
 After the runs: `results/NAME/results.json` (one record per run, the numbers every table and plot
-is made from), `results.md` and the PNG plots the spec asks for.
+is made from), `results.md` and the PNG plots the spec asks for. A spec with `aggregate = ["seed"]`
+also gets `cells` there: the runs that differ only in those keys, as mean and standard error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve
+from fl_dplora.config import LEGACY_VALUES, NON_COMPUTING_KEYS, SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
-_SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes"}
+_SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes",
+              "aggregate"}
 _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
 _PLOT_KINDS = ("line", "rounds", "bar")
 
@@ -46,7 +49,8 @@ class RunSpec:
 
     @property
     def hash(self) -> str:
-        keep = {k: v for k, v in sorted(self.config.items()) if k not in SERVER_ONLY_KEYS}  # not what it computes
+        keep = {k: v for k, v in sorted(self.config.items())  # only what the run computes
+                if k not in SERVER_ONLY_KEYS | NON_COMPUTING_KEYS and LEGACY_VALUES.get(k, object()) != v}
         blob = json.dumps({"v": CACHE_VERSION, "kind": self.kind, "clients": self.num_clients, "config": keep},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -62,6 +66,7 @@ class Experiment:
     table: list[str]
     notes: str
     path: Path
+    aggregate: list[str] = field(default_factory=list)  # record names (seed, lora_rank): runs differing only there = one cell
 
 
 def experiments_dir() -> Path:
@@ -135,12 +140,21 @@ def load_spec(name_or_path: str, directory: Path | None = None) -> Experiment:
         raise ConfigError(f"{path}: duplicate run id(s) {', '.join(dup)}")
     if not runs:
         raise ConfigError(f"{path}: no runs")
+    aggregate = raw.get("aggregate", [])
+    if isinstance(aggregate, str):
+        aggregate = [aggregate]
+    if not isinstance(aggregate, list) or not all(isinstance(k, str) for k in aggregate):
+        raise ConfigError(f"{path}: aggregate must be a list of run-config keys, e.g. [\"seed\"]")
+    bad = sorted(k for k in aggregate if k.replace("_", "-") not in SCHEMA)
+    if bad:
+        raise ConfigError(f"{path}: aggregate: {', '.join(bad)} is not a run-config key")
     plots = list(raw.get("plots", []))
     for p in plots:
         if p.get("kind", "line") not in _PLOT_KINDS or "file" not in p:
             raise ConfigError(f"{path}: each plot needs file and kind in {', '.join(_PLOT_KINDS)}: {p}")
     return Experiment(raw.get("name", path.stem), int(raw.get("version", 1)), raw.get("description", ""), runs,
-                      plots, list(raw.get("table", [])), raw.get("notes", ""), path)
+                      plots, list(raw.get("table", [])), raw.get("notes", ""), path,
+                      list(dict.fromkeys(k.replace("-", "_") for k in aggregate)))
 
 
 # ----------------------------------------------------------------------------- running
@@ -308,6 +322,7 @@ def _record(run: RunSpec) -> dict[str, Any]:
         "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" and run.kind == "train" else None,
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
         "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
+        "majority_rate": fe.get("majority_rate"),  # always answering the most frequent label (None: older runs)
         "wall_seconds": round(float(s.get("experiment_wall_seconds", s.get("wall_seconds", 0.0))), 1),
     }
     if run.kind == "train":
@@ -324,8 +339,8 @@ def _record(run: RunSpec) -> dict[str, Any]:
             "pct_full_model": 100.0 * s["bytes_up_total"] / max(1, rounds * run.num_clients) / s["full_model_bytes"],
         })
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        rec["per_round"] = [{"round": r["round"], "accuracy": r.get("eval_accuracy"), "eval_loss": r.get("eval_loss"),
-                             "epsilon": r.get("epsilon")} for r in rows]
+        rec["per_round"] = [{"round": r["round"], "accuracy": r.get("eval_accuracy"), "macro_f1": r.get("eval_macro_f1"),
+                             "eval_loss": r.get("eval_loss"), "epsilon": r.get("epsilon")} for r in rows]
     else:
         rec.update({"epsilon": None, "rounds": 0, "examples_processed": 0})
     return rec
@@ -341,6 +356,7 @@ _COLUMNS = {
     "trainable_params": ("trainable", "{:,}"), "bytes_up_per_client_round": ("bytes up/client/round", "{:,.0f}"),
     "bytes_up_total": ("bytes up total", "{:,}"), "pct_full_model": ("% of model", "{:.3f}%"),
     "wall_seconds": ("wall s", "{:.0f}"), "rounds": ("rounds", "{}"), "seed": ("seed", "{}"),
+    "majority_rate": ("majority", "{:.1%}"),
 }
 DEFAULT_TABLE = ["id", "dp_mode", "target_epsilon", "epsilon", "accuracy", "macro_f1", "eval_loss", "wall_seconds"]
 
@@ -355,12 +371,103 @@ def _cell(rec: Mapping[str, Any], col: str) -> str:
         return str(v)
 
 
+# ----------------------------------------------------------------------------- cells (spec key `aggregate`)
+# What a cell reports as mean and standard error over its runs; what identifies it (kept where all its
+# runs agree, None where they do not).
+CELL_METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity", "epsilon", "noise_multiplier", "majority_rate")
+_CELL_FIELDS = ("series", "kind", "task", "dp_mode", "lora_variant", "lora_rank", "partitioner", "dirichlet_alpha",
+                "target_epsilon", "seed", "delta", "num_clients", "rounds", "eval_examples", "examples_processed",
+                "trainable_params", "bytes_up_total", "bytes_up_per_client_round", "pct_full_model")
+_WITH_N = ("accuracy", "macro_f1")  # rendered "mean ± SE (n)"
+
+
+def mean_se(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and standard error (sample std / sqrt(n)) of the values that are not None; SE None for n < 2."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    return mean, (statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None)
+
+
+def _cell_key(rec: Mapping[str, Any], keys: list[str]) -> str:
+    """What a run computes (as its hash sees it) less the aggregated keys, plus its series and kind."""
+    try:
+        cfg = resolve(rec.get("overrides", {}))
+    except ConfigError:  # a record of an older schema: its overrides as they are
+        cfg = dict(rec.get("overrides", {}))
+    drop = SERVER_ONLY_KEYS | NON_COMPUTING_KEYS | {k.replace("_", "-") for k in keys}
+    keep = {k: v for k, v in sorted(cfg.items()) if k not in drop and LEGACY_VALUES.get(k, object()) != v}
+    return json.dumps({"series": rec.get("series"), "kind": rec.get("kind"), "config": keep}, sort_keys=True, default=str)
+
+
+def aggregate_cells(records: list[dict[str, Any]], keys: list[str],
+                    metrics: tuple[str, ...] | list[str] = CELL_METRICS) -> list[dict[str, Any]]:
+    """Group records that differ only in `keys` (e.g. ["seed"]) into cells, in first-run order.
+
+    Each cell: its identifying fields, `n` (runs present), `ids`, the list of each aggregated key's values
+    (`seed: [42, 1, 2]`) and `<metric>_mean` / `<metric>_se` for every metric."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(_cell_key(rec, keys), []).append(rec)
+    cells = []
+    for recs in groups.values():
+        cell: dict[str, Any] = {}
+        for f in _CELL_FIELDS:
+            if f in keys:
+                continue
+            vals = [r.get(f) for r in recs]
+            cell[f] = vals[0] if all(v == vals[0] for v in vals) else None
+        cell["n"] = len(recs)
+        cell["ids"] = [r["id"] for r in recs]
+        for k in keys:
+            cell[k] = [r.get(k) for r in recs]
+        for m in metrics:
+            cell[f"{m}_mean"], cell[f"{m}_se"] = mean_se([r.get(m) for r in recs])
+        cells.append(cell)
+    return cells
+
+
+def cell_columns(exp: Experiment) -> list[str]:
+    """Columns of the cells table: the spec table's identifying columns, the aggregated keys, its metrics."""
+    cols = exp.table or DEFAULT_TABLE
+    ident = [c for c in cols if c in _CELL_FIELDS and c not in exp.aggregate]
+    if "series" not in ident:
+        ident.insert(0, "series")
+    metrics = [c for c in cols if c in CELL_METRICS]
+    metrics += [m for m in _WITH_N if m not in metrics]
+    return ident + list(exp.aggregate) + metrics
+
+
+def _cell_stat(cell: Mapping[str, Any], col: str) -> str:
+    if col in CELL_METRICS:
+        mean, se = cell.get(f"{col}_mean"), cell.get(f"{col}_se")
+        if mean is None:
+            return "∞" if col == "epsilon" and cell.get("kind") == "train" else "–"
+        fmt = _COLUMNS.get(col, (col, "{}"))[1]
+        text = fmt.format(mean) + (f" ± {fmt.format(se)}" if se is not None else "")
+        return text + (f" ({cell.get('n')})" if col in _WITH_N else "")
+    if isinstance(cell.get(col), list):  # an aggregated key: its values
+        return ", ".join(_cell({col: v}, col) for v in cell[col])
+    return _cell(cell, col)
+
+
+def cell_table(exp: Experiment, cells: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one row per cell, metrics as mean ± standard error (accuracy, macro-F1: and n)."""
+    cols = cell_columns(exp)
+    lines = [f"Mean ± standard error (sample std / √n) over {', '.join(exp.aggregate)}; (n) = runs in the cell.", "",
+             "| " + " | ".join(_COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(_cell_stat(c, col) for col in cols) + " |" for c in cells]
+
+
 def markdown(exp: Experiment, records: list[dict[str, Any]], command: str) -> str:
     cols = exp.table or DEFAULT_TABLE
     wall = sum(r["wall_seconds"] for r in records)
     lines = [f"# {exp.name} (spec version {exp.version})", "", exp.description.strip(), "",
-             f"Regenerate: `{command}` (runs cached by config hash; {len(records)} runs, {wall / 60:.0f} min of run time here).", "",
-             "| " + " | ".join(_COLUMNS.get(c, (c,))[0] for c in cols) + " |",
+             f"Regenerate: `{command}` (runs cached by config hash; {len(records)} runs, {wall / 60:.0f} min of run time here).", ""]
+    if exp.aggregate:
+        lines += [*cell_table(exp, aggregate_cells(records, exp.aggregate)), "", "Every run:", ""]
+    lines += ["| " + " | ".join(_COLUMNS.get(c, (c,))[0] for c in cols) + " |",
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in records]
     if exp.notes:
@@ -395,26 +502,38 @@ def plot(exp: Experiment, records: list[dict[str, Any]], out_dir: Path) -> list[
             ax.xaxis.get_major_locator().set_params(integer=True)
         else:
             x = spec.get("x", "target_epsilon")
-            values = [_xvalue(r, x) for r in recs]
+            # (series, x, y, SE): a spec with `aggregate` plots cell means with SE bars, unless x is aggregated
+            if exp.aggregate and x not in exp.aggregate:
+                extra = tuple(dict.fromkeys(m for m in (y, x) if m not in CELL_METRICS and (m == y or m not in _CELL_FIELDS)))
+                cells = aggregate_cells(recs, exp.aggregate, CELL_METRICS + extra)
+                points = [(c["series"], _xvalue({**c, x: c.get(x, c.get(f"{x}_mean"))}, x), c.get(f"{y}_mean"),
+                           c.get(f"{y}_se")) for c in cells]
+                bars = True
+            else:
+                points = [(r["series"], _xvalue(r, x), r.get(y), None) for r in recs]
+                bars = False
+            values = [p[1] for p in points]
             if all(isinstance(v, (int, float)) for v in values):
                 xs_all = sorted(set(values), reverse=bool(spec.get("reverse", x in ("target_epsilon", "epsilon"))))
             else:  # names: keep the spec's run order
                 xs_all = list(dict.fromkeys(values))
             pos = {v: i for i, v in enumerate(xs_all)}
             categorical = spec.get("categorical", True)
-            series = sorted({r["series"] for r in recs}, key=lambda s: [r["series"] for r in recs].index(s))
+            series = list(dict.fromkeys(p[0] for p in points))
             # side-by-side bars only where several series share an x; one bar per x stays centred
-            shared = len({(r["series"], _xvalue(r, x)) for r in recs}) > len(xs_all)
+            shared = len({(p[0], p[1]) for p in points}) > len(xs_all)
             width = 0.8 / max(1, len(series)) if shared else 0.6
             for j, s in enumerate(series):
-                pts = sorted(((_xvalue(r, x), r.get(y)) for r in recs if r["series"] == s and r.get(y) is not None),
-                             key=lambda t: pos[t[0]])
-                xs = [pos[a] if categorical else a for a, _ in pts]
+                pts = sorted(((a, b, e) for name, a, b, e in points if name == s and b is not None), key=lambda t: pos[t[0]])
+                xs = [pos[a] if categorical else a for a, _, _ in pts]
+                ys, errs = [b for _, b, _ in pts], [math.nan if e is None else e for _, _, e in pts]  # n = 1: no bar
                 if kind == "bar":
                     offset = (j - (len(series) - 1) / 2) * width if shared else 0.0
-                    ax.bar([v + offset for v in xs], [b for _, b in pts], width, label=s)
+                    ax.bar([v + offset for v in xs], ys, width, label=s, **({"yerr": errs, "capsize": 4} if bars else {}))
+                elif bars:
+                    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, label=s)
                 else:
-                    ax.plot(xs, [b for _, b in pts], marker="o", label=s)
+                    ax.plot(xs, ys, marker="o", label=s)
             if categorical:
                 ax.set_xticks(range(len(xs_all)), ["∞" if v == math.inf else f"{v:g}" if isinstance(v, float) else str(v) for v in xs_all],
                               rotation=20 if any(isinstance(v, str) and len(v) > 8 for v in xs_all) else 0)
@@ -445,7 +564,11 @@ def report(exp: Experiment, records: list[dict[str, Any]], command: str) -> Path
     out.mkdir(parents=True, exist_ok=True)
     payload = {"experiment": exp.name, "version": exp.version, "description": exp.description, "command": command,
                "spec": str(exp.path.name), "complete": len(records) == len(exp.runs),
-               "total_wall_seconds": round(sum(r["wall_seconds"] for r in records), 1), "runs": records}
+               "total_wall_seconds": round(sum(r["wall_seconds"] for r in records), 1)}
+    if exp.aggregate:
+        payload["aggregate"] = list(exp.aggregate)
+        payload["cells"] = aggregate_cells(records, exp.aggregate)
+    payload["runs"] = records
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "results.md").write_text(markdown(exp, records, command))
     plot(exp, records, out)

@@ -166,7 +166,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "round": rnd, "num_clients": st.accepted, "sampled": st.sampled, "dropped": st.dropped,
             "train_loss": sum(losses) / len(losses) if losses else None,
             "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
-            "eval_macro_f1": last_eval.get("macro_f1"),
+            "eval_macro_f1": last_eval.get("macro_f1"), "eval_majority_rate": last_eval.get("majority_rate"),
             "epsilon": epsilon if mode != "none" else None, "delta": cfg["delta"] if mode != "none" else None,
             "bytes_up": st.bytes_up, "bytes_down": st.bytes_down,
             "client_seconds": sum(float(m.get("compute-seconds", 0.0)) for m in st.client_metrics),
@@ -184,7 +184,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 "client_ledgers": client_ledgers, "totals": totals, "epsilon": float(epsilon),
                 "num_nodes": int(getattr(strategy, "num_nodes", 0)), "last_eval": dict(last_eval),
             })
-        acc = f" acc={row['eval_accuracy']:.3f}" if row["eval_accuracy"] is not None else ""
+        acc = (f" acc={row['eval_accuracy']:.3f} (majority {row['eval_majority_rate']:.3f}) f1={row['eval_macro_f1']:.3f}"
+               if row["eval_accuracy"] is not None else "")
         eps = f" eps={epsilon:.3f}" if mode != "none" else ""
         log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
                  st.sampled, f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-", acc, eps,
@@ -232,7 +233,8 @@ def _load_into(params: Mapping[str, torch.nn.Parameter], weights: Mapping[str, t
 def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
     _load_into(params, strategy.global_weights)
     rouge = 16 if task.kind == "generation" else 0
-    return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), rouge_samples=rouge)
+    return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), rouge_samples=rouge,
+                    system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
 
 
 def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The local training step, shared by every dp-mode, client, benchmark and experiment.
 
-`local_train` runs `local-steps` optimizer steps on one client's shard:
+`local_train` runs `local-steps` optimizer steps on one client's shard (examples may carry their
+cached frozen-prefix states, see forward.py: then each step runs only the adapted top blocks):
 - dp-mode none/client/paper: a uniformly shuffled batch, mean loss, plain gradient.
 - dp-mode sample: DP-SGD. Each logical batch is Poisson-sampled with rate q = batch-size / n,
   processed in micro-batches (memory bounded by micro-batch-size), per-example gradients clipped
@@ -17,64 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fl_dplora.data import Encoded, collate
+from fl_dplora.forward import _decoder_and_head, answer_logits, per_example_loss  # noqa: F401 - re-exported
 from fl_dplora.privacy.mechanisms import gaussian_like
 from fl_dplora.privacy.per_sample import LoRAGradSampler
-
-
-# ------------------------------------------------------------------ loss on answer tokens only
-def _decoder_and_head(model: nn.Module):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    head = inner.get_output_embeddings()
-    if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
-        return inner, None, None
-    return inner, decoder, head
-
-
-def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
-
-    The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
-    is most of the cost of long prompts. Falls back to full logits for exotic heads.
-    """
-    labels = batch["labels"]
-    inner, decoder, head = _decoder_and_head(model)
-    if decoder is None:
-        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
-        logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return logits[rows, cols], labels[rows, cols + 1], rows
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    # Gather each example's answer positions into [B, A, H] (left-aligned, zero-padded) rather than a
-    # flat [N, H]: a LoRA on the head then still sees one batch row per example, which per-example
-    # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
-    mask = labels[:, 1:] != -100
-    counts = mask.sum(1)
-    width = max(1, int(counts.max()))
-    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
-    gathered = hidden[:, :-1].gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
-    gathered = gathered * valid[..., None].to(gathered.dtype)
-    logits = head(gathered)[valid]
-    targets = labels[:, 1:].gather(1, cols)[valid]
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(cols)[valid]
-    scale = getattr(inner.config, "logit_scale", None)
-    if isinstance(scale, (int, float)):
-        logits = logits * scale
-    return logits, targets, rows
-
-
-def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over each example's answer tokens, shape [B]."""
-    logits, targets, rows = answer_logits(model, batch)
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    bsz = batch["labels"].shape[0]
-    sums = torch.zeros(bsz, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
-    counts = torch.zeros(bsz, dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, torch.ones_like(token_loss))
-    return sums / counts.clamp(min=1)
 
 
 # ------------------------------------------------------------------ optimizer
@@ -131,6 +80,7 @@ def local_train(
     pad_id: int = 0,
     progress: bool = False,
     device: torch.device | None = None,
+    label_token_ids: torch.Tensor | None = None,
 ) -> TrainStats:
     """Run cfg['local-steps'] optimizer steps. The one training loop of the project."""
     from tqdm.auto import tqdm
@@ -160,9 +110,11 @@ def local_train(
                     order += torch.randperm(n, generator=sampling_generator).tolist()
                 batch_idx, order = order[:batch_size], order[batch_size:]
             sums = [torch.zeros_like(p) for p in params]
+            # micro-batches of similar lengths pad less; the (clipped) sum does not depend on the order
+            batch_idx = sorted(batch_idx, key=lambda i: len(data[i].input_ids))
             for mb in _micro_batches(batch_idx, micro):
                 batch = {k: v.to(device) for k, v in collate([data[i] for i in mb], pad_id).items()}
-                loss_vec = per_example_loss(model, batch)
+                loss_vec = per_example_loss(model, batch, label_token_ids)
                 if dp:
                     loss_vec.sum().backward()  # sum reduction: what per-example gradients assume
                     clipped, _ = sampler.clipped_sum(dp.max_grad_norm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -183,3 +184,182 @@ def test_evaluate_a_saved_adapter_reproduces_the_runs_final_eval(tmp_path, cli):
     assert base.returncode == 0 and f"loss {got['loss']:.4f}" not in base.stdout
     bad = cli(["evaluate", "--adapter", str(tmp_path), "--run-config", rc])
     assert bad.returncode == 2 and "adapter_config.json" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- cells over seeds (spec key `aggregate`)
+SEEDS_SPEC = """
+name = "seeds"
+description = "two ranks, three seeds each"
+num-clients = 2
+aggregate = ["seed"]
+table = ["id", "seed", "lora_rank", "epsilon", "accuracy", "macro_f1", "majority_rate", "eval_loss"]
+
+[config]
+model = "tiny-random-llama"
+max-train-samples = 40
+max-eval-samples = 8
+batch-size = 4
+micro-batch-size = 4
+local-steps = 1
+num-server-rounds = 2
+max-seq-len = 48
+dp-mode = "sample"
+target-epsilon = 8.0
+secure-rng = false
+checkpoint-every = 0
+
+[[runs]]
+id = "rank{lora_rank}-seed{seed}"
+series = "LoRA"
+matrix = { lora-rank = [2, 4], seed = [42, 1, 2] }
+
+[[plots]]
+file = "accuracy_vs_rank.png"
+x = "lora_rank"
+y = "accuracy"
+categorical = false
+reverse = false
+
+[[plots]]
+file = "accuracy_bars.png"
+kind = "bar"
+x = "lora_rank"
+y = "accuracy"
+
+[[plots]]
+file = "accuracy_by_seed.png"
+kind = "bar"
+x = "seed"
+y = "accuracy"
+
+[[plots]]
+file = "rounds.png"
+kind = "rounds"
+"""
+
+
+def _fake_run(run: ex.RunSpec, accuracy: float, *, macro_f1: float = 0.3, loss: float = 0.9, epsilon: float = 7.99,
+              majority_rate: float | None = 0.63) -> None:
+    """A finished run's summary.json/metrics.jsonl in its cache dir, as `_launch` leaves them."""
+    d = ex.run_dir(run)
+    d.mkdir(parents=True, exist_ok=True)
+    final = {"accuracy": accuracy, "macro_f1": macro_f1, "loss": loss, "perplexity": 2.5, "num_examples": 8}
+    if majority_rate is not None:  # older summaries have no majority_rate
+        final["majority_rate"] = majority_rate
+    summary = {"final_eval": final, "rounds": 2, "trainable_params": 100, "bytes_up_total": 1600, "bytes_down_total": 1600,
+               "full_model_bytes": 10**6, "experiment_hash": run.hash, "experiment_wall_seconds": 60.0}
+    if run.kind == "train":
+        summary["privacy"] = {"epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 0.5}
+        rows = [{"round": r, "eval_accuracy": accuracy, "eval_loss": loss, "eval_macro_f1": macro_f1, "epsilon": epsilon * r / 2}
+                for r in (1, 2)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_seed_matrix_names_runs_and_changes_their_hash(spec_dir):
+    (spec_dir / "seeds.toml").write_text(SEEDS_SPEC)
+    spec = ex.load_spec("seeds")
+    assert spec.aggregate == ["seed"]
+    assert [r.id for r in spec.runs] == [f"rank{r}-seed{s}" for r in (2, 4) for s in (42, 1, 2)]
+    assert [r.config["seed"] for r in spec.runs[:3]] == [42, 1, 2] and len({r.hash for r in spec.runs}) == 6
+
+
+def test_bad_aggregate_key_fails(spec_dir):
+    (spec_dir / "bad.toml").write_text("name='x'\naggregate=['sed']\n[[runs]]\nid='a'\n")
+    with pytest.raises(ConfigError, match="aggregate: sed is not a run-config key"):
+        ex.load_spec("bad")
+
+
+def test_majority_rate_flows_from_summary_into_the_record(spec_dir):
+    spec = ex.load_spec("tiny")
+    _fake_run(spec.runs[0], 0.5, majority_rate=0.625)
+    _fake_run(spec.runs[1], 0.5, majority_rate=None)  # an older cached summary
+    rec, old = ex._record(spec.runs[0]), ex._record(spec.runs[1])
+    assert rec["majority_rate"] == 0.625 and old["majority_rate"] is None
+    assert rec["per_round"][-1] == {"round": 2, "accuracy": 0.5, "macro_f1": 0.3, "eval_loss": 0.9, "epsilon": 7.99}
+    assert ex._cell(rec, "majority_rate") == "62.5%" and ex._cell(old, "majority_rate") == "–"
+    assert ex._COLUMNS["majority_rate"][0] == "majority"
+
+
+def test_seeds_aggregate_into_cells_with_mean_and_standard_error(tmp_path, monkeypatch):
+    import importlib.util
+    import statistics
+
+    import matplotlib.axes
+
+    spec_dir = tmp_path / "experiments"  # laid out like the checkout, for readme_results below
+    spec_dir.mkdir()
+    monkeypatch.setenv("FL_DPLORA_EXPERIMENTS", str(spec_dir))
+    (spec_dir / "seeds.toml").write_text(SEEDS_SPEC)
+    spec = ex.load_spec("seeds")
+    runs = {r.id: r for r in spec.runs}
+    accs, f1s = [0.50, 0.60, 0.85], [0.30, 0.40, 0.20]
+    for seed, acc, f1, maj in zip((42, 1, 2), accs, f1s, (0.6, 0.6, None)):
+        _fake_run(runs[f"rank2-seed{seed}"], acc, macro_f1=f1, majority_rate=maj)
+    _fake_run(runs["rank4-seed1"], 0.7, macro_f1=0.5)  # the other seeds of rank 4 are not run yet
+
+    errorbars, bars = [], []
+    real_errorbar, real_bar = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, *a, **k: errorbars.append(k) or real_errorbar(ax, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda ax, *a, **k: bars.append(k) or real_bar(ax, *a, **k))
+    records = ex.execute(spec, train=False, log=lambda *_: None)
+    out = ex.report(spec, records, "fl-dplora experiment seeds")
+
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["runs"]) == 4 and data["aggregate"] == ["seed"]
+    two, four = data["cells"]
+    # by hand: mean = sum / n; SE = sqrt(sum((x - mean)^2) / (n - 1)) / sqrt(n)
+    mean = (0.50 + 0.60 + 0.85) / 3
+    se = (((0.50 - mean) ** 2 + (0.60 - mean) ** 2 + (0.85 - mean) ** 2) / 2) ** 0.5 / 3 ** 0.5
+    assert two["accuracy_mean"] == pytest.approx(mean) and two["accuracy_se"] == pytest.approx(se)
+    assert two["accuracy_se"] == pytest.approx(statistics.stdev(accs) / 3 ** 0.5)
+    assert two["macro_f1_mean"] == pytest.approx(0.3) and two["macro_f1_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert two["epsilon_mean"] == pytest.approx(7.99) and two["epsilon_se"] == pytest.approx(0.0, abs=1e-12)
+    assert two["noise_multiplier_mean"] == 0.5 and two["eval_loss_mean"] == pytest.approx(0.9)
+    assert two["majority_rate_mean"] == pytest.approx(0.6)  # the older summary (no majority_rate) is left out
+    assert (two["n"], two["seed"], two["ids"]) == (3, [42, 1, 2], ["rank2-seed42", "rank2-seed1", "rank2-seed2"])
+    assert (two["series"], two["lora_rank"], two["target_epsilon"], two["dp_mode"], two["task"]) == \
+        ("LoRA", 2, 8.0, "sample", "fin-sentiment")
+    # n < 2: a mean, no standard error
+    assert (four["n"], four["seed"], four["lora_rank"]) == (1, [1], 4)
+    assert four["accuracy_mean"] == 0.7 and four["accuracy_se"] is None and four["macro_f1_se"] is None
+
+    md = (out / "results.md").read_text()
+    assert f"| LoRA | 2 | 42, 1, 2 | 7.99 ± 0.00 | {mean:.1%} ± {se:.1%} (3) | 0.300 ± {0.1 / 3 ** 0.5:.3f} (3) |" in md
+    assert "| LoRA | 4 | 1 | 7.99 | 70.0% (1) | 0.500 (1) |" in md
+    assert md.index("Mean ± standard error") < md.index("| rank2-seed42 | 42 |")  # cells first, then every run
+
+    for name in ("accuracy_vs_rank.png", "accuracy_bars.png", "accuracy_by_seed.png", "rounds.png"):
+        assert (out / name).stat().st_size > 5_000, name
+    # line plot: one errorbar call for the series, with the SE of each cell (NaN, no bar, for n = 1); bar(yerr=...)
+    # draws its error bars by errorbar(fmt="none") too
+    lines = [k for k in errorbars if k.get("fmt") != "none"]
+    assert len(lines) == 1 and lines[0]["yerr"] == pytest.approx([se, math.nan], nan_ok=True)
+    # bar plot over cells has yerr; the bar plot over the aggregated key (x = seed) is one bar per run
+    assert [b.get("yerr") is not None for b in bars] == [True, False]
+    assert bars[0]["yerr"] == pytest.approx([se, math.nan], nan_ok=True)
+
+    # the README block shows the cells (the per-run table stays in results.md)
+    mod_spec = importlib.util.spec_from_file_location("readme_results", REPO / "experiments" / "readme_results.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    monkeypatch.setattr(mod, "ORDER", ["seeds"])
+    block = mod.block()
+    assert "### seeds (partial: 4 of 6 runs finished)" in block and "Mean ± standard error" in block
+    assert f"{mean:.1%} ± {se:.1%} (3)" in block and "| rank2-seed42 |" not in block
+
+
+def test_spec_without_aggregate_has_no_cells(spec_dir):
+    spec = ex.load_spec("tiny")
+    assert spec.aggregate == []
+    for run, acc in zip(spec.runs, (0.5, 0.6, 0.2)):
+        _fake_run(run, acc)
+    records = ex.execute(spec, train=False, log=lambda *_: None)
+    out = ex.report(spec, records, "fl-dplora experiment tiny")
+    data = json.loads((out / "results.json").read_text())
+    assert "cells" not in data and "aggregate" not in data and len(data["runs"]) == 3
+    assert [r["majority_rate"] for r in data["runs"]] == [0.63] * 3
+    md = (out / "results.md").read_text()
+    assert "Mean ± standard error" not in md and "| rank-4 | 4 | 60.0% |" in md
+    assert (out / "bytes_vs_rank.png").is_file() and (out / "rounds.png").is_file()

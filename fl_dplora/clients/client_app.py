@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
+from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
@@ -41,14 +42,15 @@ def config_from_message(msg: Message) -> dict[str, Any]:
 
 @lru_cache(maxsize=8)
 def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
-                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = ""):
+                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = "",
+                   system_prompt: str = "auto"):
     cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train,
            "audit-canaries": canaries}
     if data_path:  # a real organisation's own file
         examples = load_local_file(data_path, load_task(task, seed))
     else:
         examples = client_examples(cfg, partition_id, num_partitions)
-    return encode_all(load_tokenizer(model), examples, max_len)
+    return encode_all(load_tokenizer(model), examples, max_len, system_prompt)
 
 
 def shard_for(cfg: dict[str, Any], context: Context):
@@ -59,7 +61,7 @@ def shard_for(cfg: dict[str, Any], context: Context):
     return _encoded_shard(
         cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
         cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
-        cfg["audit-canaries"],
+        cfg["audit-canaries"], cfg["system-prompt"],
     )
 
 
@@ -95,7 +97,9 @@ def train(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(global_weights[key])
-    data = shard_for(cfg, context)
+    progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
+    # the frozen blocks below the adapter run once per example, not once per step (forward.py)
+    data = attach_prefix(model, shard_for(cfg, context), cfg["prefix-cache"], progress=progress)
     n = len(data)
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
@@ -138,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = local_train(
         model, trainable, data, cfg, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
         step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
-        pad_id=tokenizer.pad_token_id, progress=bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0"))),
+        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=_label_ids(cfg, tokenizer),
     )
     with torch.no_grad():
         delta = {k: (p.detach() - global_weights[k]) for k, p in params.items()}
@@ -167,6 +171,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics["compute-seconds"] = time.perf_counter() - t0
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _label_ids(cfg: dict[str, Any], tokenizer) -> torch.Tensor | None:
+    """The label words' first tokens when the run trains with loss = label-words on a classification task."""
+    if cfg["loss"] != "label-words":
+        return None
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
 
 
 def _clip_update(delta: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:

@@ -1,0 +1,241 @@
+"""`fl-dplora bench prefix-cache`: what the frozen-prefix cache (forward.py) buys a DP client.
+
+    fl-dplora bench prefix-cache [--quick] [--json FILE] [--layers 2,4,8] [--batch-size 32] [--no-rss]
+
+Three measurements in one run (timing as in bench.py: warm-up, interleaved repetitions, medians):
+
+1. step: one DP-SGD step (dp-mode sample, sigma 1.0, Poisson rate q = batch-size / shard, so the
+   expected batch is --batch-size) at lora-layers N for each N in --layers: `cached-nN` (examples
+   carry their prefix states; only the top N blocks run) vs `full-nN` (every block). Both draw the
+   same Poisson batch (same sampling seed), so full/cached of the seconds is cached/full of examples/s.
+   A forward of one micro-batch both ways checks the losses agree (max_abs_loss_diff).
+2. build: `compute_prefix` at the first N over --build-examples examples vs a plain no-grad forward of
+   the base model (adapters off) over the same examples in the same batches: `forward` (logits at
+   every position, as model(...) returns them) and `decoder` (all blocks + final norm, no head).
+3. memory: peak RSS of the real ClientApp in a fresh process (bench.client_peak_rss: two DP rounds)
+   whose shard is --cache-examples examples, prefix-cache memory vs off, next to the cache's own
+   size (prompt+answer tokens x hidden x 4 bytes).
+
+JSON: median_seconds {variant: s}, ratio {"a/b": median a / median b}, examples_per_second,
+speedup {nN: cached/full examples/s}, peak_rss_mib {memory, off} (whole process), peak_round_rss_mib
+(training rounds only), held_rss_mib (after round 1), cache_payload_mib, setup, environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from fl_dplora.bench import (Variant, _apply_quick_step_defaults, _busy_note, _environment, _finish,
+                             _median, _quiet_transformers, _ratios, _setup_torch, _table, client_peak_rss,
+                             time_interleaved)
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+BUILD_BATCH = 16  # compute_prefix's default batch; the forward baselines use the same batches
+
+
+def _model(cfg: dict[str, Any]):
+    """The process's PEFT model for cfg and its prefix start (switching lora-layers re-wraps the same base)."""
+    from fl_dplora.config import ConfigError
+    from fl_dplora.forward import decoder_blocks, prefix_start
+    from fl_dplora.models import get_peft_model
+
+    model = get_peft_model(cfg)
+    start = prefix_start(model)
+    if start == 0:
+        found = decoder_blocks(model)
+        depth = len(found[2]) if found else "?"
+        raise ConfigError(f"bench prefix-cache: lora-layers {cfg['lora-layers']} leaves no frozen prefix "
+                          f"in {cfg['model']} ({depth} blocks); use --layers below the depth")
+    return model, start
+
+
+def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
+    """`full-nN` and `cached-nN`: the same DP step on the same model, weights and Poisson batch.
+    Returns (variants, info, restore, state); state["examples"] = examples in the last timed step."""
+    import torch
+
+    from fl_dplora.data import collate
+    from fl_dplora.forward import attach_prefix, per_example_loss
+    from fl_dplora.models import adapter_parameters
+    from fl_dplora.train import DPSGD, local_train, make_optimizer
+
+    model, start = _model(cfg)
+    params = [p for p in adapter_parameters(model, cfg).values() if p.requires_grad]
+    original = [p.detach().clone() for p in params]
+    cached = attach_prefix(model, shard, "memory")  # untimed: a client builds it once, in its first round
+    full = attach_prefix(model, shard, "off")
+    device = params[0].device
+    model.eval()
+    with torch.no_grad():  # the cache changes the cost, never the numbers
+        mb = range(min(len(shard), int(cfg["micro-batch-size"])))
+        a, b = (per_example_loss(model, {k: v.to(device) for k, v in collate([d[i] for i in mb], pad_id).items()})
+                for d in (full, cached))
+        diff = float((a - b).abs().max())
+    # Secure RNG for the noise (generator None), as the client does by default (secure-rng = true).
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]), generator=None)
+    state: dict[str, Any] = {}
+
+    def reset() -> None:  # same weights, fresh optimizer before every timed step
+        with torch.no_grad():
+            for p, o in zip(params, original):
+                p.copy_(o)
+                p.grad = None
+        state["opt"] = make_optimizer(params, cfg)
+
+    def step(data) -> Callable[[], None]:
+        def run() -> None:
+            stats = local_train(model, params, data, cfg, optimizer=state["opt"], dp=dp,
+                                sampling_generator=torch.Generator().manual_seed(1), pad_id=pad_id)
+            state["examples"] = stats.examples
+        return run
+
+    variants = [Variant(f"full-n{n}", step(full), reset), Variant(f"cached-n{n}", step(cached), reset)]
+    info = {"prefix_start": start, "trainable_params": sum(p.numel() for p in params), "max_abs_loss_diff": diff}
+    return variants, info, reset, state
+
+
+def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int) -> tuple[list[Variant], int, int]:
+    """`build-nN` (compute_prefix) vs `forward` and `decoder` (no grad, adapters off), same batches."""
+    import torch
+
+    from fl_dplora.data import collate
+    from fl_dplora.forward import _decoder_and_head, compute_prefix
+
+    model, start = _model(cfg)
+    decoder = _decoder_and_head(model)[1]
+    device = next(iter(model.parameters())).device
+    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))  # compute_prefix's batching
+
+    def plain(module) -> Callable[[], None]:
+        def run() -> None:
+            model.eval()
+            with torch.no_grad(), model.disable_adapter():
+                for s in range(0, len(order), BUILD_BATCH):
+                    batch = collate([data[i] for i in order[s : s + BUILD_BATCH]], pad_id)
+                    module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return run
+
+    build = Variant(f"build-n{n}", lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH))
+    return [build, Variant("forward", plain(model)), Variant("decoder", plain(decoder))], start, int(model.config.hidden_size)
+
+
+def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
+    """Bytes of the states the client caches for its shard (float32, one per token), in MiB."""
+    from fl_dplora.data import client_examples, encode_all
+    from fl_dplora.models import load_tokenizer
+
+    enc = encode_all(load_tokenizer(cfg["model"]), client_examples(cfg, 0, 1), int(cfg["max-seq-len"]), cfg["system-prompt"])
+    return sum(len(e.input_ids) for e in enc) * hidden * 4 / 2**20
+
+
+def cmd_prefix_cache(args: argparse.Namespace) -> int:
+    _setup_torch(args)
+    _quiet_transformers()
+    from fl_dplora.config import resolve
+    from fl_dplora.data import encode_all, load_task
+    from fl_dplora.forward import clear_memory_cache
+    from fl_dplora.models import load_tokenizer
+
+    _apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
+    model_name = args.model or "smollm2-135m"
+    layers = [int(x) for x in (args.layers or ("1" if args.quick else "2,4,8")).split(",")]
+    batch, seq = args.batch_size or 32, args.seq_len or 96
+    shard_n = args.shard or 4 * batch
+    build_n = args.build_examples or (16 if args.quick else 64)
+    cache_n = args.cache_examples or (64 if args.quick else 2000)
+    reps, warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
+    base = {"model": model_name, "task": args.task, "lora-rank": args.rank, "lora-targets": args.targets,
+            "batch-size": batch, "micro-batch-size": batch, "max-seq-len": seq, "local-steps": 1,
+            "dp-mode": "sample", "noise-multiplier": 1.0, "optimizer": "sgd", "system-prompt": args.system_prompt,
+            **({"lora-variant": args.variant} if args.variant else {})}
+    cfg = resolve(base)
+    tok = load_tokenizer(model_name)
+    examples = load_task(cfg["task"], int(cfg["seed"])).train[: max(shard_n, build_n)]
+    data = encode_all(tok, examples, seq, cfg["system-prompt"])
+    env = _environment()
+    print(f"prefix-cache: {model_name}, LoRA r={args.rank} ({cfg['lora-variant']}) on {args.targets}, {args.task}, "
+          f"system-prompt {args.system_prompt!r}, max-seq-len {seq}; DP step: sigma 1.0, expected batch {batch} "
+          f"(q = {batch}/{shard_n}); {env['torch_threads']} torch threads; warm-up {warmup}, {reps} interleaved reps")
+    med, med_cpu, samples, ratio, info = {}, {}, {}, {}, {}
+    eps: dict[str, float] = {}
+    try:
+        for n in layers:
+            variants, info[f"n{n}"], restore, state = _step_pair(resolve({**base, "lora-layers": n}), data[:shard_n], tok.pad_token_id, n)
+            try:
+                times = time_interleaved(variants, reps, warmup)
+            finally:
+                restore()
+            info[f"n{n}"]["examples_per_step"] = state["examples"]  # fixed sampling seed: every step the same draw
+            for v in variants:
+                med[v.name], med_cpu[v.name] = _median(times["wall"][v.name]), _median(times["cpu"][v.name])
+                samples[v.name] = times["wall"][v.name]
+                eps[v.name] = info[f"n{n}"]["examples_per_step"] / med[v.name]
+            ratio.update(_ratios(med, [(f"full-n{n}", f"cached-n{n}")]))
+        n = layers[0]
+        build_vars, start, hidden = _build_variants(resolve({**base, "lora-layers": n}), data[:build_n], tok.pad_token_id, n)
+        times = time_interleaved(build_vars, reps, warmup)
+        for v in build_vars:
+            med[v.name], med_cpu[v.name] = _median(times["wall"][v.name]), _median(times["cpu"][v.name])
+            samples[v.name], eps[v.name] = times["wall"][v.name], build_n / med[v.name]
+        ratio.update(_ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}")]))
+    finally:
+        clear_memory_cache()
+    speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in layers}
+    print(_table([[f"{n}", f"{info[f'n{n}']['prefix_start']}", f"{info[f'n{n}']['examples_per_step']}",
+                   f"{eps[f'full-n{n}']:.2f}", f"{eps[f'cached-n{n}']:.2f}", f"{speedup[f'n{n}']:.2f}x",
+                   f"{med_cpu[f'full-n{n}'] / med_cpu[f'cached-n{n}']:.2f}x", f"{info[f'n{n}']['max_abs_loss_diff']:.1e}"]
+                  for n in layers],
+                 ["lora-layers N", "cached from block", "examples/step", "full ex/s", "cached ex/s",
+                  "cached/full", "(CPU)", "max |loss diff|"]))
+    print(f"\ncache build at N={n} (blocks 0..{start - 1}) vs plain no-grad forwards, {build_n} examples in batches of {BUILD_BATCH}")
+    print(_table([[v.name, f"{med[v.name]:.3f}", f"{eps[v.name]:.1f}", f"{med[v.name] / med[f'build-n{n}']:.2f}"]
+                  for v in build_vars], ["variant", "median s", "examples/s", "s / build s"]))
+    _busy_note(env)
+    rss: dict[str, Any] = {}
+    payload = None
+    if not args.no_rss:
+        over = {**base, "lora-layers": n, "max-train-samples": cache_n}
+        payload = _cache_payload_mib(resolve(over), hidden)
+        for mode in ("memory", "off"):  # one client process each: its shard is the whole capped pool
+            rss[mode] = client_peak_rss({**over, "prefix-cache": mode}, num_partitions=1,
+                                        threads=int(args.threads or 0), timeout=args.timeout)
+        mib = lambda kb: f"{kb / 1024:.0f}"  # noqa: E731
+        print(f"\nclient process, shard of {cache_n} examples, lora-layers {n}: the cache holds "
+              f"{payload:.1f} MiB of states (tokens x {hidden} x 4 B)")
+        print(_table([[m, mib(r["rss_after_model_kb"]), mib(r["rss_before_round2_kb"]),
+                       mib(r["peak_rss_round1_kb"]) if r["hwm_reset_round1"] else "-",
+                       mib(r["peak_rss_round2_kb"]) if r["hwm_reset_round2"] else "-", mib(r["peak_rss_process_kb"])]
+                      for m, r in rss.items()],
+                     ["prefix-cache", "RSS after model MiB", "held after round 1 MiB", "peak round 1 MiB",
+                      "peak round 2 MiB", "peak process MiB"]))
+    result = {
+        "benchmark": "prefix-cache", "median_seconds": med, "ratio": ratio, "median_cpu_seconds": med_cpu,
+        "examples_per_second": eps, "speedup": speedup, "samples_seconds": samples, "steps": info,
+        "peak_rss_mib": {m: r["peak_rss_process_kb"] / 1024 for m, r in rss.items()},
+        # the rounds alone (model loading excluded: SmolLM2's GGUF de-quantization can set the process peak)
+        "peak_round_rss_mib": {m: max(r["peak_rss_round1_kb"], r["peak_rss_round2_kb"]) / 1024
+                               for m, r in rss.items() if r["hwm_reset_round1"] and r["hwm_reset_round2"]},
+        "held_rss_mib": {m: r["rss_before_round2_kb"] / 1024 for m, r in rss.items()},
+        "cache_payload_mib": payload, "client_process": rss,
+        "setup": {"model": model_name, "task": args.task, "lora_rank": args.rank, "lora_targets": args.targets,
+                  "lora_variant": cfg["lora-variant"], "layers": layers, "batch_size": batch, "shard": shard_n,
+                  "max_seq_len": seq, "system_prompt": args.system_prompt, "noise_multiplier": 1.0,
+                  "build_examples": build_n, "build_layers": n, "cache_examples": cache_n, "reps": reps, "warmup": warmup},
+        "environment": env,
+    }
+    return _finish(result, args)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags beyond bench.py's common/lora ones (lora-targets default: all seven linear layers)."""
+    p.set_defaults(targets=ALL_LINEAR)
+    p.add_argument("--layers", default="", help="lora-layers values, default 2,4,8 (1 with --quick)")
+    p.add_argument("--shard", type=int, default=0, help="examples the DP step samples from, default 4 x batch")
+    p.add_argument("--build-examples", type=int, default=0, help="default 64 (16 with --quick)")
+    p.add_argument("--cache-examples", type=int, default=0, help="client shard for the RSS, default 2000 (64 with --quick)")
+    p.add_argument("--system-prompt", default="", help="run-config system-prompt (default: none)")
+    p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run default)")
+    p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per client process")

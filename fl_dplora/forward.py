@@ -1,0 +1,336 @@
+"""The project's one forward pass and loss, with the frozen-prefix cache.
+
+Training, evaluation, benchmarks and the audit all score a batch through `answer_logits`.
+
+Frozen-prefix cache: with LoRA only on the last N blocks, blocks 0..L-N-1 are frozen and compute
+the same hidden states for an example every time it is seen. `attach_prefix` computes the states
+entering block L-N once per example (no grad, eval mode) and keeps them (memory, or a disk cache
+keyed by the prefix weights, the split point and the token ids); a batch that carries them runs only
+the top N blocks, the final norm and the head at the answer positions.
+
+Why it costs no privacy: the cached state is a fixed function of one example and the public frozen
+weights (computed in eval mode: a base model's own dropout, if it has any, no longer acts below the
+adapter; SmolLM2/LLaMA have none). The loss of an example, and so its per-example gradient, is the same function of the
+trainable LoRA values whether the bottom blocks ran now or before; clipping, noise, sampling and
+the accountant see the same mechanism. The cache is as private as the data it came from: it stays
+on the node that holds that data (the server only caches its public evaluation set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_dplora.data import Encoded, collate
+
+log = logging.getLogger(__name__)
+PREFIX_CACHE_MODES = ("off", "memory", "disk")
+
+
+# ------------------------------------------------------------------ model anatomy
+def _decoder_and_head(model: nn.Module):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = inner.get_output_embeddings()
+    if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
+        return inner, None, None
+    return inner, decoder, head
+
+
+def decoder_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """(decoder, attribute name, blocks): the decoder's ModuleList of its transformer blocks."""
+    inner, decoder, _ = _decoder_and_head(model)
+    if decoder is None:
+        return None
+    depth = getattr(inner.config, "num_hidden_layers", None)
+    for name, child in decoder.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == depth:
+            return decoder, name, child
+    return None
+
+
+def prefix_start(model: nn.Module) -> int:
+    """Index of the first block holding LoRA factors: the blocks before it are a frozen prefix.
+
+    LoRA on the output head is fine (it runs after every block). 0 (nothing to cache) when LoRA
+    starts at block 0, sits before the blocks (embeddings), or the blocks cannot be found.
+    """
+    found = decoder_blocks(model)
+    if found is None:
+        return 0
+    head = _decoder_and_head(model)[2]
+    after = {id(p) for n, p in head.named_parameters() if "lora_" in n} if head is not None else set()
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    first, inside = None, set()
+    for i, block in enumerate(found[2]):
+        ids = {id(p) for n, p in block.named_parameters() if "lora_" in n}
+        if ids and first is None:
+            first = i
+        inside |= ids
+    return first if first is not None and inside and inside | after == lora else 0
+
+
+# ------------------------------------------------------------------ the forward pass
+class _PrefixDone(Exception):
+    """Raised by a hook to stop the forward pass once the prefix state is captured."""
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start: int, hidden: torch.Tensor):
+    """Run the decoder's own forward (masks, rotary, final norm) over blocks[start:] only, with
+    `hidden` as the input of blocks[start] (what the skipped blocks computed when it was cached)."""
+
+    def feed(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = blocks[start].register_forward_pre_hook(feed, with_kwargs=True)
+    setattr(decoder, name, nn.ModuleList(list(blocks)[start:]))
+    try:
+        yield
+    finally:
+        setattr(decoder, name, blocks)
+        handle.remove()
+
+
+def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], first_only: bool = False,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
+
+    The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
+    is most of the cost of long prompts. `first_only`: only each example's first answer position.
+    A batch with `prefix_hidden` runs only the blocks after the cached prefix.
+    """
+    labels = batch["labels"]
+    inner, decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        if "prefix_hidden" in batch:
+            raise ValueError("a prefix-cached batch needs a decoder whose blocks can be found")
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if first_only:
+            keep = torch.ones_like(rows, dtype=torch.bool)
+            keep[1:] = rows[1:] != rows[:-1]
+            rows, cols = rows[keep], cols[keep]
+        return logits[rows, cols], labels[rows, cols + 1], rows
+    if "prefix_hidden" in batch:
+        start = int(batch["prefix_start"])
+        if start != prefix_start(model):  # a cache built for another split point is never reused
+            raise ValueError(f"batch cached up to block {start}, model's LoRA starts at block {prefix_start(model)}")
+        found = decoder_blocks(model)
+        param = next(iter(decoder.parameters()))
+        cached = batch["prefix_hidden"].to(device=param.device, dtype=param.dtype)
+        with _top_blocks_only(*found, start, cached):
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # Gather each example's answer positions into [B, A, H] (left-aligned, zero-padded) rather than a
+    # flat [N, H]: a LoRA on the head then still sees one batch row per example, which per-example
+    # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
+    mask = labels[:, 1:] != -100
+    counts = mask.sum(1)
+    if first_only:
+        counts = counts.clamp(max=1)
+    width = max(1, int(counts.max()))
+    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
+    gathered = hidden[:, :-1].gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    gathered = gathered * valid[..., None].to(gathered.dtype)
+    logits = head(gathered)[valid]
+    targets = labels[:, 1:].gather(1, cols)[valid]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(cols)[valid]
+    scale = getattr(inner.config, "logit_scale", None)
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    return logits, targets, rows
+
+
+def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                     label_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example loss, shape [B].
+
+    Default: mean cross-entropy over each example's answer tokens. With `label_token_ids` (the first
+    tokens of a classification task's label words): an example whose answer starts with a label word
+    is trained on exactly the decision the evaluation scores, cross-entropy over those K logits at its
+    first answer position; any other example (an audit canary, say) keeps the answer-token loss.
+    Either way each loss depends on its own example only, as per-example clipping requires.
+    """
+    logits, targets, rows = answer_logits(model, batch)
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    bsz = batch["labels"].shape[0]
+    zeros = torch.zeros(bsz, dtype=token_loss.dtype, device=token_loss.device)
+    loss = zeros.index_add(0, rows, token_loss) / zeros.index_add(0, rows, torch.ones_like(token_loss)).clamp(min=1)
+    if label_token_ids is None:
+        return loss
+    ids = label_token_ids.to(logits.device)
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    match = targets[first][:, None] == ids[None, :]
+    is_label = match.any(1)
+    label_loss = F.cross_entropy(logits[first][:, ids].float(), match.float().argmax(1), reduction="none")
+    return loss.index_put((rows[first][is_label],), label_loss[is_label])
+
+
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> torch.Tensor:
+    """First token of each label word; the label-word loss and the evaluation score these."""
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in label_words]
+    if len(set(ids)) != len(ids):
+        from fl_dplora.config import ConfigError
+
+        raise ConfigError(f"loss: label-words needs label words with distinct first tokens; {label_words} share one")
+    return torch.tensor(ids)
+
+
+# ------------------------------------------------------------------ the prefix cache
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MEMORY: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+_MEMORY_ENTRIES = 16
+
+
+def prefix_fingerprint(model: nn.Module, start: int) -> str:
+    """Hash of everything the prefix computation reads: architecture config and every parameter and
+    buffer of the decoder outside blocks[start:]. Weights change -> key changes -> no stale reuse.
+    The hash is recomputed whenever a cheap stamp of those tensors (storage, in-place version counter,
+    dtype, device, shape) changes, so even an in-place edit of a frozen weight is seen."""
+    decoder, name, blocks = decoder_blocks(model)
+    top = tuple(f"{name}.{i}." for i in range(start, len(blocks)))
+    tensors = sorted(((k, t) for k, t in list(decoder.named_parameters()) + list(decoder.named_buffers())
+                      if not k.startswith(top)), key=lambda kv: kv[0])
+    stamp = tuple((k, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for k, t in tensors)
+    memo = _FINGERPRINTS.setdefault(blocks, {})
+    if start in memo and memo[start][0] == stamp:
+        return memo[start][1]
+    inner = _decoder_and_head(model)[0]
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{type(inner).__name__}:{start}:{inner.config.to_json_string(use_diff=False)}".encode())
+    for key, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    memo[start] = (stamp, h.hexdigest())
+    return memo[start][1]
+
+
+@torch.no_grad()
+def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, batch_size: int = 16,
+                   progress: bool = False) -> list[torch.Tensor]:
+    """The hidden state entering blocks[start] for each example, [T_i, H] float32 on the CPU.
+
+    Examples are batched by length (little padding); padding never changes a real position's state
+    (causal attention, right padding), so each state equals the unbatched one up to float rounding.
+    """
+    from tqdm.auto import tqdm
+
+    decoder, _, blocks = decoder_blocks(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        captured["h"] = _hidden_arg(args, kwargs)
+        raise _PrefixDone
+
+    device = next(iter(decoder.parameters())).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    was_training = model.training
+    model.eval()  # a deterministic function of the example: no dropout
+    handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
+                      disable=not progress):
+            idx = order[s : s + batch_size]
+            batch = collate([encoded[i] for i in idx], 0)
+            try:
+                decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            except _PrefixDone:
+                pass
+            hidden = captured.pop("h").float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FL_DPLORA_CACHE", Path.home() / ".cache" / "fl-dplora")) / "prefix"
+
+
+def _data_key(fingerprint: str, encoded: Sequence[Encoded]) -> str:
+    h = hashlib.blake2b(fingerprint.encode(), digest_size=20)
+    for e in encoded:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_disk(path: Path, encoded: Sequence[Encoded]) -> list[torch.Tensor] | None:
+    try:
+        saved = torch.load(path, weights_only=True)
+        lengths = [len(e.input_ids) for e in encoded]
+        if saved["lengths"].tolist() != lengths:
+            return None
+        return list(torch.split(saved["states"], lengths))
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is recomputed, never trusted
+        return None
+
+
+def _save_disk(path: Path, states: Sequence[torch.Tensor]) -> None:
+    try:  # write aside, then rename: a concurrent reader never sees a half-written file
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save({"lengths": torch.tensor([len(s) for s in states]), "states": torch.cat(list(states))}, tmp)
+        os.chmod(tmp, 0o600)  # derived from (possibly private) data: owner-only, like the data
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("prefix cache: cannot write %s (%s); continuing without the disk copy", path, exc)
+
+
+def attach_prefix(model: nn.Module, encoded: Sequence[Encoded], mode: str, progress: bool = False,
+                  ) -> list[Encoded]:
+    """`encoded` with each example's cached prefix state attached (computed at most once per key).
+
+    mode: off (full forward every time), memory (this process), disk (also ~/.cache/fl-dplora/prefix,
+    or $FL_DPLORA_CACHE, shared by processes and runs). No-op when the model has no frozen prefix.
+    """
+    if mode not in PREFIX_CACHE_MODES:
+        raise ValueError(f"prefix-cache: unknown mode {mode!r}")
+    start = prefix_start(model) if mode != "off" and encoded else 0
+    if start == 0:
+        return [replace(e, prefix=None, prefix_start=0) for e in encoded]
+    key = _data_key(prefix_fingerprint(model, start), encoded)
+    states = _MEMORY.get(key)
+    path = _cache_dir() / f"{key}.pt"
+    if states is None and mode == "disk" and path.is_file():
+        states = _load_disk(path, encoded)
+    if states is None:
+        states = compute_prefix(model, encoded, start, progress=progress)
+        if mode == "disk":
+            _save_disk(path, states)
+    _MEMORY[key] = states
+    _MEMORY.move_to_end(key)
+    while len(_MEMORY) > _MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
+    return [replace(e, prefix=s, prefix_start=start) for e, s in zip(encoded, states)]
+
+
+def clear_memory_cache() -> None:
+    _MEMORY.clear()

@@ -1,0 +1,44 @@
+"""`fl-dplora bench prefix-cache --quick` runs and writes the documented JSON (a smoke run: the tiny
+random model, one repetition; no timing is asserted, only that every number is there and sane)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    from fl_dplora.cli import main
+
+    out = tmp_path / "prefix-cache.json"
+    assert main(["bench", "prefix-cache", "--quick", "--reps", "1", "--warmup", "0", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _positive(values: dict) -> bool:
+    return bool(values) and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values.values())
+
+
+def test_bench_prefix_cache_quick(tmp_path):
+    """In-process, without the client subprocesses: seconds."""
+    res = _run(tmp_path, "--no-rss")
+    assert res["benchmark"] == "prefix-cache"
+    assert set(res["median_seconds"]) == {"full-n1", "cached-n1", "build-n1", "forward", "decoder"}
+    assert set(res["ratio"]) == {"full-n1/cached-n1", "forward/build-n1", "decoder/build-n1"}
+    for key in ("median_seconds", "ratio", "median_cpu_seconds", "examples_per_second", "speedup"):
+        assert _positive(res[key]), key
+    step = res["steps"]["n1"]
+    assert step["prefix_start"] == 1 and step["examples_per_step"] > 0
+    assert step["max_abs_loss_diff"] < 1e-4  # the cached forward scores the same loss as the full one
+    assert res["peak_rss_mib"] == {} and res["cache_payload_mib"] is None
+
+
+@pytest.mark.slow
+def test_bench_prefix_cache_quick_rss(tmp_path):
+    """Also the two ClientApp processes (prefix-cache memory / off): tens of seconds, mostly imports."""
+    res = _run(tmp_path, "--cache-examples", "16")
+    assert set(res["peak_rss_mib"]) == set(res["held_rss_mib"]) == {"memory", "off"}
+    assert _positive(res["peak_rss_mib"]) and res["peak_rss_mib"]["off"] > 100  # torch + a model loaded
+    assert res["cache_payload_mib"] > 0
