@@ -67,10 +67,15 @@ TINY_DEFAULTS: dict[str, Any] = {
     "dp-mode": "none",
     "secure-rng": False,
     "checkpoint-every": 0,
-    # the plain LoRA setup the tests were written for (pyproject's defaults carry the DP recipe)
+    # the plain LoRA setup the tests were written for (pyproject's defaults carry the DP recipe;
+    # tests/test_recipe_e2e.py runs that recipe itself)
     "lora-variant": "lora",
     "lora-layers": 0,
+    "lora-targets": "q_proj,v_proj",
+    "optimizer": "sgd",
     "learning-rate": 0.05,
+    "loss": "answer-tokens",
+    "system-prompt": "auto",
 }
 
 ClientFn = Callable[[Message, Context], Message]
