@@ -9,6 +9,17 @@ import math
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """--quick sets torch's thread count for the process: later in-process runs must not inherit it
+    (float sums then differ in the last bits from a subprocess's, and bitwise-resume tests fail)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _run(tmp_path, *extra: str) -> dict:
     from fl_dplora.cli import main
 
