@@ -157,16 +157,15 @@ def exposure(canary_nll: float, reference_nll: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def sequence_nll(model, tokenizer, examples: Sequence[Example], max_len: int, batch_size: int = 16,
-                 mean: bool = False, system_prompt: str = "auto", prefix_cache: str = "off") -> list[float]:
+                 mean: bool = False, system_prompt: str = "auto") -> list[float]:
     """Negative log-likelihood of each example's answer tokens (summed, or mean per token)."""
-    from fl_dplora.forward import answer_logits, attach_prefix
+    from fl_dplora.forward import answer_logits
 
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(examples), batch_size):
-        enc = attach_prefix(model, [encode_example(tokenizer, ex, max_len, system_prompt)
-                                    for ex in examples[start : start + batch_size]], prefix_cache)
+        enc = [encode_example(tokenizer, ex, max_len, system_prompt) for ex in examples[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(enc, tokenizer.pad_token_id).items()}
         logits, targets, rows = answer_logits(model, batch)
         nll = F.cross_entropy(logits.float(), targets, reduction="none")

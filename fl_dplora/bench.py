@@ -155,6 +155,31 @@ def _fixed_batch(cfg: dict[str, Any], n: int):
 
 
 # ------------------------------------------------------------------ dp-overhead
+def timed_local_step(model, params, start, cfg: dict[str, Any], pad_id: int, state: dict[str, Any]):
+    """(reset, step) for timing one local_train call: `reset()` puts `params` back to `start` with a
+    fresh optimizer (untimed, before every repetition); `step(data, dp)` is the timed call, with the
+    same Poisson draw every time; state["examples"] = examples it processed."""
+    import torch
+
+    from fl_dplora.train import local_train, make_optimizer
+
+    def reset() -> None:  # same weights, fresh optimizer before every timed step
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+                p.grad = None
+        state["opt"] = make_optimizer(params, cfg)
+
+    def step(data, dp) -> Callable[[], None]:
+        def run() -> None:
+            stats = local_train(model, params, data, cfg, optimizer=state["opt"], dp=dp,
+                                sampling_generator=torch.Generator().manual_seed(1), pad_id=pad_id)
+            state["examples"] = stats.examples
+        return run
+
+    return reset, step
+
+
 def _step_variants(cfg: dict[str, Any], data, pad_id: int, with_opacus: bool) -> tuple[list[Variant], dict[str, Any], Callable[[], None]]:
     """Local-step variants on the same model, parameters, batch and optimizer settings.
 
@@ -166,7 +191,7 @@ def _step_variants(cfg: dict[str, Any], data, pad_id: int, with_opacus: bool) ->
     import torch
 
     from fl_dplora.models import adapter_parameters, get_peft_model
-    from fl_dplora.train import DPSGD, local_train, make_optimizer
+    from fl_dplora.train import DPSGD
 
     model = get_peft_model(cfg)
     params = [p for p in adapter_parameters(model, cfg).values() if p.requires_grad]
@@ -179,24 +204,10 @@ def _step_variants(cfg: dict[str, Any], data, pad_id: int, with_opacus: bool) ->
             if not p.abs().sum():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     state: dict[str, Any] = {}
-
-    def reset() -> None:  # same weights, fresh optimizer before every timed step
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-                p.grad = None
-        state["opt"] = make_optimizer(params, cfg)
-
-    def step(dp: DPSGD | None) -> Callable[[], Any]:
-        def run():
-            stats = local_train(model, params, data, cfg, optimizer=state["opt"], dp=dp,
-                                sampling_generator=torch.Generator().manual_seed(1), pad_id=pad_id)
-            state["examples"] = stats.examples
-        return run
-
+    reset, step = timed_local_step(model, params, start, cfg, pad_id, state)
     # Secure RNG for the noise (generator None), as the client does by default (secure-rng = true).
     dp = DPSGD(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]), generator=None)
-    variants = [Variant("none", step(None), reset), Variant("sample", step(dp), reset)]
+    variants = [Variant("none", step(data, None), reset), Variant("sample", step(data, dp), reset)]
     info: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params)}
     if with_opacus:
         try:

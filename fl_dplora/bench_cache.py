@@ -29,7 +29,7 @@ from typing import Any
 
 from fl_dplora.bench import (Variant, _apply_quick_step_defaults, _busy_note, _environment, _finish,
                              _median, _quiet_transformers, _ratios, _setup_torch, _table, client_peak_rss,
-                             time_interleaved)
+                             time_interleaved, timed_local_step)
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BUILD_BATCH = 16  # compute_prefix's default batch; the forward baselines use the same batches
@@ -59,7 +59,7 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     from fl_dplora.data import collate
     from fl_dplora.forward import attach_prefix, per_example_loss
     from fl_dplora.models import adapter_parameters
-    from fl_dplora.train import DPSGD, local_train, make_optimizer
+    from fl_dplora.train import DPSGD
 
     model, start = _model(cfg)
     params = [p for p in adapter_parameters(model, cfg).values() if p.requires_grad]
@@ -76,22 +76,8 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     # Secure RNG for the noise (generator None), as the client does by default (secure-rng = true).
     dp = DPSGD(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]), generator=None)
     state: dict[str, Any] = {}
-
-    def reset() -> None:  # same weights, fresh optimizer before every timed step
-        with torch.no_grad():
-            for p, o in zip(params, original):
-                p.copy_(o)
-                p.grad = None
-        state["opt"] = make_optimizer(params, cfg)
-
-    def step(data) -> Callable[[], None]:
-        def run() -> None:
-            stats = local_train(model, params, data, cfg, optimizer=state["opt"], dp=dp,
-                                sampling_generator=torch.Generator().manual_seed(1), pad_id=pad_id)
-            state["examples"] = stats.examples
-        return run
-
-    variants = [Variant(f"full-n{n}", step(full), reset), Variant(f"cached-n{n}", step(cached), reset)]
+    reset, step = timed_local_step(model, params, original, cfg, pad_id, state)
+    variants = [Variant(f"full-n{n}", step(full, dp), reset), Variant(f"cached-n{n}", step(cached, dp), reset)]
     info = {"prefix_start": start, "trainable_params": sum(p.numel() for p in params), "max_abs_loss_diff": diff}
     return variants, info, reset, state
 

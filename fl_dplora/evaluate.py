@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_dplora.data import Example, TaskData, _render_prompt, collate, encode_example
-from fl_dplora.forward import answer_logits, attach_prefix
+from fl_dplora.forward import answer_logits, attach_prefix, first_answer_positions, label_first_tokens
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
@@ -56,9 +56,7 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     encoded = attach_prefix(model, [encode_example(tokenizer, ex, max_len, system_prompt) for ex in examples], prefix_cache)
-    label_first = []
-    if task.kind == "classification":
-        label_first = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.label_words]
+    label_first = label_first_tokens(tokenizer, task.label_words) if task.kind == "classification" else []
     distinct_first = len(set(label_first)) == len(label_first)
 
     total_loss, total_tokens, preds, trues = 0.0, 0, [], []
@@ -69,10 +67,7 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
         total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
         total_tokens += int(targets.numel())
         if task.kind == "classification" and distinct_first:
-            # the first answer position of each example is its first occurrence in `rows`
-            first = torch.ones_like(rows, dtype=torch.bool)
-            first[1:] = rows[1:] != rows[:-1]
-            scores = logits[first][:, label_first]
+            scores = logits[first_answer_positions(rows)][:, label_first]
             preds += scores.argmax(-1).tolist()
             trues += [ex.label for ex in examples[start : start + batch_size]]
     if task.kind == "classification" and not distinct_first:

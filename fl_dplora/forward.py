@@ -110,13 +110,11 @@ def _top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start
         handle.remove()
 
 
-def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], first_only: bool = False,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
 
     The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
-    is most of the cost of long prompts. `first_only`: only each example's first answer position.
-    A batch with `prefix_hidden` runs only the blocks after the cached prefix.
+    is most of the cost of long prompts. A batch with `prefix_hidden` runs only the blocks after the cached prefix.
     """
     labels = batch["labels"]
     inner, decoder, head = _decoder_and_head(model)
@@ -125,10 +123,6 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], first_onl
             raise ValueError("a prefix-cached batch needs a decoder whose blocks can be found")
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if first_only:
-            keep = torch.ones_like(rows, dtype=torch.bool)
-            keep[1:] = rows[1:] != rows[:-1]
-            rows, cols = rows[keep], cols[keep]
         return logits[rows, cols], labels[rows, cols + 1], rows
     if "prefix_hidden" in batch:
         start = int(batch["prefix_start"])
@@ -146,8 +140,6 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], first_onl
     # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
     mask = labels[:, 1:] != -100
     counts = mask.sum(1)
-    if first_only:
-        counts = counts.clamp(max=1)
     width = max(1, int(counts.max()))
     cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
@@ -160,6 +152,13 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], first_onl
     if isinstance(scale, (int, float)):
         logits = logits * scale
     return logits, targets, rows
+
+
+def first_answer_positions(rows: torch.Tensor) -> torch.Tensor:
+    """Mask over answer_logits' rows: each example's first answer position (its first occurrence)."""
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return first
 
 
 def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
@@ -180,17 +179,21 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     if label_token_ids is None:
         return loss
     ids = label_token_ids.to(logits.device)
-    first = torch.ones_like(rows, dtype=torch.bool)
-    first[1:] = rows[1:] != rows[:-1]
+    first = first_answer_positions(rows)
     match = targets[first][:, None] == ids[None, :]
     is_label = match.any(1)
     label_loss = F.cross_entropy(logits[first][:, ids].float(), match.float().argmax(1), reduction="none")
     return loss.index_put((rows[first][is_label],), label_loss[is_label])
 
 
+def label_first_tokens(tokenizer, label_words: Sequence[str]) -> list[int]:
+    """First token of each label word: the evaluation scores these at the first answer position."""
+    return [tokenizer(w, add_special_tokens=False).input_ids[0] for w in label_words]
+
+
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> torch.Tensor:
-    """First token of each label word; the label-word loss and the evaluation score these."""
-    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in label_words]
+    """label_first_tokens for the label-word loss, which needs them distinct."""
+    ids = label_first_tokens(tokenizer, label_words)
     if len(set(ids)) != len(ids):
         from fl_dplora.config import ConfigError
 

@@ -14,14 +14,8 @@ from fl_dplora.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_SPEC = """
-name = "tiny"
-description = "two ranks and the zero-shot base model"
-num-clients = 2
-table = ["id", "lora_rank", "accuracy", "bytes_up_per_client_round", "pct_full_model"]
-
-[config]
-model = "tiny-random-llama"
+# The run config both test specs share (each adds its dp-mode below it).
+TINY_CONFIG = """model = "tiny-random-llama"
 max-train-samples = 40
 max-eval-samples = 8
 batch-size = 4
@@ -29,9 +23,18 @@ micro-batch-size = 4
 local-steps = 1
 num-server-rounds = 2
 max-seq-len = 48
-dp-mode = "none"
 secure-rng = false
 checkpoint-every = 0
+"""
+
+TINY_SPEC = """
+name = "tiny"
+description = "two ranks and the zero-shot base model"
+num-clients = 2
+table = ["id", "lora_rank", "accuracy", "bytes_up_per_client_round", "pct_full_model"]
+
+[config]
+""" + TINY_CONFIG + """dp-mode = "none"
 
 [[runs]]
 id = "rank-{lora_rank}"
@@ -195,18 +198,8 @@ aggregate = ["seed"]
 table = ["id", "seed", "lora_rank", "epsilon", "accuracy", "macro_f1", "majority_rate", "eval_loss"]
 
 [config]
-model = "tiny-random-llama"
-max-train-samples = 40
-max-eval-samples = 8
-batch-size = 4
-micro-batch-size = 4
-local-steps = 1
-num-server-rounds = 2
-max-seq-len = 48
-dp-mode = "sample"
+""" + TINY_CONFIG + """dp-mode = "sample"
 target-epsilon = 8.0
-secure-rng = false
-checkpoint-every = 0
 
 [[runs]]
 id = "rank{lora_rank}-seed{seed}"

@@ -24,6 +24,7 @@ from fl_dplora.forward import (
     attach_prefix,
     clear_memory_cache,
     decoder_blocks,
+    first_answer_positions,
     label_token_ids,
     per_example_loss,
     prefix_start,
@@ -113,7 +114,8 @@ def test_cached_path_matches_full_forward(which, loss):
             p.grad = None
         with torch.no_grad():
             logits = answer_logits(model, batch)
-            first = answer_logits(model, batch, first_only=True)
+            keep = first_answer_positions(logits[2])  # each example's first answer position: what the eval scores
+            first = tuple(t[keep] for t in logits)
         results[path] = (losses.detach(), grads, batch_grads, logits, first)
 
     (l_f, g_f, bg_f, lo_f, fi_f), (l_c, g_c, bg_c, lo_c, fi_c) = results["full"], results["cached"]
