@@ -143,6 +143,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = get_peft_model(cfg)
         reset_adapter(model)
     task = load_task(cfg["task"], int(cfg["seed"]))
+    if args.adapter:
+        from fl_dplora import label_head
+        from fl_dplora.forward import label_first_tokens
+
+        head = label_head.load(model, Path(args.adapter))  # a run with label-head = true saved one
+        if head is not None and head.token_ids.tolist() != label_first_tokens(load_tokenizer(cfg["model"]), task.label_words):
+            raise ConfigError(f"--adapter: its label head scores other label words than task {cfg['task']}")
     result = evaluate(model, load_tokenizer(cfg["model"]), task, eval_examples(cfg), int(cfg["max-seq-len"]),
                       system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if args.adapter else "zero-shot", "adapter": args.adapter, "final_eval": result,

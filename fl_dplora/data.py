@@ -332,6 +332,17 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
     return [data.eval[i] for i in order[:n]]
 
 
+def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example]:
+    """Public examples for the label head's feature statistics: the task's evaluation data that
+    the server does not score (falling back to the scored subset when it scores all of it). Only
+    their prompts are used, never their labels, and never a client's data."""
+    data = load_task(cfg["task"], int(cfg["seed"]))
+    scored = eval_examples(cfg)
+    seen = {(e.prompt, e.answer) for e in scored}
+    rest = [e for e in data.eval if (e.prompt, e.answer) not in seen]
+    return (rest or scored)[:limit]
+
+
 # ------------------------------------------------------------------ tokenization
 def _render_prompt(tokenizer, prompt: str, system_prompt: str = "auto") -> str:
     """The prompt in the model's chat template. system_prompt: `auto` = whatever the template does
@@ -361,6 +372,7 @@ class Encoded:
     labels: list[int]  # -100 on prompt and padding
     prefix: torch.Tensor | None = None  # [T, H] state entering block `prefix_start` (forward.attach_prefix)
     prefix_start: int = 0
+    answer_hidden: torch.Tensor | None = None  # [H] final state at the first answer position (label-head rounds)
 
 
 def encode_example(tokenizer, ex: Example, max_len: int, system_prompt: str = "auto") -> Encoded:
@@ -395,6 +407,8 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             hidden[i, : len(e.input_ids)] = e.prefix
         batch["prefix_hidden"] = hidden
         batch["prefix_start"] = torch.tensor(starts.pop())
+    if all(e.answer_hidden is not None for e in encoded):
+        batch["answer_hidden"] = torch.stack([e.answer_hidden for e in encoded])
     return batch
 
 

@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_dplora import label_head
 from fl_dplora.data import Encoded, collate
 
 log = logging.getLogger(__name__)
 PREFIX_CACHE_MODES = ("off", "memory", "disk")
+LABEL_HEAD_FLOOR = -1e4  # logit of a non-label token where a label head answers (finite: no NaN in softmax)
 
 
 # ------------------------------------------------------------------ model anatomy
@@ -110,20 +112,12 @@ def _top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start
         handle.remove()
 
 
-def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
-
-    The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
-    is most of the cost of long prompts. A batch with `prefix_hidden` runs only the blocks after the cached prefix.
-    """
-    labels = batch["labels"]
-    inner, decoder, head = _decoder_and_head(model)
+def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden state [B, T, H] (after its final norm); a batch with
+    `prefix_hidden` runs only the blocks after the cached prefix."""
+    _, decoder, _ = _decoder_and_head(model)
     if decoder is None:
-        if "prefix_hidden" in batch:
-            raise ValueError("a prefix-cached batch needs a decoder whose blocks can be found")
-        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
-        logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return logits[rows, cols], labels[rows, cols + 1], rows
+        raise ValueError("this model's decoder blocks cannot be found (needed for the prefix cache and label-head)")
     if "prefix_hidden" in batch:
         start = int(batch["prefix_start"])
         if start != prefix_start(model):  # a cache built for another split point is never reused
@@ -132,9 +126,27 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
         param = next(iter(decoder.parameters()))
         cached = batch["prefix_hidden"].to(device=param.device, dtype=param.dtype)
         with _top_blocks_only(*found, start, cached):
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
+
+    The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
+    is most of the cost of long prompts. A batch with `prefix_hidden` runs only the blocks after the
+    cached prefix. With a label head (label_head.py), the label words' logits at each example's
+    first answer position are the head's.
+    """
+    labels = batch["labels"]
+    inner, decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        if "prefix_hidden" in batch or label_head.get(model) is not None:
+            raise ValueError("the prefix cache and label-head need a decoder whose blocks can be found")
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[rows, cols], labels[rows, cols + 1], rows
+    hidden = final_hidden(model, batch)
     # Gather each example's answer positions into [B, A, H] (left-aligned, zero-padded) rather than a
     # flat [N, H]: a LoRA on the head then still sees one batch row per example, which per-example
     # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
@@ -151,6 +163,15 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
     scale = getattr(inner.config, "logit_scale", None)
     if isinstance(scale, (int, float)):
         logits = logits * scale
+    probe = label_head.get(model)
+    if probe is not None:  # column 0 of `gathered` is each example's first answer position
+        first = first_answer_positions(rows).nonzero()[:, 0]
+        values = probe(gathered[:, :1])[:, 0][valid[:, 0]].to(logits.dtype)
+        ids = probe.token_ids.to(logits.device)
+        # A classifier answers with a label word: at the first answer position the other tokens are
+        # ruled out, so the token loss there is the label-word loss and generation starts with a label.
+        floor = torch.full_like(logits[first], LABEL_HEAD_FLOOR)
+        logits = logits.index_put((first,), floor).index_put((first[:, None], ids[None, :]), values)
     return logits, targets, rows
 
 
@@ -171,6 +192,9 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     first answer position; any other example (an audit canary, say) keeps the answer-token loss.
     Either way each loss depends on its own example only, as per-example clipping requires.
     """
+    fast = _label_head_loss(model, batch, label_token_ids)
+    if fast is not None:
+        return fast
     logits, targets, rows = answer_logits(model, batch)
     token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
     bsz = batch["labels"].shape[0]
@@ -184,6 +208,25 @@ def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     is_label = match.any(1)
     label_loss = F.cross_entropy(logits[first][:, ids].float(), match.float().argmax(1), reduction="none")
     return loss.index_put((rows[first][is_label],), label_loss[is_label])
+
+
+def _label_head_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                     label_token_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The label-word loss straight from precomputed final states (`answer_hidden`, set by
+    local_train when only the label head trains): the same value as the full path, no decoder.
+    None when the batch has no such states or holds an example whose answer is not a label word."""
+    probe = label_head.get(model)
+    if probe is None or label_token_ids is None or "answer_hidden" not in batch:
+        return None
+    labels = batch["labels"]
+    pos = (labels[:, 1:] != -100).int().argmax(1)
+    first = labels[:, 1:].gather(1, pos[:, None])[:, 0]
+    ids = label_token_ids.to(first.device)
+    match = first[:, None] == ids[None, :]
+    if not bool(match.any(1).all()) or probe.token_ids.tolist() != ids.tolist():
+        return None
+    logits = probe(batch["answer_hidden"][:, None, :])[:, 0]  # [B, 1, H]: one batch row per example
+    return F.cross_entropy(logits.float(), match.float().argmax(1), reduction="none")
 
 
 def label_first_tokens(tokenizer, label_words: Sequence[str]) -> list[int]:

@@ -233,12 +233,27 @@ def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Param
         if cfg["lora-variant"] == "ffa" and "lora_A" in name:
             continue
         out[name.replace(".default", "")] = param
+    from fl_dplora import label_head
+
+    head = label_head.get(peft_model)
+    if head is not None and cfg.get("label-head"):
+        out[label_head.HEAD_KEY] = head.proj.weight
     return out
+
+
+def round_keys(cfg: Mapping[str, Any], server_round: int, params: Mapping[str, Any]) -> list[str]:
+    """What travels in a round: the label head alone in a head-only round, else every adapter tensor."""
+    from fl_dplora import label_head
+    from fl_dplora.train import head_only_round
+
+    if head_only_round(cfg, server_round):
+        return [label_head.HEAD_KEY]
+    return list(params)
 
 
 def full_model_stats(peft_model) -> tuple[int, int]:
     """(parameter count, fp32 bytes) of the base model without adapters."""
-    n = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" not in name)
+    n = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" not in name and "fl_label_head" not in name)
     return n, n * 4
 
 

@@ -17,12 +17,13 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_dplora import checkpoint
+from fl_dplora import checkpoint, label_head
 from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
-from fl_dplora.data import check_task, eval_examples, load_task
+from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task
+from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
-    adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer, reset_adapter,
+    adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer, reset_adapter, round_keys,
 )
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, paper_noise_multiplier
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
@@ -90,6 +91,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     model = get_peft_model(cfg)
     reset_adapter(model)  # the process-cached model may hold a previous run's adapter
     tokenizer = load_tokenizer(cfg["model"])
+    head_config = _setup_label_head(model, tokenizer, task, cfg)
     params = adapter_parameters(model, cfg)
     full_params, full_bytes = full_model_stats(model)
     trainable = sum(p.numel() for p in params.values())
@@ -135,12 +137,12 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
-        config = ConfigRecord({**client_cfg, "_sigma": float(server_sigma)})
+        config = ConfigRecord({**client_cfg, "_sigma": float(server_sigma), **head_config})
         if resumed is not None and client_ledgers:
             # clients restarted with the server lose their context.state: hand back their ledgers, in
             # every round after a resume (a client may be sampled again only rounds later)
             config["_client-ledgers"] = json.dumps(client_ledgers)
-        messages = strategy.configure_train(rnd, strategy.global_record(), config, grid)
+        messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
         strategy.aggregate_train(rnd, replies)
         st = strategy.stats
@@ -199,6 +201,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
     _load_into(params, strategy.global_weights)
     model.save_pretrained(str(out_dir / "adapter"))
+    label_head.save(model, out_dir / "adapter", task.label_words)
 
     privacy = _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done)
     summary = {
@@ -213,6 +216,23 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary
+
+
+def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str, list[float]]:
+    """label-head: a fresh zero head whose feature statistics come from public examples (the task's
+    evaluation data outside the scored subset); returns them as the config entries clients read."""
+    label_head.remove(model)
+    if not cfg["label-head"]:
+        return {}
+    if task.kind != "classification":
+        raise ConfigError(f"label-head: needs a classification task; {cfg['task']} is {task.kind}")
+    ids = label_token_ids(tokenizer, task.label_words)
+    public = encode_all(tokenizer, head_stat_examples(cfg), int(cfg["max-seq-len"]), cfg["system-prompt"])
+    public = attach_prefix(model, public, cfg["prefix-cache"])
+    mean, scale = label_head.feature_stats(model, public, tokenizer.pad_token_id)
+    label_head.install(model, ids.tolist(), mean, scale)
+    log.info("label-head: %d labels, feature statistics from %d public examples", len(ids), len(public))
+    return dict(label_head.stats_to_config(mean, scale))
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,21 +28,71 @@ from fl_dplora.privacy.per_sample import LoRAGradSampler
 
 
 # ------------------------------------------------------------------ optimizer
-def make_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any],
+                   head_params: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """LoRA values at `learning-rate`, label-head values (if any) at `head-learning-rate`."""
+    head_ids = {id(p) for p in head_params}
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": float(cfg["learning-rate"])},
+              {"params": [p for p in params if id(p) in head_ids], "base_lr": float(cfg["head-learning-rate"])}]
+    groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=float(cfg["learning-rate"]), weight_decay=0.0)
-    return torch.optim.SGD(params, lr=float(cfg["learning-rate"]), momentum=float(cfg["momentum"]))
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+    return torch.optim.SGD(groups, momentum=float(cfg["momentum"]))
 
 
-def lr_at(step: int, total: int, cfg: Mapping[str, Any]) -> float:
+def lr_at(step: int, total: int, cfg: Mapping[str, Any], base: float | None = None) -> float:
     """Learning rate at a global step (counted over the whole run, so resumed runs continue it)."""
-    base = float(cfg["learning-rate"])
+    base = float(cfg["learning-rate"]) if base is None else base
     frac = min(1.0, step / max(1, total))
     if cfg["lr-schedule"] == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * frac))
     if cfg["lr-schedule"] == "linear":
         return base * (1 - frac)
     return base
+
+
+def head_only_round(cfg: Mapping[str, Any], server_round: int) -> bool:
+    """Rounds 1..head-rounds train only the label head (linear probing before fine-tuning, LP-FT)."""
+    return bool(cfg["label-head"]) and server_round <= int(cfg["head-rounds"])
+
+
+def stage_config(cfg: Mapping[str, Any], server_round: int, n: int) -> dict[str, Any]:
+    """The run config as this round's training stage sees it: a head-only round trains with the
+    head-* steps and batch size (head-batch-size 0 = the whole shard, q = 1)."""
+    out = dict(cfg)
+    if head_only_round(cfg, server_round):
+        batch = int(cfg["head-batch-size"]) or n
+        out.update({"local-steps": int(cfg["head-local-steps"]), "batch-size": batch, "micro-batch-size": batch})
+    return out
+
+
+_ANSWER_STATES: OrderedDict[str, torch.Tensor] = OrderedDict()  # per process, like the prefix cache
+
+
+def _with_answer_states(model: nn.Module, data: Sequence[Encoded], pad_id: int) -> list[Encoded]:
+    """Attach each example's final state at its first answer position, computed once (no grad).
+
+    Only valid while nothing below the label head trains (a head-only round): then every step's
+    loss is a function of these fixed states and the head, and a step costs microseconds. The
+    states are kept under a hash of every decoder weight (LoRA included) and the token ids, so the
+    head-only rounds of a run, where LoRA stays at its init, compute them once per client."""
+    from dataclasses import replace
+
+    from fl_dplora import forward, label_head
+
+    found = forward.decoder_blocks(model)
+    key = None
+    if found:  # every decoder weight, the token ids and where each answer starts
+        starts = tuple(sum(1 for t in e.labels if t == -100) for e in data)
+        key = f"{forward._data_key(forward.prefix_fingerprint(model, len(found[2])), data)}:{hash(starts)}"
+    states = _ANSWER_STATES.get(key) if key else None
+    if states is None:
+        states = label_head.first_answer_states(model, list(data), pad_id)
+        if key:
+            _ANSWER_STATES[key] = states
+            while len(_ANSWER_STATES) > 16:
+                _ANSWER_STATES.popitem(last=False)
+    return [replace(e, answer_hidden=h) for e, h in zip(data, states)]
 
 
 # ------------------------------------------------------------------ the local training loop
@@ -90,6 +141,11 @@ def local_train(
     q = min(1.0, batch_size / n)
     device = device or next(iter(params)).device
     params = list(params)
+    from fl_dplora import label_head
+
+    probe = label_head.get(model)
+    if probe is not None and {id(p) for p in params} <= {id(p) for p in probe.parameters()}:
+        data = _with_answer_states(model, data, pad_id)  # only the head trains: the rest is fixed
     model.train()
     t0 = time.perf_counter()
     losses, seen = [], 0
@@ -101,7 +157,7 @@ def local_train(
             sampler.__enter__()
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg)
+                group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg, group.get("base_lr"))
             if dp:  # Poisson sampling: each example independently with probability q
                 mask = torch.rand(n, generator=sampling_generator) < q
                 batch_idx = mask.nonzero().flatten().tolist()

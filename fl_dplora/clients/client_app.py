@@ -22,11 +22,12 @@ from flwr.clientapp import ClientApp
 
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
+from fl_dplora import label_head
 from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier
+from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter, round_keys
+from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
-from fl_dplora.train import DPSGD, local_train, make_optimizer
+from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
 app = ClientApp()
@@ -69,16 +70,27 @@ def _client_seed_parts(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % (2**31)))
 
 
-def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, q: float) -> float:
+def sample_schedule(cfg: dict[str, Any], n: int) -> tuple[tuple[float, int], ...]:
+    """(sample rate, steps) of every DP-SGD stage of the run for a client with n examples, if it
+    takes part in every round: head-only rounds, then the LoRA rounds."""
+    rounds = int(cfg["num-server-rounds"])
+    head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
+    stages = []
+    for first, count in ((1, head), (head + 1, rounds - head)):
+        if count:
+            st = stage_config(cfg, first, n)
+            stages.append((min(1.0, int(st["batch-size"]) / n), count * int(st["local-steps"])))
+    return tuple(stages)
+
+
+def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int) -> float:
     """σ for DP-SGD: fixed, or calibrated once so that every step of the whole run fits the target."""
     if "sigma" in state:
         return float(state["sigma"])
     if cfg["noise-multiplier"] > 0:
         sigma = float(cfg["noise-multiplier"])
-    else:
-        # Worst case for this client: it takes part in every round.
-        total = int(cfg["num-server-rounds"]) * int(cfg["local-steps"])
-        sigma = calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], q, total, cfg["accountant"])
+    else:  # worst case for this client: it takes part in every round
+        sigma = calibrate_schedule(cfg["target-epsilon"], cfg["delta"], sample_schedule(cfg, n), cfg["accountant"])
     state["sigma"] = sigma
     return sigma
 
@@ -90,13 +102,22 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     model = get_peft_model(cfg)
     tokenizer = load_tokenizer(cfg["model"])
+    label_ids = _label_ids(cfg, tokenizer)
+    if cfg["label-head"]:
+        label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
+    else:
+        label_head.remove(model)
     params = adapter_parameters(model, cfg)
+    keys = round_keys(cfg, server_round, params)
     global_weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
-    if set(global_weights) != set(params):
+    if set(global_weights) != set(keys):
         raise ValueError("global adapter keys do not match this client's LoRA config")
+    head_only = head_only_round(cfg, server_round)
+    if head_only:
+        reset_adapter(model)  # LoRA is still at its seed-shared init in the head-only rounds
     with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(global_weights[key])
+        for key in keys:
+            params[key].copy_(global_weights[key])
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
     # the frozen blocks below the adapter run once per example, not once per step (forward.py)
     data = attach_prefix(model, shard_for(cfg, context), cfg["prefix-cache"], progress=progress)
@@ -110,7 +131,8 @@ def train(msg: Message, context: Context) -> Message:
         if saved:
             ledger = PrivacyLedger.from_record(saved)
     mode = cfg["dp-mode"]
-    q = min(1.0, int(cfg["batch-size"]) / n)
+    stage = stage_config(cfg, server_round, n)
+    q = min(1.0, int(stage["batch-size"]) / n)
     part = _client_seed_parts(context)
     secure = bool(cfg["secure-rng"])
     sampling_gen = (
@@ -123,9 +145,9 @@ def train(msg: Message, context: Context) -> Message:
     dp = None
     metrics: dict[str, Any] = {"partition-id": part}
     if mode == "sample":
-        sigma = _dp_sample_sigma(cfg, state, q)
+        sigma = _dp_sample_sigma(cfg, state, n)
         projected = PrivacyLedger.from_record(ledger.to_record())
-        projected.step(sigma, q, int(cfg["local-steps"]))
+        projected.step(sigma, q, int(stage["local-steps"]))
         if projected.epsilon(cfg["delta"], cfg["accountant"]) > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
             record = ledger.to_record()  # the unchanged ledger, reported like after a training round
@@ -136,16 +158,17 @@ def train(msg: Message, context: Context) -> Message:
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
 
-    trainable = [p for p in params.values() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg)
-    steps = int(cfg["local-steps"])
+    trainable = [params[k] for k in keys if params[k].requires_grad]
+    head = label_head.get(model)
+    optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
+    steps = int(stage["local-steps"])
     stats = local_train(
-        model, trainable, data, cfg, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
+        model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
         step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
-        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=_label_ids(cfg, tokenizer),
+        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids,
     )
     with torch.no_grad():
-        delta = {k: (p.detach() - global_weights[k]) for k, p in params.items()}
+        delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
     if mode in ("client", "paper"):
         delta, norm = _clip_update(delta, cfg)
@@ -165,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
                         "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
                         "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
     # Only dp-mode none reveals data-dependent counts and losses; DP modes report expected counts.
-    metrics["num-examples"] = n if mode == "none" else steps * int(cfg["batch-size"])
+    metrics["num-examples"] = n if mode == "none" else steps * int(stage["batch-size"])
     if mode == "none":
         metrics["train_loss"] = stats.mean_loss
     metrics["compute-seconds"] = time.perf_counter() - t0

@@ -175,17 +175,37 @@ def calibrate_noise_multiplier(
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
 ) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` steps is <= target_epsilon.
+    """Smallest noise multiplier whose epsilon after `steps` steps is <= target_epsilon."""
+    return calibrate_schedule(target_epsilon, delta, ((sample_rate, steps),), accountant, epsilon_tolerance)
+
+
+@lru_cache(maxsize=256)
+def calibrate_schedule(
+    target_epsilon: float,
+    delta: float,
+    schedule: tuple[tuple[float, int], ...],
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier σ such that the composition of `schedule` ((sample rate, steps)
+    stages, e.g. label-head rounds then LoRA rounds), every step with σ, has epsilon <= target.
 
     Bisection on sigma (epsilon decreases in sigma). Stops when the epsilon reached is within
     `epsilon_tolerance` (relative) below the target, or the sigma bracket is within 0.1%. The
     returned sigma is always one whose epsilon was computed and found <= target.
     """
     _check_accountant(accountant)
-    _check_calibration_inputs(target_epsilon, delta, sample_rate, steps)
+    if not schedule:
+        raise ConfigError("steps: a schedule needs at least one stage")
+    for sample_rate, steps in schedule:
+        _check_calibration_inputs(target_epsilon, delta, sample_rate, steps)
+    described = " + ".join(f"{steps} steps at q={q:g}" for q, steps in schedule)
 
     def eps(sigma: float) -> float:
-        return epsilon_for(sigma, sample_rate, steps, delta, accountant)
+        ledger = PrivacyLedger()
+        for q, steps in schedule:
+            ledger.step(sigma, q, steps)
+        return ledger.epsilon(delta, accountant)
 
     # Grow an upper bracket geometrically.
     lo, hi = 0.0, 1.0
@@ -193,8 +213,8 @@ def calibrate_noise_multiplier(
     while eps_hi > target_epsilon:
         if hi >= MAX_SIGMA:
             raise ConfigError(
-                f"target-epsilon: {target_epsilon:g} is unreachable with delta={delta:g}, sample rate={sample_rate:g}, "
-                f"{steps} steps: even noise multiplier {MAX_SIGMA:g} gives epsilon={eps_hi:.4g} ({accountant})"
+                f"target-epsilon: {target_epsilon:g} is unreachable with delta={delta:g}, {described}: "
+                f"even noise multiplier {MAX_SIGMA:g} gives epsilon={eps_hi:.4g} ({accountant})"
             )
         lo, hi = hi, min(2 * hi, MAX_SIGMA)
         eps_hi = eps(hi)

@@ -77,6 +77,7 @@ class DPLoRAFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids, self.num_nodes = self.sample(grid)
         config["server-round"] = server_round
+        self._round_keys = sorted(arrays.keys())  # a head-only round sends (and expects back) the head alone
         record = RecordDict({"arrays": arrays, "config": config})
         self.stats = RoundStats(sampled=len(node_ids), bytes_down=wire_bytes(record) * len(node_ids))
         # Kept so that aggregate_train can name the sampled nodes that never replied: the grid
@@ -96,7 +97,7 @@ class DPLoRAFedAvg(FedAvg):
         if "arrays" not in content.array_records:
             return None, metrics, "no arrays in reply"
         record = content["arrays"]
-        expected = set(self.global_weights)
+        expected = set(getattr(self, "_round_keys", None) or self.global_weights)
         got = set(record)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
@@ -145,6 +146,7 @@ class DPLoRAFedAvg(FedAvg):
                 self.stats.dropped.append(f"node {node}: {reason}")
                 log.warning("round %d: dropped node %s: %s", server_round, node, reason)
         self._sent = []
+        keys = getattr(self, "_round_keys", None) or list(self.global_weights)
         if mode != "client" and len(updates) >= 3:
             updates, weights = self._drop_norm_outliers(server_round, updates, weights, senders)
         self.stats.accepted = len(updates)
@@ -152,7 +154,7 @@ class DPLoRAFedAvg(FedAvg):
         if mode == "client":
             # Noise is added even with zero replies: the accountant counted this round.
             expected_m = max(1e-12, self.fraction_train * self.num_nodes)
-            total = {k: torch.zeros_like(v) for k, v in self.global_weights.items()}
+            total = {k: torch.zeros_like(self.global_weights[k]) for k in keys}
             for u in updates:
                 for k in total:
                     total[k] += u[k]
@@ -166,7 +168,7 @@ class DPLoRAFedAvg(FedAvg):
                             server_round, len(updates), self.min_available_nodes)
                 return None, None
             wsum = sum(weights)
-            agg = {k: sum(w * u[k] for w, u in zip(weights, updates)) / wsum for k in self.global_weights}
+            agg = {k: sum(w * u[k] for w, u in zip(weights, updates)) / wsum for k in keys}
         for k, v in agg.items():
             self.global_weights[k] += v
         return ArrayRecord({k: v for k, v in to_array_record(self.global_weights).items()}), MetricRecord(
@@ -207,9 +209,10 @@ class DPLoRAFedAvg(FedAvg):
         if self._noise_gen is not None and state["noise_gen"] is not None:
             self._noise_gen.set_state(state["noise_gen"])
 
-    def global_record(self) -> ArrayRecord:
-        """The broadcast form of the current global adapter (in the transfer dtype)."""
-        return to_array_record(self.global_weights, self.cfg["transfer-dtype"])
+    def global_record(self, keys: Iterable[str] | None = None) -> ArrayRecord:
+        """The broadcast form of the current global adapter (in the transfer dtype), or of `keys` of it."""
+        weights = self.global_weights if keys is None else {k: self.global_weights[k] for k in keys}
+        return to_array_record(weights, self.cfg["transfer-dtype"])
 
     def summary(self) -> None:
         log.info("DPLoRAFedAvg: dp-mode=%s fraction-train=%.3f", self.cfg["dp-mode"], self.fraction_train)
