@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from fl_dplora.config import resolve
-    from fl_dplora.data import _cls_examples, eval_examples, load_task, load_local_file
+    from fl_dplora import label_head
+    from fl_dplora.data import eval_examples, head_stat_examples, load_local_file, load_task
     from fl_dplora.evaluate import evaluate
     from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = load_local_file(str(args.csv), task)
         source = str(args.csv)
     else:
-        server = {(e.prompt, e.label) for e in eval_examples(cfg)}
+        # neither scored by the server nor read (unlabelled) for a label head's feature statistics
+        server = {(e.prompt, e.label) for e in eval_examples(cfg) + head_stat_examples(cfg)}
         pool = [e for e in task.eval if (e.prompt, e.label) not in server]
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(pool), generator=g).tolist()
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(cfg["model"])
     score = dict(system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
     reset_adapter(model)
+    label_head.remove(model)
     base = evaluate(model, tok, task, examples, int(cfg["max-seq-len"]), **score)
     from safetensors.torch import load_file
 
@@ -62,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(trained[k])
+    label_head.load(model, args.run_dir / "adapter")  # the run's label head, if it trained one
     adapted = evaluate(model, tok, task, examples, int(cfg["max-seq-len"]), **score)
     reset_adapter(model)
+    label_head.remove(model)
     out = {"run": str(args.run_dir), "examples": len(examples), "source": source, "base": base, "adapter": adapted}
     for name, r in (("base model", base), ("adapter", adapted)):
         print(f"{name:>10}: accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  (majority rate {r['majority_rate']:.3f}, {len(examples)} examples)")

@@ -202,6 +202,13 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
     from fl_dplora.server_app import _load_into
 
+    if cfg.get("label-head"):
+        from fl_dplora.config import ConfigError
+
+        # The canaries are free-text answers; a label head only scores the label words, so a
+        # head-trained run could never show them and the audit would pass vacuously.
+        raise ConfigError("label-head: the audit's canaries are free-text answers that a label head cannot learn; "
+                          "audit the LoRA adapter with --run-config \"label-head=false head-rounds=0\"")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
     canary_path = out_dir / "canaries.json"

@@ -203,7 +203,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     model.save_pretrained(str(out_dir / "adapter"))
     label_head.save(model, out_dir / "adapter", task.label_words)
 
-    privacy = _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done)
+    privacy = _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done, client_ledgers)
     summary = {
         "rounds": rounds_done,
         "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
@@ -231,7 +231,12 @@ def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[st
     public = attach_prefix(model, public, cfg["prefix-cache"])
     mean, scale = label_head.feature_stats(model, public, tokenizer.pad_token_id)
     label_head.install(model, ids.tolist(), mean, scale)
-    log.info("label-head: %d labels, feature statistics from %d public examples", len(ids), len(public))
+    head_rounds = min(int(cfg["head-rounds"]), int(cfg["num-server-rounds"]))
+    stages = (f"rounds 1-{head_rounds} train only the head" if head_rounds else "") + (
+        f"{', then ' if head_rounds else ''}rounds {head_rounds + 1}-{cfg['num-server-rounds']} LoRA and head"
+        if head_rounds < int(cfg["num-server-rounds"]) else "")
+    log.info("label-head: %d values (%d labels), feature statistics from %d public examples; %s",
+             label_head.get(model).proj.weight.numel(), len(ids), len(public), stages)
     return dict(label_head.stats_to_config(mean, scale))
 
 
@@ -257,7 +262,7 @@ def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> di
                     system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
 
 
-def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done) -> dict[str, Any]:
+def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done, client_ledgers=None) -> dict[str, Any]:
     block = {"mode": mode, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
              "accountant": None, "epsilon": None, "delta": cfg["delta"]}
     if mode == "none":
@@ -265,6 +270,9 @@ def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done) ->
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon)
     if mode == "sample":
         worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
+        ledger = (client_ledgers or {}).get(str(worst.get("partition-id", worst.get("node_id"))))
+        if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's
+            block["history"] = [list(e) for e in zip(ledger["sigmas"], ledger["rates"], ledger["steps"])]
         block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
                      steps=int(worst.get("steps-total", 0)), unit="example", per_client={
                          str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),

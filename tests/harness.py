@@ -76,6 +76,8 @@ TINY_DEFAULTS: dict[str, Any] = {
     "learning-rate": 0.05,
     "loss": "answer-tokens",
     "system-prompt": "auto",
+    "label-head": False,
+    "head-rounds": 0,
 }
 
 ClientFn = Callable[[Message, Context], Message]

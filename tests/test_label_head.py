@@ -150,12 +150,16 @@ def test_stage_config_uses_the_head_keys_in_head_rounds_only():
                    "head-local-steps": 7, "local-steps": 3, "batch-size": 16, "micro-batch-size": 8})
     assert (stage_config(cfg, 2, 50)["batch-size"], stage_config(cfg, 2, 50)["local-steps"]) == (50, 7)
     assert (stage_config(cfg, 3, 50)["batch-size"], stage_config(cfg, 3, 50)["local-steps"]) == (16, 3)
+    from fl_dplora.clients.client_app import sample_schedule
+
+    assert sample_schedule(cfg, 50) == ((1.0, 14), (16 / 50, 3))
+    only_head = resolve({**{k: cfg[k] for k in ("label-head", "head-local-steps")}, "head-rounds": 9, "num-server-rounds": 3})
+    assert sample_schedule(only_head, 50) == ((1.0, 21),)  # head-rounds beyond the run: every round head-only
 
 
 @pytest.mark.parametrize("bad, match", [
     ({"label-head": True, "loss": "answer-tokens"}, "^label-head: needs loss = label-words"),
     ({"label-head": True, "loss": "label-words", "dp-mode": "paper"}, "^label-head: not with dp-mode = paper"),
-    ({"label-head": True, "loss": "label-words", "head-rounds": 5, "num-server-rounds": 4}, "^head-rounds: 5 is more"),
     ({"label-head": False, "head-rounds": 1}, "^head-rounds: needs label-head"),
 ])
 def test_bad_label_head_configs_are_one_line_errors(bad, match):
@@ -191,6 +195,9 @@ def test_lp_ft_run_sends_only_the_head_first_and_saves_a_head_that_reloads(tmp_p
     assert (out / "adapter" / label_head.FILE).is_file()
     # every client's epsilon is the composition of its two stages (q = 1 head steps, then LoRA steps)
     cfg = summary["config"]
+    history = summary["privacy"]["history"]
+    assert [(q, steps) for _, q, steps in history] == [(1.0, 2 * int(cfg["head-local-steps"])),
+                                                      (summary["privacy"]["sample_rate"], int(cfg["local-steps"]))]
     for client in summary["privacy"]["per_client"].values():
         ledger = PrivacyLedger()
         n = round(int(cfg["batch-size"]) / client["sample_rate"])
@@ -207,3 +214,12 @@ def test_lp_ft_run_sends_only_the_head_first_and_saves_a_head_that_reloads(tmp_p
     import json
 
     assert json.loads(result.read_text())["final_eval"]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
+
+
+def test_audit_refuses_a_label_head_run_before_training(tmp_path):
+    from fl_dplora.audit import run_audit
+
+    cfg = resolve({"model": "tiny-random-llama", "label-head": True, "loss": "label-words"})
+    with pytest.raises(ConfigError, match="^label-head: the audit's canaries"):
+        run_audit(cfg, 2, tmp_path / "audit", train=lambda *a: pytest.fail("trained"))
+    assert not (tmp_path / "audit").exists()

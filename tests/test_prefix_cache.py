@@ -58,7 +58,7 @@ def build(which: str, lora_layers: int = 1, seed: int = 42, **extra):
     """(cfg, the PEFT model in eval mode with random non-zero B, its trainable LoRA parameters)."""
     name, targets = MODELS[which]
     cfg = resolve({"model": name, "lora-targets": targets, "lora-rank": 4, "lora-variant": "lora",
-                   "lora-layers": lora_layers, "seed": seed, **extra})
+                   "lora-layers": lora_layers, "seed": seed, "label-head": False, **extra})
     model = get_peft_model(cfg).eval()  # eval: GPT-2's default config has dropout
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     assert params

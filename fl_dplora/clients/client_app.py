@@ -188,7 +188,8 @@ def train(msg: Message, context: Context) -> Message:
                         "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
                         "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
     # Only dp-mode none reveals data-dependent counts and losses; DP modes report expected counts.
-    metrics["num-examples"] = n if mode == "none" else steps * int(stage["batch-size"])
+    # (DP modes: a public constant, never the shard size, which a whole-shard head batch would be)
+    metrics["num-examples"] = n if mode == "none" else steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
     if mode == "none":
         metrics["train_loss"] = stats.mean_loss
     metrics["compute-seconds"] = time.perf_counter() - t0
