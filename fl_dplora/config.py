@@ -197,8 +197,6 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
         problems.append("label-head: needs loss = label-words (the head scores the label words)")
     if cfg["label-head"] and cfg["dp-mode"] == "paper":
         problems.append("label-head: not with dp-mode = paper (its separate A/B clipping has no part for a head)")
-    if cfg["head-rounds"] and not cfg["label-head"]:
-        problems.append("head-rounds: needs label-head = true")
     if cfg["dp-mode"] != "none" and cfg["delta"] >= 0.1:
         problems.append(f"delta: {cfg['delta']:g} is far too large for DP (use << 1/number of records)")
     return problems

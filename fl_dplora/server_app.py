@@ -41,9 +41,10 @@ def client_level_sigma(cfg: Mapping[str, Any]) -> tuple[float, float]:
     """(σ applied to the noise std σC, σ the accountant sees) for dp-mode client/paper.
 
     paper: ΔA and ΔB are each clipped to C, so the pair has sensitivity √2·C while each gets noise
-    σC: the accountant sees a Gaussian mechanism with multiplier σ/√2.
+    σC: the accountant sees a Gaussian mechanism with multiplier σ/√2. With FFA only ΔB is sent:
+    sensitivity C, no factor.
     """
-    factor = math.sqrt(2.0) if cfg["dp-mode"] == "paper" else 1.0
+    factor = math.sqrt(2.0) if cfg["dp-mode"] == "paper" and cfg["lora-variant"] != "ffa" else 1.0
     if cfg["noise-multiplier"] > 0:
         sigma = float(cfg["noise-multiplier"])
     else:

@@ -162,6 +162,15 @@ def test_dp_sample_replies_carry_no_data_dependent_count_or_loss(dp_sample):
         assert set(ex.reply.content["arrays"]) == set(_lora_shapes(cfg))
 
 
+def test_client_level_replies_carry_no_raw_update_norm(tmp_path_factory):
+    """dp-mode client/paper: the update's norm before clipping is private and un-noised (issue 15)."""
+    run = _run(tmp_path_factory, "client-level", num_server_rounds=1, dp_mode="client", noise_multiplier=1.0)
+    assert run["grid"].exchanges
+    for ex in run["grid"].exchanges:
+        assert not ex.reply.has_error(), ex.reply.error
+        assert set(ex.reply.content["metrics"]) == {"partition-id", "num-examples", "compute-seconds"}
+
+
 def test_ffa_replies_carry_only_b(tmp_path_factory):
     run = _run(tmp_path_factory, "ffa", num_clients=2, num_server_rounds=1, lora_variant="ffa")
     shapes = _lora_shapes(run["cfg"])

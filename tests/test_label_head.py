@@ -160,7 +160,6 @@ def test_stage_config_uses_the_head_keys_in_head_rounds_only():
 @pytest.mark.parametrize("bad, match", [
     ({"label-head": True, "loss": "answer-tokens"}, "^label-head: needs loss = label-words"),
     ({"label-head": True, "loss": "label-words", "dp-mode": "paper"}, "^label-head: not with dp-mode = paper"),
-    ({"label-head": False, "head-rounds": 1}, "^head-rounds: needs label-head"),
 ])
 def test_bad_label_head_configs_are_one_line_errors(bad, match):
     with pytest.raises(ConfigError, match=match):

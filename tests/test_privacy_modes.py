@@ -205,3 +205,18 @@ def test_fixed_sigma_over_budget_stops_early(mode, tmp_path):
         for pc in per_client.values():
             assert (pc["steps"], pc["sigma"], pc["epsilon"]) == (steps, sigma, pytest.approx(one, rel=0.01))
         assert summary["privacy"]["steps"] == steps and summary["privacy"]["noise_multiplier"] == sigma
+
+
+def test_paper_mode_with_ffa_has_sensitivity_c_not_root2_c():
+    """paper + FFA sends only ΔB, clipped to C: the accountant's multiplier is the noise's (issue 15)."""
+    from fl_dplora.config import resolve
+    from fl_dplora.privacy.accounting import calibrate_noise_multiplier
+    from fl_dplora.server_app import client_level_sigma
+
+    base = {"dp-mode": "paper", "target-epsilon": 8.0, "num-server-rounds": 3, "fraction-train": 1.0,
+            "label-head": False}
+    z = calibrate_noise_multiplier(8.0, 1e-5, 1.0, 3, "prv")
+    applied, accounted = client_level_sigma(resolve({**base, "lora-variant": "ffa"}))
+    assert applied == pytest.approx(z) and accounted == pytest.approx(z)
+    applied, accounted = client_level_sigma(resolve({**base, "lora-variant": "lora"}))
+    assert applied == pytest.approx(z * 2 ** 0.5) and accounted == pytest.approx(z)

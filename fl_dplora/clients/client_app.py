@@ -171,8 +171,7 @@ def train(msg: Message, context: Context) -> Message:
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
     if mode in ("client", "paper"):
-        delta, norm = _clip_update(delta, cfg)
-        metrics["update-norm"] = norm
+        delta, _ = _clip_update(delta, cfg)  # the raw norm is data-dependent and un-noised: it stays here
         local_noise = mode == "paper" or cfg["client-noise"] == "local"
         if local_noise:
             sigma = float(msg.content["config"]["_sigma"])
