@@ -12,9 +12,12 @@ README = (REPO / "README.md").read_text()
 
 
 def _records() -> list[dict]:
+    """Every committed run, plus every seed-aggregated cell as a record of its means."""
     recs = []
     for path in sorted((REPO / "experiments" / "results").glob("*/results.json")):
-        recs += json.loads(path.read_text())["runs"]
+        data = json.loads(path.read_text())
+        recs += data["runs"]
+        recs += [{k[: -len("_mean")]: v for k, v in c.items() if k.endswith("_mean")} for c in data.get("cells", [])]
     return recs
 
 
