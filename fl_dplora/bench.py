@@ -382,7 +382,7 @@ def cmd_round_overhead(args: argparse.Namespace) -> int:
     small = "batch-size=4 micro-batch-size=4 max-seq-len=32 max-train-samples=64" if args.quick else \
         "batch-size=8 micro-batch-size=8 max-seq-len=64 max-train-samples=600"
     run_config = (f"model={model_name} num-server-rounds={rounds} local-steps={args.local_steps} {small} "
-                  f"dp-mode={args.dp_mode} noise-multiplier=1.0 eval-every=0 max-eval-samples=8 "
+                  f"dp-mode={args.dp_mode} noise-multiplier=1.0 eval-every=0 max-eval-samples=8 label-head=false "
                   f"fraction-train=1.0 {args.run_config}").strip()
     out_dir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="fl-dplora-bench-round-"))
     num_cpus = args.num_cpus if args.num_cpus else float(os.cpu_count() or 1)
@@ -604,6 +604,7 @@ def client_peak_rss(overrides: dict[str, Any], num_partitions: int, threads: int
     high-water mark during round N alone (reset through /proc/self/clear_refs before the round).
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FL_DPLORA_PROGRESS": "0"}
+    overrides = {**overrides, "label-head": False}  # the LoRA client's memory (the head's statistics come from a server)
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(overrides), str(num_partitions), str(threads)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():

@@ -264,8 +264,11 @@ def assert_outputs(out: Path, rounds: int = 2) -> tuple[list[dict], dict]:
 
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert tensors and all("lora_" in k for k in tensors), list(tensors)[:4]
+    saved = sum(t.numel() for t in tensors.values())
+    if summary["config"]["label-head"]:  # the label head sits next to the PEFT adapter
+        saved += load_file(str(out / "adapter" / "label_head.safetensors"))["proj.weight"].numel()
     # >=: with lora-variant=ffa the file also holds the frozen, seed-shared A matrices.
-    assert sum(t.numel() for t in tensors.values()) >= summary["trainable_params"] > 0
+    assert saved >= summary["trainable_params"] > 0
     return rows, summary
 
 

@@ -25,6 +25,7 @@ num-server-rounds = 2
 max-seq-len = 48
 secure-rng = false
 checkpoint-every = 0
+label-head = false
 """
 
 TINY_SPEC = """
