@@ -175,6 +175,11 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
     return logits, targets, rows
 
 
+def first_answer_index(labels: torch.Tensor) -> torch.Tensor:
+    """[B] index into hidden[:, :-1] (and labels[:, 1:]) where each example's first answer token is predicted."""
+    return (labels[:, 1:] != -100).int().argmax(1)
+
+
 def first_answer_positions(rows: torch.Tensor) -> torch.Tensor:
     """Mask over answer_logits' rows: each example's first answer position (its first occurrence)."""
     first = torch.ones_like(rows, dtype=torch.bool)
@@ -219,7 +224,7 @@ def _label_head_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     if probe is None or label_token_ids is None or "answer_hidden" not in batch:
         return None
     labels = batch["labels"]
-    pos = (labels[:, 1:] != -100).int().argmax(1)
+    pos = first_answer_index(labels)
     first = labels[:, 1:].gather(1, pos[:, None])[:, 0]
     ids = label_token_ids.to(first.device)
     match = first[:, None] == ids[None, :]

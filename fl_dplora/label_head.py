@@ -83,7 +83,7 @@ def feature_stats(model: nn.Module, encoded, pad_id: int, batch_size: int = 16) 
 def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """[N, H] final hidden state where each example's first answer token is predicted (no grad)."""
     from fl_dplora.data import collate
-    from fl_dplora.forward import final_hidden
+    from fl_dplora.forward import final_hidden, first_answer_index
 
     was_training = model.training
     model.eval()
@@ -93,7 +93,7 @@ def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int 
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
             hidden = final_hidden(model, batch)
-            pos = (batch["labels"][:, 1:] != -100).int().argmax(1)
+            pos = first_answer_index(batch["labels"])
             out.append(hidden[torch.arange(len(pos), device=device), pos].float().cpu())
     finally:
         model.train(was_training)
