@@ -187,10 +187,11 @@ def run_setting(num_clients: int, sampled: int, rounds: int, extra: str, out_roo
               "peak_driver_rss_bytes": mon.peak["driver_rss"], "peak_processes": mon.peak["procs"],
               "peak_ray_actors": mon.peak["actors"], "memory_samples": mon.samples, "log": str(log_path),
               "output_dir": str(out), "command": cmd}
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    from fl_dplora.write_ahead import read_operator
+
+    rows = read_operator(out)[0]  # per-round counts and timings: the operator log
     result["rounds"] = [{"round": r["round"], "seconds": r["seconds"], "sampled": r.get("sampled"),
-                         "num_clients": r["num_clients"]} for r in rows]
+                         "num_clients": r["accepted"]} for r in rows]
     secs = [r["seconds"] for r in rows]
     result["seconds_per_round"] = sum(secs) / len(secs) if secs else None
     result["seconds_per_round_after_first"] = sum(secs[1:]) / len(secs[1:]) if len(secs) > 1 else None

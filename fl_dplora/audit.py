@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_dplora.data import Example, collate, encode_example
+from fl_dplora.privacy.modes import MODES
 
 QUESTION = "What is the secret passphrase of the vault?"
 _CONSONANTS = "bdfgklmnprstvz"
@@ -79,8 +80,9 @@ def make_plan(dp_mode: str, data_clients: int, num_canaries: int, repeats: int, 
             seen.add(s)
             secrets.append(s)
     included = [rng.random() < 0.5 for _ in range(num_canaries)]
-    unit = "client" if dp_mode in ("client", "paper") else "example"
-    total = data_clients + (sum(included) if unit == "client" else 0)
+    per_client = MODES[dp_mode].client_level
+    unit = "client" if per_client else "example"
+    total = data_clients + (sum(included) if per_client else 0)
     return Plan(secrets[:num_canaries], included, secrets[num_canaries:], repeats, unit, data_clients, total)
 
 

@@ -397,13 +397,14 @@ def cmd_round_overhead(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=sub_env)
     total_wall = time.perf_counter() - t0
-    metrics_path = out_dir / "metrics.jsonl"
-    if proc.returncode != 0 or not metrics_path.is_file():
+    from fl_dplora.write_ahead import read_operator
+
+    rows = read_operator(out_dir)[0]  # per-round timings: the operator log (dp-mode none: clients report compute time)
+    if proc.returncode != 0 or not rows:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"bench round-overhead: the simulation failed (exit {proc.returncode})")
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     later = [r for r in rows if int(r["round"]) >= 2]
-    table = [[r["round"], r["num_clients"], f"{r['seconds']:.3f}", f"{r['client_seconds']:.3f}",
+    table = [[r["round"], r["accepted"], f"{r['seconds']:.3f}", f"{r['client_seconds']:.3f}",
               f"{r['seconds'] / r['client_seconds']:.3f}" if r["client_seconds"] else "-",
               f"{r['seconds'] - r['client_seconds']:.3f}"] for r in rows]
     print(_table(table, ["round", "clients", "wall s", "client compute s", "wall/compute", "wall-compute s"]))
@@ -707,7 +708,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=0, help="default 3; rounds >= 2 are measured")
     p.add_argument("--local-steps", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the run's processes (0 = inherit)")
-    p.add_argument("--dp-mode", default="sample")
+    p.add_argument("--dp-mode", default="none", help="none: only then do clients report their compute time (a DP reply carries no timing)")
     p.add_argument("--num-cpus", type=float, default=0.0, help="CPUs per virtual client (default: all: one at a time)")
     p.add_argument("--run-config", default="", help="extra run-config overrides")
     p.add_argument("--output-dir", default=None, help="the simulation's output dir (default: a temp dir)")

@@ -11,7 +11,8 @@ Three measurements in one run (timing as in bench.py: warm-up, interleaved repet
    A forward of one micro-batch both ways checks the losses agree (max_abs_loss_diff).
 2. build: `compute_prefix` at the first N over --build-examples examples vs a plain no-grad forward of
    the base model (adapters off) over the same examples in the same batches: `forward` (logits at
-   every position, as model(...) returns them) and `decoder` (all blocks + final norm, no head).
+   every position, as model(...) returns them) and `decoder` (all blocks + final norm, no head);
+   `build-nN-unshared` is the build without running the examples' shared tokens once (shared_prefix.py).
 3. memory: peak RSS of the real ClientApp in a fresh process (bench.client_peak_rss: two DP rounds)
    whose shard is --cache-examples examples, prefix-cache memory vs off, next to the cache's own
    size (prompt+answer tokens x hidden x 4 bytes).
@@ -104,7 +105,10 @@ def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int) -> tuple[lis
         return run
 
     build = Variant(f"build-n{n}", lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH))
-    return [build, Variant("forward", plain(model)), Variant("decoder", plain(decoder))], start, int(model.config.hidden_size)
+    unshared = Variant(f"build-n{n}-unshared",
+                       lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH, share_tokens=False))
+    return ([build, unshared, Variant("forward", plain(model)), Variant("decoder", plain(decoder))], start,
+            int(model.config.hidden_size))
 
 
 def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
@@ -129,7 +133,7 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
     layers = [int(x) for x in (args.layers or ("1" if args.quick else "2,4,8")).split(",")]
     batch, seq = args.batch_size or 32, args.seq_len or 96
     shard_n = args.shard or 4 * batch
-    build_n = args.build_examples or (16 if args.quick else 64)
+    build_n = args.build_examples or (16 if args.quick else 256)
     cache_n = args.cache_examples or (64 if args.quick else 2000)
     reps, warmup = args.reps or 3, args.warmup if args.warmup is not None else 1
     base = {"model": model_name, "task": args.task, "lora-rank": args.rank, "lora-targets": args.targets,
@@ -165,7 +169,8 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
         for v in build_vars:
             med[v.name], med_cpu[v.name] = _median(times["wall"][v.name]), _median(times["cpu"][v.name])
             samples[v.name], eps[v.name] = times["wall"][v.name], build_n / med[v.name]
-        ratio.update(_ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}")]))
+        ratio.update(_ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}"),
+                                   (f"build-n{n}-unshared", f"build-n{n}")]))
     finally:
         clear_memory_cache()
     speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in layers}
@@ -219,7 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(targets=ALL_LINEAR)
     p.add_argument("--layers", default="", help="lora-layers values, default 2,4,8 (1 with --quick)")
     p.add_argument("--shard", type=int, default=0, help="examples the DP step samples from, default 4 x batch")
-    p.add_argument("--build-examples", type=int, default=0, help="default 64 (16 with --quick)")
+    p.add_argument("--build-examples", type=int, default=0, help="default 256 (16 with --quick; the shared-token check costs one batch, so few examples hide its gain)")
     p.add_argument("--cache-examples", type=int, default=0, help="client shard for the RSS, default 2000 (64 with --quick)")
     p.add_argument("--system-prompt", default="", help="run-config system-prompt (default: none)")
     p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run default)")

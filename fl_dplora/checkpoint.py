@@ -1,6 +1,7 @@
 """Round checkpoints: everything needed to continue a run as if it had never stopped.
 
-`checkpoint.pt` holds the global adapter, the round, the strategy's RNG states, every privacy
+`checkpoint.pt` (owner-only) holds the global adapter, the round, the strategy's RNG states (seeded
+runs only: a secure run samples from the OS CSPRNG, which has no state to save), every privacy
 ledger the server knows (its own, and each client's as last reported), byte totals and the
 config. It is written to a temp file, fsynced and renamed, and `checkpoint.json` next to it records
 its SHA-256 and size (written last), so a partial or corrupt file is detected and refused.
@@ -25,7 +26,9 @@ META = "checkpoint.json"
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a leftover from a crash may have other permissions
+    # owner-only: the ledgers and the noise generator state (seeded runs) are the operator's
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -26,6 +26,8 @@ def _fail(msg: str, code: int = 2) -> int:
 def prepare_config(run_config: str | None, output_dir: str | None, num_clients: int | None = None) -> dict[str, Any]:
     """Resolve + validate everything that can be checked before Ray or a model starts."""
     overrides = parse_overrides(run_config)
+    if num_clients is not None and num_clients >= 1 and "population" not in overrides:
+        overrides["population"] = num_clients  # the federation simulate builds: declared, public
     if output_dir:
         overrides["output-dir"] = output_dir
     cfg = resolve(overrides)  # before the heavy imports below: a typo fails in well under a second
@@ -53,11 +55,14 @@ def prepare_config(run_config: str | None, output_dir: str | None, num_clients: 
                           int(cfg["seed"]), int(cfg["max-train-samples"]))
         from fl_dplora.data import load_task
 
-        if cfg["dp-mode"] != "none":
+        from fl_dplora.privacy.modes import for_config
+
+        unit = for_config(cfg).unit
+        if unit is not None:
             from fl_dplora.privacy.accounting import check_delta
 
             n = len(load_task(cfg["task"], int(cfg["seed"])).train)
-            check_delta(cfg["delta"], n // num_clients if cfg["dp-mode"] == "sample" else num_clients)
+            check_delta(cfg["delta"], n // num_clients if unit == "example" else num_clients)
     return cfg
 
 
@@ -102,7 +107,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in saved["config"].items() if k not in ("resume", "output-dir")}
         args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         args.output_dir = str(Path(args.resume).resolve())
-        args.num_clients = args.num_clients or int(saved.get("num_nodes") or 0) or None
+        # simulate declared the federation's size as `population` (older checkpoints: num_nodes)
+        args.num_clients = args.num_clients or int(saved["config"].get("population") or saved.get("num_nodes") or 0) or None
         if not args.num_clients:
             raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
     elif args.num_clients is None:

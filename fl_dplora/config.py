@@ -84,6 +84,7 @@ SCHEMA: dict[str, Key] = {
     "max-grad-norm": Key(float, 1.0, min=0.0, min_exclusive=True, help="clipping bound C (per example, or per client update)"),
     "noise-multiplier": Key(float, 0.0, help="sigma; <= 0 means calibrate from target-epsilon for the whole run"),
     "accountant": Key(str, "prv", choices=("rdp", "prv"), help="Opacus accountant; PRV is tighter"),
+    "population": Key(int, 0, min=0, help="dp-mode client/paper: the declared number of clients in the federation; a round's sum is divided by fraction-train x population (fl-dplora simulate sets it to --num-clients)"),
     "client-noise": Key(str, "central", choices=("central", "local"), help="dp-mode=client: noise on the server sum or on each client"),
     "partitioner": Key(str, "iid", choices=("iid", "dirichlet"), help="flwr-datasets partitioner"),
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
@@ -195,6 +196,9 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
         problems.append("target-epsilon: must be finite when dp-mode is on and noise-multiplier <= 0")
     if cfg["label-head"] and cfg["loss"] != "label-words":
         problems.append("label-head: needs loss = label-words (the head scores the label words)")
+    if cfg["dp-mode"] in ("client", "paper") and cfg["population"] < 1:
+        problems.append(f"population: dp-mode {cfg['dp-mode']} divides each round's sum by fraction-train x population, "
+                        "a public number: set it to the number of clients in the federation")
     if cfg["label-head"] and cfg["dp-mode"] == "paper":
         problems.append("label-head: not with dp-mode = paper (its separate A/B clipping has no part for a head)")
     if cfg["dp-mode"] != "none" and cfg["delta"] >= 0.1:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_dplora.privacy.modes import MODES
+from fl_dplora.write_ahead import read_operator
 from fl_dplora.config import LEGACY_VALUES, NON_COMPUTING_KEYS, SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
@@ -50,7 +52,8 @@ class RunSpec:
     @property
     def hash(self) -> str:
         keep = {k: v for k, v in sorted(self.config.items())  # only what the run computes
-                if k not in SERVER_ONLY_KEYS | NON_COMPUTING_KEYS and LEGACY_VALUES.get(k, object()) != v}
+                if k not in SERVER_ONLY_KEYS | NON_COMPUTING_KEYS and LEGACY_VALUES.get(k, object()) != v
+                and not (k == "population" and v in (0, self.num_clients))}  # = "clients" below
         blob = json.dumps({"v": CACHE_VERSION, "kind": self.kind, "clients": self.num_clients, "config": keep},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -130,7 +133,7 @@ def load_spec(name_or_path: str, directory: Path | None = None) -> Experiment:
                 raise ConfigError(f"{path}: runs[{i}]: id/series names {exc} which is not a matrix key") from None
             overrides = {**common, **entry.get("config", {}), **values}
             try:
-                cfg = resolve(overrides)
+                cfg = resolve({"population": clients, **overrides})  # as `simulate --num-clients` declares it
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {run_id}: {exc}") from None
             runs.append(RunSpec(run_id, series, kind, overrides, cfg, clients))
@@ -224,6 +227,9 @@ def _launch(run: RunSpec, out: Path, head: str) -> float:
         tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{head} failed (exit {proc.returncode}): {tail[0]} (full log: {out / 'run.log'})")
     summary = json.loads((out / "summary.json").read_text())
+    # The runner is the run's operator: its record keeps the byte totals of the operator log
+    # (a run's released summary.json does not: they count the clients that took part).
+    summary.update({k: v for k, v in read_operator(out)[1].items() if k in ("bytes_up_total", "bytes_down_total")})
     summary["experiment_hash"] = run.hash
     summary["experiment_wall_seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -319,7 +325,7 @@ def _record(run: RunSpec) -> dict[str, Any]:
         "lora_variant": cfg["lora-variant"] if run.kind == "train" else None,
         "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"], "seed": cfg["seed"],
         "dirichlet_alpha": cfg["dirichlet-alpha"] if cfg["partitioner"] == "dirichlet" else None,
-        "target_epsilon": cfg["target-epsilon"] if cfg["dp-mode"] != "none" and run.kind == "train" else None,
+        "target_epsilon": cfg["target-epsilon"] if MODES[cfg["dp-mode"]].unit and run.kind == "train" else None,
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
         "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
         "majority_rate": fe.get("majority_rate"),  # always answering the most frequent label (None: older runs)
@@ -328,15 +334,15 @@ def _record(run: RunSpec) -> dict[str, Any]:
     if run.kind == "train":
         priv = s["privacy"]
         rounds = int(s["rounds"])
+        up, down = s["bytes_up_total"], s["bytes_down_total"]  # the runner's copy of the operator log's totals
         rec.update({
-            "epsilon": priv.get("epsilon"), "delta": priv.get("delta") if cfg["dp-mode"] != "none" else None,
+            "epsilon": priv.get("epsilon"), "delta": priv.get("delta") if MODES[cfg["dp-mode"]].unit else None,
             "noise_multiplier": priv.get("noise_multiplier"), "rounds": rounds,
             "num_clients": run.num_clients,
             "examples_processed": run.num_clients * rounds * cfg["local-steps"] * cfg["batch-size"],
-            "trainable_params": s["trainable_params"], "bytes_up_total": s["bytes_up_total"],
-            "bytes_down_total": s["bytes_down_total"],
-            "bytes_up_per_client_round": s["bytes_up_total"] / max(1, rounds * run.num_clients),
-            "pct_full_model": 100.0 * s["bytes_up_total"] / max(1, rounds * run.num_clients) / s["full_model_bytes"],
+            "trainable_params": s["trainable_params"], "bytes_up_total": up, "bytes_down_total": down,
+            "bytes_up_per_client_round": up / max(1, rounds * run.num_clients),
+            "pct_full_model": 100.0 * up / max(1, rounds * run.num_clients) / s["full_model_bytes"],
         })
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
         rec["per_round"] = [{"round": r["round"], "accuracy": r.get("eval_accuracy"), "macro_f1": r.get("eval_macro_f1"),
@@ -396,7 +402,7 @@ def _cell_key(rec: Mapping[str, Any], keys: list[str]) -> str:
         cfg = resolve(rec.get("overrides", {}))
     except ConfigError:  # a record of an older schema: its overrides as they are
         cfg = dict(rec.get("overrides", {}))
-    drop = SERVER_ONLY_KEYS | NON_COMPUTING_KEYS | {k.replace("_", "-") for k in keys}
+    drop = SERVER_ONLY_KEYS | NON_COMPUTING_KEYS | {"population"} | {k.replace("_", "-") for k in keys}
     keep = {k: v for k, v in sorted(cfg.items()) if k not in drop and LEGACY_VALUES.get(k, object()) != v}
     return json.dumps({"series": rec.get("series"), "kind": rec.get("kind"), "config": keep}, sort_keys=True, default=str)
 

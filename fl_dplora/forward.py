@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_dplora import label_head
+from fl_dplora import label_head, shared_prefix
 from fl_dplora.data import Encoded, collate
 
 log = logging.getLogger(__name__)
@@ -281,11 +281,12 @@ def prefix_fingerprint(model: nn.Module, start: int) -> str:
 
 @torch.no_grad()
 def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, batch_size: int = 16,
-                   progress: bool = False) -> list[torch.Tensor]:
+                   progress: bool = False, share_tokens: bool = True) -> list[torch.Tensor]:
     """The hidden state entering blocks[start] for each example, [T_i, H] float32 on the CPU.
 
     Examples are batched by length (little padding); padding never changes a real position's state
     (causal attention, right padding), so each state equals the unbatched one up to float rounding.
+    Tokens all examples share are run once (shared_prefix.py), checked against the full forward.
     """
     from tqdm.auto import tqdm
 
@@ -296,6 +297,13 @@ def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, bat
         captured["h"] = _hidden_arg(args, kwargs)
         raise _PrefixDone
 
+    def capture(input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        try:
+            decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        except _PrefixDone:
+            pass
+        return captured.pop("h")
+
     device = next(iter(decoder.parameters())).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     out: list[torch.Tensor | None] = [None] * len(encoded)
@@ -303,15 +311,15 @@ def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, bat
     model.eval()  # a deterministic function of the example: no dropout
     handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
     try:
+        shared = None
         for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
                       disable=not progress):
             idx = order[s : s + batch_size]
             batch = collate([encoded[i] for i in idx], 0)
-            try:
-                decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            except _PrefixDone:
-                pass
-            hidden = captured.pop("h").float().cpu()
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if s == 0 and share_tokens:  # tokens every example shares (chat header, instruction) run once: shared_prefix.py
+                shared = shared_prefix.build(decoder, capture, [e.input_ids for e in encoded], device, (ids, mask))
+            hidden = (shared.run(capture, ids, mask) if shared is not None else capture(ids, mask)).float().cpu()
             for j, i in enumerate(idx):
                 out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
     finally:

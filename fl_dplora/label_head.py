@@ -80,24 +80,32 @@ def feature_stats(model: nn.Module, encoded, pad_id: int, batch_size: int = 16) 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """[N, H] final hidden state where each example's first answer token is predicted (no grad)."""
+    """[N, H] final hidden state where each example's first answer token is predicted (no grad).
+
+    Batches of similar lengths (little padding); the rows come back in the order of `encoded`."""
     from fl_dplora.data import collate
     from fl_dplora.forward import final_hidden, first_answer_index
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out = torch.empty(len(encoded), 0)
     try:
-        for start in range(0, len(encoded), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
             hidden = final_hidden(model, batch)
             pos = first_answer_index(batch["labels"])
-            out.append(hidden[torch.arange(len(pos), device=device), pos].float().cpu())
+            rows = hidden[torch.arange(len(pos), device=device), pos].float().cpu()
+            if out.shape[1] == 0:
+                out = torch.empty(len(encoded), rows.shape[1])
+            out[idx] = rows
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def save(model: nn.Module, folder: Path, label_words: Sequence[str]) -> None:

@@ -1,13 +1,14 @@
 """Flower ServerApp: rounds of (sample → train → validate/aggregate → account → evaluate → log).
 
-Writes into the output dir (DESIGN.md): metrics.jsonl (one line per round), summary.json, adapter/.
+Writes into the output dir (DESIGN.md). Released: metrics.jsonl (one line per round: ε and the
+evaluation on the server's public set), summary.json, adapter/. The operator's, not for release
+(write_ahead.py): operator.jsonl (who took part, drops, bytes, timings) and rounds.wal.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,8 +26,11 @@ from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
     adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer, reset_adapter, round_keys,
 )
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, paper_noise_multiplier
+from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.privacy.modes import for_config
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
+from fl_dplora.train import stage_config
+from fl_dplora.write_ahead import WriteAhead
 
 log = logging.getLogger("fl_dplora")
 
@@ -38,20 +42,8 @@ def preflight(cfg: Mapping[str, Any]) -> None:
 
 
 def client_level_sigma(cfg: Mapping[str, Any]) -> tuple[float, float]:
-    """(σ applied to the noise std σC, σ the accountant sees) for dp-mode client/paper.
-
-    paper: ΔA and ΔB are each clipped to C, so the pair has sensitivity √2·C while each gets noise
-    σC: the accountant sees a Gaussian mechanism with multiplier σ/√2. With FFA only ΔB is sent:
-    sensitivity C, no factor.
-    """
-    factor = math.sqrt(2.0) if cfg["dp-mode"] == "paper" and cfg["lora-variant"] != "ffa" else 1.0
-    if cfg["noise-multiplier"] > 0:
-        sigma = float(cfg["noise-multiplier"])
-    else:
-        z = calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], float(cfg["fraction-train"]),
-                                       int(cfg["num-server-rounds"]), cfg["accountant"])
-        sigma = z * factor
-    return sigma, sigma / factor
+    """(σ applied to the noise std σC, σ the accountant sees) of a client-level dp-mode (modes.py)."""
+    return for_config(cfg).noise_multipliers()
 
 
 class RunWriter:
@@ -86,7 +78,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     if resumed is not None:
         _check_resume_config(resumed["config"], cfg)
     writer = RunWriter(out_dir, keep_rounds=resumed["round"] if resumed else 0)
-    mode = cfg["dp-mode"]
+    wal = WriteAhead(out_dir, fresh=resumed is None)
+    mode = for_config(cfg)
     task = load_task(cfg["task"], int(cfg["seed"]))
     evals = eval_examples(cfg)
     model = get_peft_model(cfg)
@@ -97,18 +90,17 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     full_params, full_bytes = full_model_stats(model)
     trainable = sum(p.numel() for p in params.values())
 
-    server_sigma, accountant_sigma = client_level_sigma(cfg) if mode in ("client", "paper") else (0.0, 0.0)
+    server_sigma, accountant_sigma = mode.noise_multipliers()
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=server_sigma)
     server_ledger = PrivacyLedger()
     client_eps: dict[int, dict[str, Any]] = {}
     log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",
-             cfg["model"], cfg["task"], mode, trainable, 100 * trainable / full_params, full_params, out_dir)
-    if mode in ("client", "paper"):
-        log.info("client-level DP: noise multiplier %.4f (accountant sees %.4f), q=%.3f, %d rounds",
-                 server_sigma, accountant_sigma, cfg["fraction-train"], cfg["num-server-rounds"])
-    if mode == "paper":
-        log.info("paper's per-step formula (no composition, for reference only): sigma >= %.3f",
-                 paper_noise_multiplier(cfg["target-epsilon"], cfg["delta"]))
+             cfg["model"], cfg["task"], mode.name, trainable, 100 * trainable / full_params, full_params, out_dir)
+    if mode.client_level:
+        log.info("client-level DP: noise multiplier %.4f (accountant sees %.4f), q=%.3f, %d rounds, divisor q x population = %g",
+                 server_sigma, accountant_sigma, cfg["fraction-train"], cfg["num-server-rounds"], mode.divisor)
+    if mode.reference_note():
+        log.info(mode.reference_note())
 
     rounds = int(cfg["num-server-rounds"])
     totals = {"up": 0, "down": 0}
@@ -116,22 +108,29 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     epsilon = 0.0
     rounds_done = 0
     client_ledgers: dict[str, dict[str, list]] = {}  # what the server knows of each client's ledger
+    node_keys: dict[int, str] = {}  # node id -> the key of its ledger (its partition id, once it replied)
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
         client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
-        client_ledgers, totals, epsilon = resumed["client_ledgers"], resumed["totals"], float(resumed["epsilon"])
+        client_ledgers, totals = resumed["client_ledgers"], resumed["totals"]
+        node_keys = {int(k): v for k, v in resumed.get("node_keys", {}).items()}
         last_eval = dict(resumed.get("last_eval", {}))  # rows between evaluations repeat the last one
         rounds_done = int(resumed["round"])
-        log.info("resuming %s after round %d (epsilon so far %.4g)", out_dir, rounds_done, epsilon)
+        charged = _charge_unaccounted(wal.unaccounted(rounds_done), mode, accountant_sigma, server_ledger,
+                                      client_ledgers, client_eps, cfg)
+        epsilon = _run_epsilon(mode, server_ledger, client_ledgers, cfg)
+        log.info("resuming %s after round %d (epsilon so far %.4g, %d begun round(s) after the checkpoint charged)",
+                 out_dir, rounds_done, epsilon, charged)
     bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
     client_cfg = {k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
     for rnd in bar:
         t_round = time.time()
-        if mode in ("client", "paper"):
+        event = mode.round_event(accountant_sigma)
+        if event is not None:
             # Every round is accounted (Poisson client sampling): never start one that overruns the budget.
             next_ledger = PrivacyLedger(server_ledger.history)
-            next_ledger.step(accountant_sigma, float(cfg["fraction-train"]), 1)
+            next_ledger.step(*event)
             next_epsilon = next_ledger.epsilon(cfg["delta"], cfg["accountant"])
             if next_epsilon > cfg["target-epsilon"] * (1 + 1e-6):
                 log.error("stopping early: round %d would raise epsilon to %.4g > target-epsilon %g "
@@ -144,37 +143,43 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             # every round after a resume (a client may be sampled again only rounds later)
             config["_client-ledgers"] = json.dumps(client_ledgers)
         messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
+        # write-ahead: the round and whom it asks are on disk before any client sees a message
+        attempt = wal.begin(rnd, [node_keys.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages])
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
         strategy.aggregate_train(rnd, replies)
         st = strategy.stats
         totals["up"] += st.bytes_up
         totals["down"] += st.bytes_down
 
-        if mode in ("client", "paper"):
+        if event is not None:
             server_ledger, epsilon = next_ledger, next_epsilon
-        elif mode == "sample":
+        if mode.example_level:
             for m in st.client_metrics:
                 if "epsilon" in m:
                     key = int(m.get("partition-id", m["node_id"]))
+                    node_keys[int(m["node_id"])] = str(key)
                     client_eps[key] = {k: v for k, v in m.items() if not k.startswith("ledger-")}
                     client_ledgers[str(key)] = {"sigmas": m["ledger-sigmas"], "rates": m["ledger-rates"],
                                                 "steps": m["ledger-steps"]}
             epsilon = max((float(m["epsilon"]) for m in client_eps.values()), default=0.0)
+        wal.replied(attempt, rnd, client_ledgers if mode.example_level else {})
         exhausted = [m for m in st.client_metrics if m.get("budget-exhausted")]
 
         if rnd == rounds or (cfg["eval-every"] and rnd % int(cfg["eval-every"]) == 0):
             last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
         losses = [m["train_loss"] for m in st.client_metrics if "train_loss" in m]
-        row = {
-            "round": rnd, "num_clients": st.accepted, "sampled": st.sampled, "dropped": st.dropped,
-            "train_loss": sum(losses) / len(losses) if losses else None,
+        row = {  # released: DP outputs and the evaluation on the server's own data only
+            "round": rnd,
             "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
             "eval_macro_f1": last_eval.get("macro_f1"), "eval_majority_rate": last_eval.get("majority_rate"),
-            "epsilon": epsilon if mode != "none" else None, "delta": cfg["delta"] if mode != "none" else None,
-            "bytes_up": st.bytes_up, "bytes_down": st.bytes_down,
-            "client_seconds": sum(float(m.get("compute-seconds", 0.0)) for m in st.client_metrics),
-            "seconds": time.time() - t_round,
+            "epsilon": epsilon if mode.unit else None, "delta": cfg["delta"] if mode.unit else None,
         }
+        if mode.releases_raw_counts:  # no DP: the clients' own mean loss may be shown
+            row["train_loss"] = sum(losses) / len(losses) if losses else None
+        seconds = time.time() - t_round
+        wal.operator({"round": rnd, "sampled": st.sampled, "accepted": st.accepted, "dropped": st.dropped,
+                      "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "seconds": seconds,
+                      "client_seconds": sum(float(m.get("compute-seconds", 0.0)) for m in st.client_metrics)})
         writer.round(row)
         if st.sampled and not st.accepted and st.dropped and all("client error" in d for d in st.dropped):
             # Not an outage: every client ran and raised. Carrying on would report an untrained adapter.
@@ -185,14 +190,14 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
                 "server_ledger": server_ledger.to_record(), "client_eps": {str(k): v for k, v in client_eps.items()},
                 "client_ledgers": client_ledgers, "totals": totals, "epsilon": float(epsilon),
-                "num_nodes": int(getattr(strategy, "num_nodes", 0)), "last_eval": dict(last_eval),
+                "node_keys": {str(k): v for k, v in node_keys.items()}, "last_eval": dict(last_eval),
             })
         acc = (f" acc={row['eval_accuracy']:.3f} (majority {row['eval_majority_rate']:.3f}) f1={row['eval_macro_f1']:.3f}"
                if row["eval_accuracy"] is not None else "")
-        eps = f" eps={epsilon:.3f}" if mode != "none" else ""
+        eps = f" eps={epsilon:.3f}" if mode.unit else ""
         log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
                  st.sampled, f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-", acc, eps,
-                 st.bytes_up, st.bytes_down, row["seconds"])
+                 st.bytes_up, st.bytes_down, seconds)
         if exhausted and len(exhausted) == st.received:
             log.error("stopping early: every sampled client has exhausted its privacy budget (target-epsilon %g)",
                       cfg["target-epsilon"])
@@ -204,19 +209,66 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     model.save_pretrained(str(out_dir / "adapter"))
     label_head.save(model, out_dir / "adapter", task.label_words)
 
-    privacy = _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done, client_ledgers)
+    privacy = _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done,
+                             server_ledger, client_ledgers)
     summary = {
         "rounds": rounds_done,
         "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
                        **{k: v for k, v in last_eval.items() if k not in ("accuracy", "loss")}},
         "trainable_params": trainable, "full_model_params": full_params, "full_model_bytes": full_bytes,
-        "bytes_up_total": totals["up"], "bytes_down_total": totals["down"],
-        "wall_seconds": time.time() - t_start, "privacy": privacy, "config": cfg,
+        "privacy": privacy, "config": cfg,
     }
+    # bytes and wall time depend on who took part: the operator's, next to the per-round rows
+    # the ledgers let a reviewer recompute every ε with an accountant of their own
+    wal.operator({"event": "summary", "bytes_up_total": totals["up"], "bytes_down_total": totals["down"],
+                  "wall_seconds": time.time() - t_start, "rounds": rounds_done, "accountant": cfg["accountant"],
+                  "delta": cfg["delta"], "server_ledger": server_ledger.to_record(), "client_ledgers": client_ledgers})
     writer.summary(summary)
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary
+
+
+def _run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:
+    if mode.client_level:
+        return server_ledger.epsilon(cfg["delta"], cfg["accountant"])
+    if mode.example_level:
+        return max((PrivacyLedger.from_record(r).epsilon(cfg["delta"], cfg["accountant"]) for r in client_ledgers.values()),
+                   default=0.0)
+    return 0.0
+
+
+def _charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: PrivacyLedger,
+                        client_ledgers: dict[str, dict[str, list]], client_eps: dict[int, dict[str, Any]], cfg) -> int:
+    """Charge every round begun after the checkpoint (write_ahead.py), in the order they began."""
+    for att in attempts:
+        event = mode.round_event(accountant_sigma)
+        if event is not None:
+            server_ledger.step(*event)
+        if not mode.example_level:
+            continue
+        if att.ledgers is not None:  # the ledgers its replies reported (they include that round)
+            client_ledgers.update({k: dict(v) for k, v in att.ledgers.items()})
+            continue
+        for key in att.asked:  # replies lost: the worst case of that round for each asked client
+            if key not in client_ledgers:
+                log.warning("resume: node %s was asked in round %d but never reported a ledger; it cannot be charged here "
+                            "(its own ledger, if it kept one, is charged on the node)", key, att.round)
+                continue
+            ledger = PrivacyLedger.from_record(client_ledgers[key])
+            known = client_eps.get(int(key), {}) if key.isdigit() else {}
+            sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
+            rate = float(known.get("sample-rate", 1.0))
+            n = int(round(int(cfg["batch-size"]) / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
+            stage = stage_config(cfg, att.round, n)
+            ledger.step(sigma, min(1.0, int(stage["batch-size"]) / n) if n > 1 else 1.0, int(stage["local-steps"]))
+            client_ledgers[key] = ledger.to_record()
+    for key, record in client_ledgers.items():  # what the summary reports per client follows the ledger
+        if key.isdigit() and int(key) in client_eps:
+            ledger = PrivacyLedger.from_record(record)
+            client_eps[int(key)].update(epsilon=ledger.epsilon(cfg["delta"], cfg["accountant"]),
+                                        **{"steps-total": ledger.total_steps})
+    return len(attempts)
 
 
 def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str, list[float]]:
@@ -263,24 +315,31 @@ def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> di
                     system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
 
 
-def _privacy_block(cfg, mode, server_sigma, client_eps, epsilon, rounds_done, client_ledgers=None) -> dict[str, Any]:
-    block = {"mode": mode, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
+def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done, server_ledger,
+                   client_ledgers=None) -> dict[str, Any]:
+    block = {"mode": mode.name, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
              "accountant": None, "epsilon": None, "delta": cfg["delta"]}
-    if mode == "none":
+    if mode.unit is None:
         return block
-    block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon)
-    if mode == "sample":
+    block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon,
+                 unit=mode.unit, trusted=mode.trusted)
+    if mode.example_level:
+        # shard sizes are public in this threat model (README, "Privacy"), so each client's q and σ are too
         worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
         ledger = (client_ledgers or {}).get(str(worst.get("partition-id", worst.get("node_id"))))
         if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's
             block["history"] = [list(e) for e in zip(ledger["sigmas"], ledger["rates"], ledger["steps"])]
         block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
-                     steps=int(worst.get("steps-total", 0)), unit="example", per_client={
+                     steps=int(worst.get("steps-total", 0)), per_client={
                          str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),
                                   "steps": m.get("steps-total")} for k, m in sorted(client_eps.items())})
-    else:
-        block.update(noise_multiplier=server_sigma, sample_rate=cfg["fraction-train"], steps=rounds_done, unit="client",
-                     noise_placement="server sum" if mode == "client" and cfg["client-noise"] == "central" else "each client")
+    else:  # steps = rounds charged, a resumed run's begun-but-lost attempts included
+        block.update(noise_multiplier=server_sigma, accountant_noise_multiplier=accountant_sigma,
+                     sample_rate=cfg["fraction-train"], steps=server_ledger.total_steps, **mode.describe())
+        block["mode"] = mode.name
+        against_server = mode.epsilon_against_server(accountant_sigma, server_ledger.total_steps)
+        if against_server is not None:
+            block["epsilon_against_server"] = against_server
     return block
 
 

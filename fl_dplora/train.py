@@ -92,7 +92,9 @@ def _with_answer_states(model: nn.Module, data: Sequence[Encoded], pad_id: int) 
             _ANSWER_STATES[key] = states
             while len(_ANSWER_STATES) > 16:
                 _ANSWER_STATES.popitem(last=False)
-    return [replace(e, answer_hidden=h) for e, h in zip(data, states)]
+    # the head's loss reads only these states: batches need not carry (and pad) the prefix states,
+    # [B, T, H] per step (a batch that still needs a forward runs the full model, same numbers)
+    return [replace(e, answer_hidden=h, prefix=None, prefix_start=0) for e, h in zip(data, states)]
 
 
 # ------------------------------------------------------------------ the local training loop

@@ -246,6 +246,7 @@ def run_in_process(
 
     if output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="fl-dplora-test-")
+    overrides = {"population": num_clients, **overrides}  # declared like `simulate --num-clients` does
     cfg = tiny_config(defaults, **overrides, **{"output-dir": str(output_dir)})
     grid = grid if grid is not None else InProcessGrid(num_clients, seed=int(cfg["seed"]))
     summary = run_server(grid, cfg)

@@ -6,7 +6,7 @@ What is pinned here (docs/deployment.md explains the commands):
   epsilon grows in round 2, so the privacy ledger outlived the per-round ClientApp process.
 - TLS + SuperNode authentication: 2 registered keys train, a third, unregistered key is refused.
 - a SuperNode killed (SIGKILL) in the middle of round 1: the run still completes, and
-  metrics.jsonl names the lost node in that round's "dropped" list.
+  operator.jsonl names the lost node in that round's "dropped" list.
 
 Isolation: FLWR_HOME is a temporary folder (the user's ~/.flwr is never touched), every port is
 chosen at run time, and every process started here (with its children: flower-superexec,
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fl_dplora.write_ahead import read_operator
 from harness import kill_tree, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -43,10 +44,9 @@ SMALL = {
     "model": "tiny-random-llama", "num-server-rounds": 2, "local-steps": 2, "batch-size": 8,
     "micro-batch-size": 4, "max-eval-samples": 32, "max-train-samples": 300, "max-seq-len": 64,
 }
-METRICS_KEYS = {"round", "num_clients", "train_loss", "eval_loss", "eval_accuracy", "epsilon", "delta",
-                "bytes_up", "bytes_down", "seconds", "dropped"}
-SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes",
-                "bytes_up_total", "bytes_down_total", "wall_seconds", "privacy", "config"}
+# released: DP outputs and the server's evaluation; counts, bytes and timings go to operator.jsonl
+METRICS_KEYS = {"round", "eval_loss", "eval_accuracy", "epsilon", "delta"}
+SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes", "privacy", "config"}
 PRIVACY_KEYS = {"mode", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "epsilon", "delta"}
 
 for _tool in ("flwr", "flower-superlink", "flower-supernode", "flower-superexec"):
@@ -295,7 +295,7 @@ def test_insecure_deployment_partition_and_data_path_nodes(deployment: Deploymen
     dep.finish_run(dep.start_run(out))
     rows, summary = assert_outputs(out)
     # Node 1 has no partition-id: without its data file its ClientApp would fail and be dropped.
-    assert [(r["num_clients"], r["dropped"]) for r in rows] == [(2, []), (2, [])]
+    assert [(r["accepted"], r["dropped"]) for r in read_operator(out)[0]] == [(2, []), (2, [])]
     # dp-mode=sample (default): the ledger lives in the SuperNode's context.state, so epsilon grows
     # across rounds although each round runs in a fresh flwr-clientapp process.
     assert summary["privacy"]["mode"] == "sample"
@@ -333,14 +333,14 @@ def test_tls_and_supernode_auth_refuse_unregistered_key(deployment: Deployment, 
     out = tmp_path / "run-out"
     dep.finish_run(dep.start_run(out, **{"dp-mode": "none"}))
     rows, _ = assert_outputs(out)
-    assert [(r["num_clients"], r["dropped"]) for r in rows] == [(2, []), (2, [])]
+    assert [(r["accepted"], r["dropped"]) for r in read_operator(out)[0]] == [(2, []), (2, [])]
     assert all(r["train_loss"] is not None for r in rows)
     assert_clean_stop(dep)
 
 
 def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deployment, tmp_path):
     """3 SuperNodes, one SIGKILLed while it trains in round 1: the round times out for it (60 s),
-    the other replies are aggregated (min-available=1), round 2 runs, metrics.jsonl names the node."""
+    the other replies are aggregated (min-available=1), round 2 runs, operator.jsonl names the node."""
     dep = deployment
     dep.start_superlink()
     names = [f"supernode-{i}" for i in range(3)]
@@ -361,10 +361,10 @@ def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deploymen
 
     dep.finish_run(run, timeout=360)
     rows, summary = assert_outputs(out)
-    r1, r2 = rows
-    assert r1["sampled"] == 3 and r1["num_clients"] == 2
+    r1, r2 = read_operator(out)[0]  # who took part and who was dropped: the operator's log
+    assert r1["sampled"] == 3 and r1["accepted"] == 2
     assert any(d.startswith(f"node {victim_id}:") for d in r1["dropped"]), r1["dropped"]
-    assert r2["num_clients"] == 2  # the run goes on with the two nodes left
+    assert r2["accepted"] == 2  # the run goes on with the two nodes left
     assert f"node {victim_id}" in dep.log("flwr-run")  # the ServerApp log names it too
     assert summary["rounds"] == 2
     assert_clean_stop(dep)

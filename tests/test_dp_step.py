@@ -185,7 +185,7 @@ def _server_round(update_norm: float, sigma: float, c: float, seed: int = 42, nu
         return Message(content, reply_to=msg)
 
     cfg = resolve({"dp-mode": "client", "fraction-train": q, "max-grad-norm": c, "noise-multiplier": sigma,
-                   "secure-rng": False, "min-available": 1, "seed": seed})
+                   "secure-rng": False, "min-available": 1, "seed": seed, "population": num_nodes})
     grid = InProcessGrid(num_nodes, client=client)
     strategy = DPLoRAFedAvg(cfg, {"w": torch.zeros(dim)}, server_sigma=sigma)
     messages = list(strategy.configure_train(1, strategy.global_record(), ConfigRecord({"x": 1}), grid))

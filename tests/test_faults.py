@@ -26,7 +26,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from harness import InProcessGrid, read_metrics, run_in_process
+from harness import InProcessGrid, run_in_process
+
+from fl_dplora.write_ahead import read_operator
 
 NUM_CLIENTS = 4
 BAD_PARTITION = 1
@@ -173,7 +175,7 @@ def faulty_grid(fault: tuple[str, Callable] | None, bad: set[int] | None = None)
 def run(grid: InProcessGrid, tmp_path: Path, name: str, **overrides):
     with Captured() as cap:
         summary, out = run_in_process(NUM_CLIENTS, grid=grid, output_dir=tmp_path / name, **{**FAST, **overrides})
-    rows = read_metrics(out)
+    rows = read_operator(out)[0]  # who replied and what was dropped: the operator log
     return summary, out, rows, cap
 
 
@@ -241,7 +243,7 @@ def test_bad_reply_is_dropped_and_the_global_is_the_mean_of_the_good_ones(fault_
     init = initial_adapter(grid)
     assert any(not torch.equal(adapter[k], init[k]) for k in adapter)  # the good clients did move it
     assert [r["round"] for r in rows] == [1]
-    assert rows[0]["sampled"] == NUM_CLIENTS and rows[0]["num_clients"] == NUM_CLIENTS - 1
+    assert rows[0]["sampled"] == NUM_CLIENTS and rows[0]["accepted"] == NUM_CLIENTS - 1
     assert_dropped(rows, cap, bad, reason)
     assert math.isfinite(summary["final_eval"]["loss"])
 
@@ -251,7 +253,7 @@ def test_a_clean_round_drops_nothing_and_averages_everyone(tmp_path):
     grid = faulty_grid(None)
     _, out, rows, cap = run(grid, tmp_path, "clean", dp_mode="none")
     assert_bitwise(final_adapter(out), fedavg_of_good_replies(grid, set()))
-    assert rows[0]["dropped"] == [] and rows[0]["num_clients"] == NUM_CLIENTS
+    assert rows[0]["dropped"] == [] and rows[0]["accepted"] == NUM_CLIENTS
     assert not [w for w in cap.warnings() if "dropped" in w]
 
 
@@ -274,7 +276,7 @@ def test_client_mode_drops_a_bad_reply_exactly(fault_id, client_mode_reference, 
     assert_finite(adapter)
     assert_bitwise(adapter, client_mode_reference)
     assert_dropped(rows, cap, bad, reason)
-    assert rows[0]["num_clients"] == NUM_CLIENTS - 1
+    assert rows[0]["accepted"] == NUM_CLIENTS - 1
 
 
 def test_client_mode_clips_a_1000x_update_to_the_clipping_bound(client_mode_reference, tmp_path):
@@ -283,7 +285,7 @@ def test_client_mode_clips_a_1000x_update_to_the_clipping_bound(client_mode_refe
     adapter = final_adapter(out)
     assert_finite(adapter)
     # Not dropped: the server clips it (the mechanism the accountant assumes needs no outlier rule).
-    assert rows[0]["dropped"] == [] and rows[0]["num_clients"] == NUM_CLIENTS
+    assert rows[0]["dropped"] == [] and rows[0]["accepted"] == NUM_CLIENTS
     # Its whole effect on the global is its clipped update divided by the expected count q N.
     diff = torch.cat([(adapter[k].double() - client_mode_reference[k].double()).flatten() for k in adapter])
     bound = CLIENT_MODE["max_grad_norm"] / (FAST["fraction_train"] * NUM_CLIENTS)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import InProcessGrid, run_in_process  # noqa: E402
 
+from fl_dplora.write_ahead import read_operator
 from fl_dplora import models  # noqa: E402
 from fl_dplora.models import get_peft_model  # noqa: E402
 
@@ -121,12 +122,13 @@ def test_ffa_never_sends_A(ffa_run, lora_run):
 
 
 def _round_bytes(out_dir: Path, key: str) -> list[int]:
-    return [json.loads(line)[key] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r[key] for r in read_operator(out_dir)[0]]
 
 
 def test_ffa_halves_upload_and_trainable_params(ffa_run, lora_run):
     ffa, lora = ffa_run[0], lora_run[0]
     assert ffa["trainable_params"] * 2 == lora["trainable_params"]
+    ffa, lora = {**ffa, **read_operator(ffa_run[1])[1]}, {**lora, **read_operator(lora_run[1])[1]}
     up = ffa["bytes_up_total"] / lora["bytes_up_total"]
     print(f"ffa/lora upload bytes: {up:.4f} ({ffa['bytes_up_total']}/{lora['bytes_up_total']})")
     assert up == pytest.approx(0.5, abs=0.03)

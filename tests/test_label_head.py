@@ -13,6 +13,7 @@ import pytest
 import torch
 from harness import read_metrics, run_in_process
 
+from fl_dplora.write_ahead import read_operator
 from fl_dplora import forward, label_head, models
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import collate, encode_all, eval_examples, head_stat_examples, load_task
@@ -159,7 +160,7 @@ def test_stage_config_uses_the_head_keys_in_head_rounds_only():
 
 @pytest.mark.parametrize("bad, match", [
     ({"label-head": True, "loss": "answer-tokens"}, "^label-head: needs loss = label-words"),
-    ({"label-head": True, "loss": "label-words", "dp-mode": "paper"}, "^label-head: not with dp-mode = paper"),
+    ({"label-head": True, "loss": "label-words", "dp-mode": "paper", "population": 5}, "^label-head: not with dp-mode = paper"),
 ])
 def test_bad_label_head_configs_are_one_line_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -189,7 +190,7 @@ def test_lp_ft_run_sends_only_the_head_first_and_saves_a_head_that_reloads(tmp_p
     summary, out = run_in_process(2, output_dir=tmp_path / "run", **{
         "label-head": True, "head-rounds": 2, "num-server-rounds": 3, "loss": "label-words", "dp-mode": "sample",
         "head-local-steps": 3, "secure-rng": False, "target-epsilon": 8.0})
-    rows = read_metrics(out)
+    rows = read_operator(out)[0]  # bytes per round: the operator log
     assert rows[0]["bytes_up"] * 3 < rows[2]["bytes_up"]  # head-only rounds: 1 small tensor per client
     assert (out / "adapter" / label_head.FILE).is_file()
     # every client's epsilon is the composition of its two stages (q = 1 head steps, then LoRA steps)

@@ -188,7 +188,8 @@ def _states(enc: list[Encoded]) -> list[torch.Tensor]:
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+    # to float rounding: a list whose examples share another token prefix runs it once (shared_prefix.py)
+    return len(a) == len(b) and all(x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(a, b))
 
 
 def test_disk_cache_hit_for_same_model_and_data(tmp_path, compute_calls):

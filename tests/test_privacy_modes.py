@@ -214,7 +214,7 @@ def test_paper_mode_with_ffa_has_sensitivity_c_not_root2_c():
     from fl_dplora.server_app import client_level_sigma
 
     base = {"dp-mode": "paper", "target-epsilon": 8.0, "num-server-rounds": 3, "fraction-train": 1.0,
-            "label-head": False}
+            "label-head": False, "population": 4}
     z = calibrate_noise_multiplier(8.0, 1e-5, 1.0, 3, "prv")
     applied, accounted = client_level_sigma(resolve({**base, "lora-variant": "ffa"}))
     assert applied == pytest.approx(z) and accounted == pytest.approx(z)

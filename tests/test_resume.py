@@ -6,9 +6,11 @@ process that kills itself with SIGKILL at a chosen point, so nothing gets a chan
 - dp-mode=client: after round 3's metrics row was written but before round 3 is checkpointed
   (checkpoint-every=2), so metrics.jsonl holds a row that the checkpoint does not cover.
 Then the same config resumes in this process with fresh clients (their context.state is gone,
-as after a real restart) and must give, bitwise, the adapter, epsilon and metrics rows of an
-uninterrupted run with the same seed (secure-rng=false). fraction-train < 1, so client sampling
-(and in sample mode the clients' privacy ledgers) must continue exactly.
+as after a real restart) and must give, bitwise, the adapter and metrics rows of an uninterrupted
+run with the same seed (secure-rng=false). fraction-train < 1, so client sampling (and in sample
+mode the clients' privacy ledgers) must continue exactly. ε is write-ahead accounted: a round
+begun after the checkpoint is charged again when it is rerun, so the client-mode run (killed
+after round 3's replies) ends at the ε of 5 rounds, and so does a secure-rng run of either mode.
 
 Also: a truncated or corrupt checkpoint and a resume with a different config are refused with
 one line (through the CLI too) and leave the run directory untouched, byte for byte and mtime for
@@ -31,6 +33,9 @@ from safetensors.torch import load_file
 
 from fl_dplora.config import ConfigError
 from harness import REPO, InProcessGrid, run_in_process
+from test_privacy_modes import independent_epsilon
+
+from fl_dplora.write_ahead import read_operator
 
 TESTS_DIR = Path(__file__).resolve().parent
 NUM_CLIENTS = 3
@@ -44,7 +49,7 @@ MODES = {
     "sample": (dict(COMMON, dp_mode="sample", fraction_train=0.67, checkpoint_every=1), "after-save-2"),
     "client": (dict(COMMON, dp_mode="client", fraction_train=0.5, checkpoint_every=2), "after-row-3"),
 }
-TIMING = ("seconds", "client_seconds")  # the only fields of a metrics row allowed to differ
+TIMING = ("seconds", "client_seconds")  # the only fields of an operator row allowed to differ
 
 CHILD = r"""
 import json, os, signal, sys
@@ -174,24 +179,61 @@ def test_sigkill_then_resume_is_bitwise_identical_to_uninterrupted_run(mode, run
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), f"{k} differs"
-    assert resumed["privacy"]["epsilon"] == baseline["privacy"]["epsilon"]  # exact, not approx
+    if mode == "sample":  # killed right after a checkpoint: nothing begun after it, nothing extra to charge
+        assert resumed["privacy"]["epsilon"] == baseline["privacy"]["epsilon"]  # exact, not approx
+        assert resumed["privacy"]["per_client"] == baseline["privacy"]["per_client"]
+    else:  # round 3 began (and its replies arrived) before the kill, then ran again: 5 rounds charged
+        sigma, q = resumed["privacy"]["accountant_noise_multiplier"], overrides["fraction_train"]
+        assert resumed["privacy"]["steps"] == ROUNDS + 1 and baseline["privacy"]["steps"] == ROUNDS
+        assert resumed["privacy"]["epsilon"] == pytest.approx(independent_epsilon([(sigma, q, ROUNDS + 1)], 1e-5, "rdp"), rel=1e-3)
+        assert resumed["privacy"]["epsilon"] > baseline["privacy"]["epsilon"]
     assert resumed["privacy"]["epsilon"] > 0
     assert resumed["rounds"] == baseline["rounds"] == ROUNDS
-    assert resumed["bytes_up_total"] == baseline["bytes_up_total"]
+    (op_got, total_got), (op_want, total_want) = read_operator(resumed_dir), read_operator(base_dir)
+    assert total_got["bytes_up_total"] == total_want["bytes_up_total"]
     if mode == "client":
-        assert resumed["bytes_down_total"] == baseline["bytes_down_total"]
-    if mode == "sample":
-        assert resumed["privacy"]["per_client"] == baseline["privacy"]["per_client"]
+        assert total_got["bytes_down_total"] == total_want["bytes_down_total"]
 
     got, want = rows(resumed_dir), rows(base_dir)
     assert [r["round"] for r in got] == list(range(1, ROUNDS + 1))  # exactly 4 rows: no duplicate, no gap
     for g, w in zip(got, want):
+        skip = ("epsilon",) if mode == "client" and g["round"] >= 3 else ()  # charged twice from round 3 on
+        assert {k: v for k, v in g.items() if k not in skip} == {k: v for k, v in w.items() if k not in skip}
+    op_got = [r for r in op_got if r["round"] > 2 or mode == "sample"]  # the killed attempt's rows stay in the log
+    for g in op_got:
+        w = next(r for r in op_want if r["round"] == g["round"])
         # After a resume in sample mode the broadcast also carries the clients' saved ledgers down.
         ledgers_sent = mode == "sample" and g["round"] > 2
         skip = TIMING + (("bytes_down",) if ledgers_sent else ())
         assert {k: v for k, v in g.items() if k not in skip} == {k: v for k, v in w.items() if k not in skip}
         assert g["bytes_down"] > w["bytes_down"] if ledgers_sent else g["bytes_down"] == w["bytes_down"]
     assert json.loads((resumed_dir / "checkpoint.json").read_text())["round"] == ROUNDS
+
+
+@pytest.mark.parametrize("mode", ["sample", "client"])
+def test_secure_run_killed_after_round_3_replies_is_charged_for_the_round_twice(mode, tmp_path):
+    """Secure noise: the rerun of round 3 draws fresh noise, so both attempts were released (the first
+    reached the server and metrics.jsonl). Every client takes part in every round (fraction-train 1):
+    the resumed run must end at the ε of 5 rounds, for the server's ledger and for every client's."""
+    overrides = dict(COMMON, dp_mode=mode, fraction_train=1.0, checkpoint_every=2, secure_rng=True)
+    out = tmp_path / "run"
+    child = start_killed(out, "after-row-3", overrides)
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, (child.returncode, stdout[-2000:], stderr[-4000:])
+    assert [r["round"] for r in rows(out)] == [1, 2, 3]  # round 3 was released before the kill
+    resumed, _ = run_in_process(NUM_CLIENTS, output_dir=out, resume=True, **overrides)
+    p = resumed["privacy"]
+    if mode == "client":
+        assert p["steps"] == ROUNDS + 1
+        want = independent_epsilon([(p["accountant_noise_multiplier"], 1.0, ROUNDS + 1)], 1e-5, "rdp")
+        assert p["epsilon"] == pytest.approx(want, rel=1e-3)
+    else:
+        assert len(p["per_client"]) == NUM_CLIENTS
+        for key, c in p["per_client"].items():
+            assert c["steps"] == (ROUNDS + 1) * COMMON["local_steps"], (key, c)
+            want = independent_epsilon([(c["sigma"], c["sample_rate"], c["steps"])], 1e-5, "rdp")
+            assert c["epsilon"] == pytest.approx(want, rel=1e-3)
+        assert p["epsilon"] == max(c["epsilon"] for c in p["per_client"].values())
 
 
 def test_cli_resume_refuses_a_truncated_checkpoint_and_touches_nothing(runs, cli, tmp_path):

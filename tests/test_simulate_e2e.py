@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fl_dplora.write_ahead import read_operator
 from fl_dplora.config import SCHEMA, parse_overrides
 from fl_dplora.models import adapter_parameters, get_peft_model, load_base_model, load_tokenizer, reset_adapter
 from fl_dplora.privacy.accounting import PrivacyLedger
@@ -35,10 +36,10 @@ RUN_CONFIG = ("model=tiny-random-llama num-server-rounds=2 local-steps=2 batch-s
 MODES = ("none", "sample")
 TIMEOUT_S = 560
 
-METRIC_KEYS = {"round", "num_clients", "train_loss", "eval_loss", "eval_accuracy", "epsilon", "delta",
-               "bytes_up", "bytes_down", "seconds"}
-SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes",
-                "bytes_up_total", "bytes_down_total", "wall_seconds", "privacy", "config"}
+# released: DP outputs and the server's evaluation; counts, bytes and timings are the operator's
+METRIC_KEYS = {"round", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_majority_rate", "epsilon", "delta"}
+SUMMARY_KEYS = {"rounds", "final_eval", "trainable_params", "full_model_params", "full_model_bytes", "privacy", "config"}
+OPERATOR_KEYS = {"round", "sampled", "accepted", "dropped", "bytes_up", "bytes_down", "seconds", "client_seconds"}
 PRIVACY_KEYS = {"mode", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "epsilon", "delta"}
 
 
@@ -128,18 +129,19 @@ def test_output_dir_holds_every_design_file(sim):
 def test_metrics_has_one_row_per_round_with_every_design_key(sim):
     rows = sim.rows
     assert [r["round"] for r in rows] == [1, 2]
-    for r in rows:
-        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
-        assert r["num_clients"] == NUM_CLIENTS
+    ops = read_operator(sim.out)[0]
+    assert [r["round"] for r in ops] == [1, 2]
+    for r, op in zip(rows, ops):
+        assert set(r) == METRIC_KEYS | ({"train_loss"} if sim.mode == "none" else set()), set(r) ^ METRIC_KEYS
+        assert set(op) == OPERATOR_KEYS and op["accepted"] == op["sampled"] == NUM_CLIENTS
         assert math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
         assert 0.0 <= r["eval_accuracy"] <= 1.0
-        assert isinstance(r["bytes_up"], int) and isinstance(r["bytes_down"], int)
-        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0
+        assert isinstance(op["bytes_up"], int) and isinstance(op["bytes_down"], int)
+        assert op["bytes_up"] > 0 and op["bytes_down"] > 0 and op["seconds"] > 0
         if sim.mode == "none":
             assert r["epsilon"] is None and r["delta"] is None
             assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
-        else:
-            assert r["train_loss"] is None  # a raw loss is not a DP output
+        else:  # a raw loss is not a DP output
             assert r["delta"] == 1e-5 and 0 < r["epsilon"] <= 8.0
     if sim.mode == "sample":
         assert rows[0]["epsilon"] < rows[1]["epsilon"]  # the ledger carried over between rounds
@@ -153,12 +155,13 @@ def test_summary_has_every_design_key_and_agrees_with_the_rows(sim):
     assert {"accuracy", "loss"} <= set(s["final_eval"])
     assert s["final_eval"]["loss"] == pytest.approx(rows[-1]["eval_loss"])
     assert s["final_eval"]["accuracy"] == pytest.approx(rows[-1]["eval_accuracy"])
-    assert s["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
-    assert s["bytes_down_total"] == sum(r["bytes_down"] for r in rows)
+    ops, total = read_operator(sim.out)
+    assert total["bytes_up_total"] == sum(r["bytes_up"] for r in ops)
+    assert total["bytes_down_total"] == sum(r["bytes_down"] for r in ops)
     assert s["trainable_params"] == 3584  # 2 layers x (q: 8x64 + 64x8, v: 8x64 + 32x8)
     n_base = sum(p.numel() for p in load_base_model("tiny-random-llama", seed=42).parameters())
     assert s["full_model_params"] == n_base and s["full_model_bytes"] == 4 * n_base
-    assert 0 < s["wall_seconds"] < TIMEOUT_S
+    assert 0 < total["wall_seconds"] < TIMEOUT_S
     assert PRIVACY_KEYS <= set(s["privacy"]), PRIVACY_KEYS - set(s["privacy"])
 
 

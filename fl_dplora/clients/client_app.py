@@ -10,7 +10,6 @@ Flower's `context.state`, so a thousand virtual clients cost a thousand small re
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from functools import lru_cache
@@ -26,7 +25,8 @@ from fl_dplora import label_head
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
-from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, make_generator
+from fl_dplora.privacy.mechanisms import make_generator
+from fl_dplora.privacy.modes import for_config
 from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
@@ -130,21 +130,21 @@ def train(msg: Message, context: Context) -> Message:
         saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
         if saved:
             ledger = PrivacyLedger.from_record(saved)
-    mode = cfg["dp-mode"]
+    mode = for_config(cfg)
     stage = stage_config(cfg, server_round, n)
     q = min(1.0, int(stage["batch-size"]) / n)
     part = _client_seed_parts(context)
     secure = bool(cfg["secure-rng"])
     sampling_gen = (
         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        if secure and mode == "sample"
+        if secure and mode.example_level
         else make_generator(int(cfg["seed"]), part, server_round, 1)
     )
     noise_gen = None if secure else make_generator(int(cfg["seed"]), part, server_round, 2)
 
     dp = None
     metrics: dict[str, Any] = {"partition-id": part}
-    if mode == "sample":
+    if mode.example_level:
         sigma = _dp_sample_sigma(cfg, state, n)
         projected = PrivacyLedger.from_record(ledger.to_record())
         projected.step(sigma, q, int(stage["local-steps"]))
@@ -170,15 +170,10 @@ def train(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
-    if mode in ("client", "paper"):
-        delta, _ = _clip_update(delta, cfg)  # the raw norm is data-dependent and un-noised: it stays here
-        local_noise = mode == "paper" or cfg["client-noise"] == "local"
-        if local_noise:
-            sigma = float(msg.content["config"]["_sigma"])
-            std = sigma * float(cfg["max-grad-norm"])
-            delta = {k: v + gaussian_like(v, std, noise_gen) for k, v in delta.items()}
+    # client-level modes clip here (and add local noise): the raw norm never leaves the client
+    delta = mode.client_update(delta, float(msg.content["config"].get("_sigma", 0.0)), noise_gen)
 
-    if mode == "sample":
+    if mode.example_level:
         ledger.step(dp.noise_multiplier, q, steps)
         state.update(ledger.to_record())
         context.state[STATE_KEY] = state
@@ -186,12 +181,12 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
                         "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
                         "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
-    # Only dp-mode none reveals data-dependent counts and losses; DP modes report expected counts.
-    # (DP modes: a public constant, never the shard size, which a whole-shard head batch would be)
-    metrics["num-examples"] = n if mode == "none" else steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
-    if mode == "none":
-        metrics["train_loss"] = stats.mean_loss
-    metrics["compute-seconds"] = time.perf_counter() - t0
+    # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
+    # counts (a public constant, never the shard size, which a whole-shard head batch would be).
+    if mode.releases_raw_counts:
+        metrics.update({"num-examples": n, "train_loss": stats.mean_loss, "compute-seconds": time.perf_counter() - t0})
+    else:
+        metrics["num-examples"] = steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
@@ -202,20 +197,3 @@ def _label_ids(cfg: dict[str, Any], tokenizer) -> torch.Tensor | None:
         return None
     task = load_task(cfg["task"], int(cfg["seed"]))
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
-
-
-def _clip_update(delta: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
-    """client: the whole update to C. paper: the A-part and the B-part each to C (its algorithm box)."""
-    c = float(cfg["max-grad-norm"])
-    keys = list(delta)
-    if cfg["dp-mode"] == "client":
-        clipped, norm = clip_to_norm([delta[k] for k in keys], c)
-        return dict(zip(keys, clipped)), norm
-    out, norms = {}, []
-    for part in ("lora_A", "lora_B"):
-        ks = [k for k in keys if part in k]
-        if ks:
-            clipped, norm = clip_to_norm([delta[k] for k in ks], c)
-            out.update(zip(ks, clipped))
-            norms.append(norm)
-    return out, math.sqrt(sum(x * x for x in norms))

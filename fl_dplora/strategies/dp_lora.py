@@ -1,13 +1,8 @@
-"""The server strategy: sample clients, validate replies, (clip, noise,) average LoRA updates.
+"""The server strategy: sample clients, validate replies, aggregate LoRA updates the dp-mode's way.
 
-Clients send updates (local adapter minus global), so every mode is "global += aggregate(updates)":
-- none:   weighted by the clients' example counts (FedAvg).
-- sample: uniform mean (counts are private under DP; the noise was added on the clients).
-- client: DP-FedAvg. Poisson client sampling with q = fraction-train; each update clipped to C here
-          (even if the client already did: the server does not trust it), the sum noised with
-          N(0, σ²C²) from the OS CSPRNG (or on each client: client-noise = local), divided by the
-          expected number of clients q·N so that the scale carries no information.
-- paper:  clients clip ΔA and ΔB to C each and add N(0, σ²C²) before upload; uniform mean here.
+Clients send updates (local adapter minus global), so every mode is "global += aggregate(updates)";
+the run's dp-mode object (privacy/modes.py) says how: FedAvg weights, a uniform mean, or (client-level
+modes) Poisson client sampling, clipping, noise of a fixed variance and a public divisor.
 A reply that fails validation (keys, shapes, dtype, finiteness) is dropped and logged by node id.
 """
 
@@ -26,7 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm, make_generator
+from fl_dplora.privacy.mechanisms import global_norm, make_generator
+from fl_dplora.privacy.modes import for_config
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
 
 log = logging.getLogger("fl_dplora")
@@ -53,29 +49,31 @@ class DPLoRAFedAvg(FedAvg):
             min_train_nodes=1, min_available_nodes=int(cfg["min-available"]),
         )
         self.cfg = dict(cfg)
+        self.mode = for_config(cfg)
         self.global_weights = {k: v.detach().clone().float() for k, v in global_weights.items()}
         self.server_sigma = server_sigma
         secure = bool(cfg["secure-rng"])
-        self._rng = random.Random(None if secure else int(cfg["seed"]))
+        # secure: client sampling from the OS CSPRNG, which has no state a checkpoint could leak
+        self._rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]))
         self._noise_gen = None if secure else make_generator(int(cfg["seed"]), -1)
         self.stats = RoundStats()
 
     # -------------------------------------------------------------- sampling
-    def sample(self, grid: Grid) -> tuple[list[int], int]:
+    def sample(self, grid: Grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < self.min_available_nodes:
             log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.min_available_nodes)
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
         q = self.fraction_train
-        if self.cfg["dp-mode"] in ("client", "paper"):
+        if self.mode.client_level:
             # Poisson sampling, exactly what the accountant assumes (may pick none: a noise-only round).
-            return [n for n in nodes if self._rng.random() < q], len(nodes)
+            return [n for n in nodes if self._rng.random() < q]
         size = max(1, min(len(nodes), round(q * len(nodes))))
-        return sorted(self._rng.sample(nodes, size)), len(nodes)
+        return sorted(self._rng.sample(nodes, size))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        node_ids, self.num_nodes = self.sample(grid)
+        node_ids = self.sample(grid)
         config["server-round"] = server_round
         self._round_keys = sorted(arrays.keys())  # a head-only round sends (and expects back) the head alone
         record = RecordDict({"arrays": arrays, "config": config})
@@ -115,7 +113,6 @@ class DPLoRAFedAvg(FedAvg):
 
     # -------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        mode, c = self.cfg["dp-mode"], float(self.cfg["max-grad-norm"])
         updates, weights, senders = [], [], []
         # message id -> sampled node. Error replies made by the SuperLink (e.g. node unavailable)
         # come from node 0, so name the node by the message the reply answers.
@@ -126,6 +123,8 @@ class DPLoRAFedAvg(FedAvg):
             if not msg.has_error():
                 self.stats.bytes_up += wire_bytes(msg.content)
             update, metrics, reason = self.validate(msg)
+            if update is not None and (bound := self.mode.reject_reason(update, self.server_sigma)):
+                update, reason = None, bound
             answered.add(msg.metadata.reply_to_message_id)
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if metrics:
@@ -134,12 +133,9 @@ class DPLoRAFedAvg(FedAvg):
                 self.stats.dropped.append(f"node {node}: {reason}")
                 log.warning("round %d: dropped reply from node %s: %s", server_round, node, reason)
                 continue
-            if mode == "client":  # the server clips regardless of what the client claims
-                keys = list(update)
-                update = dict(zip(keys, clip_to_norm([update[k] for k in keys], c)[0]))
-            updates.append(update)
+            updates.append(self.mode.accept(update))  # e.g. central client-level DP clips here, trusting no client
             senders.append(node)
-            weights.append(float(metrics.get("num-examples", 1)) if mode == "none" else 1.0)
+            weights.append(self.mode.reply_weight(metrics))
         for msg_id, node in sent.items():
             if msg_id not in answered:
                 reason = "no reply (timeout or node lost)"
@@ -147,28 +143,15 @@ class DPLoRAFedAvg(FedAvg):
                 log.warning("round %d: dropped node %s: %s", server_round, node, reason)
         self._sent = []
         keys = getattr(self, "_round_keys", None) or list(self.global_weights)
-        if mode != "client" and len(updates) >= 3:
+        if self.mode.drops_outliers() and len(updates) >= 3:
             updates, weights = self._drop_norm_outliers(server_round, updates, weights, senders)
         self.stats.accepted = len(updates)
-
-        if mode == "client":
-            # Noise is added even with zero replies: the accountant counted this round.
-            expected_m = max(1e-12, self.fraction_train * self.num_nodes)
-            total = {k: torch.zeros_like(self.global_weights[k]) for k in keys}
-            for u in updates:
-                for k in total:
-                    total[k] += u[k]
-            if self.cfg["client-noise"] == "central":
-                for k in total:
-                    total[k] += gaussian_like(total[k], self.server_sigma * c, self._noise_gen)
-            agg = {k: v / expected_m for k, v in total.items()}
-        else:
-            if len(updates) < self.min_available_nodes or not updates:
-                log.warning("round %d: %d good replies < min-available %d; global adapter unchanged",
-                            server_round, len(updates), self.min_available_nodes)
-                return None, None
-            wsum = sum(weights)
-            agg = {k: sum(w * u[k] for w, u in zip(weights, updates)) / wsum for k in keys}
+        zeros = {k: torch.zeros_like(self.global_weights[k]) for k in keys}
+        agg = self.mode.aggregate(updates, weights, zeros, self.min_available_nodes, self.server_sigma, self._noise_gen)
+        if agg is None:
+            log.warning("round %d: %d good replies < min-available %d; global adapter unchanged",
+                        server_round, len(updates), self.min_available_nodes)
+            return None, None
         for k, v in agg.items():
             self.global_weights[k] += v
         return ArrayRecord({k: v for k, v in to_array_record(self.global_weights).items()}), MetricRecord(
@@ -176,9 +159,9 @@ class DPLoRAFedAvg(FedAvg):
         )
 
     def _drop_norm_outliers(self, server_round, updates, weights, senders):
-        """Without a clipping bound to check (none/sample/paper carry noise or nothing), an update
-        whose norm is more than OUTLIER_FACTOR x the round's median is dropped: one client cannot
-        blow up the global adapter. (dp-mode = client clips every update instead.)"""
+        """Without a bound the server enforces (no DP, or example-level DP), an update whose norm is
+        more than OUTLIER_FACTOR x the round's median is dropped: one client cannot blow up the
+        global adapter. (Client-level modes bound every update by clipping instead.)"""
         norms = [float(global_norm(list(u.values()))) for u in updates]
         limit = OUTLIER_FACTOR * statistics.median(norms)
         kept_u, kept_w = [], []
@@ -196,7 +179,8 @@ class DPLoRAFedAvg(FedAvg):
         """What a checkpoint needs to continue sampling and noise exactly where they were."""
         return {
             "global_weights": {k: v.clone() for k, v in self.global_weights.items()},
-            "rng": self._rng.getstate(),
+            # only seeded (non-secure) runs keep the sampling state: whoever reads it could replay it
+            "rng": None if isinstance(self._rng, random.SystemRandom) else self._rng.getstate(),
             "noise_gen": self._noise_gen.get_state() if self._noise_gen is not None else None,
         }
 
@@ -204,8 +188,9 @@ class DPLoRAFedAvg(FedAvg):
         if set(state["global_weights"]) != set(self.global_weights):
             raise ValueError("checkpoint adapter keys do not match this LoRA config")
         self.global_weights = {k: v.clone().float() for k, v in state["global_weights"].items()}
-        version, internal, gauss = state["rng"]
-        self._rng.setstate((version, tuple(internal), gauss))
+        if state.get("rng") is not None and not isinstance(self._rng, random.SystemRandom):
+            version, internal, gauss = state["rng"]
+            self._rng.setstate((version, tuple(internal), gauss))
         if self._noise_gen is not None and state["noise_gen"] is not None:
             self._noise_gen.set_state(state["noise_gen"])
 
@@ -215,4 +200,4 @@ class DPLoRAFedAvg(FedAvg):
         return to_array_record(weights, self.cfg["transfer-dtype"])
 
     def summary(self) -> None:
-        log.info("DPLoRAFedAvg: dp-mode=%s fraction-train=%.3f", self.cfg["dp-mode"], self.fraction_train)
+        log.info("DPLoRAFedAvg: dp-mode=%s fraction-train=%.3f", self.mode.name, self.fraction_train)

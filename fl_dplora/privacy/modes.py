@@ -1,0 +1,248 @@
+"""One object per dp-mode: what it protects, against whom, how it calibrates, transforms, aggregates,
+accounts and what it releases (the pattern of Opacus' accountant registry).
+
+The ClientApp, the strategy and the ServerApp ask the run's mode (`for_config(cfg)`) instead of
+branching on the `dp-mode` string; a new mode is one new class registered here, plus its tests.
+
+Client-level modes never let the number of clients that took part shape a release (neighbouring
+runs differ by one client): the sum of updates is divided by the public expected count
+`fraction-train x population`, and its noise has the same variance whatever the number m of good
+replies (central: one draw of σC on the sum; local: each client's σC plus the server's top-up to the
+variance of the full population, so σ²C²·population whatever m).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm
+
+Update = dict[str, torch.Tensor]
+
+
+class DPMode:
+    name: ClassVar[str] = ""
+    unit: ClassVar[str | None] = None  # the protected unit: "example", "client" or None
+    trusted: ClassVar[str] = ""  # who must be trusted for the stated ε
+    example_level: ClassVar[bool] = False  # clients run DP-SGD and keep per-example ledgers
+    client_level: ClassVar[bool] = False  # the server samples clients (Poisson) and keeps the ledger
+    local_noise: ClassVar[bool] = False  # each client noises its own update before it leaves
+    releases_raw_counts: ClassVar[bool] = False  # replies may carry shard sizes and losses
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+        self.c = float(cfg["max-grad-norm"])
+
+    # ------------------------------------------------------------ calibration and accounting
+    def noise_multipliers(self) -> tuple[float, float]:
+        """(σ applied to the noise std σC, σ the accountant sees); client-level modes only."""
+        return 0.0, 0.0
+
+    def round_event(self, accountant_sigma: float) -> tuple[float, float, int] | None:
+        """The server ledger's (σ, q, steps) event for one round, charged before the round is sent."""
+        return None
+
+    # ------------------------------------------------------------ client side
+    def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        """What the client sends instead of its raw update (clipped and/or noised)."""
+        return delta
+
+    def reply_weight(self, metrics: Mapping[str, Any]) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------ server side
+    def accept(self, update: Update) -> Update:
+        """The server's transform of one validated reply."""
+        return update
+
+    def reject_reason(self, update: Update, sigma: float) -> str:
+        """Why a well-formed reply cannot come from an honest client of this mode ("" = it can)."""
+        return ""
+
+    def drops_outliers(self) -> bool:
+        """Replies without a bound the server enforces are screened by norm against the round median."""
+        return True
+
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], zeros: Update, min_replies: int,
+                  sigma: float, generator: torch.Generator | None) -> Update | None:
+        """The round's step for the global adapter, or None (too few good replies: keep the global)."""
+        if len(updates) < max(1, min_replies):
+            return None
+        total = sum(weights)
+        return {k: sum(w * u[k] for w, u in zip(weights, updates)) / total for k in zeros}
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.name, "unit": self.unit, "trusted": self.trusted}
+
+    def reference_note(self) -> str:
+        return ""
+
+
+class NoDP(DPMode):
+    """FedAvg weighted by each client's example count; nothing is protected."""
+
+    name = "none"
+    trusted = "everyone (no DP)"
+    releases_raw_counts = True
+
+    def reply_weight(self, metrics: Mapping[str, Any]) -> float:
+        return float(metrics.get("num-examples", 1))
+
+
+class ExampleDP(DPMode):
+    """DP-SGD on each client (per-example clipping, Poisson sampling, noise): every release of a
+    client, its update included, is DP for each of its examples, against the server too. The server
+    averages the replies uniformly (example counts are private)."""
+
+    name = "sample"
+    unit = "example"
+    trusted = "nobody (noise added on each client)"
+    example_level = True
+
+
+class ClientDP(DPMode):
+    """DP-FedAvg: Poisson client sampling with q = fraction-train, each update clipped to C,
+    Gaussian noise σC on the sum, divided by q x population. Central noise: the server clips (it does
+    not trust the client's clipping) and adds the noise, so it must be trusted with every update.
+    Local noise: each client clips and adds σC itself; the server only validates (re-clipping a noised
+    update would shrink the signal by ~1/(σ√d)) and tops the noise up to the full population's."""
+
+    name = "client"
+    unit = "client"
+    client_level = True
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.local_noise = cfg["client-noise"] == "local"
+        self.trusted = ("nobody for each update (local DP per client); the server for participation"
+                        if self.local_noise else "the server (it sees every clipped update)")
+        self.population = int(cfg["population"])
+        self.divisor = float(cfg["fraction-train"]) * self.population
+
+    # sensitivity of one client's contribution in units of C (its clipped parts), for the accountant
+    def _sensitivity(self) -> float:
+        return 1.0
+
+    def noise_multipliers(self) -> tuple[float, float]:
+        from fl_dplora.privacy.accounting import calibrate_noise_multiplier
+
+        cfg, factor = self.cfg, self._sensitivity()
+        if cfg["noise-multiplier"] > 0:
+            sigma = float(cfg["noise-multiplier"])
+        else:
+            sigma = factor * calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], float(cfg["fraction-train"]),
+                                                        int(cfg["num-server-rounds"]), cfg["accountant"])
+        return sigma, sigma / factor
+
+    def round_event(self, accountant_sigma: float) -> tuple[float, float, int]:
+        return accountant_sigma, float(self.cfg["fraction-train"]), 1
+
+    def _clip(self, delta: Update) -> Update:
+        keys = list(delta)
+        return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+
+    def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        delta = self._clip(delta)  # the raw norm is data-dependent and un-noised: it never leaves
+        if self.local_noise:
+            delta = {k: v + gaussian_like(v, sigma * self.c, generator) for k, v in delta.items()}
+        return delta
+
+    def accept(self, update: Update) -> Update:
+        return update if self.local_noise else self._clip(update)
+
+    def _clip_norm(self) -> float:
+        return self.c
+
+    def reject_reason(self, update: Update, sigma: float) -> str:
+        """Local noise: the server cannot re-clip, but an honest reply's norm is at most the clipping
+        norm plus the noise's, whose chi tail beyond sqrt(d) + 10 has probability < 1e-20: a larger
+        norm is a client that skipped its clipping, and is dropped whole (a decision on a DP output)."""
+        if not self.local_noise:
+            return ""
+        d = sum(t.numel() for t in update.values())
+        limit = self._clip_norm() + sigma * self.c * (math.sqrt(d) + 10.0)
+        norm = float(global_norm(list(update.values())))
+        return f"update norm {norm:.4g} > {limit:.4g}, more than clipping plus noise allow" if norm > limit else ""
+
+    def drops_outliers(self) -> bool:
+        return False  # every reply is bounded (clipped here, or noise of known variance on a clipped update)
+
+    def aggregate(self, updates, weights, zeros, min_replies, sigma, generator):
+        m = len(updates)
+        if m > self.population:  # the population is declared wrong: its noise top-up cannot hide m
+            raise RuntimeError(f"population: {m} good replies in a round but population = {self.population}; "
+                               "declare the number of clients in the federation")
+        total = {k: z.clone() for k, z in zeros.items()}
+        for u in updates:
+            for k in total:
+                total[k] += u[k]
+        # Central: the sum gets one σC draw. Local: the m replies carry σC each; the server adds the
+        # noise of the population - m clients that did not reply, so the variance never reveals m.
+        # A round with no reply is still noised: the accountant charged it.
+        std = sigma * self.c * (math.sqrt(self.population - m) if self.local_noise else 1.0)
+        for k in total:
+            total[k] += gaussian_like(total[k], std, generator)
+        return {k: v / self.divisor for k, v in total.items()}
+
+    def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
+        """Local noise: each update the server sees is a Gaussian mechanism on its own. Replacing a
+        client's data moves a clipped update by up to 2x the sensitivity; the server knows who was
+        sampled, so no amplification: worst case, the client took part in every round."""
+        if not self.local_noise or rounds <= 0:
+            return None
+        from fl_dplora.privacy.accounting import epsilon_for
+
+        return epsilon_for(accountant_sigma / 2.0, 1.0, rounds, self.cfg["delta"], self.cfg["accountant"])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "population": self.population, "divisor": self.divisor,
+                "noise_placement": "each client (+ server top-up)" if self.local_noise else "server sum"}
+
+
+class PaperDP(ClientDP):
+    """DP-LoRA (Liu et al.): each client clips ΔA and ΔB to C separately and adds N(0, σ²C²) to each
+    before upload. The pair has sensitivity √2·C (C with FFA, where only ΔB travels)."""
+
+    name = "paper"
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.local_noise = True
+        self.trusted = "nobody for each update (local DP per client); the server for participation"
+
+    def _sensitivity(self) -> float:
+        return 1.0 if self.cfg["lora-variant"] == "ffa" else math.sqrt(2.0)
+
+    def _clip_norm(self) -> float:
+        return self.c * self._sensitivity()
+
+    def reference_note(self) -> str:
+        from fl_dplora.privacy.accounting import paper_noise_multiplier
+
+        sigma = paper_noise_multiplier(self.cfg["target-epsilon"], self.cfg["delta"])
+        return f"paper's per-step formula (no composition, for reference only): sigma >= {sigma:.3f}"
+
+    def _clip(self, delta: Update) -> Update:
+        out: Update = {}
+        for part in ("lora_A", "lora_B"):
+            keys = [k for k in delta if part in k]
+            if keys:
+                out.update(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+        if len(out) != len(delta):  # a third part would add to the sensitivity the accountant assumed
+            raise ValueError(f"dp-mode paper: update holds values outside lora_A/lora_B: {sorted(set(delta) - set(out))[:2]}")
+        return out
+
+
+MODES: dict[str, type[DPMode]] = {cls.name: cls for cls in (NoDP, ExampleDP, ClientDP, PaperDP)}
+
+
+def for_config(cfg: Mapping[str, Any]) -> DPMode:
+    return MODES[cfg["dp-mode"]](cfg)
+
+
+def client_level_modes() -> tuple[str, ...]:
+    return tuple(name for name, cls in MODES.items() if cls.client_level)
