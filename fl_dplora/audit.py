@@ -13,9 +13,14 @@ Trains one federated run through the same apps with canaries planted, then measu
   confidence, a lower bound on epsilon at the run's delta (their Theorem: P[>= v right] <=
   P[Binomial(r, e^eps/(1+e^eps)) >= v] + 2 m delta alpha). Three k are tried, Bonferroni-corrected.
 
-The protected unit decides what a canary is: dp-mode none/sample = one training example of client 0
+The protected unit decides where a canary goes: dp-mode none/sample = one training example of client 0
 (repeated `repeats` times: then the claim compared is the group-privacy epsilon of `repeats` examples);
 dp-mode client/paper = a whole extra client holding only its canary.
+What a canary is depends on what the run trains: a passphrase answer (above) for the LoRA adapter;
+with a label head (classification), a mislabelled example: a held-out text of the task (the
+evaluation split outside the scored subset and the head's statistics) with a wrong label word.
+The head can only memorise it by moving that text's logits towards the wrong label, which the
+loss drop measures; exposure needs a space of answers and is not reported there.
 A lower bound above the claimed epsilon means the claim is false: the audit flags it.
 """
 
@@ -25,7 +30,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +56,26 @@ def candidate_space_bits(words: int = 3) -> float:
 
 @dataclass
 class Plan:
-    canaries: list[str]
+    canaries: list[str]  # answers
     included: list[bool]
     references: list[str]
     repeats: int
     unit: str  # "example" (canaries in client 0's shard) or "client" (one extra client per included canary)
     data_clients: int
     num_clients: int  # data clients + canary clients
+    prompts: list[str] = field(default_factory=list)  # one per canary; empty = QUESTION for all
+
+    def examples(self) -> list[Example]:
+        return [Example(self.prompts[i] if self.prompts else QUESTION, c) for i, c in enumerate(self.canaries)]
 
     def canary_file(self) -> dict[str, Any]:
         examples: dict[str, list[list[str]]] = {}
-        inc = [c for c, i in zip(self.canaries, self.included) if i]
+        inc = [[e.prompt, e.answer] for e, i in zip(self.examples(), self.included) if i]
         if self.unit == "example":
-            examples["0"] = [[QUESTION, c] for c in inc for _ in range(self.repeats)]
+            examples["0"] = [pair for pair in inc for _ in range(self.repeats)]
         else:
-            for j, c in enumerate(inc):
-                examples[str(self.data_clients + j)] = [[QUESTION, c]] * self.repeats
+            for j, pair in enumerate(inc):
+                examples[str(self.data_clients + j)] = [pair] * self.repeats
         return {"data-clients": self.data_clients, "examples": examples}
 
 
@@ -84,6 +93,23 @@ def make_plan(dp_mode: str, data_clients: int, num_canaries: int, repeats: int, 
     unit = "client" if per_client else "example"
     total = data_clients + (sum(included) if per_client else 0)
     return Plan(secrets[:num_canaries], included, secrets[num_canaries:], repeats, unit, data_clients, total)
+
+
+def make_label_flip_plan(dp_mode: str, data_clients: int, pool: Sequence[Example], label_words: Sequence[str],
+                         num_canaries: int, repeats: int, seed: int) -> Plan:
+    """Canaries for a label-head run: held-out texts of the task, each with a label word it does not have."""
+    from fl_dplora.config import ConfigError
+
+    if len(pool) < num_canaries:
+        raise ConfigError(f"canaries: {num_canaries} mislabelled canaries need as many held-out texts; the task has {len(pool)}")
+    rng = random.Random(f"fl-dplora-audit-flip-{seed}")
+    chosen = rng.sample(list(pool), num_canaries)
+    answers = [rng.choice([w for i, w in enumerate(label_words) if i != e.label] or list(label_words)) for e in chosen]
+    included = [rng.random() < 0.5 for _ in range(num_canaries)]
+    per_client = MODES[dp_mode].client_level
+    total = data_clients + (sum(included) if per_client else 0)
+    return Plan(answers, included, [], repeats, "client" if per_client else "example", data_clients, total,
+                prompts=[e.prompt for e in chosen])
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -204,69 +230,93 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
     from fl_dplora.server_app import _load_into
 
-    if cfg.get("label-head"):
-        from fl_dplora.config import ConfigError
+    from fl_dplora import label_head
+    from fl_dplora.data import head_stat_examples, load_task
 
-        # The canaries are free-text answers; a label head only scores the label words, so a
-        # head-trained run could never show them and the audit would pass vacuously.
-        raise ConfigError("label-head: the audit's canaries are free-text answers that a label head cannot learn; "
-                          "audit the LoRA adapter with --run-config \"label-head=false head-rounds=0\"")
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
+    flip = bool(cfg.get("label-head"))  # a label head learns label words, not passphrases
+    if flip:
+        task = load_task(cfg["task"], int(cfg["seed"]))
+        taken = {(e.prompt, e.answer) for e in eval_examples(cfg) + head_stat_examples(cfg)}
+        pool = [e for e in task.eval if (e.prompt, e.answer) not in taken]  # held out from everything the run uses
+        plan = make_label_flip_plan(cfg["dp-mode"], data_clients, pool, task.label_words, num_canaries, repeats, audit_seed)
+        canary_prompts = set(plan.prompts)
+        held_out = [e for e in pool if e.prompt not in canary_prompts][:mia_samples]
+    else:
+        plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
     canary_path = out_dir / "canaries.json"
     canary_path.write_text(json.dumps(plan.canary_file(), indent=1))
     (out_dir / "audit_plan.json").write_text(json.dumps(asdict(plan), indent=1))
-    run_cfg = {**cfg, "audit-canaries": str(canary_path), "output-dir": str(out_dir / "run")}
-    log(f"audit: {sum(plan.included)}/{num_canaries} canaries planted as {'client 0 examples' if plan.unit == 'example' else 'extra clients'} "
-        f"(x{repeats}), {plan.num_clients} clients; training ...")
+    # Client-level canaries: the declared population counts every canary client that could take part,
+    # so the divisor (q x population) is the same whether a canary was included or not.
+    population = data_clients + (len(plan.canaries) if plan.unit == "client" else 0)
+    run_cfg = {**cfg, "audit-canaries": str(canary_path), "output-dir": str(out_dir / "run"), "population": population}
+    kind = "mislabelled held-out texts" if flip else "passphrases"
+    log(f"audit: {sum(plan.included)}/{num_canaries} canaries ({kind}) planted as "
+        f"{'client 0 examples' if plan.unit == 'example' else 'extra clients'} (x{repeats}), {plan.num_clients} clients; training ...")
     summary = train(run_cfg, plan.num_clients)
 
     model = get_peft_model(run_cfg)
     tokenizer = load_tokenizer(run_cfg["model"])
+    adapter_dir = Path(run_cfg["output-dir"]) / "adapter"
+    head = label_head.load(model, adapter_dir) if flip else None
+    if not flip:
+        label_head.remove(model)
     params = adapter_parameters(model, run_cfg)
     max_len = int(run_cfg["max-seq-len"])
     score = {"system_prompt": run_cfg["system-prompt"]}  # encoded exactly as the run trained on them
-    canaries = [Example(QUESTION, c) for c in plan.canaries]
+    canaries = plan.examples()
     references = [Example(QUESTION, r) for r in plan.references]
     members = client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)[:mia_samples]
-    # Non-members from the same pool as the members when the run left some out, else the eval split.
-    held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
+    if not flip:  # non-members from the same pool as the members when the run left some out, else the eval split
+        held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
 
-    reset_adapter(model)  # base model: calibrates each canary's own difficulty
+    trained_head = head.proj.weight.detach().clone() if head is not None else None
+    reset_adapter(model)  # base model (and a zero head: no opinion): calibrates each canary's own difficulty
+    if head is not None:
+        with torch.no_grad():
+            head.proj.weight.zero_()
     base_canary = sequence_nll(model, tokenizer, canaries, max_len, **score)
     base_mem = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
     base_out = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
     from safetensors.torch import load_file
 
-    trained = load_file(str(Path(run_cfg["output-dir"]) / "adapter" / "adapter_model.safetensors"))
-    _load_into(params, trained)  # the server's copy-into-live-parameters helper
+    trained = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    _load_into({k: p for k, p in params.items() if k != label_head.HEAD_KEY}, trained)  # the head: below
+    if head is not None:
+        with torch.no_grad():
+            head.proj.weight.copy_(trained_head)
     final_canary = sequence_nll(model, tokenizer, canaries, max_len, **score)
     final_refs = sequence_nll(model, tokenizer, references, max_len, **score)
     mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
     out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
     reset_adapter(model)
+    label_head.remove(model)
 
     scores = [b - f for b, f in zip(base_canary, final_canary)]  # how much training lowered each canary's loss
     inc = [i for i, x in enumerate(plan.included) if x]
     exc = [i for i, x in enumerate(plan.included) if not x]
-    exp_in = [exposure(final_canary[i], final_refs) for i in inc]
-    exp_out = [exposure(final_canary[i], final_refs) for i in exc]
+    exp_in = [exposure(final_canary[i], final_refs) for i in inc] if final_refs else []
+    exp_out = [exposure(final_canary[i], final_refs) for i in exc] if final_refs else []
     eps_claimed, delta = _claimed_epsilon(summary, plan)
     one_run = one_run_audit(scores, plan.included, delta)
     mia_pos, mia_neg = [-x for x in mem_loss], [-x for x in out_loss]
     cal_pos = [b - f for b, f in zip(base_mem, mem_loss)]  # reference-model attack: loss drop base -> final
     cal_neg = [b - f for b, f in zip(base_out, out_loss)]
     result = {
-        "exposure_mean": _mean(exp_in), "exposure_max": max(exp_in, default=0.0),
-        "exposure_mean_not_trained": _mean(exp_out), "exposure_cap_bits": math.log2(num_references + 1),
-        "candidate_space_bits": candidate_space_bits(),
+        "canary_kind": "label-flip" if flip else "passphrase",
+        "exposure_mean": _mean(exp_in) if not flip else None, "exposure_max": max(exp_in, default=0.0) if not flip else None,
+        "exposure_mean_not_trained": _mean(exp_out) if not flip else None,
+        "exposure_cap_bits": math.log2(num_references + 1) if not flip else None,
+        "candidate_space_bits": candidate_space_bits() if not flip else None,
         "mia_auc": auc(mia_pos, mia_neg), "mia_tpr_at_1pct_fpr": tpr_at_fpr(mia_pos, mia_neg),
         "mia_auc_calibrated": auc(cal_pos, cal_neg), "mia_tpr_at_1pct_fpr_calibrated": tpr_at_fpr(cal_pos, cal_neg),
         "epsilon_lower_bound": one_run["epsilon_lower_bound"],
         "epsilon_claimed": eps_claimed if math.isfinite(eps_claimed) else None, "delta": delta,
         "flagged": one_run["epsilon_lower_bound"] > eps_claimed,
         "one_run": {**one_run, "canaries": num_canaries, "included": len(inc), "confidence": 0.95},
-        "canary_unit": plan.unit, "repeats": repeats, "references": num_references,
+        "score_mean_included": _mean([scores[i] for i in inc]), "score_mean_excluded": _mean([scores[i] for i in exc]),
+        "canary_unit": plan.unit, "repeats": repeats, "references": len(plan.references),
         "mia_members": len(members), "mia_non_members": len(held_out),
         "dp_mode": cfg["dp-mode"], "run_dir": str(run_cfg["output-dir"]),
         "final_eval": summary.get("final_eval"),
@@ -286,14 +336,16 @@ def _report(r: Mapping[str, Any]) -> str:
     verdict = ("**FLAGGED: the measured lower bound exceeds the claimed epsilon; the DP claim is false.**"
                if r["flagged"] else "Consistent: the measured lower bound does not exceed the claimed epsilon.")
     o = r["one_run"]
+    exposure_rows = [] if r["exposure_mean"] is None else [
+        f"| canary exposure mean / max (bits, cap {r['exposure_cap_bits']:.1f}) | {r['exposure_mean']:.2f} / {r['exposure_max']:.2f} |",
+        f"| exposure of canaries not trained on (chance level) | {r['exposure_mean_not_trained']:.2f} |"]
     return "\n".join([
-        f"# Privacy audit (dp-mode {r['dp_mode']}, canary = one {r['canary_unit']})", "",
+        f"# Privacy audit (dp-mode {r['dp_mode']}, canary = one {r['canary_unit']}, {r.get('canary_kind', 'passphrase')})", "",
         "| measure | value |", "|---|---|",
         f"| claimed epsilon (delta {r['delta']:g}) | {claimed} |",
         f"| one-run lower bound on epsilon (95 %) | {r['epsilon_lower_bound']:.3f} ({o['correct']}/{o['guesses']} right guesses, "
         f"{o['included']}/{o['canaries']} canaries included) |",
-        f"| canary exposure mean / max (bits, cap {r['exposure_cap_bits']:.1f}) | {r['exposure_mean']:.2f} / {r['exposure_max']:.2f} |",
-        f"| exposure of canaries not trained on (chance level) | {r['exposure_mean_not_trained']:.2f} |",
+        *exposure_rows,
         f"| membership inference AUC (loss threshold) | {r['mia_auc']:.3f} |",
         f"| MIA TPR at 1 % FPR | {r['mia_tpr_at_1pct_fpr']:.3f} |",
         f"| MIA AUC / TPR at 1 % FPR, calibrated by the base model's loss | {r['mia_auc_calibrated']:.3f} / "

@@ -442,13 +442,14 @@ def _messages(cfg: dict[str, Any], params: dict[str, Any], dtype: str, seed: int
     import torch
     from flwr.app import ConfigRecord, RecordDict
 
+    from fl_dplora import protocol
     from fl_dplora.transport import to_array_record
 
     g = torch.Generator().manual_seed(seed)
     glob = {k: torch.randn(p.shape, generator=g) * 0.02 for k, p in params.items()}
     delta = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, p in params.items()}
-    config = ConfigRecord({**cfg, "_sigma": 0.0})
-    config["server-round"] = 2
+    config = ConfigRecord({**cfg, protocol.SIGMA: 0.0})
+    config[protocol.ROUND] = 2
     down = RecordDict({"arrays": to_array_record(glob, dtype), "config": config})
     return down, _upload(delta, dtype), delta
 
@@ -460,7 +461,8 @@ def _upload(delta: dict[str, Any], dtype: str):
     from fl_dplora.transport import to_array_record
 
     metrics = {"partition-id": 0, "epsilon": 1.2345, "sigma": 0.9876, "sample-rate": 0.0123,
-               "steps-total": 20, "num-examples": 640, "compute-seconds": 12.345}
+               "steps-total": 20, "num-examples": 640, "ledger-sigmas": [0.9876], "ledger-rates": [0.0123],
+               "ledger-steps": [20]}  # what a dp-mode sample reply holds (no timing)
     return RecordDict({"arrays": to_array_record(delta, dtype), "metrics": MetricRecord(metrics)})
 
 
@@ -566,6 +568,7 @@ if int(sys.argv[3]) > 0:
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from fl_dplora import protocol
 from fl_dplora.clients.client_app import app
 from fl_dplora.config import resolve
 from fl_dplora.models import adapter_parameters, get_peft_model
@@ -578,8 +581,8 @@ out["rss_after_model_kb"] = rss_kb()
 ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": int(sys.argv[2])},
               state=RecordDict(), run_config={})
 for rnd in (1, 2):
-    config = ConfigRecord({**cfg, "_sigma": 0.0})
-    config["server-round"] = rnd
+    config = ConfigRecord({**cfg, protocol.SIGMA: 0.0})
+    config[protocol.ROUND] = rnd
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # the server's side
     msg = Message(RecordDict({"arrays": to_array_record(glob, cfg["transfer-dtype"]), "config": config}),
                   dst_node_id=1, message_type="train")
@@ -592,7 +595,7 @@ for rnd in (1, 2):
     if reply.has_error():
         raise SystemExit("client error: " + reply.error.reason)
     out[f"peak_rss_round{rnd}_kb"] = hwm_kb()
-    out[f"compute_seconds_round{rnd}"] = float(reply.content["metrics"]["compute-seconds"])
+    # a DP reply carries no timing (issue 15): the child times the handler itself (round{rnd}_seconds)
 out["peak_rss_process_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("RSS-JSON " + json.dumps(out))
 """

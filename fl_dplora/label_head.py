@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fl_dplora import protocol
+
 HEAD_KEY = "label_head.weight"  # its name in the transmitted adapter and in checkpoints
 ATTR = "fl_label_head"  # where it hangs on the (PEFT) model
 FILE = "label_head.safetensors"
@@ -80,7 +82,6 @@ def feature_stats(model: nn.Module, encoded, pad_id: int, batch_size: int = 16) 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """[N, H] final hidden state where each example's first answer token is predicted (no grad).
 
@@ -136,8 +137,8 @@ def load(model: nn.Module, folder: Path) -> LabelHead | None:
 
 def stats_to_config(mean: torch.Tensor, scale: torch.Tensor) -> Mapping[str, list[float]]:
     """The public statistics as ConfigRecord values: the server computes them once, clients reuse them."""
-    return {"_head-mean": mean.tolist(), "_head-scale": scale.tolist()}
+    return {protocol.HEAD_MEAN: mean.tolist(), protocol.HEAD_SCALE: scale.tolist()}
 
 
 def stats_from_config(config: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(list(config["_head-mean"])), torch.tensor(list(config["_head-scale"]))
+    return torch.tensor(list(config[protocol.HEAD_MEAN])), torch.tensor(list(config[protocol.HEAD_SCALE]))

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_dplora import checkpoint, label_head
+from fl_dplora import checkpoint, label_head, protocol
 from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
 from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task
 from fl_dplora.forward import attach_prefix, label_token_ids
@@ -137,11 +137,11 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                           "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
                           rnd, next_epsilon, cfg["target-epsilon"], server_sigma, rounds)
                 break
-        config = ConfigRecord({**client_cfg, "_sigma": float(server_sigma), **head_config})
+        config = ConfigRecord({**client_cfg, protocol.SIGMA: float(server_sigma), **head_config})
         if resumed is not None and client_ledgers:
             # clients restarted with the server lose their context.state: hand back their ledgers, in
             # every round after a resume (a client may be sampled again only rounds later)
-            config["_client-ledgers"] = json.dumps(client_ledgers)
+            config[protocol.CLIENT_LEDGERS] = json.dumps(client_ledgers)
         messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
         # write-ahead: the round and whom it asks are on disk before any client sees a message
         attempt = wal.begin(rnd, [node_keys.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages])
@@ -158,12 +158,11 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 if "epsilon" in m:
                     key = int(m.get("partition-id", m["node_id"]))
                     node_keys[int(m["node_id"])] = str(key)
-                    client_eps[key] = {k: v for k, v in m.items() if not k.startswith("ledger-")}
-                    client_ledgers[str(key)] = {"sigmas": m["ledger-sigmas"], "rates": m["ledger-rates"],
-                                                "steps": m["ledger-steps"]}
+                    client_eps[key] = {k: v for k, v in m.items() if not k.startswith(protocol.LEDGER_PREFIX)}
+                    client_ledgers[str(key)] = protocol.ledger_from_metrics(m)
             epsilon = max((float(m["epsilon"]) for m in client_eps.values()), default=0.0)
         wal.replied(attempt, rnd, client_ledgers if mode.example_level else {})
-        exhausted = [m for m in st.client_metrics if m.get("budget-exhausted")]
+        exhausted = [m for m in st.client_metrics if m.get(protocol.BUDGET_EXHAUSTED)]
 
         if rnd == rounds or (cfg["eval-every"] and rnd % int(cfg["eval-every"]) == 0):
             last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)

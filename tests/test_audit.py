@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fl_dplora import audit
-from harness import read_metrics, run_in_process, tiny_config
+from fl_dplora.write_ahead import read_operator
+from harness import run_in_process, tiny_config
 
 MEMORISABLE = {
     "model": "tiny-random-llama", "max-train-samples": 60, "batch-size": 16, "micro-batch-size": 16,
@@ -147,7 +148,7 @@ def test_audit_cli_client_mode_canaries_are_whole_clients(cli, tmp_path):
     r = json.loads((tmp_path / "audit.json").read_text())
     assert r["canary_unit"] == "client" and r["epsilon_claimed"] <= 4.0 and r["epsilon_lower_bound"] <= r["epsilon_claimed"]
     included = r["one_run"]["included"]
-    rows = read_metrics(tmp_path / "run")
+    rows = read_operator(tmp_path / "run")[0]
     assert all(row["sampled"] == 2 + included for row in rows)  # q = fraction-train = 1: every node, every round
     assert "epsilon lower bound" in res.stdout
 
@@ -157,3 +158,43 @@ def test_audit_cli_rejects_bad_input_before_training(cli, tmp_path):
                "--output-dir", str(tmp_path)])
     assert res.returncode == 2 and "--canaries" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- label-head runs: mislabelled canaries
+def test_label_flip_canaries_are_held_out_texts_with_a_wrong_label():
+    from fl_dplora.data import eval_examples, head_stat_examples, load_task
+
+    cfg = tiny_config(**{"label-head": True, "loss": "label-words", "head-rounds": 2})
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    taken = {(e.prompt, e.answer) for e in eval_examples(cfg) + head_stat_examples(cfg)}
+    pool = [e for e in task.eval if (e.prompt, e.answer) not in taken]
+    plan = audit.make_label_flip_plan("sample", 3, pool, task.label_words, 64, 1, 0)
+    truth = {e.prompt: e.label for e in pool}
+    assert len(plan.canaries) == len(plan.prompts) == 64 and not plan.references
+    assert all(task.label_words.index(a) != truth[p] for p, a in zip(plan.prompts, plan.canaries))
+    assert not {p for p in plan.prompts} & {e.prompt for e in eval_examples(cfg) + head_stat_examples(cfg)}
+    planted = plan.canary_file()["examples"]["0"]
+    assert planted == [[p, a] for p, a, i in zip(plan.prompts, plan.canaries, plan.included) if i]
+    with pytest.raises(Exception, match="held-out texts"):
+        audit.make_label_flip_plan("sample", 3, pool[:10], task.label_words, 64, 1, 0)
+
+
+@pytest.mark.slow
+def test_label_head_audit_sees_memorised_flips_without_dp_and_stays_below_the_claim_with_it(tmp_path):
+    """A label-head run is audited with mislabelled canaries: without DP the planted ones lose more
+    loss than the others (the audit can see memorisation), with DP the bound stays below the claim."""
+    head = {"model": "tiny-random-llama", "max-train-samples": 60, "label-head": True, "loss": "label-words",
+            "head-rounds": 2, "num-server-rounds": 2, "head-local-steps": 40, "head-learning-rate": 0.5,
+            "lora-targets": "q_proj,v_proj", "max-eval-samples": 8, "eval-every": 0, "max-seq-len": 64}
+
+    def run(sub, **over):
+        cfg = tiny_config(**{**head, **over, "output-dir": str(tmp_path / sub / "run")})
+        train = lambda run_cfg, n: run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]  # noqa: E731
+        return audit.run_audit(cfg, 3, tmp_path / sub, train, num_canaries=64, mia_samples=30, log=lambda *a: None)
+
+    free = run("none", **{"dp-mode": "none"})
+    assert free["canary_kind"] == "label-flip" and free["exposure_mean"] is None
+    assert free["score_mean_included"] > free["score_mean_excluded"] + 0.05, free
+    dp = run("dp", **{"dp-mode": "sample", "target-epsilon": 1.0, "secure-rng": False})
+    assert 0.9 < dp["epsilon_claimed"] <= 1.0 and dp["epsilon_lower_bound"] <= dp["epsilon_claimed"] and not dp["flagged"]
+    assert "label-flip" in (tmp_path / "dp" / "audit.md").read_text()

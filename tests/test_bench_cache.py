@@ -36,8 +36,8 @@ def test_bench_prefix_cache_quick(tmp_path):
     """In-process, without the client subprocesses: seconds."""
     res = _run(tmp_path, "--no-rss")
     assert res["benchmark"] == "prefix-cache"
-    assert set(res["median_seconds"]) == {"full-n1", "cached-n1", "build-n1", "forward", "decoder"}
-    assert set(res["ratio"]) == {"full-n1/cached-n1", "forward/build-n1", "decoder/build-n1"}
+    assert set(res["median_seconds"]) == {"full-n1", "cached-n1", "build-n1", "build-n1-unshared", "forward", "decoder"}
+    assert set(res["ratio"]) == {"full-n1/cached-n1", "forward/build-n1", "decoder/build-n1", "build-n1-unshared/build-n1"}
     for key in ("median_seconds", "ratio", "median_cpu_seconds", "examples_per_second", "speedup"):
         assert _positive(res[key]), key
     step = res["steps"]["n1"]

@@ -57,7 +57,8 @@ BAD = [
     ('lora-variant=ffa lora-targets=""', "lora-targets", "at least one module"),
     ("micro-batch-size=32 batch-size=16", "micro-batch-size", "larger than batch-size"),
     ("dp-mode=sample target-epsilon=inf noise-multiplier=0", "target-epsilon", "finite"),
-    ("dp-mode=client target-epsilon=inf noise-multiplier=-1", "target-epsilon", "finite"),
+    ("dp-mode=client population=5 target-epsilon=inf noise-multiplier=-1", "target-epsilon", "finite"),
+    ("dp-mode=client noise-multiplier=1", "population", "number of clients"),
     ("dp-mode=sample delta=0.5", "delta", "too large"),
     # unknown choice values: the line lists the valid ones
     ("dp-mode=foo", "dp-mode", "none, sample, client, paper"),

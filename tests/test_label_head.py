@@ -215,11 +215,3 @@ def test_lp_ft_run_sends_only_the_head_first_and_saves_a_head_that_reloads(tmp_p
 
     assert json.loads(result.read_text())["final_eval"]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
 
-
-def test_audit_refuses_a_label_head_run_before_training(tmp_path):
-    from fl_dplora.audit import run_audit
-
-    cfg = resolve({"model": "tiny-random-llama", "label-head": True, "loss": "label-words"})
-    with pytest.raises(ConfigError, match="^label-head: the audit's canaries"):
-        run_audit(cfg, 2, tmp_path / "audit", train=lambda *a: pytest.fail("trained"))
-    assert not (tmp_path / "audit").exists()

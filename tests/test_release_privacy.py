@@ -204,9 +204,30 @@ def test_checkpoint_is_owner_only_and_secure_runs_keep_no_sampling_state(tmp_pat
 
 def test_no_dp_mode_string_branches_outside_the_modes_module():
     root = Path(__file__).resolve().parent.parent / "fl_dplora"
-    branch = re.compile(r"""(==|!=|\bin)\s*\(?\s*["'](none|sample|client|paper)["']""")
+    # a comparison of something named *mode* (cfg["dp-mode"], dp_mode, mode) with a mode's name
+    branch = re.compile(r"""mode["'\]\)]*\s*(==|!=|\bin\b)\s*\(?\s*["'](none|sample|client|paper)["']""")
     allowed = {root / "privacy" / "modes.py", root / "config.py"}
     hits = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in root.rglob("*.py") if p not in allowed
             for i, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
     assert hits == [], hits
     assert set(MODES) == {"none", "sample", "client", "paper"}
+    assert branch.search('if cfg["dp-mode"] == "sample":') and branch.search('if dp_mode in ("client", "paper"):')
+
+
+def test_write_ahead_log_lists_every_attempt_after_the_checkpoint(tmp_path):
+    from fl_dplora.write_ahead import WriteAhead
+
+    wal = WriteAhead(tmp_path, fresh=True)
+    a2 = wal.begin(2, ["0", "1"])
+    wal.replied(a2, 2, {"0": {"sigmas": [1.0], "rates": [0.5], "steps": [2]}})
+    a3 = wal.begin(3, ["0", "1"])
+    wal.replied(a3, 3, {"0": {"sigmas": [1.0], "rates": [0.5], "steps": [3]}})
+    again = wal.begin(3, ["1"])  # the rerun of round 3 after a resume, killed before its replies
+    with open(wal.path, "a") as f:
+        f.write('{"event": "ledgers", "attempt": "cut-by-the-cra')  # a line the crash cut: ignored
+    got = wal.unaccounted(2)
+    assert [(a.id, a.round, a.asked) for a in got] == [(a3, 3, ["0", "1"]), (again, 3, ["1"])]
+    assert got[0].ledgers == {"0": {"sigmas": [1.0], "rates": [0.5], "steps": [3]}} and got[1].ledgers is None
+    assert [a.id for a in wal.unaccounted(0)] == [a2, a3, again]
+    assert stat.S_IMODE(wal.path.stat().st_mode) == 0o600
+    assert WriteAhead(tmp_path, fresh=True).unaccounted(0) == []  # a fresh run starts a fresh log

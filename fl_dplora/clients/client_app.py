@@ -19,9 +19,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_dplora import label_head, protocol
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
-from fl_dplora import label_head
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
@@ -37,7 +37,7 @@ STATE_KEY = "fl-dplora"
 def config_from_message(msg: Message) -> dict[str, Any]:
     """The server sends the full resolved run config with every message (one source of truth)."""
     record = dict(msg.content["config"])
-    run_cfg = {k: v for k, v in record.items() if not k.startswith("_") and k != "server-round"}
+    run_cfg = {k: v for k, v in record.items() if not protocol.is_instruction_key(k)}
     return resolve(run_cfg)
 
 
@@ -99,7 +99,7 @@ def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int) -> float:
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg = config_from_message(msg)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content["config"][protocol.ROUND])
     model = get_peft_model(cfg)
     tokenizer = load_tokenizer(cfg["model"])
     label_ids = _label_ids(cfg, tokenizer)
@@ -125,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
     ledger = PrivacyLedger.from_record(dict(state)) if "sigmas" in state else PrivacyLedger()
-    handed_back = msg.content["config"].get("_client-ledgers")
+    handed_back = msg.content["config"].get(protocol.CLIENT_LEDGERS)
     if "sigmas" not in state and handed_back:  # a resumed run: continue the ledger the server saved
         saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
         if saved:
@@ -151,10 +151,9 @@ def train(msg: Message, context: Context) -> Message:
         if projected.epsilon(cfg["delta"], cfg["accountant"]) > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
             record = ledger.to_record()  # the unchanged ledger, reported like after a training round
-            metrics.update({"budget-exhausted": 1, "num-examples": 0,
+            metrics.update({protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
                             "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
-                            "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
-                            "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
+                            "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
 
@@ -171,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
     # client-level modes clip here (and add local noise): the raw norm never leaves the client
-    delta = mode.client_update(delta, float(msg.content["config"].get("_sigma", 0.0)), noise_gen)
+    delta = mode.client_update(delta, float(msg.content["config"].get(protocol.SIGMA, 0.0)), noise_gen)
 
     if mode.example_level:
         ledger.step(dp.noise_multiplier, q, steps)
@@ -179,8 +178,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[STATE_KEY] = state
         record = ledger.to_record()
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
-                        "sample-rate": q, "steps-total": ledger.total_steps, "ledger-sigmas": record["sigmas"],
-                        "ledger-rates": record["rates"], "ledger-steps": record["steps"]})
+                        "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
     # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
     # counts (a public constant, never the shard size, which a whole-shard head batch would be).
     if mode.releases_raw_counts:

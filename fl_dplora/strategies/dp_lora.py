@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_dplora import protocol
 from fl_dplora.privacy.mechanisms import global_norm, make_generator
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
@@ -74,7 +75,7 @@ class DPLoRAFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids = self.sample(grid)
-        config["server-round"] = server_round
+        config[protocol.ROUND] = server_round
         self._round_keys = sorted(arrays.keys())  # a head-only round sends (and expects back) the head alone
         record = RecordDict({"arrays": arrays, "config": config})
         self.stats = RoundStats(sampled=len(node_ids), bytes_down=wire_bytes(record) * len(node_ids))
@@ -90,7 +91,7 @@ class DPLoRAFedAvg(FedAvg):
             return None, {}, f"client error: {msg.error.reason}"
         content = msg.content
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-        if metrics.get("budget-exhausted"):
+        if metrics.get(protocol.BUDGET_EXHAUSTED):
             return None, metrics, "privacy budget exhausted"
         if "arrays" not in content.array_records:
             return None, metrics, "no arrays in reply"

@@ -1,0 +1,38 @@
+"""The messages between the server and its clients, in one place.
+
+A train instruction carries the resolved run config (kebab-case keys, as in pyproject.toml) plus
+the keys below, which start with "_" (never a run-config key) or are the round number. A reply
+carries the update (ArrayRecord "arrays") and a MetricRecord "metrics" with the keys below.
+A privacy ledger travels in one encoding on the wire, in the WAL and in checkpoints: the
+{"sigmas", "rates", "steps"} lists of `PrivacyLedger.to_record()`; in a reply's metrics (flat
+numbers only) under the `ledger-` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# server -> client (ConfigRecord "config")
+ROUND = "server-round"
+SIGMA = "_sigma"  # client-level modes: the noise multiplier of the run (local noise uses it)
+CLIENT_LEDGERS = "_client-ledgers"  # after a resume: JSON {ledger key: ledger record}
+HEAD_MEAN, HEAD_SCALE = "_head-mean", "_head-scale"  # label-head feature statistics (public data)
+
+# client -> server (MetricRecord "metrics")
+BUDGET_EXHAUSTED = "budget-exhausted"
+LEDGER_PREFIX = "ledger-"
+LEDGER_FIELDS = ("sigmas", "rates", "steps")
+
+
+def is_instruction_key(key: str) -> bool:
+    """A config entry the protocol adds, not a run-config key."""
+    return key.startswith("_") or key == ROUND
+
+
+def ledger_to_metrics(record: Mapping[str, list]) -> dict[str, list]:
+    return {LEDGER_PREFIX + f: list(record[f]) for f in LEDGER_FIELDS}
+
+
+def ledger_from_metrics(metrics: Mapping[str, Any]) -> dict[str, list]:
+    return {f: list(metrics[LEDGER_PREFIX + f]) for f in LEDGER_FIELDS}
