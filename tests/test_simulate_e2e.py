@@ -243,13 +243,13 @@ def test_bytes_up_per_client_is_the_lora_payload_and_far_below_the_model(sim):
     s = sim.summary
     payload = 4 * s["trainable_params"]
     num_tensors = len(sim.adapter)
-    for r in sim.rows:
-        per_client = r["bytes_up"] / r["num_clients"]
+    for r in read_operator(sim.out)[0]:  # bytes and counts: the operator log
+        per_client = r["bytes_up"] / r["accepted"]
         # The LoRA values plus Flower's fixed framing (~0.5 KB per tensor; see test_client_reply for
         # the "within a few %" check at a size where the framing does not dominate).
         assert payload < per_client <= 1.02 * payload + 700 * num_tensors + 1024
         assert per_client < 0.01 * s["full_model_bytes"]
-        assert r["bytes_down"] / r["num_clients"] < 0.01 * s["full_model_bytes"]
+        assert r["bytes_down"] / r["accepted"] < 0.01 * s["full_model_bytes"]
 
 
 # ----------------------------------------------------------------------------- harness fidelity
@@ -271,4 +271,5 @@ def test_in_process_harness_matches_the_ray_engine(sims):
     for a, b in zip(rows, ray_run.rows):
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    for a, b in zip(read_operator(out)[0], read_operator(ray_run.out)[0]):
         assert a["bytes_up"] == b["bytes_up"]  # (bytes_down differs: the config carries the output dir)
