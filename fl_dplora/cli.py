@@ -206,8 +206,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     r = run_audit(cfg, args.num_clients, out, train, num_canaries=args.canaries, repeats=args.repeats,
                   num_references=args.references, audit_seed=args.audit_seed)
     claimed = "inf" if r["epsilon_claimed"] is None else f"{r['epsilon_claimed']:.3f}"
-    print(f"fl-dplora: audit: epsilon lower bound {r['epsilon_lower_bound']:.3f} vs claimed {claimed}; exposure mean "
-          f"{r['exposure_mean']:.2f} max {r['exposure_max']:.2f} bits; MIA AUC {r['mia_auc']:.3f}; {out / 'audit.json'}")
+    exposure = ("" if r["exposure_mean"] is None  # label-flip canaries have no answer space to rank in
+                else f"exposure mean {r['exposure_mean']:.2f} max {r['exposure_max']:.2f} bits; ")
+    print(f"fl-dplora: audit: epsilon lower bound {r['epsilon_lower_bound']:.3f} vs claimed {claimed}; {exposure}"
+          f"MIA AUC {r['mia_auc']:.3f}; {out / 'audit.json'}")
     if r["flagged"]:
         print("fl-dplora: audit: FLAGGED: the lower bound exceeds the claimed epsilon", file=sys.stderr)
         return 3
