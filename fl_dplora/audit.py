@@ -89,10 +89,14 @@ def make_plan(dp_mode: str, data_clients: int, num_canaries: int, repeats: int, 
             seen.add(s)
             secrets.append(s)
     included = [rng.random() < 0.5 for _ in range(num_canaries)]
+    return Plan(secrets[:num_canaries], included, secrets[num_canaries:], repeats,
+                *_placement(dp_mode, data_clients, included))
+
+
+def _placement(dp_mode: str, data_clients: int, included: Sequence[bool]) -> tuple[str, int, int]:
+    """(unit, data clients, clients in the run): client-level modes get one extra client per included canary."""
     per_client = MODES[dp_mode].client_level
-    unit = "client" if per_client else "example"
-    total = data_clients + (sum(included) if per_client else 0)
-    return Plan(secrets[:num_canaries], included, secrets[num_canaries:], repeats, unit, data_clients, total)
+    return ("client" if per_client else "example", data_clients, data_clients + (sum(included) if per_client else 0))
 
 
 def make_label_flip_plan(dp_mode: str, data_clients: int, pool: Sequence[Example], label_words: Sequence[str],
@@ -106,9 +110,7 @@ def make_label_flip_plan(dp_mode: str, data_clients: int, pool: Sequence[Example
     chosen = rng.sample(list(pool), num_canaries)
     answers = [rng.choice([w for i, w in enumerate(label_words) if i != e.label] or list(label_words)) for e in chosen]
     included = [rng.random() < 0.5 for _ in range(num_canaries)]
-    per_client = MODES[dp_mode].client_level
-    total = data_clients + (sum(included) if per_client else 0)
-    return Plan(answers, included, [], repeats, "client" if per_client else "example", data_clients, total,
+    return Plan(answers, included, [], repeats, *_placement(dp_mode, data_clients, included),
                 prompts=[e.prompt for e in chosen])
 
 

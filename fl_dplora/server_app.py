@@ -41,11 +41,6 @@ def preflight(cfg: Mapping[str, Any]) -> None:
     check_task(cfg["task"])
 
 
-def client_level_sigma(cfg: Mapping[str, Any]) -> tuple[float, float]:
-    """(σ applied to the noise std σC, σ the accountant sees) of a client-level dp-mode (modes.py)."""
-    return for_config(cfg).noise_multipliers()
-
-
 class RunWriter:
     def __init__(self, out_dir: Path, keep_rounds: int = 0):
         """Start metrics.jsonl afresh, or keep its first `keep_rounds` rows when resuming."""
@@ -99,8 +94,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     if mode.client_level:
         log.info("client-level DP: noise multiplier %.4f (accountant sees %.4f), q=%.3f, %d rounds, divisor q x population = %g",
                  server_sigma, accountant_sigma, cfg["fraction-train"], cfg["num-server-rounds"], mode.divisor)
-    if mode.reference_note():
-        log.info(mode.reference_note())
+    note = mode.reference_note()
+    if note:
+        log.info(note)
 
     rounds = int(cfg["num-server-rounds"])
     totals = {"up": 0, "down": 0}
@@ -160,7 +156,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                     node_keys[int(m["node_id"])] = str(key)
                     client_eps[key] = {k: v for k, v in m.items() if not k.startswith(protocol.LEDGER_PREFIX)}
                     client_ledgers[str(key)] = protocol.ledger_from_metrics(m)
-            epsilon = max((float(m["epsilon"]) for m in client_eps.values()), default=0.0)
+            epsilon = _run_epsilon(mode, server_ledger, client_ledgers, cfg)
         wal.replied(attempt, rnd, client_ledgers if mode.example_level else {})
         exhausted = [m for m in st.client_metrics if m.get(protocol.BUDGET_EXHAUSTED)]
 

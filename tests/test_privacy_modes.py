@@ -211,12 +211,12 @@ def test_paper_mode_with_ffa_has_sensitivity_c_not_root2_c():
     """paper + FFA sends only ΔB, clipped to C: the accountant's multiplier is the noise's (issue 15)."""
     from fl_dplora.config import resolve
     from fl_dplora.privacy.accounting import calibrate_noise_multiplier
-    from fl_dplora.server_app import client_level_sigma
+    from fl_dplora.privacy.modes import for_config
 
     base = {"dp-mode": "paper", "target-epsilon": 8.0, "num-server-rounds": 3, "fraction-train": 1.0,
             "label-head": False, "population": 4}
     z = calibrate_noise_multiplier(8.0, 1e-5, 1.0, 3, "prv")
-    applied, accounted = client_level_sigma(resolve({**base, "lora-variant": "ffa"}))
+    applied, accounted = for_config(resolve({**base, "lora-variant": "ffa"})).noise_multipliers()
     assert applied == pytest.approx(z) and accounted == pytest.approx(z)
-    applied, accounted = client_level_sigma(resolve({**base, "lora-variant": "lora"}))
+    applied, accounted = for_config(resolve({**base, "lora-variant": "lora"})).noise_multipliers()
     assert applied == pytest.approx(z * 2 ** 0.5) and accounted == pytest.approx(z)
