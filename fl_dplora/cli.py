@@ -127,43 +127,87 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
 
 
+def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
+    """The config and adapter folder of `--run DIR` (the run's own config) or `--adapter` + `--run-config`."""
+    from fl_dplora import adapter_io
+
+    overrides = parse_overrides(args.run_config)
+    if getattr(args, "run", None):
+        if getattr(args, "adapter", None):
+            raise ConfigError("--adapter: give --run DIR or --adapter, not both")
+        return adapter_io.run_config(args.run, overrides), adapter_io.adapter_dir(args.run)
+    cfg = resolve(overrides)
+    if getattr(args, "adapter", None):
+        adapter_io.check_adapter_dir(args.adapter)
+        return cfg, Path(args.adapter)
+    return cfg, None
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score the base model (zero-shot) or a saved adapter on a task's evaluation split."""
+    """Score the base model (zero-shot), a saved adapter or a finished run on a task's evaluation
+    split, or on the whole of a given file (`--eval-file`)."""
     import time
 
-    cfg = resolve(parse_overrides(args.run_config))
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter: {args.adapter} has no adapter_config.json (give a run's adapter/ folder)")
-    from fl_dplora.data import eval_examples, load_task
+    cfg, adapter = _adapter_source(args)
+    from fl_dplora.adapter_io import load_adapted_model
+    from fl_dplora.data import eval_examples, load_local_file, load_task
     from fl_dplora.evaluate import evaluate
-    from fl_dplora.models import get_peft_model, load_base_model, load_tokenizer, reset_adapter
+    from fl_dplora.models import get_peft_model, load_tokenizer, reset_adapter
     from fl_dplora.server_app import preflight
 
     preflight(cfg)
     t0 = time.time()
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_base_model(cfg["model"], int(cfg["seed"])), args.adapter)
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    # a given file is scored whole (every row, in order), with the task's prompt and label words
+    examples = load_local_file(args.eval_file, task, flag="--eval-file") if args.eval_file else eval_examples(cfg)
+    if adapter is not None:
+        model = load_adapted_model(cfg, adapter, task)
     else:  # a zero LoRA B makes the adapted model compute exactly the base model
         model = get_peft_model(cfg)
         reset_adapter(model)
-    task = load_task(cfg["task"], int(cfg["seed"]))
-    if args.adapter:
-        from fl_dplora import label_head
-        from fl_dplora.forward import label_first_tokens
-
-        head = label_head.load(model, Path(args.adapter))  # a run with label-head = true saved one
-        if head is not None and head.token_ids.tolist() != label_first_tokens(load_tokenizer(cfg["model"]), task.label_words):
-            raise ConfigError(f"--adapter: its label head scores other label words than task {cfg['task']}")
-    result = evaluate(model, load_tokenizer(cfg["model"]), task, eval_examples(cfg), int(cfg["max-seq-len"]),
+    result = evaluate(model, load_tokenizer(cfg["model"]), task, examples, int(cfg["max-seq-len"]),
                       system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
-    summary = {"kind": "adapter" if args.adapter else "zero-shot", "adapter": args.adapter, "final_eval": result,
-               "wall_seconds": time.time() - t0, "config": cfg}
+    summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
+               "eval_file": args.eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2))
     print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Answer prompts with a finished run's adapter: one JSON line per text."""
+    cfg, adapter = _adapter_source(args)
+    if adapter is None:
+        raise ConfigError("predict: give --run DIR (or --adapter with --run-config)")
+    texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ConfigError("predict: give one or more texts (arguments or one per line on stdin)")
+    from fl_dplora.adapter_io import answer, load_adapted_model
+    from fl_dplora.data import load_task
+    from fl_dplora.models import load_tokenizer
+
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    model = load_adapted_model(cfg, adapter, task)
+    for row in answer(model, load_tokenizer(cfg["model"]), task, cfg, texts):
+        print(json.dumps(row))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fl_dplora.adapter_io import export
+
+    out = export(args.run, args.output, args.merge, parse_overrides(args.run_config))
+    print(f"fl-dplora: {'merged model' if args.merge else 'adapter'} with model card in {out}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Every run-config key: type, default, allowed values and help (the schema of config.py)."""
+    from fl_dplora.config import describe_keys
+
+    print(describe_keys(markdown=args.markdown))
     return 0
 
 
@@ -232,9 +276,30 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help names each option's default, where it has one worth naming."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not (action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fl-dplora")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-dplora", description="Federated DP-LoRA fine-tuning on Flower")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="run the Flower app in the simulation engine (Ray backend)")
@@ -247,11 +312,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", default=None, help="attach to a running Ray cluster, e.g. auto")
     s.set_defaults(func=_cmd_simulate)
 
-    ev = sub.add_parser("evaluate", help="score the base model (zero-shot) or a saved adapter on a task's eval split")
+    ev = sub.add_parser("evaluate", help="score the base model (zero-shot), a saved adapter or a finished run")
+    ev.add_argument("--run", metavar="DIR", default=None,
+                    help="a finished run's output dir: its adapter with its own config (--run-config overrides keys)")
     ev.add_argument("--run-config", default="", help='e.g. "task=medical-qa max-eval-samples=500"')
     ev.add_argument("--adapter", default=None, help="a run's adapter/ folder (default: the base model, zero-shot)")
+    ev.add_argument("--eval-file", default=None, help="score every row of this csv/jsonl/json/parquet file "
+                    "(columns text+label: the task's label words or their indices; or instruction+response)")
     ev.add_argument("--output", default=None, help="write the result as JSON here")
     ev.set_defaults(func=_cmd_evaluate)
+
+    pd_ = sub.add_parser("predict", help="answer texts with a finished run's adapter (one JSON line each)")
+    pd_.add_argument("text", nargs="*", help="input texts (default: one per line on stdin)")
+    pd_.add_argument("--run", metavar="DIR", default=None, help="a finished run's output dir")
+    pd_.add_argument("--adapter", default=None, help="an adapter/ folder (with --run-config for its model and task)")
+    pd_.add_argument("--run-config", default="", help="override keys of the run's config")
+    pd_.set_defaults(func=_cmd_predict)
+
+    xp = sub.add_parser("export", help="write a run's adapter (or the merged model) with a model card")
+    xp.add_argument("run", metavar="DIR", help="a finished run's output dir")
+    xp.add_argument("--output", required=True, help="a new (or empty) folder")
+    xp.add_argument("--merge", action="store_true", help="fold LoRA into the base weights: a transformers folder that loads without peft")
+    xp.add_argument("--run-config", default="", help="override keys of the run's config (e.g. model=PATH if it moved)")
+    xp.set_defaults(func=_cmd_export)
+
+    cf = sub.add_parser("config", help="list every run-config key with its default, allowed values and help")
+    cf.add_argument("--markdown", action="store_true", help="as the Markdown table of the README")
+    cf.set_defaults(func=_cmd_config)
 
     au = sub.add_parser("audit", help="train with planted canaries, then measure exposure, MIA and a one-run epsilon lower bound")
     au.add_argument("--num-clients", type=int, default=5, help="data clients (client-level modes add one per canary)")
@@ -290,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_privacy)
     from fl_dplora.bench import add_parser as _add_bench
     _add_bench(sub)
+    for parser in (p, *sub.choices.values()):  # --help shows every option's default
+        parser.formatter_class = _HelpWithDefaults
     return p
 
 
@@ -315,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # `fl-dplora config | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 0
     except RuntimeError as exc:
         if args.verbose:
             raise

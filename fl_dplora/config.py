@@ -114,6 +114,33 @@ def pyproject_defaults() -> dict[str, Any]:
     return defaults
 
 
+def allowed_values(spec: Key) -> str:
+    if spec.choices:
+        return " | ".join(spec.choices)
+    if spec.type is bool:
+        return "true | false"
+    parts = []
+    if spec.min is not None:
+        parts.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")
+    if spec.max is not None:
+        parts.append(f"<= {spec.max:g}")
+    return ", ".join(parts) or "any " + spec.type.__name__
+
+
+def describe_keys(markdown: bool = False) -> str:
+    """Every run-config key with its effective default (pyproject's), allowed values and help."""
+    defaults = pyproject_defaults()
+    show = lambda v: str(v).lower() if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v))
+    if markdown:
+        rows = ["| key | default | allowed | what it does |", "|---|---|---|---|"]
+        rows += [f"| `{k}` | `{show(defaults[k])}` | {allowed_values(spec)} | {spec.help.replace('|', '/')} |"
+                 for k, spec in SCHEMA.items()]
+        return "\n".join(rows)
+    width, dwidth = max(map(len, SCHEMA)), min(16, max(len(show(defaults[k])) for k in SCHEMA))
+    return "\n".join(f"{k:<{width}}  {show(defaults[k]):<{dwidth}}  [{allowed_values(spec)}]  {spec.help}"
+                     for k, spec in SCHEMA.items())
+
+
 def parse_overrides(text: str | None) -> dict[str, Any]:
     """Parse `--run-config "k=v k2=v2"` the way Flower does (TOML values, bare strings allowed)."""
     out: dict[str, Any] = {}

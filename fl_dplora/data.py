@@ -219,21 +219,21 @@ def load_task(task: str, seed: int = 42) -> TaskData:
     return _hub_dataset(task, seed)
 
 
-def load_local_file(path: str, task: TaskData) -> list[Example]:
+def load_local_file(path: str, task: TaskData, flag: str = "data-path") -> list[Example]:
     """A SuperNode's own data file (deployment): every row is this client's training data.
 
     Labels may be the task's label words or their indices (TFNS ships 0/1/2).
     """
     p = Path(os.path.expanduser(path))
     if p.suffix not in FILE_SUFFIXES or not p.is_file():
-        raise ConfigError(f"data-path: not a readable {'/'.join(FILE_SUFFIXES)} file: {path}")
+        raise ConfigError(f"{flag}: not a readable {'/'.join(FILE_SUFFIXES)} file: {path}")
     rows = _read_file(p)
     if not rows:
-        raise ConfigError(f"data-path: {path} has no rows")
+        raise ConfigError(f"{flag}: {path} has no rows")
     cols = set(rows[0])
     if task.kind == "classification":
         if not {"text", "label"} <= cols:
-            raise ConfigError(f"data-path: {path} needs columns text+label; it has {', '.join(sorted(cols))}")
+            raise ConfigError(f"{flag}: {path} needs columns text+label; it has {', '.join(sorted(cols))}")
         words = task.label_words
         labels = []
         for r in rows:
@@ -243,10 +243,10 @@ def load_local_file(path: str, task: TaskData) -> list[Example]:
             elif raw.isdigit() and int(raw) < len(words):
                 labels.append(int(raw))
             else:
-                raise ConfigError(f"data-path: label {raw!r} in {path} is not one of {words} (or their index)")
+                raise ConfigError(f"{flag}: label {raw!r} in {path} is not one of {words} (or their index)")
         return _cls_examples([str(r["text"]) for r in rows], labels, words, task.instruction)
     if not {"instruction", "response"} <= cols:
-        raise ConfigError(f"data-path: {path} needs columns instruction+response; it has {', '.join(sorted(cols))}")
+        raise ConfigError(f"{flag}: {path} needs columns instruction+response; it has {', '.join(sorted(cols))}")
     return [_instruct_example(r) for r in rows]
 
 

@@ -1,0 +1,160 @@
+"""The adapter after training: reopen a finished run, score it, ask it, export it.
+
+A run directory holds `summary.json` (its resolved run config, final eval and privacy block) and
+`adapter/` (the PEFT adapter and, with `label-head = true`, the head next to it). Everything here
+reads the model, tokenization and task from that config, so a user repeats no flag; any key can be
+overridden (`--run-config`), e.g. another `task` file to score the adapter on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fl_dplora.config import SCHEMA, ConfigError, resolve
+
+# Keys that describe where or how a run was executed, not what its adapter is.
+_RUN_ONLY = ("output-dir", "resume", "audit-canaries")
+DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
+    "fin-sentiment": "MIT (Twitter Financial News Sentiment, zeroshot/twitter-financial-news-sentiment)",
+    "medical-qa": "MIT (PubMedQA, github.com/pubmedqa/pubmedqa)",
+    "general-instruct": "CC BY-SA 3.0 (databricks-dolly-15k)",
+}
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"--run: {run_dir} has no summary.json (give the output dir of a finished run)")
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"--run: {path} is not valid JSON ({exc})") from None
+    if not isinstance(summary.get("config"), dict):
+        raise ConfigError(f"--run: {path} holds no run config")
+    return summary
+
+
+def run_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's own resolved config, with `overrides` (already parsed) on top."""
+    saved = {k: v for k, v in read_summary(run_dir)["config"].items() if k in SCHEMA and k not in _RUN_ONLY}
+    return resolve({**saved, **dict(overrides or {})})
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    folder = Path(run_dir) / "adapter"
+    check_adapter_dir(folder, "--run")
+    return folder
+
+
+def check_adapter_dir(folder: str | Path, flag: str = "--adapter") -> None:
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ConfigError(f"{flag}: {folder} has no adapter_config.json (give a run's adapter/ folder or its output dir)")
+
+
+def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
+    """Base model + the saved adapter (+ label head), ready to evaluate; refuses a head trained on
+    other label words than `task`'s."""
+    from peft import PeftModel
+
+    from fl_dplora import label_head
+    from fl_dplora.forward import label_first_tokens
+    from fl_dplora.models import load_base_model, load_tokenizer
+
+    model = PeftModel.from_pretrained(load_base_model(cfg["model"], int(cfg["seed"])), str(folder))
+    head = label_head.load(model, Path(folder))
+    if head is not None and head.token_ids.tolist() != label_first_tokens(load_tokenizer(cfg["model"]), task.label_words):
+        raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")
+    return model
+
+
+def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str]) -> list[dict[str, Any]]:
+    """One answer per input text, through the same prompt and scorer as training and evaluation:
+    classification gives the chosen label word and every label's probability, generation the
+    greedy continuation."""
+    from fl_dplora.data import Example, _cls_examples
+    from fl_dplora.evaluate import evaluate, generate_answer
+
+    if task.kind == "classification":
+        examples = _cls_examples(list(texts), [0] * len(texts), task.label_words, task.instruction)
+        result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
+                          prefix_cache="off", with_predictions=True)
+        return [{"text": t, "answer": task.label_words[p], "probabilities": dict(zip(task.label_words, probs))}
+                for t, p, probs in zip(texts, result["predictions"], result["probabilities"])]
+    return [{"text": t, "answer": generate_answer(model, tokenizer, Example(t, ""), int(cfg["max-seq-len"]),
+                                                  cfg["system-prompt"])} for t in texts]
+
+
+def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool) -> str:
+    """README.md of an exported adapter: what it is, how private, how good, whose data."""
+    privacy = summary.get("privacy") or {}
+    eps = privacy.get("epsilon")
+    mode = privacy.get("mode") or cfg["dp-mode"]
+    fe = summary.get("final_eval") or {}
+    licence = DATA_LICENCES.get(cfg["task"], "the licence of the data the clients trained on (not known to fl-dplora)")
+    scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fe.items()
+                       if k in ("accuracy", "macro_f1", "majority_rate", "loss", "perplexity", "num_examples"))
+    meta = ["---", f"base_model: {cfg['model']}", "library_name: " + ("transformers" if merged else "peft"),
+            "tags: [fl-dplora, federated-learning, differential-privacy, lora]", "---", ""]
+    lines = [
+        f"# fl-dplora adapter: {cfg['task']}",
+        "",
+        ("A merged model (the LoRA update folded into the base weights): it loads with "
+         "`AutoModelForCausalLM.from_pretrained` alone." if merged else
+         "A PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base, this_folder)`."),
+        "",
+        "| | |", "|---|---|",
+        f"| base model | {cfg['model']} |",
+        f"| task | {cfg['task']} |",
+        f"| dp-mode | {mode} |",
+        f"| epsilon | {'inf (no DP)' if eps is None else f'{eps:.4f}'} |",
+        f"| delta | {privacy.get('delta', cfg['delta']) if eps is not None else '-'} |",
+        f"| unit protected | {privacy.get('unit') or '-'} |",
+        f"| clients (declared population) | {cfg.get('population') or 'not declared'} |",
+        f"| rounds | {summary.get('rounds')} |",
+        f"| LoRA | {cfg['lora-variant']} r={cfg['lora-rank']} alpha={cfg['lora-alpha']} on {cfg['lora-targets']} "
+        f"(last {cfg['lora-layers'] or 'all'} blocks) |",
+        f"| final central eval | {scores or '-'} |",
+        f"| training data licence | {licence} |",
+        "",
+        "epsilon and delta cover everything the run released, under the dp-mode's accountant "
+        f"({privacy.get('accountant') or '-'}); see the fl-dplora README, section Privacy.",
+    ]
+    if has_head:
+        lines += ["", "This run trained a label head (`label_head.safetensors`, docs/label-head.md): it replaces the "
+                  "label words' logits at the answer position. transformers alone gives the language model's own "
+                  "answer logits; `fl-dplora predict` and `fl-dplora evaluate` apply the head."]
+    return "\n".join(meta + lines) + "\n"
+
+
+def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write the run's adapter (or the merged model) with a model card to `output`."""
+    from fl_dplora import label_head
+    from fl_dplora.data import load_task
+    from fl_dplora.models import load_tokenizer
+
+    summary = read_summary(run_dir)
+    cfg = run_config(run_dir, overrides)
+    src = adapter_dir(run_dir)
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--output: {out} exists and is not empty (nothing overwritten)")
+    has_head = (src / label_head.FILE).is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        model = load_adapted_model(cfg, src, load_task(cfg["task"], int(cfg["seed"])))
+        merged = model.merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(str(out))
+        load_tokenizer(cfg["model"]).save_pretrained(str(out))
+        if has_head:
+            shutil.copy2(src / label_head.FILE, out / label_head.FILE)
+    else:
+        for f in src.iterdir():
+            if f.is_file() and f.name != "README.md":  # PEFT's own blank card is replaced below
+                shutil.copy2(f, out / f.name)
+    (out / "README.md").write_text(model_card(summary, cfg, merge, has_head))
+    return out
