@@ -48,7 +48,7 @@ SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round
 # prefix-cache changes where the frozen blocks run, never what a run computes (exact to float rounding).
 LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
                                  "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
-                                 "head-learning-rate": 0.2}
+                                 "head-learning-rate": 0.2, "fraction-evaluate": 0.0}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -56,6 +56,7 @@ SCHEMA: dict[str, Key] = {
     "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),
     "num-server-rounds": Key(int, 3, min=1, help="federated rounds"),
     "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson-sampled when dp-mode=client/paper)"),
+    "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="federated evaluation: the fraction of nodes that score the global adapter on their own held-out data (node-config eval-path) after each evaluation round; 0 = central only. Their numbers come from private data: operator log only, never the released outputs"),
     "local-steps": Key(int, 2, min=1, help="optimizer steps per client per round"),
     "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
     "micro-batch-size": Key(int, 32, min=1, help="examples per forward/backward; bounds memory, not the math"),

@@ -162,6 +162,12 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
         if rnd == rounds or (cfg["eval-every"] and rnd % int(cfg["eval-every"]) == 0):
             last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
+            fed = strategy.federated_evaluate(rnd, ConfigRecord({**client_cfg, **head_config}), grid)
+            if fed is not None:  # metrics of the nodes' private data: the operator's, never released
+                wal.operator({"round": rnd, "event": "federated-eval", **fed})
+                log.info("[round %d/%d] federated eval (operator log): %d/%d nodes, %d examples, %s", rnd, rounds,
+                         fed["replied"], fed["asked"], fed["num-examples"],
+                         " ".join(f"{k}={v:.4f}" for k, v in fed["weighted"].items()) or "-")
         losses = [m["train_loss"] for m in st.client_metrics if "train_loss" in m]
         row = {  # released: DP outputs and the evaluation on the server's own data only
             "round": rnd,

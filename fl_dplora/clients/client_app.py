@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -20,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_dplora import label_head, protocol
+from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
 from fl_dplora.forward import attach_prefix, label_token_ids
@@ -100,6 +102,10 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg = config_from_message(msg)
     server_round = int(msg.content["config"][protocol.ROUND])
+    mode = for_config(cfg)
+    policy = NodePolicy.from_node_config(context.node_config)
+    log_row = {"run-id": int(context.run_id), "round": server_round, "dp-mode": mode.name, "unit": mode.unit}
+    _enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
     model = get_peft_model(cfg)
     tokenizer = load_tokenizer(cfg["model"])
     label_ids = _label_ids(cfg, tokenizer)
@@ -130,7 +136,6 @@ def train(msg: Message, context: Context) -> Message:
         saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
         if saved:
             ledger = PrivacyLedger.from_record(saved)
-    mode = for_config(cfg)
     stage = stage_config(cfg, server_round, n)
     q = min(1.0, int(stage["batch-size"]) / n)
     part = _client_seed_parts(context)
@@ -148,7 +153,8 @@ def train(msg: Message, context: Context) -> Message:
         sigma = _dp_sample_sigma(cfg, state, n)
         projected = PrivacyLedger.from_record(ledger.to_record())
         projected.step(sigma, q, int(stage["local-steps"]))
-        if projected.epsilon(cfg["delta"], cfg["accountant"]) > cfg["target-epsilon"] * (1 + 1e-6):
+        epsilon_after = projected.epsilon(cfg["delta"], cfg["accountant"])
+        if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
             record = ledger.to_record()  # the unchanged ledger, reported like after a training round
             metrics.update({protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
@@ -156,6 +162,14 @@ def train(msg: Message, context: Context) -> Message:
                             "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
+    elif mode.client_level and policy.active:  # the run's client-level ledger after this round: one event per round so far
+        run_ledger = PrivacyLedger()
+        for _ in range(server_round):
+            run_ledger.step(*mode.round_event(mode.noise_multipliers()[1]))
+        epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
+    else:
+        epsilon_after = float("inf") if mode.unit is None else float("nan")  # nan: not computed (no policy)
+    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after))
 
     trainable = [params[k] for k in keys if params[k].requires_grad]
     head = label_head.get(model)
@@ -179,6 +193,8 @@ def train(msg: Message, context: Context) -> Message:
         record = ledger.to_record()
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
                         "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
+    policy.record({**log_row, "epsilon": epsilon_after, "delta": cfg["delta"] if mode.unit else None,
+                   "accountant": cfg["accountant"] if mode.unit else None})
     # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
     # counts (a public constant, never the shard size, which a whole-shard head batch would be).
     if mode.releases_raw_counts:
@@ -189,9 +205,60 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _enforce(policy: NodePolicy, log_row: dict[str, Any], check) -> None:
+    """Run one of the node's policy checks; a refusal goes to the node's own log, then to the server."""
+    try:
+        check()
+    except NodeRefusal as exc:
+        policy.record({**log_row, "refused": str(exc)})
+        raise
+
+
 def _label_ids(cfg: dict[str, Any], tokenizer) -> torch.Tensor | None:
     """The label words' first tokens when the run trains with loss = label-words on a classification task."""
     if cfg["loss"] != "label-words":
         return None
     task = load_task(cfg["task"], int(cfg["seed"]))
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
+
+
+def local_eval_examples(cfg: dict[str, Any], node: Mapping[str, Any]):
+    """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
+    the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
+    task = load_task(cfg["task"], int(cfg["seed"]))
+    if node.get("eval-path"):
+        return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path")
+    if node.get("data-path"):
+        raise ConfigError("federated evaluation: this node has no eval-path in its node config")
+    part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    return task, task.eval[part::parts]
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the global adapter (and head) on this node's held-out data with the server's scorer.
+    The reply holds plain metrics of private data: the server keeps them in the operator log."""
+    from fl_dplora.evaluate import evaluate
+
+    cfg = config_from_message(msg)
+    task, examples = local_eval_examples(cfg, context.node_config)
+    if not examples:
+        raise ConfigError("federated evaluation: this node's held-out data is empty")
+    model = get_peft_model(cfg)
+    tokenizer = load_tokenizer(cfg["model"])
+    if cfg["label-head"]:
+        label_head.install(model, _label_ids(cfg, tokenizer).tolist(), *label_head.stats_from_config(msg.content["config"]))
+    else:
+        label_head.remove(model)
+    params = adapter_parameters(model, cfg)
+    weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
+    if set(weights) != set(params):
+        raise ValueError("global adapter keys do not match this client's LoRA config")
+    with torch.no_grad():
+        for key, value in weights.items():
+            params[key].copy_(value)
+    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
+                      prefix_cache=cfg["prefix-cache"])
+    metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
+               **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -56,6 +56,8 @@ class DPLoRAFedAvg(FedAvg):
         secure = bool(cfg["secure-rng"])
         # secure: client sampling from the OS CSPRNG, which has no state a checkpoint could leak
         self._rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]))
+        # federated evaluation samples from its own stream: it never changes which clients train next
+        self._eval_rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]) + 1)
         self._noise_gen = None if secure else make_generator(int(cfg["seed"]), -1)
         self.stats = RoundStats()
 
@@ -175,6 +177,42 @@ class DPLoRAFedAvg(FedAvg):
             kept_u.append(u)
             kept_w.append(w)
         return kept_u, kept_w
+
+    # -------------------------------------------------------------- federated evaluation
+    def federated_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> dict[str, Any] | None:
+        """Sampled nodes score the global adapter on their own held-out data (fraction-evaluate).
+
+        Returns per-node metrics and their means weighted by each node's example count (macro-F1:
+        the weighted mean of the nodes' own macro-F1), or None when no node was asked. The numbers
+        describe private data: the caller writes them to the operator log only."""
+        frac = float(self.cfg["fraction-evaluate"])
+        nodes = sorted(grid.get_node_ids())
+        if frac <= 0 or not nodes:
+            return None
+        chosen = sorted(self._eval_rng.sample(nodes, max(1, min(len(nodes), round(frac * len(nodes))))))
+        config = ConfigRecord({**dict(config), protocol.ROUND: server_round})
+        record = RecordDict({"arrays": self.global_record(), "config": config})
+        sent = list(self._construct_messages(record, chosen, MessageType.EVALUATE))
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        replies = grid.send_and_receive(sent, timeout=float(self.cfg["round-timeout"]))
+        per_node, failed = [], []
+        for msg in replies:
+            node = to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                reason = msg.error.reason if msg.has_error() else "no metrics in reply"
+                failed.append(f"node {node}: {reason}")
+                log.warning("round %d: federated evaluation: node %s: %s", server_round, node, reason)
+                continue
+            per_node.append({"node_id": node, **dict(msg.content["metrics"])})
+        total = sum(int(m["num-examples"]) for m in per_node)
+        means = {}
+        for key in ("accuracy", "loss", "macro-f1", "majority-rate"):
+            have = [m for m in per_node if key in m]
+            n = sum(int(m["num-examples"]) for m in have)
+            if n:
+                means[key] = sum(float(m[key]) * int(m["num-examples"]) for m in have) / n
+        return {"asked": len(chosen), "replied": len(per_node), "failed": failed, "num-examples": total,
+                "weighted": means, "nodes": per_node}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue sampling and noise exactly where they were."""

@@ -1,0 +1,99 @@
+"""What a node accepts, whatever the server asks: its own privacy floor and ε log.
+
+An organisation sets these in its SuperNode's node config (`flower-supernode --node-config ...`):
+
+- `max-epsilon`: the most ε this node's data may spend in one run. The node refuses to train
+  (before touching its data) when the run's dp-mode gives no ε (none), when the run targets more,
+  or when this round would take its own ledger past it (a fixed noise-multiplier).
+- `require-dp-mode`: comma-separated dp-modes the node trains under (e.g. `"sample"`).
+- `epsilon-log`: a JSONL file on the node: one line per round it trained (its ε, δ, dp-mode, unit)
+  or refused (why). Default: `~/.fl-dplora/node-epsilon.jsonl` on a node with its own `data-path`
+  (a real organisation), none for the simulation's virtual nodes.
+
+A refusal raises NodeRefusal: Flower returns it to the server as the node's error reply, the server
+logs it with the node id and the round goes on with the other nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_dplora.config import DP_MODES, ConfigError
+
+DEFAULT_LOG = Path("~/.fl-dplora/node-epsilon.jsonl")
+
+
+class NodeRefusal(ConfigError):
+    """This node will not train in this run (its own policy); the message says why."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    max_epsilon: float | None = None
+    allowed_modes: tuple[str, ...] | None = None
+    log_path: Path | None = None
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> NodePolicy:
+        max_eps = node.get("max-epsilon")
+        if max_eps is not None:
+            try:
+                max_eps = float(max_eps)
+            except (TypeError, ValueError):
+                raise ConfigError(f"node-config max-epsilon: expected a number, got {max_eps!r}") from None
+            if not max_eps > 0:
+                raise ConfigError(f"node-config max-epsilon: must be > 0, got {max_eps}")
+        modes = None
+        if node.get("require-dp-mode"):
+            modes = tuple(m.strip() for m in str(node["require-dp-mode"]).split(",") if m.strip())
+            bad = [m for m in modes if m not in DP_MODES]
+            if bad:
+                raise ConfigError(f"node-config require-dp-mode: {', '.join(bad)} not one of {', '.join(DP_MODES)}")
+        log = node.get("epsilon-log")
+        if log:
+            log_path = Path(os.path.expanduser(str(log)))
+        elif node.get("data-path"):
+            log_path = DEFAULT_LOG.expanduser()
+        else:
+            log_path = None
+        return cls(max_eps, modes, log_path)
+
+    @property
+    def active(self) -> bool:
+        return self.max_epsilon is not None or self.log_path is not None
+
+    def check_run(self, cfg: Mapping[str, Any], unit: str | None) -> None:
+        """Before any data is read: the run's dp-mode and planned budget against this node's floor."""
+        if self.allowed_modes is not None and cfg["dp-mode"] not in self.allowed_modes:
+            raise NodeRefusal(f"node policy: dp-mode {cfg['dp-mode']} is not one this node trains under "
+                              f"(require-dp-mode {', '.join(self.allowed_modes)})")
+        if self.max_epsilon is None:
+            return
+        if unit is None:
+            raise NodeRefusal(f"node policy: dp-mode none gives no epsilon; this node allows at most {self.max_epsilon:g}")
+        if cfg["noise-multiplier"] <= 0 and cfg["target-epsilon"] > self.max_epsilon * (1 + 1e-9):
+            raise NodeRefusal(f"node policy: the run targets epsilon {cfg['target-epsilon']:g}; this node allows at "
+                              f"most max-epsilon {self.max_epsilon:g}")
+
+    def check_round(self, epsilon_after: float) -> None:
+        """The ε this node's data would have spent once this round is done."""
+        if self.max_epsilon is not None and epsilon_after > self.max_epsilon * (1 + 1e-9):
+            raise NodeRefusal(f"node policy: this round would raise this node's epsilon to {epsilon_after:.4g} > "
+                              f"max-epsilon {self.max_epsilon:g}")
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        """Append one line to the node's own ε log (owner-only file)."""
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        clean = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **clean}) + "\n")
