@@ -21,7 +21,7 @@ FEATURES = "label_head_features.pt"
 
 def build_features():
     from fl_dplora.config import resolve
-    from fl_dplora.data import FIN_INSTRUCTION, Example, client_examples, collate, encode_all, eval_examples, load_task
+    from fl_dplora.data import Example, client_examples, collate, encode_all, eval_examples, load_task
     from fl_dplora.forward import _decoder_and_head, _top_blocks_only, attach_prefix, decoder_blocks, label_first_tokens
     from fl_dplora.models import get_peft_model, load_tokenizer
     cfg = resolve({"prefix-cache": "disk", "secure-rng": False})
@@ -58,7 +58,7 @@ def build_features():
     enc = attach_prefix(model, encode_all(tok, ev, 96, ""), "disk")
     res["eval"] = (feats(enc), torch.tensor([e.label for e in ev])); print("eval", time.time() - t, flush=True)
     dolly = load_task("general-instruct").train[:400]
-    pub = [Example(prompt=f"{FIN_INSTRUCTION}\n\n{d.prompt[:280]}", answer="neutral", label=2) for d in dolly]
+    pub = [Example(prompt=f"{load_task('fin-sentiment').instruction}\n\n{d.prompt[:280]}", answer="neutral", label=2) for d in dolly]
     enc = attach_prefix(model, encode_all(tok, pub, 96, ""), "disk")
     res["dolly"] = (feats(enc), torch.zeros(len(pub))); print("dolly", time.time() - t, flush=True)
     task = load_task("fin-sentiment")

@@ -75,11 +75,15 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
     """One answer per input text, through the same prompt and scorer as training and evaluation:
     classification gives the chosen label word and every label's probability, generation the
     greedy continuation."""
-    from fl_dplora.data import Example, _cls_examples
+    from fl_dplora.data import Example
     from fl_dplora.evaluate import evaluate, generate_answer
+    from fl_dplora.task_card import examples_from_rows
 
     if task.kind == "classification":
-        examples = _cls_examples(list(texts), [0] * len(texts), task.label_words, task.instruction)
+        # a text fills the card's text column; a JSON object fills several (e.g. context and question)
+        rows = [{**(json.loads(t) if t.lstrip().startswith("{") else {task.card.text_column: t}),
+                 task.card.label_column: task.label_words[0]} for t in texts]
+        examples = examples_from_rows(task.card, rows, "predict", "predict")
         result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
                           prefix_cache="off", with_predictions=True)
         return [{"text": t, "answer": task.label_words[p], "probabilities": dict(zip(task.label_words, probs))}
@@ -121,7 +125,7 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
         f"| training data licence | {licence} |",
         "",
         "epsilon and delta cover everything the run released, under the dp-mode's accountant "
-        f"({privacy.get('accountant') or '-'}); see the fl-dplora README, section Privacy.",
+        f"({privacy.get('accountant') or '-'}); see fl-dplora's docs/privacy.md.",
     ]
     if has_head:
         lines += ["", "This run trained a label head (`label_head.safetensors`, docs/label-head.md): it replaces the "

@@ -117,9 +117,9 @@ def pyproject_defaults() -> dict[str, Any]:
 
 def allowed_values(spec: Key) -> str:
     if spec.choices:
-        return " | ".join(spec.choices)
+        return " / ".join(spec.choices)
     if spec.type is bool:
-        return "true | false"
+        return "true / false"
     parts = []
     if spec.min is not None:
         parts.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")

@@ -7,7 +7,6 @@ Classification tasks also carry their label words, scored at the answer position
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,9 @@ from typing import Any
 import torch
 
 from fl_dplora.config import PACKAGE_DIR, ConfigError
+from fl_dplora.task_card import (
+    TaskCard, card_for_rows, examples_from_rows, is_card_path, load_card, loader_rows, node_card, read_rows,
+)
 
 def _find_data_dir() -> Path:
     """The bundled data files. `flwr run` imports this package from its app bundle (FAB), which
@@ -53,112 +55,40 @@ class TaskData:
     eval: list[Example]
     label_words: list[str] = field(default_factory=list)
     instruction: str = ""  # classification prompt prefix; reused for a SuperNode's own file
+    card: TaskCard | None = None  # how rows become examples (label words, prompt, columns)
 
 
-# ------------------------------------------------------------------ prompts
-FIN_INSTRUCTION = (
-    "What is the sentiment of this financial tweet? Answer with one word: negative, neutral or positive."
-)
-MED_INSTRUCTION = "Answer the biomedical research question with one word: yes, no or maybe."
-CLS_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
+# ------------------------------------------------------------------ tasks (every one through a task card)
+BUILTIN_CARDS = {"fin-sentiment": "tfns", "medical-qa": "pubmedqa", "general-instruct": "dolly15k"}
 
 
-def _cls_examples(texts: Sequence[str], labels: Sequence[int], words: list[str], instruction: str) -> list[Example]:
-    return [
-        Example(prompt=f"{instruction}\n\n{t}", answer=words[y], label=int(y), group=words[y])
-        for t, y in zip(texts, labels)
-    ]
+def builtin_card(name: str) -> TaskCard:
+    return load_card(DATA_DIR / BUILTIN_CARDS[name] / "task.toml")
 
 
-# ------------------------------------------------------------------ built-in tasks
-def _fin_sentiment() -> TaskData:
-    import pandas as pd
-
-    # TFNS labels: 0 = Bearish, 1 = Bullish, 2 = Neutral.
-    words = ["negative", "positive", "neutral"]
-    tr = pd.read_csv(DATA_DIR / "tfns" / "sent_train.csv")
-    va = pd.read_csv(DATA_DIR / "tfns" / "sent_valid.csv")
-    mk = lambda df: _cls_examples(df.text.astype(str).tolist(), df.label.tolist(), words, FIN_INSTRUCTION)
-    return TaskData("fin-sentiment", "classification", mk(tr), mk(va), words, FIN_INSTRUCTION)
-
-
-def _medical_qa() -> TaskData:
-    with gzip.open(DATA_DIR / "pubmedqa" / "ori_pqal.json.gz", "rt") as f:
-        pqal = json.load(f)
-    test_ids = set(json.loads((DATA_DIR / "pubmedqa" / "test_ground_truth.json").read_text()))
-    words = ["yes", "no", "maybe"]
-
-    def ex(rec: dict) -> Example:
-        context = " ".join(rec["CONTEXTS"])
-        # Question and instruction come last so that truncation only ever cuts the context.
-        prompt = f"Context: {context}\n\nQuestion: {rec['QUESTION']}\n\n{MED_INSTRUCTION}"
-        y = words.index(rec["final_decision"])
-        return Example(prompt=prompt, answer=words[y], label=y, group=words[y])
-
-    train = [ex(r) for pid, r in sorted(pqal.items()) if pid not in test_ids]
-    test = [ex(r) for pid, r in sorted(pqal.items()) if pid in test_ids]  # the official 500-id test split
-    return TaskData("medical-qa", "classification", train, test, words, MED_INSTRUCTION)
-
-
-def _instruct_example(rec: Mapping[str, Any]) -> Example:
-    ctx = str(rec.get("context") or rec.get("input") or "").strip()
-    prompt = str(rec["instruction"]).strip() + (f"\n\nContext: {ctx}" if ctx else "")
-    return Example(prompt=prompt, answer=str(rec["response"]).strip(), group=str(rec.get("category", "")))
-
-
-def _general_instruct() -> TaskData:
-    with gzip.open(DATA_DIR / "dolly15k" / "databricks-dolly-15k.jsonl.gz", "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    exs = [_instruct_example(r) for r in rows]
-    # Fixed held-out set: every 30th row (~500), independent of the seed so runs compare.
-    held_out = [e for i, e in enumerate(exs) if i % 30 == 0]
-    # Dolly has exact duplicate rows: keep a held-out example's copies out of the training pool.
-    seen = {(e.prompt, e.answer) for e in held_out}
-    train = [e for i, e in enumerate(exs) if i % 30 and (e.prompt, e.answer) not in seen]
-    return TaskData("general-instruct", "generation", train, held_out)
-
-
-# ------------------------------------------------------------------ user files and hub datasets
-def _rows_to_task(name: str, train_rows: list[dict], eval_rows: list[dict] | None, seed: int) -> TaskData:
-    if not train_rows:
-        raise ConfigError(f"task: {name} has no rows")
-    cols = set(train_rows[0])
-    if {"text", "label"} <= cols:
-        raw = sorted({str(r["label"]) for r in train_rows + (eval_rows or [])})
-        words = raw
-        instr = CLS_INSTRUCTION.format(labels=", ".join(words))
-        mk = lambda rows: _cls_examples([str(r["text"]) for r in rows], [words.index(str(r["label"])) for r in rows], words, instr)
-        kind, make = "classification", mk
-    elif {"instruction", "response"} <= cols:
-        kind, words, instr, make = "generation", [], "", lambda rows: [_instruct_example(r) for r in rows]
-    else:
-        raise ConfigError(
-            f"task: {name} needs columns text+label or instruction+response; it has {', '.join(sorted(cols)) or 'none'}"
-        )
-    if eval_rows is None:  # hold out 10 % (at most 1000) with a fixed seed
+def task_from_card(card: TaskCard, seed: int, eval_rows: list[dict] | None = None,
+                   train_rows: list[dict] | None = None) -> TaskData:
+    """The card's rows as a train pool and an eval set (10 % of the train rows, at most 1000,
+    held out with the seed when the card names no eval file)."""
+    if train_rows is None:
+        if card.loader:
+            train_rows, eval_rows = loader_rows(card)
+        elif card.train_file or card.eval_file:
+            train_rows = read_rows(Path(card.train_file)) if card.train_file else []
+            eval_rows = read_rows(Path(card.eval_file)) if card.eval_file else None
+        else:
+            raise ConfigError(f"task card {card.name}: needs train-file or eval-file (the server scores eval-file)")
+    if eval_rows is None:
+        if not train_rows:
+            raise ConfigError(f"task: {card.name} has no rows")
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(train_rows), generator=g).tolist()
         n_eval = max(1, min(1000, len(train_rows) // 10))
         eval_rows = [train_rows[i] for i in order[:n_eval]]
         train_rows = [train_rows[i] for i in order[n_eval:]]
-    return TaskData(name, kind, make(train_rows), make(eval_rows), words, instr if words else "")
-
-
-def _read_file(path: Path) -> list[dict]:
-    import pandas as pd
-
-    try:
-        if path.suffix == ".csv":
-            df = pd.read_csv(path)
-        elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True)
-        elif path.suffix == ".json":
-            df = pd.read_json(path)
-        else:
-            df = pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any parse error is a user-input error here
-        raise ConfigError(f"task: cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    return df.to_dict("records")
+    make = lambda rows, what: examples_from_rows(card, rows, what) if rows else []
+    return TaskData(card.name, card.kind, make(train_rows, card.train_file or card.name),
+                    make(eval_rows, card.eval_file or card.name), list(card.label_words), card.instruction, card)
 
 
 def _eval_file_for(path: Path) -> Path | None:
@@ -179,7 +109,8 @@ def _hub_dataset(name: str, seed: int) -> TaskData:
         raise ConfigError(f"task: cannot load {name!r} (not a built-in task, file, or reachable hub dataset): {str(exc).splitlines()[0]}") from exc
     train = ds["train"].to_list()
     eval_split = next((s for s in ("validation", "test") if s in ds), None)
-    return _rows_to_task(name, train, ds[eval_split].to_list() if eval_split else None, seed)
+    evals = ds[eval_split].to_list() if eval_split else None
+    return task_from_card(card_for_rows(name, train + (evals or [])), seed, evals, train)
 
 
 def looks_like_path(task: str) -> bool:
@@ -187,67 +118,60 @@ def looks_like_path(task: str) -> bool:
 
 
 def check_task(task: str) -> None:
-    """Up-front, cheap: a built-in name, an existing file with a known suffix, or a hub id."""
-    if task in ("fin-sentiment", "medical-qa", "general-instruct"):
+    """Up-front, cheap: a built-in name, an existing task card or data file, or a hub id."""
+    if task in BUILTIN_CARDS:
+        return
+    if is_card_path(task):
+        if not Path(os.path.expanduser(task)).is_file():
+            raise ConfigError(f"task: task card not found: {task}")
         return
     if looks_like_path(task) or Path(os.path.expanduser(task)).exists():
         p = Path(os.path.expanduser(task))
         if p.suffix not in FILE_SUFFIXES:
-            raise ConfigError(f"task: {task} must be one of {', '.join(FILE_SUFFIXES)}")
+            raise ConfigError(f"task: {task} must be a task card (.toml) or one of {', '.join(FILE_SUFFIXES)}")
         if not p.is_file():
             raise ConfigError(f"task: data file not found: {task}")
         return
     if "/" not in task:
         raise ConfigError(
-            f"task: unknown task {task!r}; use fin-sentiment, medical-qa, general-instruct, a hub id (org/name) or a file path"
+            f"task: unknown task {task!r}; use fin-sentiment, medical-qa, general-instruct, a task card (.toml), "
+            "a hub id (org/name) or a file path"
         )
 
 
 @lru_cache(maxsize=2)
 def load_task(task: str, seed: int = 42) -> TaskData:
     check_task(task)
-    if task == "fin-sentiment":
-        return _fin_sentiment()
-    if task == "medical-qa":
-        return _medical_qa()
-    if task == "general-instruct":
-        return _general_instruct()
+    if task in BUILTIN_CARDS:
+        return task_from_card(builtin_card(task), seed)
+    if is_card_path(task):
+        return task_from_card(load_card(task), seed)
     path = Path(os.path.expanduser(task))
     if path.is_file():
         eval_path = _eval_file_for(path)
-        return _rows_to_task(str(path), _read_file(path), _read_file(eval_path) if eval_path else None, seed)
+        train_rows = read_rows(path)
+        eval_rows = read_rows(eval_path) if eval_path else None
+        return task_from_card(card_for_rows(str(path), train_rows + (eval_rows or [])), seed, eval_rows, train_rows)
     return _hub_dataset(task, seed)
 
 
-def load_local_file(path: str, task: TaskData, flag: str = "data-path") -> list[Example]:
-    """A SuperNode's own data file (deployment): every row is this client's training data.
+def task_for_node(card_json: str, seed: int) -> TaskData:
+    """The run's task as a SuperNode sees it: the card the server sent (label words, prompt), no
+    server files; the node's rows come from its own data-path."""
+    card = TaskCard.from_wire(card_json)
+    return TaskData(card.name, card.kind, [], [], list(card.label_words), card.instruction, card)
 
-    Labels may be the task's label words or their indices (TFNS ships 0/1/2).
-    """
+
+def load_local_file(path: str, task: TaskData, flag: str = "data-path", own_card: str = "") -> list[Example]:
+    """A SuperNode's own data file (deployment, or a file to score): every row, read with the task's
+    label words and prompt. Labels may be the label words, their indices (TFNS ships 0/1/2), or the
+    raw values a node-side task card (`own_card`, a .toml path) maps to them."""
     p = Path(os.path.expanduser(path))
     if p.suffix not in FILE_SUFFIXES or not p.is_file():
         raise ConfigError(f"{flag}: not a readable {'/'.join(FILE_SUFFIXES)} file: {path}")
-    rows = _read_file(p)
-    if not rows:
-        raise ConfigError(f"{flag}: {path} has no rows")
-    cols = set(rows[0])
-    if task.kind == "classification":
-        if not {"text", "label"} <= cols:
-            raise ConfigError(f"{flag}: {path} needs columns text+label; it has {', '.join(sorted(cols))}")
-        words = task.label_words
-        labels = []
-        for r in rows:
-            raw = str(r["label"])
-            if raw in words:
-                labels.append(words.index(raw))
-            elif raw.isdigit() and int(raw) < len(words):
-                labels.append(int(raw))
-            else:
-                raise ConfigError(f"{flag}: label {raw!r} in {path} is not one of {words} (or their index)")
-        return _cls_examples([str(r["text"]) for r in rows], labels, words, task.instruction)
-    if not {"instruction", "response"} <= cols:
-        raise ConfigError(f"{flag}: {path} needs columns instruction+response; it has {', '.join(sorted(cols))}")
-    return [_instruct_example(r) for r in rows]
+    run_card = task.card or TaskCard(task.name, task.kind, tuple(task.label_words), instruction=task.instruction)
+    card = node_card(run_card, load_card(own_card) if own_card else None)
+    return examples_from_rows(card, read_rows(p, flag), path, flag)
 
 
 # ------------------------------------------------------------------ partitioning

@@ -18,6 +18,7 @@ ROUND = "server-round"
 SIGMA = "_sigma"  # client-level modes: the noise multiplier of the run (local noise uses it)
 CLIENT_LEDGERS = "_client-ledgers"  # after a resume: JSON {ledger key: ledger record}
 HEAD_MEAN, HEAD_SCALE = "_head-mean", "_head-scale"  # label-head feature statistics (public data)
+TASK_CARD = "_task-card"  # the run's task card (JSON, no file names): how a node reads its own rows
 
 # client -> server (MetricRecord "metrics")
 BUDGET_EXHAUSTED = "budget-exhausted"

@@ -120,6 +120,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                  out_dir, rounds_done, epsilon, charged)
     bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
     client_cfg = {k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
+    if task.card is not None:  # nodes with their own data read it with the run's card, not the server's files
+        client_cfg[protocol.TASK_CARD] = task.card.to_wire()
     for rnd in bar:
         t_round = time.time()
         event = mode.round_event(accountant_sigma)
@@ -325,7 +327,7 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon,
                  unit=mode.unit, trusted=mode.trusted)
     if mode.example_level:
-        # shard sizes are public in this threat model (README, "Privacy"), so each client's q and σ are too
+        # shard sizes are public in this threat model (docs/privacy.md), so each client's q and σ are too
         worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
         ledger = (client_ledgers or {}).get(str(worst.get("partition-id", worst.get("node_id"))))
         if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's

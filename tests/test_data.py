@@ -12,7 +12,6 @@ import pytest
 from fl_dplora.config import ConfigError
 from fl_dplora.data import (
     DATA_DIR,
-    MED_INSTRUCTION,
     Example,
     check_task,
     client_examples,
@@ -24,6 +23,8 @@ from fl_dplora.data import (
     partition_indices,
 )
 from fl_dplora.models import load_tokenizer
+
+MED_INSTRUCTION = "Answer the biomedical research question with one word: yes, no or maybe."  # the card's, pinned
 
 _partition = partition_indices.__wrapped__  # bypass the process cache: determinism must not come from it
 
@@ -270,7 +271,7 @@ def test_check_task_rejects_unknown_names_and_missing_files(tmp_path):
     with pytest.raises(ConfigError, match="task: data file not found"):
         check_task(str(tmp_path / "missing.csv"))
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ConfigError, match="task: .* must be one of"):
+    with pytest.raises(ConfigError, match="task: .* must be a task card \(.toml\) or one of"):
         check_task(str(tmp_path / "notes.txt"))
     check_task("fin-sentiment")
     check_task("org/some-dataset")  # a hub id passes the cheap check

@@ -1,4 +1,5 @@
-"""The README's results are the committed results.json files, not numbers typed by hand."""
+"""The docs' results are the committed results.json files, and the README's run-config table is the
+schema's: neither is typed by hand (experiments/readme_results.py writes both)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
+RESULTS = (REPO / "docs" / "results.md").read_text()
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("readme_results", REPO / "experiments" / "readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _records() -> list[dict]:
@@ -22,18 +31,33 @@ def _records() -> list[dict]:
 
 
 def test_results_block_is_what_readme_results_generates():
-    spec = importlib.util.spec_from_file_location("readme_results", REPO / "experiments" / "readme_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    committed = README.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0]
-    assert committed.strip() == mod.block().strip(), "README results block is stale: run python experiments/readme_results.py"
+    mod = _generator()
+    assert mod.RESULTS_PAGE == Path("docs") / "results.md" and mod.BEGIN not in README
+    committed = mod.between(RESULTS, mod.BEGIN, mod.END)
+    assert committed.strip() == mod.block().strip(), "docs/results.md results block is stale: run python experiments/readme_results.py"
+    # its links are relative to docs/: they reach the committed tables and plots
+    targets = re.findall(r"\]\(([^)]+)\)", committed)
+    assert targets and all((REPO / "docs" / t).resolve().is_file() for t in targets), targets
+
+
+def test_readme_config_table_is_the_schema(capsys):
+    """Between the config markers: exactly what `fl-dplora config --markdown` prints."""
+    from fl_dplora.cli import main
+    from fl_dplora.config import describe_keys
+
+    mod = _generator()
+    committed = mod.between(README, mod.CONFIG_BEGIN, mod.CONFIG_END)
+    assert main(["config", "--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == describe_keys(markdown=True) + "\n"
+    assert committed == "\n" + printed, "README run-config table is stale: run python experiments/readme_results.py"
 
 
 def test_numbers_in_the_results_prose_are_in_some_results_json():
     """Accuracies (`67.0 %`), sigmas (`σ = 1.05`, `0.543`), byte counts (`262,566 B`), losses and
-    perplexities (`ppl 18.20`) quoted in the 'What agrees with the paper' prose must each be a value
-    of a committed run."""
-    prose = README.split("### What agrees with the paper", 1)[1].split("<!-- results:begin -->", 1)[0]
+    perplexities (`ppl 18.20`) quoted in the 'What agrees with the paper' prose of docs/results.md
+    must each be a value of a committed run."""
+    prose = RESULTS.split("## What agrees with the paper", 1)[1].split("<!-- results:begin -->", 1)[0]
     recs = _records()
     accuracies = {f"{100 * r['accuracy']:.1f}" for r in recs if r.get("accuracy") is not None}
     sigmas = {f"{r['noise_multiplier']:.{n}f}" for r in recs if r.get("noise_multiplier") for n in (2, 3)}
@@ -54,9 +78,9 @@ def test_numbers_in_the_results_prose_are_in_some_results_json():
 
 
 def test_committed_reproduction_checks_passed():
-    """README cites verify.json files: each rerun there reproduced its cached run, bit for bit."""
+    """docs/results.md cites verify.json files: each rerun there reproduced its cached run, bit for bit."""
     files = sorted((REPO / "experiments" / "results").glob("*/verify.json"))
-    assert files and all(f"experiments/results/{f.parent.name}/verify.json" in README for f in files)
+    assert files and all(f"](../experiments/results/{f.parent.name}/verify.json)" in RESULTS for f in files)
     for f in files:
         runs = json.loads(f.read_text())["runs"]
         assert runs and all(r["reproduced"] and r["bit_identical"] and not r["differences"] for r in runs), f

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from fl_dplora import label_head, protocol
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.config import ConfigError, resolve
-from fl_dplora.data import client_examples, encode_all, load_local_file, load_task
+from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
@@ -43,20 +43,30 @@ def config_from_message(msg: Message) -> dict[str, Any]:
     return resolve(run_cfg)
 
 
+def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
+    """The run's task on this node: from the card the server sent when the node has its own data
+    (it needs none of the server's files), else the task the run config names (simulation)."""
+    card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
+    if card_json and (node.get("data-path") or node.get("eval-path")):
+        return task_for_node(card_json, int(cfg["seed"]))
+    return load_task(cfg["task"], int(cfg["seed"]))
+
+
 @lru_cache(maxsize=8)
 def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
                    partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = "",
-                   system_prompt: str = "auto"):
+                   system_prompt: str = "auto", card_json: str = "", own_card: str = ""):
     cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train,
            "audit-canaries": canaries}
-    if data_path:  # a real organisation's own file
-        examples = load_local_file(data_path, load_task(task, seed))
+    if data_path:  # a real organisation's own file, read with the run's card (and the node's own, if any)
+        run = task_for_node(card_json, seed) if card_json else load_task(task, seed)
+        examples = load_local_file(data_path, run, own_card=own_card)
     else:
         examples = client_examples(cfg, partition_id, num_partitions)
     return encode_all(load_tokenizer(model), examples, max_len, system_prompt)
 
 
-def shard_for(cfg: dict[str, Any], context: Context):
+def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
     node = context.node_config
     data_path = str(node.get("data-path", ""))
     if not data_path and "partition-id" not in node:
@@ -64,7 +74,7 @@ def shard_for(cfg: dict[str, Any], context: Context):
     return _encoded_shard(
         cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
         cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
-        cfg["audit-canaries"], cfg["system-prompt"],
+        cfg["audit-canaries"], cfg["system-prompt"], card_json, str(node.get("task-card", "")),
     )
 
 
@@ -106,9 +116,13 @@ def train(msg: Message, context: Context) -> Message:
     policy = NodePolicy.from_node_config(context.node_config)
     log_row = {"run-id": int(context.run_id), "round": server_round, "dp-mode": mode.name, "unit": mode.unit}
     _enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
+    task = run_task(cfg, msg, context.node_config)
+    card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
+    # the node's own rows are read (and checked: columns, labels) before any model is loaded
+    shard = shard_for(cfg, context, card_json)
     model = get_peft_model(cfg)
     tokenizer = load_tokenizer(cfg["model"])
-    label_ids = _label_ids(cfg, tokenizer)
+    label_ids = _label_ids(cfg, tokenizer, task)
     if cfg["label-head"]:
         label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
@@ -126,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
             params[key].copy_(global_weights[key])
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
     # the frozen blocks below the adapter run once per example, not once per step (forward.py)
-    data = attach_prefix(model, shard_for(cfg, context), cfg["prefix-cache"], progress=progress)
+    data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
     n = len(data)
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
@@ -214,20 +228,20 @@ def _enforce(policy: NodePolicy, log_row: dict[str, Any], check) -> None:
         raise
 
 
-def _label_ids(cfg: dict[str, Any], tokenizer) -> torch.Tensor | None:
+def _label_ids(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
     """The label words' first tokens when the run trains with loss = label-words on a classification task."""
     if cfg["loss"] != "label-words":
         return None
-    task = load_task(cfg["task"], int(cfg["seed"]))
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
 
 
-def local_eval_examples(cfg: dict[str, Any], node: Mapping[str, Any]):
+def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
     """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
     the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = run_task(cfg, msg, node)
     if node.get("eval-path"):
-        return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path")
+        return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path",
+                                     own_card=str(node.get("task-card", "")))
     if node.get("data-path"):
         raise ConfigError("federated evaluation: this node has no eval-path in its node config")
     part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
@@ -241,13 +255,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fl_dplora.evaluate import evaluate
 
     cfg = config_from_message(msg)
-    task, examples = local_eval_examples(cfg, context.node_config)
+    task, examples = local_eval_examples(cfg, msg, context.node_config)
     if not examples:
         raise ConfigError("federated evaluation: this node's held-out data is empty")
     model = get_peft_model(cfg)
     tokenizer = load_tokenizer(cfg["model"])
     if cfg["label-head"]:
-        label_head.install(model, _label_ids(cfg, tokenizer).tolist(), *label_head.stats_from_config(msg.content["config"]))
+        label_head.install(model, _label_ids(cfg, tokenizer, task).tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
         label_head.remove(model)
     params = adapter_parameters(model, cfg)

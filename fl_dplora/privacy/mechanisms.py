@@ -35,7 +35,7 @@ def gaussian_like(t: torch.Tensor, std: float, generator: torch.Generator | None
     Secure noise sums SECURE_DRAWS standard normals and divides by sqrt(SECURE_DRAWS) (Opacus'
     `_generate_noise` in secure mode does the same with 4 draws): a single Box-Muller value rounded
     to float leaves gaps an attacker can use (Mironov 2012); the sum's distribution has none at the
-    resolution of the float32 result. Residual risk (README, "Privacy"): this is a mitigation, not
+    resolution of the float32 result. Residual risk (docs/privacy.md): this is a mitigation, not
     the exact discrete sampling of a proven-secure implementation."""
     if std == 0.0:
         return torch.zeros_like(t)
