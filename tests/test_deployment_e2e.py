@@ -368,3 +368,55 @@ def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deploymen
     assert f"node {victim_id}" in dep.log("flwr-run")  # the ServerApp log names it too
     assert summary["rounds"] == 2
     assert_clean_stop(dep)
+
+
+def test_three_hospitals_task_cards_privacy_floor_and_federated_evaluation(deployment: Deployment, tmp_path):
+    """SuperLink + 3 SuperNodes (docs/deployment.md, "Three hospitals"): each hospital holds its own
+    CSV labelled 0/1 and a task card naming the labels benign/malignant; the server's card (label
+    words, prompt, its own test file) reaches the nodes with the instructions. Hospital b allows at
+    most ε = 2 (the run targets 8) and refuses; hospital c's file has an unknown label and refuses
+    before training; a trains. fraction-evaluate = 1: every hospital scores the global adapter on
+    its own test file, the weighted means go to the operator log."""
+    dep = deployment
+    demo = tmp_path / "hospitals"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_hospital_demo.py"), str(demo), "--rows", "40"],
+                   check=True, capture_output=True)
+    bad = demo / "hospital-c" / "train.csv"
+    bad.write_text(bad.read_text().replace(",1\n", ",2\n", 1))  # one row labelled 2: not in c's card
+    dep.start_superlink()
+    logs = {}
+    for name, extra in (("a", ""), ("b", " max-epsilon=2.0"), ("c", "")):
+        d = demo / f"hospital-{name}"
+        logs[name] = tmp_path / f"eps-{name}.jsonl"
+        node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in (
+            ("data-path", d / "train.csv"), ("task-card", d / "task.toml"), ("eval-path", d / "test.csv"),
+            ("epsilon-log", logs[name]))) + extra
+        dep.start_supernode(f"hospital-{name}", node_config)
+    dep.wait_nodes(3, ["hospital-a", "hospital-b", "hospital-c"])
+
+    out = tmp_path / "run-out"
+    dep.finish_run(dep.start_run(out, task=str(demo / "server" / "task.toml"), **{"fraction-evaluate": 1.0}))
+    rows, summary = assert_outputs(out)
+    operator = read_operator(out)[0]
+    assert [r["accepted"] for r in operator] == [1, 1]
+    for r in operator:
+        reasons = " ".join(r["dropped"])
+        assert "node policy: the run targets epsilon 8; this node allows at most max-epsilon 2" in reasons
+        assert "data-path: label '2' in" in reasons
+    # the hospitals' own logs: a spent ε in both rounds, b refused both times, c never got that far
+    spent = [json.loads(line) for line in logs["a"].read_text().splitlines()]
+    assert [r["round"] for r in spent] == [1, 2] and 0 < spent[0]["epsilon"] < spent[1]["epsilon"] <= 8.0
+    assert all("max-epsilon 2" in json.loads(line)["refused"] for line in logs["b"].read_text().splitlines())
+    assert not logs["c"].exists()
+    # federated evaluation: three hospitals, their own test files, weighted by their sizes
+    fed = [json.loads(line) for line in (out / "operator.jsonl").read_text().splitlines()
+           if json.loads(line).get("event") == "federated-eval"]
+    assert [f["round"] for f in fed] == [1, 2] and all(f["replied"] == 3 for f in fed)
+    sizes = sorted(n["num-examples"] for n in fed[-1]["nodes"])
+    assert sizes == [13, 13, 13] and fed[-1]["num-examples"] == 39
+    assert 0 <= fed[-1]["weighted"]["accuracy"] <= 1
+    # the run trained the card's label words, scored on the server's own test file
+    assert summary["config"]["task"] == str(demo / "server" / "task.toml")
+    assert summary["final_eval"]["num_examples"] == 20
+    assert "federated" not in json.dumps(rows)
+    assert_clean_stop(dep)
