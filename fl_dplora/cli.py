@@ -133,8 +133,9 @@ def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | No
 
     overrides = parse_overrides(args.run_config)
     if getattr(args, "run", None):
-        if getattr(args, "adapter", None):
-            raise ConfigError("--adapter: give --run DIR or --adapter, not both")
+        if getattr(args, "adapter", None):  # e.g. a round's snapshot (save-every) with the run's config
+            adapter_io.check_adapter_dir(args.adapter)
+            return adapter_io.run_config(args.run, overrides), Path(args.adapter)
         return adapter_io.run_config(args.run, overrides), adapter_io.adapter_dir(args.run)
     cfg = resolve(overrides)
     if getattr(args, "adapter", None):
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", metavar="DIR", default=None,
                     help="a finished run's output dir: its adapter with its own config (--run-config overrides keys)")
     ev.add_argument("--run-config", default="", help='e.g. "task=medical-qa max-eval-samples=500"')
-    ev.add_argument("--adapter", default=None, help="a run's adapter/ folder (default: the base model, zero-shot)")
+    ev.add_argument("--adapter", default=None, help="an adapter folder (with --run: e.g. DIR/adapters/round-2; "
+                    "default: the run's adapter/, or without --run the base model, zero-shot)")
     ev.add_argument("--eval-file", default=None, help="score every row of this csv/jsonl/json/parquet file "
                     "(columns text+label: the task's label words or their indices; or instruction+response)")
     ev.add_argument("--output", default=None, help="write the result as JSON here")

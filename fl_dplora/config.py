@@ -41,14 +41,15 @@ DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
 # machines, get the rest of the run config) and do not change what a run computes.
-SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout"})
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout", "save-every"})
 
 # Keys added after results were recorded, at the value that computes what runs did before the key
 # existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
 # prefix-cache changes where the frozen blocks run, never what a run computes (exact to float rounding).
 LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
                                  "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
-                                 "head-learning-rate": 0.2, "fraction-evaluate": 0.0}
+                                 "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
+                                 "save-every": 0}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -98,6 +99,7 @@ SCHEMA: dict[str, Key] = {
     "seed": Key(int, 42, help="data partition, LoRA init, reproducible runs"),
     "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = derived from seed (reproducible, not private against whoever knows the seed)"),
     "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
+    "save-every": Key(int, 0, min=0, help="also save the global adapter as adapters/round-<N>/ every N rounds (0 = only the final adapter/)"),
     "resume": Key(bool, False, help="continue the run in output-dir from its last complete checkpoint"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
     "audit-canaries": Key(str, "", help="privacy audits only (fl-dplora audit writes it): JSON of canary examples added to given partitions"),

@@ -188,6 +188,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             # Not an outage: every client ran and raised. Carrying on would report an untrained adapter.
             raise RuntimeError(f"round {rnd}: every sampled client failed; first: {st.dropped[0]}")
         rounds_done = rnd
+        if cfg["save-every"] and rnd % int(cfg["save-every"]) == 0:  # a DP output like the final adapter
+            _save_adapter(model, params, strategy, out_dir / "adapters" / f"round-{rnd}", task)
         if cfg["checkpoint-every"] and (rnd % int(cfg["checkpoint-every"]) == 0 or rnd == rounds):
             checkpoint.save(out_dir, {
                 "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
@@ -208,9 +210,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
     if rounds_done < rounds and not last_eval:
         last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
-    _load_into(params, strategy.global_weights)
-    model.save_pretrained(str(out_dir / "adapter"))
-    label_head.save(model, out_dir / "adapter", task.label_words)
+    _save_adapter(model, params, strategy, out_dir / "adapter", task)
 
     privacy = _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done,
                              server_ledger, client_ledgers)
@@ -298,11 +298,18 @@ def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[st
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """Resuming with other settings would not be the same run: name every key that differs."""
-    ignore = {"resume", "output-dir", "round-timeout"}
+    ignore = {"resume", "output-dir", "round-timeout", "save-every"}
     diff = [k for k in cfg if k not in ignore and saved.get(k) != cfg[k]]
     if diff:
         raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's {saved.get(k)!r}; resume with the same config"
                                      for k in diff))
+
+
+def _save_adapter(model, params, strategy, folder: Path, task) -> None:
+    """The global adapter (and label head) as a PEFT folder that `fl-dplora evaluate --adapter` reads."""
+    _load_into(params, strategy.global_weights)
+    model.save_pretrained(str(folder))
+    label_head.save(model, folder, task.label_words)
 
 
 def _load_into(params: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor]) -> None:

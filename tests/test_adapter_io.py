@@ -155,3 +155,24 @@ def test_config_lists_every_key_and_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("fl-dplora ")
+
+
+def test_save_every_keeps_a_snapshot_per_round_and_the_last_is_the_final_adapter(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    summary, out = run_in_process(2, output_dir=tmp_path / "run", **{"save-every": 1, "num-server-rounds": 2})
+    snaps = sorted(p.name for p in (out / "adapters").iterdir())
+    assert snaps == ["round-1", "round-2"]
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    last = load_file(str(out / "adapters" / "round-2" / "adapter_model.safetensors"))
+    first = load_file(str(out / "adapters" / "round-1" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], first[k]) for k in final)  # round 1 is an earlier adapter
+    code, _, err = _run_main(["evaluate", "--run", str(out), "--adapter", str(out / "adapters" / "round-1"),
+                              "--output", str(tmp_path / "r1.json")], capsys)
+    assert code == 0, err
+    code, _, err = _run_main(["evaluate", "--run", str(out), "--adapter", str(out / "adapters" / "round-2"),
+                              "--output", str(tmp_path / "r2.json")], capsys)
+    assert code == 0, err
+    r2 = json.loads((tmp_path / "r2.json").read_text())["final_eval"]
+    assert r2["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-5)
