@@ -62,9 +62,10 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
 
     from fl_dplora import label_head
     from fl_dplora.forward import label_first_tokens
-    from fl_dplora.models import load_base_model, load_tokenizer
+    from fl_dplora.models import device_for_training, load_base_model, load_tokenizer
 
-    model = PeftModel.from_pretrained(load_base_model(cfg["model"], int(cfg["seed"])), str(folder))
+    base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
+    model = PeftModel.from_pretrained(base, str(folder))  # LoRA factors in float32 whatever the base dtype
     head = label_head.load(model, Path(folder))
     if head is not None and head.token_ids.tolist() != label_first_tokens(load_tokenizer(cfg["model"]), task.label_words):
         raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")

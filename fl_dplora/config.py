@@ -41,7 +41,7 @@ DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
 # machines, get the rest of the run config) and do not change what a run computes.
-SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout", "save-every"})
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout", "save-every", "server-device"})
 
 # Keys added after results were recorded, at the value that computes what runs did before the key
 # existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
@@ -49,15 +49,22 @@ SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round
 LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
                                  "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
                                  "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
-                                 "save-every": 0}
+                                 "save-every": 0, "revision": "", "trust-remote-code": False, "dtype": "auto",
+                                 "quantization": "none", "gradient-checkpointing": False, "server-device": "auto"}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
     "model": Key(str, "smollm2-135m", help="alias (smollm2-135m, tiny-random-llama, tiny-random-gpt2), HF id, local dir or .gguf"),
+    "revision": Key(str, "", help="hub model: branch, tag or commit (empty = default branch)"),
+    "trust-remote-code": Key(bool, False, help="hub model: run the model repository's own Python code"),
+    "dtype": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16"), help="frozen base; auto = bfloat16 on a GPU that has it, else float32 (LoRA, gradients, noise: float32)"),
+    "quantization": Key(str, "none", choices=("none", "8bit", "4bit"), help="bitsandbytes base (4bit = NF4, QLoRA); needs CUDA"),
+    "gradient-checkpointing": Key(bool, False, help="recompute the adapted blocks in the backward pass: less memory, same gradients"),
+    "server-device": Key(str, "auto", help="the server's evaluation model: auto, cpu, cuda, cuda:N"),
     "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),
     "num-server-rounds": Key(int, 3, min=1, help="federated rounds"),
     "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson-sampled when dp-mode=client/paper)"),
-    "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="federated evaluation: the fraction of nodes that score the global adapter on their own held-out data (node-config eval-path) after each evaluation round; 0 = central only. Their numbers come from private data: operator log only, never the released outputs"),
+    "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="federated evaluation: the fraction of nodes that score the global adapter on their own eval-path; operator log only"),
     "local-steps": Key(int, 2, min=1, help="optimizer steps per client per round"),
     "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
     "micro-batch-size": Key(int, 32, min=1, help="examples per forward/backward; bounds memory, not the math"),
@@ -67,10 +74,10 @@ SCHEMA: dict[str, Key] = {
     "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear"), help="over all steps of the run"),
     "max-seq-len": Key(int, 96, min=8, help="tokens per example; long prompts lose their middle, never the answer"),
     "system-prompt": Key(str, "auto", help="auto = the chat template's own (SmolLM2: a 20-token default); empty = no system turn; other text = that system turn"),
-    "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: classification tasks train the decision the evaluation scores (softmax over the label words' first tokens); generation tasks always use answer-tokens"),
-    "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="with lora-layers = N, compute the frozen blocks below the last N once per example and train/evaluate only the top N; disk also keeps them in ~/.cache/fl-dplora/prefix for later runs (as private as the data: it stays on the node)"),
-    "label-head": Key(bool, False, help="classification tasks: a DP linear probe from the final hidden state to the label words' logits (1,731 values for SmolLM2 and 3 labels), trained with the adapter; see docs/label-head.md"),
-    "head-rounds": Key(int, 0, min=0, help="label-head: the first N rounds train only the head (LP), later rounds the LoRA adapter and the head (FT); N >= num-server-rounds = only the head"),
+    "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: softmax over the label words' first tokens (classification); answer-tokens: every answer token"),
+    "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="run the frozen blocks below the last lora-layers once per example; disk: also in ~/.cache/fl-dplora/prefix"),
+    "label-head": Key(bool, False, help="classification: a DP linear probe from the final hidden state to the label words (docs/label-head.md)"),
+    "head-rounds": Key(int, 0, min=0, help="label-head: rounds 1..N train only the head (LP), later rounds LoRA and head (FT)"),
     "head-local-steps": Key(int, 16, min=1, help="optimizer steps per client in a head-only round"),
     "head-batch-size": Key(int, 0, min=0, help="(expected) batch size in a head-only round; 0 = the whole shard (q = 1)"),
     "head-learning-rate": Key(float, 0.2, min=0.0, min_exclusive=True, help="learning rate of the label head (any round)"),
@@ -86,7 +93,7 @@ SCHEMA: dict[str, Key] = {
     "max-grad-norm": Key(float, 1.0, min=0.0, min_exclusive=True, help="clipping bound C (per example, or per client update)"),
     "noise-multiplier": Key(float, 0.0, help="sigma; <= 0 means calibrate from target-epsilon for the whole run"),
     "accountant": Key(str, "prv", choices=("rdp", "prv"), help="Opacus accountant; PRV is tighter"),
-    "population": Key(int, 0, min=0, help="dp-mode client/paper: the declared number of clients in the federation; a round's sum is divided by fraction-train x population (fl-dplora simulate sets it to --num-clients)"),
+    "population": Key(int, 0, min=0, help="client/paper: the declared number of clients; a round's sum is divided by fraction-train x population"),
     "client-noise": Key(str, "central", choices=("central", "local"), help="dp-mode=client: noise on the server sum or on each client"),
     "partitioner": Key(str, "iid", choices=("iid", "dirichlet"), help="flwr-datasets partitioner"),
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
@@ -97,12 +104,12 @@ SCHEMA: dict[str, Key] = {
     "min-available": Key(int, 1, min=1, help="fewest good replies needed to aggregate a round"),
     "round-timeout": Key(float, 3600.0, min=1.0, help="seconds to wait for replies"),
     "seed": Key(int, 42, help="data partition, LoRA init, reproducible runs"),
-    "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = derived from seed (reproducible, not private against whoever knows the seed)"),
+    "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = from seed (reproducible, not private)"),
     "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
     "save-every": Key(int, 0, min=0, help="also save the global adapter as adapters/round-<N>/ every N rounds (0 = only the final adapter/)"),
     "resume": Key(bool, False, help="continue the run in output-dir from its last complete checkpoint"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
-    "audit-canaries": Key(str, "", help="privacy audits only (fl-dplora audit writes it): JSON of canary examples added to given partitions"),
+    "audit-canaries": Key(str, "", help="set by fl-dplora audit: JSON of canary examples"),
 }
 
 
@@ -127,7 +134,7 @@ def allowed_values(spec: Key) -> str:
         parts.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")
     if spec.max is not None:
         parts.append(f"<= {spec.max:g}")
-    return ", ".join(parts) or "any " + spec.type.__name__
+    return ", ".join(parts) or "text"
 
 
 def describe_keys(markdown: bool = False) -> str:
@@ -215,6 +222,9 @@ def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] 
 
 def _cross_checks(cfg: dict[str, Any]) -> list[str]:
     problems = []
+    device = cfg["server-device"]
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+        problems.append(f"server-device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     targets = [t for t in cfg["lora-targets"].split(",") if t.strip()]
     if not targets:
         problems.append("lora-targets: must name at least one module (e.g. q_proj,v_proj)")

@@ -123,56 +123,118 @@ def _tiny_config(name: str, vocab_size: int):
                       bos_token_id=1, eos_token_id=2)
 
 
-def load_base_model(name: str, seed: int = 0) -> nn.Module:
-    """Load a causal LM (alias, HF id, local folder or .gguf) in fp32 on CPU, eval mode, frozen."""
+def torch_dtype(cfg: Mapping[str, Any], device: torch.device | None = None) -> torch.dtype:
+    """The frozen base's dtype: `auto` = bfloat16 on a CUDA device that supports it, else float32."""
+    name = cfg.get("dtype", "auto")
+    if name == "auto":
+        device = device or device_for_training()
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def check_runtime(cfg: Mapping[str, Any]) -> None:
+    """What the machine must offer for this config, checked before Ray or a model starts."""
+    quant = cfg.get("quantization", "none")
+    if quant != "none":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"quantization: {quant} (bitsandbytes) needs a CUDA GPU; this machine has none (use quantization=none)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"quantization: {quant} needs the bitsandbytes package: pip install bitsandbytes")
+    name = cfg["model"]
+    if name in ("smollm2-135m", *TINY_ALIASES) or Path(os.path.expanduser(name)).exists():
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    if offline:  # an id: it must already be in the local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=cfg.get("revision") or None)
+        if not isinstance(found, str):
+            raise ConfigError(f"model: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                              f"download it first (hf download {name}) or give a local folder")
+
+
+def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = None,
+                    device: torch.device | None = None) -> nn.Module:
+    """Load a causal LM (alias, HF id, local folder or .gguf), eval mode, frozen, on `device`, in
+    the config's dtype (float32 without a config) and quantization; revision/trust-remote-code and
+    the HF token (HF_TOKEN, read by huggingface_hub) apply to hub ids."""
     from transformers import AutoModelForCausalLM
 
+    cfg = cfg or {}
+    device = device or torch.device("cpu")
+    dtype = torch_dtype(cfg, device) if cfg else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    quant = cfg.get("quantization", "none")
+    if quant != "none":
+        from transformers import BitsAndBytesConfig
+
+        check_runtime(cfg)
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute) if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = {"": device}  # bitsandbytes weights are placed at load, never moved
     if name in TINY_ALIASES:
         torch.manual_seed(seed)  # same random base on every client and the server
         vocab = len(load_tokenizer(name))
-        model = AutoModelForCausalLM.from_config(_tiny_config(name, vocab))
+        model = AutoModelForCausalLM.from_config(_tiny_config(name, vocab)).to(dtype)
     elif name == "smollm2-135m":
         gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
     else:
         path = Path(os.path.expanduser(name))
         if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            if cfg.get("revision"):
+                kwargs["revision"] = cfg["revision"]
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=bool(cfg.get("trust-remote-code")),
+                                                         **kwargs)
     model.requires_grad_(False)
     model.eval()
     model.config.use_cache = False
+    if quant == "none":
+        model.to(device)
     return model
 
 
-def lora_key(cfg: Mapping[str, Any]) -> tuple:
+def _base_key(cfg: Mapping[str, Any], device: torch.device) -> tuple:
+    return (cfg["model"], int(cfg["seed"]) if cfg["model"] in TINY_ALIASES else None, cfg.get("dtype", "auto"),
+            cfg.get("quantization", "none"), cfg.get("revision", ""), bool(cfg.get("trust-remote-code")), str(device))
+
+
+def lora_key(cfg: Mapping[str, Any], device: torch.device | None = None) -> tuple:
     return (
         cfg["model"], int(cfg["lora-rank"]), float(cfg["lora-alpha"]), float(cfg["lora-dropout"]),
         tuple(lora_targets(cfg)), cfg["lora-variant"], int(cfg["lora-layers"]), int(cfg["seed"]),
+        _base_key(cfg, device or device_for_training()), bool(cfg.get("gradient-checkpointing")),
     )
 
 
 _CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None, "init": None}
 
 
-def get_peft_model(cfg: Mapping[str, Any]):
-    """The process-wide PEFT model for this config (built once, reused across rounds and clients).
+def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
+    """The process-wide PEFT model for this config (built once, reused across rounds and clients),
+    on `device` (default: the device this process was given, see device_for_training).
 
     The LoRA init is drawn from `seed`, so the server and every client build the same initial
-    A/B; with `lora-variant = ffa` A stays frozen at that init and is never transmitted.
+    A/B; with `lora-variant = ffa` A stays frozen at that init and is never transmitted. LoRA
+    factors stay float32 whatever the base dtype (PEFT's autocast_adapter_dtype), so per-example
+    gradients, clipping and noise are float32.
     """
     from peft import LoraConfig, get_peft_model as _wrap
 
-    key = lora_key(cfg)
+    device = device or device_for_training()
+    key = lora_key(cfg, device)
     if _CACHE["key"] == key:
         return _CACHE["peft"]
-    base_id = (cfg["model"], int(cfg["seed"]) if cfg["model"] in TINY_ALIASES else None)
+    base_id = _base_key(cfg, device)
     if _CACHE["peft"] is not None and _CACHE["base_id"] == base_id:
         base = _CACHE["peft"].unload()  # drop the old adapters, keep the loaded base weights
     else:
         _CACHE.update(peft=None, key=None)
-        base = load_base_model(cfg["model"], seed=int(cfg["seed"]))
+        base = load_base_model(cfg["model"], seed=int(cfg["seed"]), cfg=cfg, device=device)
     _CACHE.update(base_id=base_id, peft=None, key=None)
 
     targets = lora_targets(cfg)
@@ -193,11 +255,24 @@ def get_peft_model(cfg: Mapping[str, Any]):
         target_modules=targets, bias="none", task_type="CAUSAL_LM",
         fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
     )
+    if cfg.get("quantization", "none") != "none":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        base.requires_grad_(False)
+    if cfg.get("gradient-checkpointing"):
+        # non-reentrant: the LoRA hooks see each factor's output gradient once (privacy/per_sample.py)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(base, "supports_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()  # a reused base may have had it on for another config
     # Seed-shared init: A ~ kaiming-uniform from `seed` on every party; B = 0 as usual in LoRA.
+    # The init is drawn on the CPU in float32, then moved: every device and dtype gets the same A.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]) + 1)
         peft_model = _wrap(base, lora_cfg)
-    peft_model.to(device_for_training())  # the GPU Ray/Flower assigned to this worker, if any
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float().to(device)
     if cfg["lora-variant"] == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
@@ -257,6 +332,38 @@ def full_model_stats(peft_model) -> tuple[int, int]:
     return n, n * 4
 
 
+def _ray_gpu_ids() -> list | None:
+    """The GPUs Ray gave this worker ([] = none), or None outside a Ray worker (driver, SuperNode)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    try:
+        if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+            return None
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - an older/newer Ray without these: behave as outside Ray
+        return None
+
+
 def device_for_training() -> torch.device:
-    """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES from client num-gpus)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """A GPU only when this process was given one. In the simulation every virtual client is a Ray
+    worker: it uses the GPU Ray assigned (`--num-gpus 0.25` = four per GPU) and the CPU with
+    `--num-gpus 0`, even where every GPU is visible to it. Outside Ray (a SuperNode's ClientApp,
+    the CLI, the simulation's ServerApp) the first visible CUDA device, if any."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    ray_gpus = _ray_gpu_ids()
+    return torch.device("cuda") if ray_gpus is None or ray_gpus else torch.device("cpu")
+
+
+def server_device(cfg: Mapping[str, Any]) -> torch.device:
+    """Where the ServerApp's evaluation model lives (`server-device`)."""
+    name = cfg.get("server-device", "auto")
+    if name == "auto":
+        return device_for_training()
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"server-device: {name} but this machine has no CUDA GPU")
+    return torch.device(name)

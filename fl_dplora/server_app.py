@@ -24,7 +24,8 @@ from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_exam
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
-    adapter_parameters, check_model_name, full_model_stats, get_peft_model, load_tokenizer, reset_adapter, round_keys,
+    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_tokenizer, reset_adapter,
+    round_keys, server_device,
 )
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.modes import for_config
@@ -38,6 +39,7 @@ log = logging.getLogger("fl_dplora")
 def preflight(cfg: Mapping[str, Any]) -> None:
     """Cheap checks that need no model: fail in a second, not after a model load."""
     check_model_name(cfg["model"])
+    check_runtime(cfg)
     check_task(cfg["task"])
 
 
@@ -77,7 +79,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     mode = for_config(cfg)
     task = load_task(cfg["task"], int(cfg["seed"]))
     evals = eval_examples(cfg)
-    model = get_peft_model(cfg)
+    model = get_peft_model(cfg, device=server_device(cfg))
     reset_adapter(model)  # the process-cached model may hold a previous run's adapter
     tokenizer = load_tokenizer(cfg["model"])
     head_config = _setup_label_head(model, tokenizer, task, cfg)
