@@ -140,6 +140,11 @@ def check_runtime(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"quantization: {quant} (bitsandbytes) needs a CUDA GPU; this machine has none (use quantization=none)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError(f"quantization: {quant} needs the bitsandbytes package: pip install bitsandbytes")
+        if cfg["model"] in TINY_ALIASES:
+            raise ConfigError(f"quantization: not for the tiny random test model {cfg['model']}")
+        if cfg["model"] == "smollm2-135m" or cfg["model"].endswith(".gguf"):
+            raise ConfigError(f"quantization: transformers cannot quantize a GGUF file on load; give {cfg['model']} "
+                              "as a Hugging Face model folder (scripts/gpu_smoke.py converts SmolLM2's)")
     name = cfg["model"]
     if name in ("smollm2-135m", *TINY_ALIASES) or Path(os.path.expanduser(name)).exists():
         return

@@ -124,6 +124,10 @@ def test_quantization_is_refused_in_one_line_without_cuda(cli, monkeypatch, no_r
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="^quantization: 8bit needs the bitsandbytes package: pip install bitsandbytes"):
         models.check_runtime(cfg)
+    # CUDA and the package: a GGUF base cannot be quantized on load by transformers
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else None)
+    with pytest.raises(ConfigError, match="^quantization: transformers cannot quantize a GGUF file on load"):
+        models.check_runtime(cfg)
 
 
 def test_a_virtual_client_uses_a_gpu_only_when_ray_gave_it_one(monkeypatch):
