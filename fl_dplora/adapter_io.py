@@ -62,12 +62,12 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
 
     from fl_dplora import label_head
     from fl_dplora.forward import label_first_tokens
-    from fl_dplora.models import device_for_training, load_base_model, load_tokenizer
+    from fl_dplora.models import device_for_training, load_base_model, tokenizer_for
 
     base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
     model = PeftModel.from_pretrained(base, str(folder))  # LoRA factors in float32 whatever the base dtype
     head = label_head.load(model, Path(folder))
-    if head is not None and head.token_ids.tolist() != label_first_tokens(load_tokenizer(cfg["model"]), task.label_words):
+    if head is not None and head.token_ids.tolist() != label_first_tokens(tokenizer_for(cfg), task.label_words):
         raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")
     return model
 
@@ -139,7 +139,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     """Write the run's adapter (or the merged model) with a model card to `output`."""
     from fl_dplora import label_head
     from fl_dplora.data import load_task
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.models import tokenizer_for
 
     summary = read_summary(run_dir)
     cfg = run_config(run_dir, overrides)
@@ -154,7 +154,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
         merged = model.merge_and_unload()
         merged.config.use_cache = True
         merged.save_pretrained(str(out))
-        load_tokenizer(cfg["model"]).save_pretrained(str(out))
+        tokenizer_for(cfg).save_pretrained(str(out))
         if has_head:
             shutil.copy2(src / label_head.FILE, out / label_head.FILE)
     else:

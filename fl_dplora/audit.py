@@ -229,7 +229,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
               log=print) -> dict[str, Any]:
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
     from fl_dplora.data import client_examples, eval_examples, unused_train_examples
-    from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
+    from fl_dplora.models import adapter_parameters, get_peft_model, tokenizer_for, reset_adapter
     from fl_dplora.server_app import _load_into
 
     from fl_dplora import label_head
@@ -259,7 +259,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     summary = train(run_cfg, plan.num_clients)
 
     model = get_peft_model(run_cfg)
-    tokenizer = load_tokenizer(run_cfg["model"])
+    tokenizer = tokenizer_for(run_cfg)
     adapter_dir = Path(run_cfg["output-dir"]) / "adapter"
     head = label_head.load(model, adapter_dir) if flip else None
     if not flip:

@@ -153,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fl_dplora.adapter_io import load_adapted_model
     from fl_dplora.data import eval_examples, load_local_file, load_task
     from fl_dplora.evaluate import evaluate
-    from fl_dplora.models import get_peft_model, load_tokenizer, reset_adapter
+    from fl_dplora.models import get_peft_model, tokenizer_for, reset_adapter
     from fl_dplora.server_app import preflight
 
     preflight(cfg)
@@ -166,7 +166,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:  # a zero LoRA B makes the adapted model compute exactly the base model
         model = get_peft_model(cfg)
         reset_adapter(model)
-    result = evaluate(model, load_tokenizer(cfg["model"]), task, examples, int(cfg["max-seq-len"]),
+    result = evaluate(model, tokenizer_for(cfg), task, examples, int(cfg["max-seq-len"]),
                       system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                "eval_file": args.eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
@@ -187,11 +187,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("predict: give one or more texts (arguments or one per line on stdin)")
     from fl_dplora.adapter_io import answer, load_adapted_model
     from fl_dplora.data import load_task
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.models import tokenizer_for
 
     task = load_task(cfg["task"], int(cfg["seed"]))
     model = load_adapted_model(cfg, adapter, task)
-    for row in answer(model, load_tokenizer(cfg["model"]), task, cfg, texts):
+    for row in answer(model, tokenizer_for(cfg), task, cfg, texts):
         print(json.dumps(row))
     return 0
 

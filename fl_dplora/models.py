@@ -90,8 +90,13 @@ def _gguf_tokenizer(gguf: Path):
     return tok
 
 
+def tokenizer_for(cfg: Mapping[str, Any]):
+    """The run's tokenizer: the model's, at the run's revision, with its remote code if allowed."""
+    return load_tokenizer(cfg["model"], cfg.get("revision", ""), bool(cfg.get("trust-remote-code", False)))
+
+
 @lru_cache(maxsize=4)
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, revision: str = "", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     if name in ("smollm2-135m", *TINY_ALIASES):
@@ -101,7 +106,7 @@ def load_tokenizer(name: str):
         if path.suffix == ".gguf":
             tok = _gguf_tokenizer(path)
         else:
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(name, revision=revision or None, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -24,7 +24,7 @@ from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_exam
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
-    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_tokenizer, reset_adapter,
+    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, reset_adapter, tokenizer_for,
     round_keys, server_device,
 )
 from fl_dplora.privacy.accounting import PrivacyLedger
@@ -81,7 +81,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     evals = eval_examples(cfg)
     model = get_peft_model(cfg, device=server_device(cfg))
     reset_adapter(model)  # the process-cached model may hold a previous run's adapter
-    tokenizer = load_tokenizer(cfg["model"])
+    tokenizer = tokenizer_for(cfg)
     head_config = _setup_label_head(model, tokenizer, task, cfg)
     params = adapter_parameters(model, cfg)
     full_params, full_bytes = full_model_stats(model)

@@ -6,7 +6,6 @@ ClientApp, driven in-process by tests/harness.py, so these run in seconds withou
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

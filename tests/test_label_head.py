@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import read_metrics, run_in_process
+from harness import run_in_process
 
 from fl_dplora.write_ahead import read_operator
 from fl_dplora import forward, label_head, models

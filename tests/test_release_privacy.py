@@ -82,7 +82,7 @@ def test_the_variance_check_would_catch_a_mean_over_the_replies():
 @pytest.mark.parametrize("name", ["client", "paper"])
 def test_local_noise_does_not_shrink_the_clipped_update(name):
     mode = _mode(name, "local", sigma=0.1)
-    c, sigma = mode.c, mode.noise_multipliers()[0]
+    sigma = mode.noise_multipliers()[0]
     signal = {"x.lora_A.weight": torch.full((DIM // 2,), 1.0), "x.lora_B.weight": torch.full((DIM // 2,), 1.0)}
     gen = torch.Generator().manual_seed(3)
     updates = [mode.accept(mode.client_update(dict(signal), sigma, gen)) for _ in range(POPULATION)]

@@ -25,7 +25,7 @@ from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter, round_keys
+from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, tokenizer_for, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
@@ -121,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     # the node's own rows are read (and checked: columns, labels) before any model is loaded
     shard = shard_for(cfg, context, card_json)
     model = get_peft_model(cfg)
-    tokenizer = load_tokenizer(cfg["model"])
+    tokenizer = tokenizer_for(cfg)
     label_ids = _label_ids(cfg, tokenizer, task)
     if cfg["label-head"]:
         label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
@@ -259,7 +259,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if not examples:
         raise ConfigError("federated evaluation: this node's held-out data is empty")
     model = get_peft_model(cfg)
-    tokenizer = load_tokenizer(cfg["model"])
+    tokenizer = tokenizer_for(cfg)
     if cfg["label-head"]:
         label_head.install(model, _label_ids(cfg, tokenizer, task).tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
