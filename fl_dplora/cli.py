@@ -393,7 +393,6 @@ def setup_logging(verbose: bool = False) -> None:
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.propagate = False
     logging.getLogger("flwr").propagate = False
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

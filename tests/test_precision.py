@@ -158,3 +158,66 @@ def test_an_offline_hub_id_missing_from_the_cache_fails_before_ray(cli, no_ray):
     res = cli(["simulate", "--run-config", "model=some-org/not-downloaded-llm"], env=no_ray)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "model: some-org/not-downloaded-llm is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in res.stderr
+
+
+def test_ray_worker_without_gpus_stays_on_cpu_and_the_accelerator_variable_is_not_forced(monkeypatch):
+    """A stand-in `ray` module in a worker process with no GPU assigned: CUDA is never selected,
+    although torch would see one; the CLI leaves Ray's RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO alone."""
+    import sys
+    import types
+
+    from fl_dplora.cli import setup_logging
+
+    monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
+    setup_logging()
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in __import__("os").environ
+    assigned: list = []
+    fake = types.ModuleType("ray")
+    fake.WORKER_MODE = 1
+    fake.is_initialized = lambda: True
+    fake.get_runtime_context = lambda: types.SimpleNamespace(worker=types.SimpleNamespace(mode=1))
+    fake.get_gpu_ids = lambda: list(assigned)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.device_for_training() == torch.device("cpu")  # --num-gpus 0
+    assigned.append(0)
+    assert models.device_for_training().type == "cuda"  # --num-gpus 0.25: a share of GPU 0
+    fake.get_runtime_context = lambda: types.SimpleNamespace(worker=types.SimpleNamespace(mode=0))  # the driver
+    assigned.clear()
+    assert models.device_for_training().type == "cuda"
+
+
+class _DeviceCheckingModel(torch.nn.Module):
+    """Parameters on the meta device; generate() records where its inputs are."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.seen: list[torch.device] = []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.seen += [input_ids.device, attention_mask.device]
+        return torch.zeros(1, input_ids.shape[1] + 1, dtype=torch.long)
+
+
+def test_generation_and_scoring_put_inputs_on_the_models_device(monkeypatch):
+    from fl_dplora import evaluate as ev
+    from fl_dplora.data import Example, load_task
+    from fl_dplora.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-random-llama")
+    model = _DeviceCheckingModel()
+    ev.generate_answer(model, tok, Example("Say hi", "hi"), 32)
+    assert model.seen and {d.type for d in model.seen} == {"meta"}
+
+    class Seen(Exception):
+        pass
+
+    def fake_answer_logits(m, batch):
+        assert {t.device.type for t in batch.values() if isinstance(t, torch.Tensor)} == {"meta"}
+        raise Seen
+
+    monkeypatch.setattr(ev, "answer_logits", fake_answer_logits)
+    task = load_task("fin-sentiment")
+    with pytest.raises(Seen):
+        ev.evaluate(model, tok, task, task.eval[:2], 32)
