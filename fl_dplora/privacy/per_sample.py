@@ -31,8 +31,12 @@ class LoRAGradSampler:
         if found != wanted:
             raise ValueError("every DP-trained parameter must be the weight of an nn.Linear LoRA factor")
         self._inputs: dict[int, torch.Tensor] = {}
-        self._grads: dict[int, torch.Tensor] = {}
+        self._per_example: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        # transformers' gradient checkpointing (non-reentrant) runs each adapted block again inside
+        # the backward pass: then a factor's input is taken from that second run, just before its
+        # gradient arrives, so the first forward keeps nothing the checkpointing freed.
+        self.recompute = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
     def __enter__(self) -> "LoRAGradSampler":
         for module in self.modules:
@@ -47,28 +51,33 @@ class LoRAGradSampler:
 
     def clear(self) -> None:
         self._inputs.clear()
-        self._grads.clear()
+        self._per_example.clear()
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
         key = id(module)
-        self._inputs[key] = inputs[0].detach()
+        if torch._C._current_graph_task_id() != -1:  # a checkpointed block recomputed in the backward pass
+            self._inputs[key] = inputs[0].detach()
+            return
+        if not (self.recompute and module.training):
+            self._inputs[key] = inputs[0].detach()
+        output.register_hook(lambda grad, key=key: self._on_grad(key, grad))
 
-        def save_grad(grad: torch.Tensor) -> None:
-            self._grads[key] = grad.detach()
-
-        output.register_hook(save_grad)
+    def _on_grad(self, key: int, grad: torch.Tensor) -> None:
+        """The factor's per-example gradient as soon as its output gradient exists; its input is
+        released right away ([B, T, d_in] -> [B, out, in], r of the two dimensions)."""
+        x = self._inputs.pop(key, None)
+        if x is None:
+            raise RuntimeError("LoRA gradient sampler: a factor's input was not recorded (checkpointing "
+                               "without recomputation?)")
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        g = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1])
+        self._per_example[key] = torch.einsum("bto,bti->boi", g, x)
 
     def per_example(self) -> list[torch.Tensor]:
         """Per-example gradients, one (B, out, in) tensor per module, in `self.modules` order."""
-        out = []
-        for module in self.modules:
-            x, g = self._inputs[id(module)], self._grads[id(module)]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            g = g.reshape(g.shape[0], -1, g.shape[-1])
-            out.append(torch.einsum("bto,bti->boi", g, x))
-        return out
+        return [self._per_example[id(module)] for module in self.modules]
 
     def clipped_sum(self, max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Sum over examples of per-example gradients clipped to `max_norm` (joint L2 over all factors).
