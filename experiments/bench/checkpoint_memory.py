@@ -2,12 +2,13 @@
 
     ../shared/tools/heavy .venv/bin/python experiments/bench/checkpoint_memory.py [--reps 3] [--json OUT]
 
-Each variant runs in its own process (one model, one allocator history): load SmolLM2 with LoRA r=8
-on q_proj,v_proj of all 30 blocks (lora-layers = 0, no prefix cache: every block's activations are
-kept for the backward pass, which is what checkpointing trades for recomputation), one warm-up step,
-then `--reps` DP steps of 32 examples (one micro-batch of 32, 96 tokens). A thread samples the
-process RSS every 5 ms; the step's peak is the highest sample minus the RSS just before the step.
-Printed side by side: median peak MiB and median step seconds, and their ratios (on / off).
+Every measurement is a fresh process (the allocator keeps what it once took, so only a process's
+first step shows that step's peak): load SmolLM2 with LoRA r=8 on q_proj,v_proj of all 30 blocks
+(lora-layers = 0, no prefix cache: every block's activations are kept for the backward pass, which
+is what checkpointing trades for recomputation), encode the batch, then one DP step of 32 examples
+(one micro-batch of 32, 96 tokens). A thread samples the process RSS every 5 ms; the step's peak is
+the highest sample minus the RSS just before the step. `--reps` processes per variant, alternating
+off/on; printed side by side: median peak MiB and median step seconds, and the ratios (on / off).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def one_variant(ckpt: bool, reps: int) -> dict:
     ids = label_token_ids(tok, load_task("fin-sentiment").label_words)
     proc = psutil.Process()
     peaks, seconds = [], []
-    for rep in range(reps + 1):  # rep 0 warms up (allocator, lazy inits)
+    for rep in range(1, reps + 1):  # the caller asks for one step per process
         opt = make_optimizer(params, cfg)
         before = proc.memory_info().rss
         high = [before]
@@ -83,11 +84,16 @@ def main() -> int:
     if args.variant:
         print(json.dumps(one_variant(args.variant == "on", args.reps)))
         return 0
-    results = {}
-    for variant in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--reps", str(args.reps)],
-                             capture_output=True, text=True, check=True)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    results: dict[str, dict] = {"off": {"peak_mib": [], "seconds": []}, "on": {"peak_mib": [], "seconds": []}}
+    for _ in range(args.reps):
+        for variant in ("off", "on"):
+            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--reps", "1"],
+                                 capture_output=True, text=True, check=True)
+            one = json.loads(out.stdout.strip().splitlines()[-1])
+            results[variant]["peak_mib"] += one["peak_mib"]
+            results[variant]["seconds"] += one["seconds"]
+    for r in results.values():
+        r["peak_mib_median"], r["seconds_median"] = statistics.median(r["peak_mib"]), statistics.median(r["seconds"])
     off, on = results["off"], results["on"]
     print(f"DP step, SmolLM2-135M, batch 32 x 96 tokens, LoRA q,v on all 30 blocks, {args.reps} reps (medians):")
     print(f"  gradient-checkpointing off: peak +{off['peak_mib_median']:.0f} MiB, {off['seconds_median']:.2f} s")
