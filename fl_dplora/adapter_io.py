@@ -38,9 +38,11 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def run_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The run's own resolved config, with `overrides` (already parsed) on top."""
-    saved = {k: v for k, v in read_summary(run_dir)["config"].items() if k in SCHEMA and k not in _RUN_ONLY}
+def run_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+               summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's own resolved config (from `summary`, else its summary.json), `overrides` on top."""
+    summary = summary if summary is not None else read_summary(run_dir)
+    saved = {k: v for k, v in summary["config"].items() if k in SCHEMA and k not in _RUN_ONLY}
     return resolve({**saved, **dict(overrides or {})})
 
 
@@ -142,7 +144,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     from fl_dplora.models import tokenizer_for
 
     summary = read_summary(run_dir)
-    cfg = run_config(run_dir, overrides)
+    cfg = run_config(run_dir, overrides, summary)
     src = adapter_dir(run_dir)
     out = Path(output)
     if out.exists() and any(out.iterdir()):

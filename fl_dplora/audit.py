@@ -230,7 +230,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
     from fl_dplora.data import client_examples, eval_examples, unused_train_examples
     from fl_dplora.models import adapter_parameters, get_peft_model, tokenizer_for, reset_adapter
-    from fl_dplora.server_app import _load_into
+    from fl_dplora.models import load_adapter_weights
 
     from fl_dplora import label_head
     from fl_dplora.data import head_stat_examples, load_task
@@ -284,7 +284,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     from safetensors.torch import load_file
 
     trained = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    _load_into({k: p for k, p in params.items() if k != label_head.HEAD_KEY}, trained)  # the head: below
+    load_adapter_weights({k: p for k, p in params.items() if k != label_head.HEAD_KEY}, trained)  # the head: below
     if head is not None:
         with torch.no_grad():
             head.proj.weight.copy_(trained_head)

@@ -132,16 +132,12 @@ def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | No
     from fl_dplora import adapter_io
 
     overrides = parse_overrides(args.run_config)
+    adapter = getattr(args, "adapter", None)  # with --run: e.g. a round's snapshot (save-every)
+    if adapter:
+        adapter_io.check_adapter_dir(adapter)
     if getattr(args, "run", None):
-        if getattr(args, "adapter", None):  # e.g. a round's snapshot (save-every) with the run's config
-            adapter_io.check_adapter_dir(args.adapter)
-            return adapter_io.run_config(args.run, overrides), Path(args.adapter)
-        return adapter_io.run_config(args.run, overrides), adapter_io.adapter_dir(args.run)
-    cfg = resolve(overrides)
-    if getattr(args, "adapter", None):
-        adapter_io.check_adapter_dir(args.adapter)
-        return cfg, Path(args.adapter)
-    return cfg, None
+        return adapter_io.run_config(args.run, overrides), Path(adapter) if adapter else adapter_io.adapter_dir(args.run)
+    return resolve(overrides), Path(adapter) if adapter else None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

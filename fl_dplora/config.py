@@ -49,8 +49,8 @@ SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round
 LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
                                  "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
                                  "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
-                                 "save-every": 0, "revision": "", "trust-remote-code": False, "dtype": "auto",
-                                 "quantization": "none", "gradient-checkpointing": False, "server-device": "auto"}
+                                 "revision": "", "trust-remote-code": False, "dtype": "auto",
+                                 "quantization": "none", "gradient-checkpointing": False}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {

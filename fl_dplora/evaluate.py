@@ -19,7 +19,7 @@ from fl_dplora.data import Example, TaskData, _render_prompt, collate, encode_ex
 from fl_dplora.forward import answer_logits, attach_prefix, first_answer_positions, label_first_tokens
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> float:
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """scikit-learn's macro-F1 over the classes that occur in the labels or the predictions (a class
     never predicted scores 0), so the number compares with published ones."""
     from sklearn.metrics import f1_score
@@ -75,7 +75,7 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_examples": len(examples)}
     if task.kind == "classification":
         out["accuracy"] = sum(int(p == t) for p, t in zip(preds, trues)) / max(1, len(trues))
-        out["macro_f1"] = macro_f1(trues, preds, len(task.label_words))
+        out["macro_f1"] = macro_f1(trues, preds)
         # the accuracy of always answering the most frequent label of these very examples
         out["majority_rate"] = max(trues.count(c) for c in set(trues)) / max(1, len(trues)) if trues else 0.0
         if with_predictions:

@@ -326,6 +326,13 @@ def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Param
     return out
 
 
+def load_adapter_weights(params: Mapping[str, nn.Parameter], weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy `weights` into the adapter parameters `params` (every key of `params` must be in it)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+
+
 def round_keys(cfg: Mapping[str, Any], server_round: int, params: Mapping[str, Any]) -> list[str]:
     """What travels in a round: the label head alone in a head-only round, else every adapter tensor."""
     from fl_dplora import label_head

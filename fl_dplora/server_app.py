@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -24,8 +23,8 @@ from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_exam
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
-    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, reset_adapter, tokenizer_for,
-    round_keys, server_device,
+    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_adapter_weights,
+    reset_adapter, round_keys, server_device, tokenizer_for,
 )
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.modes import for_config
@@ -309,19 +308,13 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
 
 def _save_adapter(model, params, strategy, folder: Path, task) -> None:
     """The global adapter (and label head) as a PEFT folder that `fl-dplora evaluate --adapter` reads."""
-    _load_into(params, strategy.global_weights)
+    load_adapter_weights(params, strategy.global_weights)
     model.save_pretrained(str(folder))
     label_head.save(model, folder, task.label_words)
 
 
-def _load_into(params: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(weights[k])
-
-
 def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
-    _load_into(params, strategy.global_weights)
+    load_adapter_weights(params, strategy.global_weights)
     rouge = 16 if task.kind == "generation" else 0
     return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), rouge_samples=rouge,
                     system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])

@@ -9,9 +9,9 @@ from fl_dplora.evaluate import macro_f1, rouge_l
 
 def test_macro_f1_counts_the_classes_present_and_scores_a_never_predicted_class_zero():
     # class 0: tp 2 fp 1 fn 0 -> 0.8; class 1: tp 0 fp 0 fn 1 -> 0; class 2 absent everywhere: not counted
-    assert macro_f1([0, 0, 1], [0, 0, 0], 3) == pytest.approx(0.4)
-    assert macro_f1([0, 1, 2, 2], [0, 1, 2, 2], 3) == 1.0
-    assert macro_f1([], [], 3) == 0.0
+    assert macro_f1([0, 0, 1], [0, 0, 0]) == pytest.approx(0.4)
+    assert macro_f1([0, 1, 2, 2], [0, 1, 2, 2]) == 1.0
+    assert macro_f1([], []) == 0.0
 
 
 def test_rouge_l_uses_the_standard_tokenizer_and_stemmer():

@@ -25,7 +25,9 @@ from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, tokenizer_for, reset_adapter, round_keys
+from fl_dplora.models import (
+    adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
+)
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
@@ -135,9 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     head_only = head_only_round(cfg, server_round)
     if head_only:
         reset_adapter(model)  # LoRA is still at its seed-shared init in the head-only rounds
-    with torch.no_grad():
-        for key in keys:
-            params[key].copy_(global_weights[key])
+    load_adapter_weights({k: params[k] for k in keys}, global_weights)
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
     # the frozen blocks below the adapter run once per example, not once per step (forward.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
@@ -177,9 +177,9 @@ def train(msg: Message, context: Context) -> Message:
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
     elif mode.client_level and policy.active:  # the run's client-level ledger after this round: one event per round so far
+        sigma, rate, steps = mode.round_event(mode.noise_multipliers()[1])
         run_ledger = PrivacyLedger()
-        for _ in range(server_round):
-            run_ledger.step(*mode.round_event(mode.noise_multipliers()[1]))
+        run_ledger.step(sigma, rate, steps * server_round)
         epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
     else:
         epsilon_after = float("inf") if mode.unit is None else float("nan")  # nan: not computed (no policy)
@@ -268,9 +268,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
     if set(weights) != set(params):
         raise ValueError("global adapter keys do not match this client's LoRA config")
-    with torch.no_grad():
-        for key, value in weights.items():
-            params[key].copy_(value)
+    load_adapter_weights(params, weights)
     result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
                       prefix_cache=cfg["prefix-cache"])
     metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
