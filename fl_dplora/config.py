@@ -50,7 +50,8 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
                                  "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
-                                 "quantization": "none", "gradient-checkpointing": False}
+                                 "quantization": "none", "gradient-checkpointing": False,
+                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -94,7 +95,10 @@ SCHEMA: dict[str, Key] = {
     "noise-multiplier": Key(float, 0.0, help="sigma; <= 0 means calibrate from target-epsilon for the whole run"),
     "accountant": Key(str, "prv", choices=("rdp", "prv"), help="Opacus accountant; PRV is tighter"),
     "population": Key(int, 0, min=0, help="client/paper: the declared number of clients; a round's sum is divided by fraction-train x population"),
-    "client-noise": Key(str, "central", choices=("central", "local"), help="dp-mode=client: noise on the server sum or on each client"),
+    "client-noise": Key(str, "central", choices=("central", "local", "distributed"), help="dp-mode=client: noise on the server sum, on each client, or split over the secure sum"),
+    "secure-aggregation": Key(bool, False, help="client/none: SecAgg+, the server unmasks only the sum"),
+    "secagg-shares": Key(int, 0, min=0, help="SecAgg+ shares per client (0 = all sampled)"),
+    "secagg-threshold": Key(int, 0, min=0, help="SecAgg+ reconstruction threshold = fewest survivors (0 = 2/3 of expected)"),
     "partitioner": Key(str, "iid", choices=("iid", "dirichlet"), help="flwr-datasets partitioner"),
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
     "max-train-samples": Key(int, 0, min=0, help="cap on the training pool before partitioning (0 = all)"),
@@ -241,8 +245,36 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
                         "a public number: set it to the number of clients in the federation")
     if cfg["label-head"] and cfg["dp-mode"] == "paper":
         problems.append("label-head: not with dp-mode = paper (its separate A/B clipping has no part for a head)")
+    problems += _secagg_checks(cfg)
     if cfg["dp-mode"] != "none" and cfg["delta"] >= 0.1:
         problems.append(f"delta: {cfg['delta']:g} is far too large for DP (use << 1/number of records)")
+    return problems
+
+
+def _secagg_checks(cfg: dict[str, Any]) -> list[str]:
+    if cfg["client-noise"] == "distributed" and not (cfg["secure-aggregation"] and cfg["dp-mode"] == "client"):
+        return ["client-noise: distributed needs dp-mode = client and secure-aggregation = true "
+                "(each share is too small to protect an update the server could see alone)"]
+    if not cfg["secure-aggregation"]:
+        return []
+    if cfg["dp-mode"] not in ("client", "none"):
+        return [f"secure-aggregation: for dp-mode client or none (dp-mode {cfg['dp-mode']} "
+                "needs each client's update on the server)"]
+    if cfg["dp-mode"] == "client" and cfg["client-noise"] == "local":
+        return ["secure-aggregation: with client-noise central or distributed (local noise needs no secure sum)"]
+    problems = []
+    if cfg["population"] < 2:
+        problems.append("secure-aggregation: set population (>= 2), the number of clients in the federation; "
+                        "the SecAgg+ modulus must hold the sum of all of them")
+    threshold, shares = cfg["secagg-threshold"], cfg["secagg-shares"]
+    if threshold == 1:
+        problems.append("secagg-threshold: must be >= 2 (0 = automatic)")
+    if shares and shares < 3:
+        problems.append("secagg-shares: must be >= 3 (0 = every sampled client)")
+    if shares and threshold and threshold >= shares:
+        problems.append(f"secagg-threshold: {threshold} must be < secagg-shares {shares}")
+    if cfg["population"] >= 2 and threshold > cfg["population"]:
+        problems.append(f"secagg-threshold: {threshold} is more than the population {cfg['population']}")
     return problems
 
 

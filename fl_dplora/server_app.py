@@ -87,6 +87,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     trainable = sum(p.numel() for p in params.values())
 
     server_sigma, accountant_sigma = mode.noise_multipliers()
+    if mode.secure and mode.unit:
+        _check_secagg_delta(mode, server_sigma, trainable, cfg)
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=server_sigma)
     server_ledger = PrivacyLedger()
     client_eps: dict[int, dict[str, Any]] = {}
@@ -144,8 +146,11 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
         # write-ahead: the round and whom it asks are on disk before any client sees a message
         attempt = wal.begin(rnd, [node_keys.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages])
-        replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
-        strategy.aggregate_train(rnd, replies)
+        if mode.secure:  # SecAgg+: the server only ever holds the sum of the round's updates
+            strategy.aggregate_secure(rnd, grid)
+        else:
+            replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
+            strategy.aggregate_train(rnd, replies)
         st = strategy.stats
         totals["up"] += st.bytes_up
         totals["down"] += st.bytes_down
@@ -214,7 +219,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     _save_adapter(model, params, strategy, out_dir / "adapter", task)
 
     privacy = _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done,
-                             server_ledger, client_ledgers)
+                             server_ledger, client_ledgers, dim=trainable)
     summary = {
         "rounds": rounds_done,
         "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
@@ -231,6 +236,20 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary
+
+
+def _check_secagg_delta(mode, sigma: float, dim: int, cfg: Mapping[str, Any]) -> None:
+    """Refuse a secure-aggregation run whose refused rounds (fewer sampled than the threshold) or
+    saturated coordinates could matter next to δ (modes.py: secagg_delta_extra)."""
+    extra = mode.secagg_delta_extra(sigma, dim, float(cfg["target-epsilon"]))
+    if extra > 0.01 * cfg["delta"]:
+        from fl_dplora.privacy.secagg_quantization import refusal_probability
+
+        p = refusal_probability(int(cfg["population"]), float(cfg["fraction-train"]), mode.secagg_threshold())
+        raise ConfigError(f"secure-aggregation: a round is refused when fewer than {mode.secagg_threshold()} clients are "
+                          f"sampled (probability {p:.3g} per round at fraction-train {cfg['fraction-train']} of population "
+                          f"{cfg['population']}), more than 1% of delta {cfg['delta']:g} over the run; raise fraction-train "
+                          "or lower secagg-threshold")
 
 
 def _run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:
@@ -298,11 +317,20 @@ def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[st
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
-    """Resuming with other settings would not be the same run: name every key that differs."""
+    """Resuming with other settings would not be the same run: name every key that differs.
+
+    A key that the checkpoint lacks (written before the key existed) counts as its LEGACY_VALUES
+    value, the one that computes what runs did before; a missing key without one still differs.
+    """
+    from fl_dplora import config  # read LEGACY_VALUES now: keys may be added to it
+
     ignore = {"resume", "output-dir", "round-timeout", "save-every"}
-    diff = [k for k in cfg if k not in ignore and saved.get(k) != cfg[k]]
+    missing = object()  # a key the checkpoint lacks and LEGACY_VALUES does not know: differs from anything
+    was = {k: saved[k] if k in saved else config.LEGACY_VALUES.get(k, missing) for k in cfg}
+    diff = [k for k in cfg if k not in ignore and was[k] != cfg[k]]
     if diff:
-        raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's {saved.get(k)!r}; resume with the same config"
+        raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's "
+                                     f"{None if was[k] is missing else was[k]!r}; resume with the same config"
                                      for k in diff))
 
 
@@ -321,10 +349,12 @@ def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> di
 
 
 def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done, server_ledger,
-                   client_ledgers=None) -> dict[str, Any]:
+                   client_ledgers=None, dim: int = 0) -> dict[str, Any]:
     block = {"mode": mode.name, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
              "accountant": None, "epsilon": None, "delta": cfg["delta"]}
     if mode.unit is None:
+        if mode.secure:
+            block["secure_aggregation"] = mode.secagg_describe(dim, 0.0, 0.0)
         return block
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon,
                  unit=mode.unit, trusted=mode.trusted)
@@ -342,6 +372,8 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
         block.update(noise_multiplier=server_sigma, accountant_noise_multiplier=accountant_sigma,
                      sample_rate=cfg["fraction-train"], steps=server_ledger.total_steps, **mode.describe())
         block["mode"] = mode.name
+        if mode.secure:
+            block["secure_aggregation"] = mode.secagg_describe(dim, server_sigma, epsilon)
         against_server = mode.epsilon_against_server(accountant_sigma, server_ledger.total_steps)
         if against_server is not None:
             block["epsilon_against_server"] = against_server

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fl_dplora import label_head, protocol
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
+from fl_dplora.clients.secagg_mod import fitres_reply, secagg_when_asked
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import attach_prefix, label_token_ids
@@ -34,7 +35,7 @@ from fl_dplora.privacy.modes import for_config
 from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_when_asked])  # Flower's SecAgg+ mod, for the rounds the server runs securely
 STATE_KEY = "fl-dplora"
 
 
@@ -198,7 +199,9 @@ def train(msg: Message, context: Context) -> Message:
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
     # client-level modes clip here (and add local noise): the raw norm never leaves the client
-    delta = mode.client_update(delta, float(msg.content["config"].get(protocol.SIGMA, 0.0)), noise_gen)
+    # distributed noise: the client calibrates σ itself, it does not take the server's word for its share
+    sigma = mode.noise_multipliers()[0] if mode.distributed_noise else float(msg.content["config"].get(protocol.SIGMA, 0.0))
+    delta = mode.client_update(delta, sigma, noise_gen)
 
     if mode.example_level:
         ledger.step(dp.noise_multiplier, q, steps)
@@ -215,6 +218,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"num-examples": n, "train_loss": stats.mean_loss, "compute-seconds": time.perf_counter() - t0})
     else:
         metrics["num-examples"] = steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
+    if mode.secure:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
+        return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

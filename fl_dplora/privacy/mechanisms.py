@@ -26,6 +26,12 @@ def secure_standard_normal(numel: int) -> torch.Tensor:
     return z[:numel]
 
 
+def secure_uniform(numel: int) -> torch.Tensor:
+    """Uniforms in (0, 1] (float64, 53 random bits each) from os.urandom."""
+    raw = torch.frombuffer(bytearray(os.urandom(8 * numel)), dtype=torch.int64) if numel else torch.zeros(0, dtype=torch.int64)
+    return ((raw >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(1.0).div_(_TWO_POW_53)
+
+
 SECURE_DRAWS = 4  # as Opacus' secure mode: the mean of 4 draws (x2) blurs the low bits a floating-point attack reads
 
 

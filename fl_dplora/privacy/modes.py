@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm
+from fl_dplora.privacy.secagg_quantization import SecAggPlan, plan, refusal_probability, round_to_grid
 
 Update = dict[str, torch.Tensor]
 
@@ -36,6 +37,9 @@ class DPMode:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
         self.c = float(cfg["max-grad-norm"])
+        # secure aggregation (Flower's SecAgg+): the server unmasks only the sum of the round's updates
+        self.secure = bool(cfg.get("secure-aggregation", False))
+        self.distributed_noise = self.secure and cfg.get("client-noise") == "distributed"
 
     # ------------------------------------------------------------ calibration and accounting
     def noise_multipliers(self) -> tuple[float, float]:
@@ -81,6 +85,51 @@ class DPMode:
     def reference_note(self) -> str:
         return ""
 
+    # ------------------------------------------------------------ secure aggregation
+    def secagg_threshold(self) -> int:
+        """Flower's reconstruction threshold: the fewest surviving clients whose masked updates can
+        be unmasked (and, with distributed noise, the fewest whose noise shares make the full σC')."""
+        if int(self.cfg["secagg-threshold"]) > 0:
+            return int(self.cfg["secagg-threshold"])
+        expected = float(self.cfg["fraction-train"]) * int(self.cfg["population"])
+        return max(2, math.ceil(2 * expected / 3))
+
+    def secagg_plan(self, dim: int, sigma: float) -> SecAggPlan:
+        """The SecAgg+ grid for updates of `dim` values (secagg_quantization.py), public config only."""
+        return plan(self.c, dim, int(self.cfg["population"]), int(self.cfg["num-server-rounds"]),
+                    sigma if self.distributed_noise else 0.0, self.secagg_threshold())
+
+    def secure_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        """What a client hands to SecAgg+: its update clipped to C here (the server never sees it to
+        clip), rounded onto the grid, plus (distributed noise) its share N(0, (σC')²/threshold)."""
+        keys = list(delta)
+        clipped = dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+        grid = self.secagg_plan(sum(t.numel() for t in clipped.values()), sigma)
+        out = {}
+        for k, t in clipped.items():
+            v = round_to_grid(t, grid.step, generator)
+            if grid.noise_std_per_client > 0:  # rounding the noise separately keeps it independent of the data
+                v = v + round_to_grid(gaussian_like(t.double(), grid.noise_std_per_client, generator), grid.step, generator)
+            out[k] = v
+        return out
+
+    def secagg_describe(self, dim: int, sigma: float, epsilon: float) -> dict[str, Any]:
+        """Public facts of the secure sum for the privacy block: grid, bounds, what δ does not cover."""
+        out: dict[str, Any] = {"threshold": self.secagg_threshold(), "shares": int(self.cfg["secagg-shares"]) or "all sampled",
+                               **self.secagg_plan(dim, sigma).describe()}
+        if self.unit == "client":
+            out["refusal_probability_per_round"] = refusal_probability(
+                int(self.cfg["population"]), float(self.cfg["fraction-train"]), self.secagg_threshold())
+            out["delta_extra"] = self.secagg_delta_extra(sigma, dim, epsilon)
+        return out
+
+    def aggregate_secure_sum(self, total: Update | None, survivors: int, sigma: float, dim: int,
+                             generator: torch.Generator | None) -> Update | None:
+        """The round's step from the unmasked sum of `survivors` updates (None: the round was refused)."""
+        if total is None or survivors < 1:
+            return None
+        return {k: v / survivors for k, v in total.items()}
+
 
 class NoDP(DPMode):
     """FedAvg weighted by each client's example count; nothing is protected."""
@@ -91,6 +140,10 @@ class NoDP(DPMode):
 
     def reply_weight(self, metrics: Mapping[str, Any]) -> float:
         return float(metrics.get("num-examples", 1))
+
+    def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        # secure aggregation: a uniform mean of updates clipped to C (the grid needs a bound)
+        return self.secure_update(delta, 0.0, generator) if self.secure else delta
 
 
 class ExampleDP(DPMode):
@@ -118,8 +171,14 @@ class ClientDP(DPMode):
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         self.local_noise = cfg["client-noise"] == "local"
-        self.trusted = ("nobody for each update (local DP per client); the server for participation"
-                        if self.local_noise else "the server (it sees every clipped update)")
+        if self.distributed_noise:
+            self.trusted = ("nobody for each update (the server unmasks only the sum, whose noise any "
+                            "threshold clients supply); the server for participation")
+        elif self.secure:
+            self.trusted = "the server for the noise on the sum (it never sees a single update)"
+        else:
+            self.trusted = ("nobody for each update (local DP per client); the server for participation"
+                            if self.local_noise else "the server (it sees every clipped update)")
         self.population = int(cfg["population"])
         self.divisor = float(cfg["fraction-train"]) * self.population
 
@@ -146,6 +205,8 @@ class ClientDP(DPMode):
         return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
 
     def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        if self.secure:
+            return self.secure_update(delta, sigma, generator)
         delta = self._clip(delta)  # the raw norm is data-dependent and un-noised: it never leaves
         if self.local_noise:
             delta = {k: v + gaussian_like(v, sigma * self.c, generator) for k, v in delta.items()}
@@ -188,10 +249,36 @@ class ClientDP(DPMode):
             total[k] += gaussian_like(total[k], std, generator)
         return {k: v / self.divisor for k, v in total.items()}
 
+    def aggregate_secure_sum(self, total, survivors, sigma, dim, generator):
+        """Central: one draw of σC' on the unmasked sum. Distributed: the survivors' shares carry
+        σ²C'²·m/threshold >= σ²C'²; the server tops the variance up to the whole population's, so it
+        never reveals m (as with local noise). Either way divided by the public q x population."""
+        if total is None:
+            return None
+        if survivors > self.population:
+            raise RuntimeError(f"population: {survivors} clients summed in a round but population = {self.population}")
+        grid = self.secagg_plan(dim, sigma)
+        std = (grid.noise_std_per_client * math.sqrt(self.population - survivors) if self.distributed_noise
+               else sigma * grid.sensitivity)
+        return {k: (v + gaussian_like(v, std, generator)) / self.divisor for k, v in total.items()}
+
+    def secagg_delta_extra(self, sigma: float, dim: int, epsilon: float) -> float:
+        """What the stated δ does not cover: rounds refused because fewer than the threshold were
+        sampled, and the mod clipping a noisy coordinate, each a departure from the accounted
+        mechanism with the probability below; (1 + e^ε)·P is added to δ (docs/privacy.md)."""
+        rounds = int(self.cfg["num-server-rounds"])
+        p = rounds * refusal_probability(self.population, float(self.cfg["fraction-train"]), self.secagg_threshold())
+        p += self.secagg_plan(dim, sigma).saturation_bound
+        return (1 + math.exp(epsilon)) * p
+
     def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Replacing a
         client's data moves a clipped update by up to 2x the sensitivity; the server knows who was
         sampled, so no amplification: worst case, the client took part in every round."""
+        if self.distributed_noise and rounds > 0:  # the sum it unmasks carries >= σC' whoever survived
+            from fl_dplora.privacy.accounting import epsilon_for
+
+            return epsilon_for(accountant_sigma, 1.0, rounds, self.cfg["delta"], self.cfg["accountant"])
         if not self.local_noise or rounds <= 0:
             return None
         from fl_dplora.privacy.accounting import epsilon_for
@@ -199,8 +286,10 @@ class ClientDP(DPMode):
         return epsilon_for(accountant_sigma / 2.0, 1.0, rounds, self.cfg["delta"], self.cfg["accountant"])
 
     def describe(self) -> dict[str, Any]:
+        placement = ("each client's share under secure aggregation (+ server top-up)" if self.distributed_noise
+                     else "each client (+ server top-up)" if self.local_noise else "server sum")
         return {**super().describe(), "population": self.population, "divisor": self.divisor,
-                "noise_placement": "each client (+ server top-up)" if self.local_noise else "server sum"}
+                "noise_placement": placement, "secure_aggregation": self.secure}
 
 
 class PaperDP(ClientDP):

@@ -161,6 +161,37 @@ class DPLoRAFedAvg(FedAvg):
             {"accepted": len(updates)}
         )
 
+    def aggregate_secure(self, server_round: int, grid: Grid) -> None:
+        """The round's SecAgg+ (strategies/secagg.py) with the nodes configure_train sampled: the
+        server unmasks the sum only, and only when at least the threshold of them survive."""
+        from fl_dplora.strategies.secagg import SecureOutcome, secure_sum
+
+        sent, self._sent = getattr(self, "_sent", []), []
+        keys = getattr(self, "_round_keys", None) or sorted(self.global_weights)
+        shapes = {k: tuple(self.global_weights[k].shape) for k in keys}
+        dim = sum(self.global_weights[k].numel() for k in keys)
+        needed = max(2, self.mode.secagg_threshold(), self.min_available_nodes)
+        if len(sent) < needed:
+            outcome = SecureOutcome(None, reason=f"{len(sent)} sampled < {needed} needed (secagg-threshold): round refused")
+        else:
+            contents = {m.metadata.dst_node_id: m.content for m in sent}
+            outcome = secure_sum(grid, server_round, contents, shapes, self.mode.secagg_plan(dim, self.server_sigma),
+                                 needed, int(self.cfg["secagg-shares"]), float(self.cfg["round-timeout"]))
+        # the instruction bytes configure_train counted are replaced by what the four stages moved
+        self.stats.bytes_down, self.stats.bytes_up = outcome.bytes_down, outcome.bytes_up
+        self.stats.received = self.stats.accepted = len(outcome.survivors)
+        for failure in outcome.failures:
+            self.stats.dropped.append(f"secure aggregation: {failure}")
+            log.warning("round %d: secure aggregation: %s", server_round, failure)
+        agg = self.mode.aggregate_secure_sum(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
+        self.last_secure_outcome = outcome  # the unmasked sum stays on the server (tests read it)
+        if agg is None:
+            self.stats.accepted = 0
+            log.warning("round %d: secure aggregation: %s; global adapter unchanged", server_round, outcome.reason)
+            return
+        for k, v in agg.items():
+            self.global_weights[k] += v
+
     def _drop_norm_outliers(self, server_round, updates, weights, senders):
         """Without a bound the server enforces (no DP, or example-level DP), an update whose norm is
         more than OUTLIER_FACTOR x the round's median is dropped: one client cannot blow up the
