@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import SCHEMA, ConfigError, parse_overrides, resolve, resolve_output_dir
+from fl_dplora.config import LEGACY_VALUES, SCHEMA, ConfigError, parse_overrides, resolve, resolve_output_dir
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -104,7 +104,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 f"{k}: {merged[k]!r} differs from the checkpoint's {kept.get(k)!r}; resume continues the saved "
                 "config: drop --run-config" for k in changed) or "resume: the run continues with its saved config; "
                 "drop --run-config")
-        overrides = {k: v for k, v in saved["config"].items() if k not in ("resume", "output-dir")}
+        # a checkpoint from before a key existed ran with the key's legacy value, not today's default
+        legacy = {k: v for k, v in LEGACY_VALUES.items() if k in SCHEMA and k not in saved["config"]}
+        overrides = {k: v for k, v in {**legacy, **saved["config"]}.items() if k not in ("resume", "output-dir")}
         args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         args.output_dir = str(Path(args.resume).resolve())
         # simulate declared the federation's size as `population` (older checkpoints: num_nodes)
