@@ -6,6 +6,8 @@
     fl-dplora bench throughput     [--quick] [--json FILE]   examples/s of a local step, client peak RSS
     fl-dplora bench prefix-cache   [--quick] [--json FILE]   DP step with/without the frozen-prefix cache
                                                              (bench_cache.py), its build rate, client RSS
+    fl-dplora bench secagg         [--quick] [--json FILE]   one round's upload/download bytes and time,
+                                                             plain vs SecAgg+, LoRA and FFA (bench_secagg.py)
 
 Timing method (dp-overhead, throughput): every variant runs `--warmup` times, then `--reps`
 repetitions interleaved round-robin (the starting variant rotates each repetition), so a load spike
@@ -677,7 +679,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ command line
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="performance benchmarks (dp-overhead, round-overhead, comm, throughput, prefix-cache)",
+    b = sub.add_parser("bench", help="performance benchmarks (dp-overhead, round-overhead, comm, throughput, prefix-cache, secagg)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bs = b.add_subparsers(dest="bench", required=True)
 
@@ -742,3 +744,10 @@ def add_parser(sub) -> None:
     lora(p, "expected (Poisson) batch, default 32 (4 with --quick)", "max-seq-len, default 96 (32 with --quick)")
     add_arguments(p)
     p.set_defaults(func=cmd_prefix_cache)
+
+    from fl_dplora import bench_secagg  # imports this module too
+
+    p = bs.add_parser("secagg", help="one round's bytes per client and wall time, plain vs SecAgg+ (LoRA, FFA; no training)")
+    common(p)
+    bench_secagg.add_arguments(p)
+    p.set_defaults(func=bench_secagg.cmd_secagg)
