@@ -298,3 +298,18 @@ def test_saturation_bound_holds_for_noisy_shares():
     assert float(noisy.abs().max()) < grid_plan.clipping_range
     central = plan(1.0, 100_000, 4, 20)
     assert central.saturation_bound == 0.0 and central.sensitivity < 1.0 + 1e-3
+
+
+def test_ffa_and_label_head_rounds_sum_exactly_what_travels(recorder):
+    """FFA: only B travels, so the unmasked sum is B's update; label-head rounds: the head alone, then
+    LoRA and head together (the round's keys decide what SecAgg+ sums)."""
+    cfg = {**SECURE, "population": 3, "lora_variant": "ffa", "label_head": True, "loss": "label-words",
+           "head_rounds": 1, "num_server_rounds": 2, "client_noise": "distributed"}
+    summary, _ = run_in_process(3, secure_rng=False, **cfg)
+    head_round, lora_round = recorder["outcomes"]
+    assert head_round.total and all("lora_" not in k for k in head_round.total)
+    assert any("lora_B" in k for k in lora_round.total) and not any("lora_A" in k for k in lora_round.total)
+    for outcome, outs in ((head_round, recorder["outputs"][:3]), (lora_round, recorder["outputs"][3:])):
+        assert sorted(outcome.total) == sorted(outs[0])
+        np.testing.assert_allclose(flat(outcome.total), sum(flat(o) for o in outs), atol=1e-5)
+    assert summary["privacy"]["epsilon"] <= 8.0
