@@ -153,3 +153,17 @@ def test_cli_refuses_resume_without_a_checkpoint_before_ray(cli, no_ray, tmp_pat
 def test_cli_refuses_more_min_available_than_clients_before_ray(cli, no_ray, tmp_path):
     """The simulation has exactly --num-clients nodes: the server would wait for a third forever."""
     _cli_refuses(cli, no_ray, tmp_path, "min-available=3", "min-available", "more than num-clients 2")
+
+
+def test_pyproject_declares_every_key_flwr_run_may_override():
+    """`flwr run --run-config` refuses keys the app's pyproject does not declare ("Key 'population' is
+    not present in the main dictionary"): without `population` no deployment could run client-level DP
+    or secure aggregation. Only `audit-canaries` (set by `fl-dplora audit` in its own simulation) is
+    internal."""
+    import tomllib
+
+    from fl_dplora.config import PACKAGE_DIR, SCHEMA
+
+    declared = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert sorted(set(SCHEMA) - set(declared)) == ["audit-canaries"]
+    assert not set(declared) - set(SCHEMA)

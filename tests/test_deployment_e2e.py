@@ -71,9 +71,9 @@ def free_port() -> int:
 
 
 def run_config(**extra) -> str:
-    """`--run-config` text: TOML values, strings quoted."""
+    """`--run-config` text: TOML values, strings quoted, booleans lower case."""
     items = {**SMALL, **extra}
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items())
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, (str, bool)) else v}" for k, v in items.items())
 
 
 class Deployment:
@@ -419,4 +419,39 @@ def test_three_hospitals_task_cards_privacy_floor_and_federated_evaluation(deplo
     assert summary["config"]["task"] == str(demo / "server" / "task.toml")
     assert summary["final_eval"]["num_examples"] == 20
     assert "federated" not in json.dumps(rows)
+    assert_clean_stop(dep)
+
+
+def test_secure_aggregation_with_a_real_superlink_and_three_supernodes(deployment: Deployment, tmp_path):
+    """SecAgg+ (insecure transport) with 3 SuperNodes, dp-mode=client, distributed noise, one round of
+    LoRA and label head. Flower's secaggplus_mod keeps each node's protocol state (keys, shares, seeds)
+    in the SuperNode's context.state across the four stage messages of a round, each handled by a fresh
+    flwr-clientapp process: the run completes only if that state outlives every one of those processes.
+    (Two rounds through the same mod: tests/test_simulate_e2e.py.)"""
+    dep = deployment
+    dep.start_superlink()
+    names = [f"supernode-{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        dep.start_supernode(name, f"partition-id={i} num-partitions=3")
+    dep.wait_nodes(3, names)
+
+    out = tmp_path / "run-out"
+    dep.finish_run(dep.start_run(out, **{"dp-mode": "client", "secure-aggregation": True, "client-noise": "distributed",
+                                         "population": 3, "num-server-rounds": 1, "head-rounds": 0}), timeout=480)
+    rows, summary = assert_outputs(out, rounds=1)
+    p = summary["privacy"]
+    assert p["mode"] == "client" and p["steps"] == 1
+    sa = p["secure_aggregation"]
+    assert sa["threshold"] == 2  # automatic for 3 clients: max(2, ceil(2 x 3 / 3))
+    assert {"delta_extra", "secagg_saturation_bound", "secagg_wraparound_bound"} <= set(sa), sa
+    target = summary["config"]["target-epsilon"]
+    assert 0 < rows[0]["epsilon"] == pytest.approx(p["epsilon"]) <= target + 1e-6
+    # distributed noise: the server unmasks only a sum that already carries the full noise
+    assert 0 < p["epsilon_against_server"] <= target + 1e-6
+    ops = read_operator(out)[0]
+    assert [(r["sampled"], r["accepted"], r["dropped"]) for r in ops] == [(3, 3, [])]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in ops)
+    # every node ran all four SecAgg+ stages, each in its own flwr-clientapp process
+    for name in names:
+        assert dep.log(name).count("Start `flwr-clientapp` process") >= 4, dep.tail(name)
     assert_clean_stop(dep)

@@ -313,3 +313,15 @@ def test_ffa_and_label_head_rounds_sum_exactly_what_travels(recorder):
         assert sorted(outcome.total) == sorted(outs[0])
         np.testing.assert_allclose(flat(outcome.total), sum(flat(o) for o in outs), atol=1e-5)
     assert summary["privacy"]["epsilon"] <= 8.0
+
+
+def test_the_client_app_module_loads_without_torch():
+    """On a SuperNode every message starts a fresh flwr-clientapp process: the SecAgg+ key, share and
+    unmask stages (the mod alone) must not pay for importing torch and transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fl_dplora.clients.client_app as c; assert c.app is not None; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

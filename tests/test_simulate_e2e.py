@@ -24,7 +24,7 @@ from fl_dplora.write_ahead import read_operator
 from fl_dplora.config import SCHEMA, parse_overrides
 from fl_dplora.models import adapter_parameters, get_peft_model, load_base_model, load_tokenizer, reset_adapter
 from fl_dplora.privacy.accounting import PrivacyLedger
-from harness import FL_DPLORA, REPO, run_in_process
+from harness import FL_DPLORA, REPO, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -273,3 +273,34 @@ def test_in_process_harness_matches_the_ray_engine(sims):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     for a, b in zip(read_operator(out)[0], read_operator(ray_run.out)[0]):
         assert a["bytes_up"] == b["bytes_up"]  # (bytes_down differs: the config carries the output dir)
+
+
+# ----------------------------------------------------------------------------- secure aggregation
+def test_secure_aggregation_through_the_ray_engine(tmp_path):
+    """`fl-dplora simulate` with SecAgg+ (dp-mode=client, central noise): Flower's secaggplus_mod keeps
+    each virtual client's protocol state in its context across the four stages of a round under the
+    Ray engine; the population is the --num-clients the command declares."""
+    out = tmp_path / "secure"
+    res = run_cli(["simulate", "--num-clients", str(NUM_CLIENTS), "--run-config",
+                   f"{RUN_CONFIG} dp-mode=client secure-aggregation=true", "--output-dir", str(out), "--num-cpus", "1"],
+                  timeout=TIMEOUT_S)
+    assert res.returncode == 0, f"fl-dplora simulate (secure) exited {res.returncode}:\n{res.stderr[-4000:]}"
+    assert res.stdout.strip().splitlines()[-1].startswith("fl-dplora: 2 rounds, accuracy ")
+    summary = json.loads((out / "summary.json").read_text())
+    cfg, p = summary["config"], summary["privacy"]
+    assert cfg["population"] == NUM_CLIENTS and cfg["client-noise"] == "central"
+    assert p["mode"] == "client" and p["steps"] == 2 and 0 < p["epsilon"] <= cfg["target-epsilon"] + 1e-6
+    assert p["secure_aggregation"]["threshold"] == 2  # automatic for 3 clients
+    assert "epsilon_against_server" not in p  # central noise: the server adds it after unmasking
+    ops = read_operator(out)[0]
+    assert [(r["round"], r["sampled"], r["accepted"], r["dropped"]) for r in ops] == [
+        (1, NUM_CLIENTS, NUM_CLIENTS, []), (2, NUM_CLIENTS, NUM_CLIENTS, [])]
+    assert all(r["bytes_up"] > 0 for r in ops)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["epsilon"] == pytest.approx(p["epsilon"])
+    init = _initial_adapter(cfg)  # the global adapter moved: the unmasked (noised) sum was applied
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(init)
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)
+    assert any(not torch.equal(saved[k], init[k]) for k in saved if "lora_A" in k)

@@ -5,277 +5,32 @@ and a few scalars. Under any DP mode the scalars are data-independent or DP outp
 (ε, σ, q, expected example counts); the raw training loss is only reported with dp-mode = none.
 Per-client state that must outlive a round (the privacy ledger, the calibrated σ) is kept in
 Flower's `context.state`, so a thousand virtual clients cost a thousand small records, not models.
+With secure aggregation, Flower's SecAgg+ mod wraps the train function and sends only masked vectors.
+
+This module stays light (no torch): on a SuperNode every message starts a fresh flwr-clientapp
+process, and the SecAgg+ key, share and unmask stages need only the mod (local_update.py is the
+heavy half, imported by the handlers below).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from collections.abc import Mapping
-from functools import lru_cache
-from typing import Any
-
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fl_dplora import label_head, protocol
-from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
-from fl_dplora.clients.secagg_mod import fitres_reply, secagg_when_asked
-from fl_dplora.config import ConfigError, resolve
-from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
-from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.models import (
-    adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
-)
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
-from fl_dplora.privacy.mechanisms import make_generator
-from fl_dplora.privacy.modes import for_config
-from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
-from fl_dplora.transport import from_array_record, to_array_record
+from fl_dplora.clients.secagg_mod import secagg_when_asked
 
 app = ClientApp(mods=[secagg_when_asked])  # Flower's SecAgg+ mod, for the rounds the server runs securely
-STATE_KEY = "fl-dplora"
-
-
-def config_from_message(msg: Message) -> dict[str, Any]:
-    """The server sends the full resolved run config with every message (one source of truth)."""
-    record = dict(msg.content["config"])
-    run_cfg = {k: v for k, v in record.items() if not protocol.is_instruction_key(k)}
-    return resolve(run_cfg)
-
-
-def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
-    """The run's task on this node: from the card the server sent when the node has its own data
-    (it needs none of the server's files), else the task the run config names (simulation)."""
-    card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
-    if card_json and (node.get("data-path") or node.get("eval-path")):
-        return task_for_node(card_json, int(cfg["seed"]))
-    return load_task(cfg["task"], int(cfg["seed"]))
-
-
-@lru_cache(maxsize=8)
-def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
-                   partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = "",
-                   system_prompt: str = "auto", card_json: str = "", own_card: str = ""):
-    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train,
-           "audit-canaries": canaries}
-    if data_path:  # a real organisation's own file, read with the run's card (and the node's own, if any)
-        run = task_for_node(card_json, seed) if card_json else load_task(task, seed)
-        examples = load_local_file(data_path, run, own_card=own_card)
-    else:
-        examples = client_examples(cfg, partition_id, num_partitions)
-    return encode_all(load_tokenizer(model), examples, max_len, system_prompt)
-
-
-def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
-    node = context.node_config
-    data_path = str(node.get("data-path", ""))
-    if not data_path and "partition-id" not in node:
-        raise ConfigError("node-config: set partition-id and num-partitions, or data-path")
-    return _encoded_shard(
-        cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
-        cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
-        cfg["audit-canaries"], cfg["system-prompt"], card_json, str(node.get("task-card", "")),
-    )
-
-
-def _client_seed_parts(context: Context) -> int:
-    return int(context.node_config.get("partition-id", context.node_id % (2**31)))
-
-
-def sample_schedule(cfg: dict[str, Any], n: int) -> tuple[tuple[float, int], ...]:
-    """(sample rate, steps) of every DP-SGD stage of the run for a client with n examples, if it
-    takes part in every round: head-only rounds, then the LoRA rounds."""
-    rounds = int(cfg["num-server-rounds"])
-    head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
-    stages = []
-    for first, count in ((1, head), (head + 1, rounds - head)):
-        if count:
-            st = stage_config(cfg, first, n)
-            stages.append((min(1.0, int(st["batch-size"]) / n), count * int(st["local-steps"])))
-    return tuple(stages)
-
-
-def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int) -> float:
-    """σ for DP-SGD: fixed, or calibrated once so that every step of the whole run fits the target."""
-    if "sigma" in state:
-        return float(state["sigma"])
-    if cfg["noise-multiplier"] > 0:
-        sigma = float(cfg["noise-multiplier"])
-    else:  # worst case for this client: it takes part in every round
-        sigma = calibrate_schedule(cfg["target-epsilon"], cfg["delta"], sample_schedule(cfg, n), cfg["accountant"])
-    state["sigma"] = sigma
-    return sigma
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
-    cfg = config_from_message(msg)
-    server_round = int(msg.content["config"][protocol.ROUND])
-    mode = for_config(cfg)
-    policy = NodePolicy.from_node_config(context.node_config)
-    log_row = {"run-id": int(context.run_id), "round": server_round, "dp-mode": mode.name, "unit": mode.unit}
-    _enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
-    task = run_task(cfg, msg, context.node_config)
-    card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
-    # the node's own rows are read (and checked: columns, labels) before any model is loaded
-    shard = shard_for(cfg, context, card_json)
-    model = get_peft_model(cfg)
-    tokenizer = tokenizer_for(cfg)
-    label_ids = _label_ids(cfg, tokenizer, task)
-    if cfg["label-head"]:
-        label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
-    else:
-        label_head.remove(model)
-    params = adapter_parameters(model, cfg)
-    keys = round_keys(cfg, server_round, params)
-    global_weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
-    if set(global_weights) != set(keys):
-        raise ValueError("global adapter keys do not match this client's LoRA config")
-    head_only = head_only_round(cfg, server_round)
-    if head_only:
-        reset_adapter(model)  # LoRA is still at its seed-shared init in the head-only rounds
-    load_adapter_weights({k: params[k] for k in keys}, global_weights)
-    progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
-    # the frozen blocks below the adapter run once per example, not once per step (forward.py)
-    data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
-    n = len(data)
+    from fl_dplora.clients.local_update import train as local_train
 
-    state = context.state.get(STATE_KEY) or ConfigRecord()
-    ledger = PrivacyLedger.from_record(dict(state)) if "sigmas" in state else PrivacyLedger()
-    handed_back = msg.content["config"].get(protocol.CLIENT_LEDGERS)
-    if "sigmas" not in state and handed_back:  # a resumed run: continue the ledger the server saved
-        saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
-        if saved:
-            ledger = PrivacyLedger.from_record(saved)
-    stage = stage_config(cfg, server_round, n)
-    q = min(1.0, int(stage["batch-size"]) / n)
-    part = _client_seed_parts(context)
-    secure = bool(cfg["secure-rng"])
-    sampling_gen = (
-        torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        if secure and mode.example_level
-        else make_generator(int(cfg["seed"]), part, server_round, 1)
-    )
-    noise_gen = None if secure else make_generator(int(cfg["seed"]), part, server_round, 2)
-
-    dp = None
-    metrics: dict[str, Any] = {"partition-id": part}
-    if mode.example_level:
-        sigma = _dp_sample_sigma(cfg, state, n)
-        projected = PrivacyLedger.from_record(ledger.to_record())
-        projected.step(sigma, q, int(stage["local-steps"]))
-        epsilon_after = projected.epsilon(cfg["delta"], cfg["accountant"])
-        if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
-            # Out of budget: no data is touched, nothing is sent but the flag.
-            record = ledger.to_record()  # the unchanged ledger, reported like after a training round
-            metrics.update({protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-                            "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
-                            "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
-    elif mode.client_level and policy.active:  # the run's client-level ledger after this round: one event per round so far
-        sigma, rate, steps = mode.round_event(mode.noise_multipliers()[1])
-        run_ledger = PrivacyLedger()
-        run_ledger.step(sigma, rate, steps * server_round)
-        epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
-    else:
-        epsilon_after = float("inf") if mode.unit is None else float("nan")  # nan: not computed (no policy)
-    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after))
-
-    trainable = [params[k] for k in keys if params[k].requires_grad]
-    head = label_head.get(model)
-    optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
-    steps = int(stage["local-steps"])
-    stats = local_train(
-        model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
-        step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
-        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids,
-    )
-    with torch.no_grad():
-        delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
-
-    # client-level modes clip here (and add local noise): the raw norm never leaves the client
-    # distributed noise: the client calibrates σ itself, it does not take the server's word for its share
-    sigma = mode.noise_multipliers()[0] if mode.distributed_noise else float(msg.content["config"].get(protocol.SIGMA, 0.0))
-    delta = mode.client_update(delta, sigma, noise_gen)
-
-    if mode.example_level:
-        ledger.step(dp.noise_multiplier, q, steps)
-        state.update(ledger.to_record())
-        context.state[STATE_KEY] = state
-        record = ledger.to_record()
-        metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
-                        "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
-    policy.record({**log_row, "epsilon": epsilon_after, "delta": cfg["delta"] if mode.unit else None,
-                   "accountant": cfg["accountant"] if mode.unit else None})
-    # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
-    # counts (a public constant, never the shard size, which a whole-shard head batch would be).
-    if mode.releases_raw_counts:
-        metrics.update({"num-examples": n, "train_loss": stats.mean_loss, "compute-seconds": time.perf_counter() - t0})
-    else:
-        metrics["num-examples"] = steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
-    if mode.secure:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
-        return Message(fitres_reply(delta, metrics), reply_to=msg)
-    content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
-
-
-def _enforce(policy: NodePolicy, log_row: dict[str, Any], check) -> None:
-    """Run one of the node's policy checks; a refusal goes to the node's own log, then to the server."""
-    try:
-        check()
-    except NodeRefusal as exc:
-        policy.record({**log_row, "refused": str(exc)})
-        raise
-
-
-def _label_ids(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
-    """The label words' first tokens when the run trains with loss = label-words on a classification task."""
-    if cfg["loss"] != "label-words":
-        return None
-    return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
-
-
-def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
-    """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
-    the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
-    task = run_task(cfg, msg, node)
-    if node.get("eval-path"):
-        return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path",
-                                     own_card=str(node.get("task-card", "")))
-    if node.get("data-path"):
-        raise ConfigError("federated evaluation: this node has no eval-path in its node config")
-    part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
-    return task, task.eval[part::parts]
+    return local_train(msg, context)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the global adapter (and head) on this node's held-out data with the server's scorer.
-    The reply holds plain metrics of private data: the server keeps them in the operator log."""
-    from fl_dplora.evaluate import evaluate
+    from fl_dplora.clients.local_update import evaluate_global as local_evaluate
 
-    cfg = config_from_message(msg)
-    task, examples = local_eval_examples(cfg, msg, context.node_config)
-    if not examples:
-        raise ConfigError("federated evaluation: this node's held-out data is empty")
-    model = get_peft_model(cfg)
-    tokenizer = tokenizer_for(cfg)
-    if cfg["label-head"]:
-        label_head.install(model, _label_ids(cfg, tokenizer, task).tolist(), *label_head.stats_from_config(msg.content["config"]))
-    else:
-        label_head.remove(model)
-    params = adapter_parameters(model, cfg)
-    weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
-    if set(weights) != set(params):
-        raise ValueError("global adapter keys do not match this client's LoRA config")
-    load_adapter_weights(params, weights)
-    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
-                      prefix_cache=cfg["prefix-cache"])
-    metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
-               **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return local_evaluate(msg, context)

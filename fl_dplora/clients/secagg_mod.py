@@ -9,16 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 
-def fitres_reply(update: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> RecordDict:
+def fitres_reply(update: Mapping[str, Any], metrics: Mapping[str, Any]) -> RecordDict:
     """A client's reply in the FitRes shape Flower's SecAgg+ mod reads (sorted keys, weight 1): the
     mod quantizes and masks the arrays and sends only the masked vector (plus these public metrics)."""
+    import torch
+
     arrays = [update[k].detach().to("cpu", torch.float32).numpy() for k in sorted(update)]
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples=1, metrics=dict(metrics))
     return compat.fitres_to_recorddict(res, keep_input=True)
