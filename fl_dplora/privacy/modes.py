@@ -272,14 +272,12 @@ class ClientDP(DPMode):
         return (1 + math.exp(epsilon)) * p
 
     def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
-        """Local noise: each update the server sees is a Gaussian mechanism on its own. Replacing a
-        client's data moves a clipped update by up to 2x the sensitivity; the server knows who was
-        sampled, so no amplification: worst case, the client took part in every round."""
-        if self.distributed_noise and rounds > 0:  # the sum it unmasks carries >= σC' whoever survived
-            from fl_dplora.privacy.accounting import epsilon_for
-
-            return epsilon_for(accountant_sigma, 1.0, rounds, self.cfg["delta"], self.cfg["accountant"])
-        if not self.local_noise or rounds <= 0:
+        """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed
+        noise under secure aggregation: the sum it unmasks carries >= σC' whoever survived. Either way
+        the server knows who took part, so a client's data is replaced, not removed: its update moves
+        by up to 2x the sensitivity, and there is no amplification by sampling: worst case, the client
+        took part in every round."""
+        if not (self.local_noise or self.distributed_noise) or rounds <= 0:
             return None
         from fl_dplora.privacy.accounting import epsilon_for
 
