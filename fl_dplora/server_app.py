@@ -88,7 +88,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
     server_sigma, accountant_sigma = mode.noise_multipliers()
     if mode.secure and mode.unit:
-        _check_secagg_delta(mode, server_sigma, trainable, cfg)
+        mode.check_secagg_delta(server_sigma, trainable)  # refused rounds must not matter next to δ
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=server_sigma)
     server_ledger = PrivacyLedger()
     client_eps: dict[int, dict[str, Any]] = {}
@@ -236,20 +236,6 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary
-
-
-def _check_secagg_delta(mode, sigma: float, dim: int, cfg: Mapping[str, Any]) -> None:
-    """Refuse a secure-aggregation run whose refused rounds (fewer sampled than the threshold) or
-    saturated coordinates could matter next to δ (modes.py: secagg_delta_extra)."""
-    extra = mode.secagg_delta_extra(sigma, dim, float(cfg["target-epsilon"]))
-    if extra > 0.01 * cfg["delta"]:
-        from fl_dplora.privacy.secagg_quantization import refusal_probability
-
-        p = refusal_probability(int(cfg["population"]), float(cfg["fraction-train"]), mode.secagg_threshold())
-        raise ConfigError(f"secure-aggregation: a round is refused when fewer than {mode.secagg_threshold()} clients are "
-                          f"sampled (probability {p:.3g} per round at fraction-train {cfg['fraction-train']} of population "
-                          f"{cfg['population']}), more than 1% of delta {cfg['delta']:g} over the run; raise fraction-train "
-                          "or lower secagg-threshold")
 
 
 def _run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:

@@ -271,6 +271,18 @@ class ClientDP(DPMode):
         p += self.secagg_plan(dim, sigma).saturation_bound
         return (1 + math.exp(epsilon)) * p
 
+    def check_secagg_delta(self, sigma: float, dim: int) -> None:
+        """Refuse a secure-aggregation run whose refused rounds or saturated coordinates could matter
+        next to δ (more than 1 % of it, at the target ε)."""
+        from fl_dplora.config import ConfigError
+
+        if self.secagg_delta_extra(sigma, dim, float(self.cfg["target-epsilon"])) > 0.01 * self.cfg["delta"]:
+            t, q = self.secagg_threshold(), float(self.cfg["fraction-train"])
+            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {t} clients are sampled (probability "
+                              f"{refusal_probability(self.population, q, t):.3g} per round at fraction-train {q:g} of population "
+                              f"{self.population}), more than 1% of delta {self.cfg['delta']:g} over the run; raise "
+                              "fraction-train or lower secagg-threshold")
+
     def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed
         noise under secure aggregation: the sum it unmasks carries >= σC' whoever survived. Either way
