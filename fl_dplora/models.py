@@ -270,11 +270,17 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.requires_grad_(False)
+    # transformers >= 5.x names it activation checkpointing (the gradient_* names warn); older: gradient_*
+    new_api = hasattr(base, "activation_checkpointing_enable")
     if cfg.get("gradient-checkpointing"):
         # non-reentrant: the LoRA hooks see each factor's output gradient once (privacy/per_sample.py)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if new_api:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(base, "supports_gradient_checkpointing", False):
-        base.gradient_checkpointing_disable()  # a reused base may have had it on for another config
+        # a reused base may have had it on for another config
+        base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
     # Seed-shared init: A ~ kaiming-uniform from `seed` on every party; B = 0 as usual in LoRA.
     # The init is drawn on the CPU in float32, then moved: every device and dtype gets the same A.
     with torch.random.fork_rng(devices=[]):
