@@ -95,30 +95,6 @@ def adapter_shapes(name: str, rank: int, targets: str, layers: int) -> tuple[dic
 
 
 # ------------------------------------------------------------------ one setup (LoRA or FFA)
-class _StageBytes:
-    """A grid wrapper counting wire bytes per SecAgg+ stage (untimed check round only)."""
-
-    def __init__(self, grid) -> None:
-        self._grid, self.stages = grid, {}
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-        from fl_dplora.transport import wire_bytes
-
-        messages = list(messages)
-        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
-        row = self.stages.setdefault(stage, {"down": 0, "up": 0, "messages": 0})
-        row["down"] += sum(wire_bytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        row["up"] += sum(wire_bytes(r.content) for r in replies if not r.has_error())
-        row["messages"] += len(messages)
-        return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 class SecAggSetup:
     """One adapter's shapes, the N fixed updates, the plan and both instructions; `plain_round()`
     and `secure_round()` run one round on a fresh in-process grid made by `new_grid()`."""
@@ -295,14 +271,10 @@ def _run_section(shape_sets, num_clients, reps, warmup, *, clip, seed, threshold
     for name, s in setups.items():  # an untimed round each way: bytes per stage, the sum checks
         plain = s.plain_round(s.new_grid())
         s.check_plain(plain)
-        counter = _StageBytes(s.new_grid())
-        outcome = s.secure_round(counter)
+        outcome = s.secure_round(s.new_grid())
         checks[name] = s.check_secure(outcome)
-        if (sum(r["up"] for r in counter.stages.values()), sum(r["down"] for r in counter.stages.values())) != \
-                (outcome.bytes_up, outcome.bytes_down):
-            raise RuntimeError("bench secagg: bytes per stage do not add up to secure_sum's count")
         stages[name] = {st: {"up_per_client": r["up"] / num_clients, "down_per_client": r["down"] / num_clients,
-                             "messages": r["messages"]} for st, r in counter.stages.items()}
+                             "messages": r["messages"]} for st, r in outcome.stages.items()}
 
     samples: dict[str, dict[str, list[int]]] = {}  # variant -> {"up": [...], "down": [...]} per timed round
     variants = []

@@ -206,6 +206,14 @@ class Deployment:
             time.sleep(1)
         pytest.fail(f"{len(online)}/{n} SuperNodes online after {timeout} s\n" + "\n".join(self.tail(x) for x in names))
 
+    def start_partition_nodes(self, n: int) -> list[str]:
+        """n SuperNodes `supernode-i` on partition i of n, online; returns their names."""
+        names = [f"supernode-{i}" for i in range(n)]
+        for i, name in enumerate(names):
+            self.start_supernode(name, f"partition-id={i} num-partitions={n}")
+        self.wait_nodes(n, names)
+        return names
+
     def run_status(self, run_id: str) -> dict:
         runs = self.flwr_json("ls", "e2e", "--run-id", run_id).get("runs", [])
         return runs[0] if runs else {}
@@ -343,10 +351,7 @@ def test_killed_supernode_is_dropped_and_the_run_completes(deployment: Deploymen
     the other replies are aggregated (min-available=1), round 2 runs, operator.jsonl names the node."""
     dep = deployment
     dep.start_superlink()
-    names = [f"supernode-{i}" for i in range(3)]
-    for i, name in enumerate(names):
-        dep.start_supernode(name, f"partition-id={i} num-partitions=3")
-    dep.wait_nodes(3, names)
+    names = dep.start_partition_nodes(3)
     victim = names[2]
     victim_id = re.search(r"SuperNode ID: (\d+)", dep.log(victim)).group(1)
 
@@ -430,10 +435,7 @@ def test_secure_aggregation_with_a_real_superlink_and_three_supernodes(deploymen
     (Two rounds through the same mod: tests/test_simulate_e2e.py.)"""
     dep = deployment
     dep.start_superlink()
-    names = [f"supernode-{i}" for i in range(3)]
-    for i, name in enumerate(names):
-        dep.start_supernode(name, f"partition-id={i} num-partitions=3")
-    dep.wait_nodes(3, names)
+    names = dep.start_partition_nodes(3)
 
     out = tmp_path / "run-out"
     dep.finish_run(dep.start_run(out, **{"dp-mode": "client", "secure-aggregation": True, "client-noise": "distributed",

@@ -184,7 +184,6 @@ class DPLoRAFedAvg(FedAvg):
             self.stats.dropped.append(f"secure aggregation: {failure}")
             log.warning("round %d: secure aggregation: %s", server_round, failure)
         agg = self.mode.aggregate_secure_sum(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
-        self.last_secure_outcome = outcome  # the unmasked sum stays on the server (tests read it)
         if agg is None:
             self.stats.accepted = 0
             log.warning("round %d: secure aggregation: %s; global adapter unchanged", server_round, outcome.reason)

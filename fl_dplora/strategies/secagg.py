@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import FitIns, FitRes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -47,21 +48,31 @@ class SecureOutcome:
     survivors: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     reason: str = ""  # why there is no sum
-    bytes_up: int = 0
-    bytes_down: int = 0
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)  # SecAgg+ stage -> {up, down, messages}
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(r["up"] for r in self.stages.values())
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(r["down"] for r in self.stages.values())
 
 
 class _CountingGrid:
     """The run's grid, counting the wire bytes of every SecAgg+ stage (both directions)."""
 
     def __init__(self, grid: Grid) -> None:
-        self._grid, self.up, self.down = grid, 0, 0
+        self._grid, self.stages = grid, {}
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        self.down += sum(wire_bytes(m.content) for m in messages)
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
+        row = self.stages.setdefault(stage, {"down": 0, "up": 0, "messages": 0})
+        row["down"] += sum(wire_bytes(m.content) for m in messages)
+        row["messages"] += len(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.up += sum(wire_bytes(r.content) for r in replies if not r.has_error())
+        row["up"] += sum(wire_bytes(r.content) for r in replies if not r.has_error())
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -134,7 +145,7 @@ def secure_sum(grid: Grid, server_round: int, contents: Mapping[int, RecordDict]
     )
     workflow(counting, context)
     failures = [str(f) for f in strategy.failures]
-    outcome = SecureOutcome(None, failures=failures, bytes_up=counting.up, bytes_down=counting.down)
+    outcome = SecureOutcome(None, failures=failures, stages=counting.stages)
     if strategy.results is None:
         outcome.reason = workflow.refused or "fewer nodes than the threshold got through a SecAgg+ stage: not unmasked"
         return outcome
