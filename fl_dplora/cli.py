@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import LEGACY_VALUES, SCHEMA, ConfigError, parse_overrides, resolve, resolve_output_dir
+from fl_dplora.config import (LEGACY_VALUES, SCHEMA, ConfigError, available_presets, load_preset, parse_overrides,
+                              resolve, resolve_output_dir)
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -23,14 +24,18 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-def prepare_config(run_config: str | None, output_dir: str | None, num_clients: int | None = None) -> dict[str, Any]:
-    """Resolve + validate everything that can be checked before Ray or a model starts."""
+def prepare_config(run_config: str | list[str] | None, output_dir: str | None, num_clients: int | None = None,
+                   preset: str | None = None) -> dict[str, Any]:
+    """Resolve + validate everything that can be checked before Ray or a model starts.
+
+    Precedence: defaults < preset < --num-clients (as population) < --run-config < --output-dir."""
+    base = load_preset(preset) if preset else {}
     overrides = parse_overrides(run_config)
     if num_clients is not None and num_clients >= 1 and "population" not in overrides:
         overrides["population"] = num_clients  # the federation simulate builds: declared, public
     if output_dir:
         overrides["output-dir"] = output_dir
-    cfg = resolve(overrides)  # before the heavy imports below: a typo fails in well under a second
+    cfg = resolve(overrides, base=base)  # before the heavy imports below: a typo fails in well under a second
     from fl_dplora.data import looks_like_path, partition_indices
     from fl_dplora.server_app import preflight
 
@@ -95,8 +100,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from fl_dplora import checkpoint
 
         saved = checkpoint.load(Path(args.resume).resolve())  # refuses a damaged checkpoint
-        if args.run_config:  # name what would change (one line per key), not just "drop it"
-            given = parse_overrides(args.run_config)
+        if args.preset:
+            raise ConfigError("resume: the run continues with its saved config; drop --preset")
+        given = parse_overrides(args.run_config)  # `make run` passes --run-config "" : nothing given
+        if given:  # name what would change (one line per key), not just "drop it"
             kept = {k: v for k, v in saved["config"].items() if k in SCHEMA}
             merged = resolve({**kept, **given})  # a bad value fails here, naming its key
             changed = [k for k in given if k not in ("resume", "output-dir") and merged[k] != kept.get(k)]
@@ -115,7 +122,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
     elif args.num_clients is None:
         args.num_clients = 5
-    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients)
+    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients, preset=args.preset)
     summary = simulate(cfg, args.num_clients, args.num_cpus, args.num_gpus, args.ray_address)
     fe = summary["final_eval"]
     acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
@@ -204,8 +211,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     """Every run-config key: type, default, allowed values and help (the schema of config.py)."""
-    from fl_dplora.config import describe_keys
+    from fl_dplora.config import describe_keys, preset_description
 
+    if args.presets:
+        presets = available_presets()
+        width = max(map(len, presets), default=0)
+        for name, path in presets.items():
+            print(f"{name:<{width}}  {preset_description(path)}")
+        return 0
     print(describe_keys(markdown=args.markdown))
     return 0
 
@@ -304,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run the Flower app in the simulation engine (Ray backend)")
     s.add_argument("--num-clients", type=int, default=None, help="virtual clients (default 5)")
     s.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
-    s.add_argument("--run-config", default="", help='overrides, e.g. "dp-mode=sample target-epsilon=8"')
+    s.add_argument("--preset", metavar="NAME|FILE.toml", default=None,
+                   help=f"run-config keys from a packaged preset ({', '.join(available_presets())}; "
+                   "fl-dplora config --presets) or a TOML file; --run-config overrides them")
+    s.add_argument("--run-config", action="append", default=None,  # append: a second one must not drop the first
+                   help='overrides, e.g. "dp-mode=sample target-epsilon=8", or a TOML file of key = value; '
+                   "repeatable, later wins")
     s.add_argument("--output-dir", default=None)
     s.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
@@ -338,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="list every run-config key with its default, allowed values and help")
     cf.add_argument("--markdown", action="store_true", help="as the Markdown table of the README")
+    cf.add_argument("--presets", action="store_true", help="list the packaged presets (simulate --preset NAME)")
     cf.set_defaults(func=_cmd_config)
 
     au = sub.add_parser("audit", help="train with planted canaries, then measure exposure, MIA and a one-run epsilon lower bound")

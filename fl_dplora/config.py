@@ -155,20 +155,104 @@ def describe_keys(markdown: bool = False) -> str:
                      for k, spec in SCHEMA.items())
 
 
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """Parse `--run-config "k=v k2=v2"` the way Flower does (TOML values, bare strings allowed)."""
+def parse_overrides(text: str | list[str] | tuple[str, ...] | None) -> dict[str, Any]:
+    """Parse `--run-config` the way Flower does: "k=v k2=v2" (TOML values, bare strings allowed) or
+    the path of a TOML file of key = value. A list (the option given more than once) merges in
+    order, later wins."""
+    if isinstance(text, (list, tuple)):
+        merged: dict[str, Any] = {}
+        for item in text:
+            merged.update(parse_overrides(item))
+        return merged
     out: dict[str, Any] = {}
     if not text:
         return out
+    if _is_config_file(text):
+        return load_config_file(text.strip(), "run-config")
     for item in shlex.split(text):
         if "=" not in item:
-            raise ConfigError(f"run-config: '{item}' is not of the form key=value")
+            hint = " (a TOML file goes in a --run-config of its own)" if item.endswith(".toml") else ""
+            raise ConfigError(f"run-config: '{item}' is not of the form key=value{hint}")
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             out[key.strip()] = raw
     return out
+
+
+# ---------------------------------------------------------------- presets and run-config files
+# A preset is a flat TOML file of run-config keys shipped in fl_dplora/presets/; its first comment
+# line is its one-line description (`fl-dplora config --presets`).
+PRESETS_DIR = PACKAGE_DIR / "presets"
+
+
+def _is_config_file(text: str) -> bool:
+    # as Flower's parse_config_args, a value ending in .toml is a file; "task=/x/card.toml" stays a pair
+    return text.strip().endswith(".toml") and "=" not in text
+
+
+def _flatten(raw: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    """Flower's flatten_dict: a [table] becomes dotted keys, which resolve then names as unknown."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{parent}.{key}" if parent else key
+        out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _unknown_key(key: str) -> str:
+    close = [k for k in SCHEMA if k.replace("-", "") == key.replace("-", "").replace("_", "")]
+    close = close or difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6)  # typos: lora-rnak
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{key}: unknown run-config key{hint}"
+
+
+def load_config_file(path: str | Path, kind: str) -> dict[str, Any]:
+    """A TOML file of run-config keys (a preset or a --run-config file). Every unknown key or bad
+    value is one line naming the file, so a broken file is caught even where a later source would
+    override the value."""
+    path = Path(os.path.expanduser(str(path)))
+    try:
+        with path.open("rb") as f:
+            values = _flatten(tomllib.load(f))
+    except OSError as exc:
+        raise ConfigError(f"{kind}: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{kind}: {path} is not valid TOML: {exc}") from None
+    problems = []
+    for key, value in values.items():
+        problem = _unknown_key(key) if key not in SCHEMA else _coerce(key, SCHEMA[key], value)[1]
+        if problem:
+            problems.append(f"{problem} [in {kind} {path}]")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return values
+
+
+def available_presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
+
+
+def preset_description(path: Path) -> str:
+    """The first line of the file's leading comment."""
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        if line.strip("# \t"):
+            return line.strip("# \t")
+    return ""
+
+
+def load_preset(name_or_file: str) -> dict[str, Any]:
+    """A packaged preset by NAME, or any NAME.toml file; its keys sit between the defaults and --run-config."""
+    if name_or_file.strip().endswith(".toml"):
+        return load_config_file(name_or_file.strip(), "preset")
+    presets = available_presets()
+    if name_or_file not in presets:
+        raise ConfigError(f"preset: unknown preset {name_or_file!r}; available: "
+                          f"{', '.join(presets) or 'none'} (or the path of a .toml file)")
+    return load_config_file(presets[name_or_file], "preset")
 
 
 def _coerce(name: str, spec: Key, value: Any) -> tuple[Any, str | None]:
@@ -207,10 +291,7 @@ def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] 
     for source in (base or {}, overrides or {}):
         for key, value in source.items():
             if key not in SCHEMA:
-                close = [k for k in SCHEMA if k.replace("-", "") == key.replace("-", "").replace("_", "")]
-                close = close or difflib.get_close_matches(key, SCHEMA, n=1, cutoff=0.6)  # typos: lora-rnak
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(f"{key}: unknown run-config key{hint}")
+                problems.append(_unknown_key(key))
                 continue
             cfg[key] = value
     for key, spec in SCHEMA.items():
