@@ -9,6 +9,7 @@ overridden (`--run-config`), e.g. another `task` file to score the adapter on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,11 @@ DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
     "medical-qa": "MIT (PubMedQA, github.com/pubmedqa/pubmedqa)",
     "general-instruct": "CC BY-SA 3.0 (databricks-dolly-15k)",
 }
+
+
+# The bundled GGUF (models.SMOLLM2_GGUF) is a Q4_1 quantization of this hub model: its loadable base.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -95,8 +101,62 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
                                                   cfg["system-prompt"])} for t in texts]
 
 
-def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool) -> str:
+def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
+    """What an adapter's `base_model_name_or_path` should say for the run's `model`, and why
+    `AutoPeftModelForCausalLM` cannot load that base by itself (None when it can)."""
+    from fl_dplora.models import SMOLLM2_GGUF, TINY_ALIASES
+
+    name = cfg["model"]
+    path = Path(os.path.expanduser(name))
+    if name == "smollm2-135m" or (path.suffix == ".gguf" and path.name == SMOLLM2_GGUF):
+        return SMOLLM2_HUB_ID, None
+    if name in TINY_ALIASES:  # no hub id or folder holds these weights: a value no loader mistakes for one
+        return (f"fl-dplora:{name}", f"{name} is a random-init test model that fl-dplora builds in code "
+                f"(seed {cfg['seed']}); no hub id or folder holds it, so only fl-dplora loads this adapter")
+    if path.suffix == ".gguf":
+        return (str(path.resolve()), "the base is a GGUF file: load it with AutoModelForCausalLM.from_pretrained("
+                "folder, gguf_file=name), then PeftModel.from_pretrained(base, this_folder)")
+    if path.exists() or name.startswith((".", "/", "~")):  # a local folder (absolute, so it loads from anywhere)
+        return str(path.resolve()), None
+    return name, None  # a hub id
+
+
+def name_base_model(folder: str | Path, cfg: Mapping[str, Any]) -> None:
+    """Point the adapter_config.json in `folder` at a base that loads (PEFT writes the loaded
+    object's own name: null for a model built in code, a site-packages folder for a GGUF)."""
+    path = Path(folder) / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    base, unloadable = base_model_ref(cfg)
+    conf["base_model_name_or_path"] = base
+    # AutoPeft loads the base at this revision: the run's, for the hub id the run itself named
+    conf["revision"] = (cfg.get("revision") or None) if _on_hub(base, unloadable) and base == cfg["model"] else None
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
+
+
+def _on_hub(base: str, unloadable: str | None) -> bool:
+    return unloadable is None and not Path(base).is_absolute()
+
+
+def lora_untrained(folder: str | Path) -> bool:
+    """True when every lora_B tensor of the adapter is still zero, its init (PEFT's default for
+    plain LoRA and FFA alike): the adapter then computes exactly the base model."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"adapter: {folder} has no {ADAPTER_WEIGHTS}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = [k for k in f.keys() if "lora_B" in k]
+            return bool(keys) and all(not f.get_tensor(k).any() for k in keys)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise ConfigError(f"adapter: {path} is not a readable safetensors file ({exc})") from None
+
+
+def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool,
+               untrained: bool = False) -> str:
     """README.md of an exported adapter: what it is, how private, how good, whose data."""
+    base, unloadable = base_model_ref(cfg)
     privacy = summary.get("privacy") or {}
     eps = privacy.get("epsilon")
     mode = privacy.get("mode") or cfg["dp-mode"]
@@ -104,17 +164,38 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
     licence = DATA_LICENCES.get(cfg["task"], "the licence of the data the clients trained on (not known to fl-dplora)")
     scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fe.items()
                        if k in ("accuracy", "macro_f1", "majority_rate", "loss", "perplexity", "num_examples"))
-    meta = ["---", f"base_model: {cfg['model']}", "library_name: " + ("transformers" if merged else "peft"),
-            "tags: [fl-dplora, federated-learning, differential-privacy, lora]", "---", ""]
+    meta = ["---", *([f"base_model: {base}"] if _on_hub(base, unloadable) else []),  # the hub's field: hub ids only
+            "library_name: " + ("transformers" if merged else "peft"),
+            "tags: [fl-dplora, federated-learning, differential-privacy, lora]", "---"]
+    top = []  # what a reader must know before using the files, right below the front matter
+    if has_head:
+        use = (f"`fl-dplora predict --run RUN_DIR TEXT` (and `evaluate --run RUN_DIR`) on the run it came from"
+               if merged else f"`fl-dplora predict --adapter THIS_FOLDER --run-config \"model={cfg['model']} "
+               f"task={cfg['task']}\" TEXT` (and `fl-dplora evaluate` with the same flags)")
+        top.append("**The label head is a separate file, `label_head.safetensors`**: transformers and PEFT ignore it "
+                   f"and give the language model's own answer logits; {use} loads and applies it (docs/label-head.md).")
+    if untrained:
+        top.append("**Untrained LoRA update**: every LoRA B matrix still equals its initial value (zero), so the "
+                   "adapter adds nothing and the merged model equals the base model"
+                   + (" (what this run learned is its label head)." if has_head else "."))
+    if merged:
+        how = "A merged model (the LoRA update folded into the base weights): it loads with `AutoModelForCausalLM.from_pretrained` alone."
+    elif unloadable is None:
+        how = (f"A PEFT LoRA adapter on `{base}`: `AutoPeftModelForCausalLM.from_pretrained(this_folder)` loads "
+               "base and adapter, or `PeftModel.from_pretrained(base, this_folder)`.")
+    else:
+        how = f"A PEFT LoRA adapter: `AutoPeftModelForCausalLM` cannot load it by itself, as {unloadable}."
+    if base == SMOLLM2_HUB_ID != cfg["model"]:
+        how += (f" Trained on the bundled Q4_1 GGUF of {SMOLLM2_HUB_ID} (de-quantized); the hub model is its "
+                "full-precision original, close to but not bit-identical with the weights it was trained on.")
     lines = [
+        *[part for t in top for part in (t, "")],
         f"# fl-dplora adapter: {cfg['task']}",
         "",
-        ("A merged model (the LoRA update folded into the base weights): it loads with "
-         "`AutoModelForCausalLM.from_pretrained` alone." if merged else
-         "A PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base, this_folder)`."),
+        how,
         "",
         "| | |", "|---|---|",
-        f"| base model | {cfg['model']} |",
+        f"| base model | {cfg['model']}{f' ({base})' if base != cfg['model'] and unloadable is None else ''} |",
         f"| task | {cfg['task']} |",
         f"| dp-mode | {mode} |",
         f"| epsilon | {'inf (no DP)' if eps is None else f'{eps:.4f}'} |",
@@ -131,14 +212,14 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
         f"({privacy.get('accountant') or '-'}); see fl-dplora's docs/privacy.md.",
     ]
     if has_head:
-        lines += ["", "This run trained a label head (`label_head.safetensors`, docs/label-head.md): it replaces the "
-                  "label words' logits at the answer position. transformers alone gives the language model's own "
-                  "answer logits; `fl-dplora predict` and `fl-dplora evaluate` apply the head."]
+        lines += ["", "The label head (docs/label-head.md) replaces the label words' logits at the answer position."]
     return "\n".join(meta + lines) + "\n"
 
 
-def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapping[str, Any] | None = None) -> Path:
-    """Write the run's adapter (or the merged model) with a model card to `output`."""
+def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapping[str, Any] | None = None,
+           allow_untrained: bool = False) -> Path:
+    """Write the run's adapter (or the merged model) with a model card to `output`; an adapter whose
+    LoRA B matrices are all still at their zero init is refused unless `allow_untrained`."""
     from fl_dplora import label_head
     from fl_dplora.data import load_task
     from fl_dplora.models import tokenizer_for
@@ -150,6 +231,12 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output: {out} exists and is not empty (nothing overwritten)")
     has_head = (src / label_head.FILE).is_file()
+    untrained = lora_untrained(src)
+    if untrained and not allow_untrained:
+        raise ConfigError(
+            f"export: every LoRA B matrix in {src} is still its initial zero, so the adapter adds nothing and a merged "
+            "model equals the base" + (" (this run trained only its label head, which fl-dplora predict/evaluate --run "
+                                       "apply)" if has_head else "") + "; --allow-untrained exports it anyway")
     out.mkdir(parents=True, exist_ok=True)
     if merge:
         model = load_adapted_model(cfg, src, load_task(cfg["task"], int(cfg["seed"])))
@@ -163,5 +250,6 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
         for f in src.iterdir():
             if f.is_file() and f.name != "README.md":  # PEFT's own blank card is replaced below
                 shutil.copy2(f, out / f.name)
-    (out / "README.md").write_text(model_card(summary, cfg, merge, has_head))
+        name_base_model(out, cfg)  # also fixes adapters saved before the server named their base
+    (out / "README.md").write_text(model_card(summary, cfg, merge, has_head, untrained))
     return out

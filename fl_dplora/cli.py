@@ -204,7 +204,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fl_dplora.adapter_io import export
 
-    out = export(args.run, args.output, args.merge, parse_overrides(args.run_config))
+    if (args.run is None) == (args.run_opt is None):
+        raise ConfigError("export: give the run's output dir once: fl-dplora export DIR (or --run DIR)")
+    out = export(args.run or args.run_opt, args.output, args.merge, parse_overrides(args.run_config),
+                 allow_untrained=args.allow_untrained)
     print(f"fl-dplora: {'merged model' if args.merge else 'adapter'} with model card in {out}")
     return 0
 
@@ -348,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd_.set_defaults(func=_cmd_predict)
 
     xp = sub.add_parser("export", help="write a run's adapter (or the merged model) with a model card")
-    xp.add_argument("run", metavar="DIR", help="a finished run's output dir")
+    xp.add_argument("run", metavar="DIR", nargs="?", default=None, help="a finished run's output dir")
+    xp.add_argument("--run", dest="run_opt", metavar="DIR", default=None, help="the same, as evaluate/predict take it")
     xp.add_argument("--output", required=True, help="a new (or empty) folder")
     xp.add_argument("--merge", action="store_true", help="fold LoRA into the base weights: a transformers folder that loads without peft")
     xp.add_argument("--run-config", default="", help="override keys of the run's config (e.g. model=PATH if it moved)")
+    xp.add_argument("--allow-untrained", action="store_true",
+                    help="export even if every LoRA B is still its zero init (the adapter adds nothing; the card says so)")
     xp.set_defaults(func=_cmd_export)
 
     cf = sub.add_parser("config", help="list every run-config key with its default, allowed values and help")

@@ -322,8 +322,11 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
 
 def _save_adapter(model, params, strategy, folder: Path, task) -> None:
     """The global adapter (and label head) as a PEFT folder that `fl-dplora evaluate --adapter` reads."""
+    from fl_dplora.adapter_io import name_base_model
+
     load_adapter_weights(params, strategy.global_weights)
     model.save_pretrained(str(folder))
+    name_base_model(folder, strategy.cfg)  # a base AutoPeftModelForCausalLM loads, not what PEFT saw
     label_head.save(model, folder, task.label_words)
 
 
