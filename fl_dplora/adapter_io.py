@@ -97,8 +97,14 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
                           prefix_cache="off", with_predictions=True)
         return [{"text": t, "answer": task.label_words[p], "probabilities": dict(zip(task.label_words, probs))}
                 for t, p, probs in zip(texts, result["predictions"], result["probabilities"])]
-    return [{"text": t, "answer": generate_answer(model, tokenizer, Example(t, ""), int(cfg["max-seq-len"]),
-                                                  cfg["system-prompt"])} for t in texts]
+    card = task.card
+    if card is not None and card.instruction and card.text_column:  # a templated task (data-to-text): wrap the text
+        prompts = [card.prompt({card.text_column: t}) for t in texts]
+    else:
+        prompts = list(texts)
+    return [{"text": t, "answer": generate_answer(model, tokenizer, Example(p, ""), int(cfg["max-seq-len"]),
+                                                  cfg["system-prompt"], int(cfg["max-new-tokens"]))}
+            for t, p in zip(texts, prompts)]
 
 
 def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:

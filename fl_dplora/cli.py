@@ -156,7 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg, adapter = _adapter_source(args)
     from fl_dplora.adapter_io import load_adapted_model
-    from fl_dplora.data import eval_examples, load_local_file, load_task
+    from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
     from fl_dplora.evaluate import evaluate
     from fl_dplora.models import get_peft_model, tokenizer_for, reset_adapter
     from fl_dplora.server_app import preflight
@@ -166,13 +166,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     task = load_task(cfg["task"], int(cfg["seed"]))
     # a given file is scored whole (every row, in order), with the task's prompt and label words
     examples = load_local_file(args.eval_file, task, flag="--eval-file") if args.eval_file else eval_examples(cfg)
+    if args.eval_file and task.kind == "generation":  # rows with the same input are its references (mr,ref)
+        examples = with_references(examples)
     if adapter is not None:
         model = load_adapted_model(cfg, adapter, task)
     else:  # a zero LoRA B makes the adapted model compute exactly the base model
         model = get_peft_model(cfg)
         reset_adapter(model)
     result = evaluate(model, tokenizer_for(cfg), task, examples, int(cfg["max-seq-len"]),
-                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
+                      max_new_tokens=int(cfg["max-new-tokens"]), system_prompt=cfg["system-prompt"],
+                      prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                "eval_file": args.eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
     if args.output:

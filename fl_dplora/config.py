@@ -36,7 +36,7 @@ class Key:
     help: str = ""
 
 
-TASKS = ("fin-sentiment", "medical-qa", "general-instruct")
+TASKS = ("fin-sentiment", "medical-qa", "general-instruct", "data-to-text")
 DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
@@ -51,7 +51,8 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
                                  "quantization": "none", "gradient-checkpointing": False,
-                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0}
+                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0,
+                                 "max-new-tokens": 64}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -62,7 +63,7 @@ SCHEMA: dict[str, Key] = {
     "quantization": Key(str, "none", choices=("none", "8bit", "4bit"), help="bitsandbytes base (4bit = NF4, QLoRA); needs CUDA"),
     "gradient-checkpointing": Key(bool, False, help="recompute the adapted blocks in the backward pass: less memory, same gradients"),
     "server-device": Key(str, "auto", help="the server's evaluation model: auto, cpu, cuda, cuda:N"),
-    "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | hub dataset id | path to CSV/JSON/JSONL/parquet"),
+    "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | data-to-text | task card .toml | hub dataset id | CSV/JSON/JSONL/parquet path"),
     "num-server-rounds": Key(int, 3, min=1, help="federated rounds"),
     "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson-sampled when dp-mode=client/paper)"),
     "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="fraction of nodes that score the global adapter on their own eval-path (operator log only)"),
@@ -103,6 +104,7 @@ SCHEMA: dict[str, Key] = {
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
     "max-train-samples": Key(int, 0, min=0, help="cap on the training pool before partitioning (0 = all)"),
     "max-eval-samples": Key(int, 300, min=0, help="central eval examples (0 = all)"),
+    "max-new-tokens": Key(int, 64, min=1, help="generation tasks: greedy tokens generated per input for BLEU/ROUGE-L"),
     "eval-every": Key(int, 1, min=0, help="central evaluation every N rounds (0 = only at the end)"),
     "transfer-dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16"), help="adapter dtype on the wire (after noise)"),
     "min-available": Key(int, 1, min=1, help="fewest good replies needed to aggregate a round"),

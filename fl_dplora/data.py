@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ class Example:
     answer: str
     label: int = -1  # index into TaskData.label_words for classification, -1 otherwise
     group: str = ""  # what the dirichlet partitioner splits on (label word or category)
+    unit: str = ""  # examples with the same unit go to one client (E2E: every reference of an MR)
+    references: tuple[str, ...] = ()  # generation eval: every reference of this prompt (answer is the first)
 
 
 @dataclass
@@ -56,23 +58,34 @@ class TaskData:
     label_words: list[str] = field(default_factory=list)
     instruction: str = ""  # classification prompt prefix; reused for a SuperNode's own file
     card: TaskCard | None = None  # how rows become examples (label words, prompt, columns)
+    test: list[Example] = field(default_factory=list)  # scored once, at the end of a run (data-to-text)
 
 
 # ------------------------------------------------------------------ tasks (every one through a task card)
-BUILTIN_CARDS = {"fin-sentiment": "tfns", "medical-qa": "pubmedqa", "general-instruct": "dolly15k"}
+BUILTIN_CARDS = {"fin-sentiment": "tfns", "medical-qa": "pubmedqa", "general-instruct": "dolly15k", "data-to-text": "e2e"}
 
 
 def builtin_card(name: str) -> TaskCard:
     return load_card(DATA_DIR / BUILTIN_CARDS[name] / "task.toml")
 
 
+def with_references(examples: Sequence[Example]) -> list[Example]:
+    """Generation eval: one example per distinct prompt, in order of first appearance, holding every
+    answer given for it as its references (the first is the one its loss is computed on)."""
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(ex.prompt, []).append(ex)
+    return [replace(g[0], references=tuple(e.answer for e in g)) for g in groups.values()]
+
+
 def task_from_card(card: TaskCard, seed: int, eval_rows: list[dict] | None = None,
                    train_rows: list[dict] | None = None) -> TaskData:
     """The card's rows as a train pool and an eval set (10 % of the train rows, at most 1000,
     held out with the seed when the card names no eval file)."""
+    test_rows: list[dict] = []
     if train_rows is None:
         if card.loader:
-            train_rows, eval_rows = loader_rows(card)
+            train_rows, eval_rows, test_rows = loader_rows(card)
         elif card.train_file or card.eval_file:
             train_rows = read_rows(Path(card.train_file)) if card.train_file else []
             eval_rows = read_rows(Path(card.eval_file)) if card.eval_file else None
@@ -87,8 +100,10 @@ def task_from_card(card: TaskCard, seed: int, eval_rows: list[dict] | None = Non
         eval_rows = [train_rows[i] for i in order[:n_eval]]
         train_rows = [train_rows[i] for i in order[n_eval:]]
     make = lambda rows, what: examples_from_rows(card, rows, what) if rows else []
+    scored = (lambda rows, what: with_references(make(rows, what))) if card.kind == "generation" else make
     return TaskData(card.name, card.kind, make(train_rows, card.train_file or card.name),
-                    make(eval_rows, card.eval_file or card.name), list(card.label_words), card.instruction, card)
+                    scored(eval_rows, card.eval_file or card.name), list(card.label_words), card.instruction, card,
+                    test=scored(test_rows, card.name))
 
 
 def _eval_file_for(path: Path) -> Path | None:
@@ -134,7 +149,7 @@ def check_task(task: str) -> None:
         return
     if "/" not in task:
         raise ConfigError(
-            f"task: unknown task {task!r}; use fin-sentiment, medical-qa, general-instruct, a task card (.toml), "
+            f"task: unknown task {task!r}; use {', '.join(BUILTIN_CARDS)}, a task card (.toml), "
             "a hub id (org/name) or a file path"
         )
 
@@ -190,8 +205,19 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    order = _train_order(len(data.train), seed)[:n]
-    ds = Dataset.from_dict({"idx": order, "group": [data.train[i].group for i in order]})
+    order = _train_order(len(data.train), seed)
+    units: dict[str, list[int]] = {}  # examples sharing a unit (E2E: an MR's references) stay together
+    for i in order:
+        units.setdefault(data.train[i].unit or f"#{i}", []).append(i)
+    members, count = [], 0
+    for idx in units.values():  # whole units in shuffled order, until max-train-samples is reached
+        if count >= n:
+            break
+        members.append(idx)
+        count += len(idx)
+    if num_partitions > len(members):
+        raise ConfigError(f"num-clients: {num_partitions} clients but only {len(members)} training inputs")
+    ds = Dataset.from_dict({"idx": list(range(len(members))), "group": [data.train[m[0]].group for m in members]})
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
     else:
@@ -203,7 +229,7 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
         )
     part.dataset = ds
     try:
-        return tuple(tuple(part.load_partition(i)["idx"]) for i in range(num_partitions))
+        return tuple(tuple(i for u in part.load_partition(p)["idx"] for i in members[u]) for p in range(num_partitions))
     except ValueError as exc:
         raise ConfigError(f"partitioner: {str(exc).splitlines()[0]}") from exc
 
@@ -254,6 +280,11 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
     # A fixed random subset (seeded by 0, not the run seed) so every run is scored on the same examples.
     order = torch.randperm(len(data.eval), generator=torch.Generator().manual_seed(0)).tolist()
     return [data.eval[i] for i in order[:n]]
+
+
+def test_examples(cfg: Mapping[str, Any]) -> list[Example]:
+    """The task's test part (data-to-text): scored once, after the last round, never for choices."""
+    return load_task(cfg["task"], int(cfg["seed"])).test
 
 
 def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example]:

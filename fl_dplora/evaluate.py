@@ -2,8 +2,10 @@
 
 Classification: the label words are scored at the answer position (argmax over the label words'
 first tokens, or over whole label sequences when first tokens collide): accuracy and macro-F1.
-Instruction data: loss/perplexity on the answer tokens, plus ROUGE-L of greedy generations on a
-small sample (only when asked: generation is slow on CPU).
+Generation: loss/perplexity on the answer tokens (the first reference), and, when asked
+(`max_new_tokens` > 0), greedy generations of every example, batched with the KV cache, scored by
+sacrebleu's corpus BLEU against all references of each input (its default 13a tokenization, cased)
+and rouge-score's ROUGE-L F1 against the best reference (Porter stemming).
 """
 
 from __future__ import annotations
@@ -42,12 +44,34 @@ def rouge_l(reference: str, candidate: str) -> float:
     return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
 
 
+def rouge_l_best(references: Sequence[str], candidate: str) -> float:
+    """ROUGE-L F1 against the reference it matches best (rouge-score's `score_multi`)."""
+    return float(_rouge_scorer().score_multi(list(references), candidate)["rougeL"].fmeasure)
+
+
+BLEU_TOKENIZE = "13a"  # sacrebleu's default (mteval-v13a), cased: the setting published E2E numbers use
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """sacrebleu corpus BLEU (0-100) with every reference of each input; inputs may have different
+    numbers of references (sacrebleu skips the None that pad the shorter reference lists)."""
+    from sacrebleu.metrics import BLEU
+
+    if not hypotheses:
+        return 0.0
+    width = max(len(r) for r in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    return float(BLEU(tokenize=BLEU_TOKENIZE).corpus_score(list(hypotheses), streams).score)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_len: int,
-             batch_size: int = 16, rouge_samples: int = 0, system_prompt: str = "auto",
+             batch_size: int = 16, max_new_tokens: int = 0, system_prompt: str = "auto",
              prefix_cache: str = "off", with_predictions: bool = False) -> dict[str, float]:
-    """Loss/perplexity on the answer tokens; accuracy, macro-F1 and the majority rate for classification.
-    `with_predictions` adds each example's predicted label index and label probabilities."""
+    """Loss/perplexity on the answer tokens; accuracy, macro-F1 and the majority rate for classification;
+    BLEU and ROUGE-L of greedy generations for generation when `max_new_tokens` > 0.
+    `with_predictions` adds each example's predicted label index and label probabilities (classification)
+    or generated text (generation)."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -65,10 +89,10 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
         if task.kind == "classification" and distinct_first:
             scored.append(logits[first_answer_positions(rows)][:, label_first].float().cpu())
             trues += [ex.label for ex in examples[start : start + batch_size]]
-    if task.kind == "classification" and not distinct_first:
+    if task.kind == "classification" and not distinct_first and examples:
         scored = [_score_full_labels(model, tokenizer, task, examples, max_len, batch_size, system_prompt)]
         trues = [e.label for e in examples]
-    scores = torch.cat(scored) if scored else torch.zeros(0, len(task.label_words))
+    scores = torch.cat(scored) if scored else torch.zeros(0, max(1, len(task.label_words)))
     preds = scores.argmax(-1).tolist()
 
     loss = total_loss / max(1, total_tokens)
@@ -81,8 +105,14 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
         if with_predictions:
             out["predictions"] = preds
             out["probabilities"] = scores.softmax(-1).tolist()
-    if rouge_samples and task.kind == "generation":
-        out["rouge_l"] = _rouge_on_sample(model, tokenizer, examples[:rouge_samples], max_len, system_prompt)
+    if max_new_tokens and task.kind == "generation":
+        texts = generate_batch(model, tokenizer, [ex.prompt for ex in examples], max_len, system_prompt,
+                               max_new_tokens, batch_size)
+        refs = [ex.references or (ex.answer,) for ex in examples]
+        out["bleu"] = corpus_bleu(texts, refs)
+        out["rouge_l"] = sum(rouge_l_best(r, t) for r, t in zip(refs, texts)) / max(1, len(texts))
+        if with_predictions:
+            out["generations"] = texts
     return out
 
 
@@ -101,17 +131,38 @@ def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size, sy
     return scores
 
 
-def generate_answer(model, tokenizer, ex: Example, max_len: int, system_prompt: str = "auto",
-                    max_new_tokens: int = 48) -> str:
-    """Greedy continuation of an example's prompt (on the model's device)."""
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_len: int, system_prompt: str = "auto",
+                   max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of the prompts (in the training prompt format), `batch_size` at a time,
+    left-padded, with transformers' KV cache; prompts of similar length are batched together."""
+    from transformers import GenerationConfig
+
+    model.eval()
     device = next(model.parameters()).device
-    ids = tokenizer(_render_prompt(tokenizer, ex.prompt, system_prompt), add_special_tokens=False,
-                    return_tensors="pt").input_ids[:, -max_len:].to(device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # our own config: the model's (sampling temperature, lengths) must not change what greedy means
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                           pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    ids = [tokenizer(_render_prompt(tokenizer, p, system_prompt), add_special_tokens=False).input_ids[-max_len:]
+           for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    texts = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        for row, i in enumerate(chunk):
+            texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return texts
 
 
-def _rouge_on_sample(model, tokenizer, examples: Sequence[Example], max_len: int, system_prompt: str = "auto") -> float:
-    vals = [rouge_l(ex.answer, generate_answer(model, tokenizer, ex, max_len, system_prompt)) for ex in examples]
-    return sum(vals) / max(1, len(vals))
+def generate_answer(model, tokenizer, ex: Example, max_len: int, system_prompt: str = "auto",
+                    max_new_tokens: int = 64) -> str:
+    """Greedy continuation of one example's prompt."""
+    return generate_batch(model, tokenizer, [ex.prompt], max_len, system_prompt, max_new_tokens)[0]

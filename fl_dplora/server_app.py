@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_dplora import checkpoint, label_head, protocol
 from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
-from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task
+from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task, test_examples
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate
 from fl_dplora.models import (
@@ -181,6 +181,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "round": rnd,
             "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
             "eval_macro_f1": last_eval.get("macro_f1"), "eval_majority_rate": last_eval.get("majority_rate"),
+            **({"eval_bleu": last_eval.get("bleu"), "eval_rouge_l": last_eval.get("rouge_l")} if task.kind == "generation" else {}),
             "epsilon": epsilon if mode.unit else None, "delta": cfg["delta"] if mode.unit else None,
         }
         if mode.releases_raw_counts:  # no DP: the clients' own mean loss may be shown
@@ -205,6 +206,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             })
         acc = (f" acc={row['eval_accuracy']:.3f} (majority {row['eval_majority_rate']:.3f}) f1={row['eval_macro_f1']:.3f}"
                if row["eval_accuracy"] is not None else "")
+        if row.get("eval_bleu") is not None:
+            acc += f" bleu={row['eval_bleu']:.2f} rouge_l={row['eval_rouge_l']:.4f}"
         eps = f" eps={epsilon:.3f}" if mode.unit else ""
         log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
                  st.sampled, f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-", acc, eps,
@@ -217,6 +220,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     if rounds_done < rounds and not last_eval:
         last_eval = _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg)
     _save_adapter(model, params, strategy, out_dir / "adapter", task)
+    test = _score_test_part(model, params, strategy, tokenizer, task, cfg)
 
     privacy = _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done,
                              server_ledger, client_ledgers, dim=trainable)
@@ -227,6 +231,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": trainable, "full_model_params": full_params, "full_model_bytes": full_bytes,
         "privacy": privacy, "config": cfg,
     }
+    if test is not None:
+        summary["test_eval"] = test
     # bytes and wall time depend on who took part: the operator's, next to the per-round rows
     # the ledgers let a reviewer recompute every ε with an accountant of their own
     wal.operator({"event": "summary", "bytes_up_total": totals["up"], "bytes_down_total": totals["down"],
@@ -332,9 +338,28 @@ def _save_adapter(model, params, strategy, folder: Path, task) -> None:
 
 def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
     load_adapter_weights(params, strategy.global_weights)
-    rouge = 16 if task.kind == "generation" else 0
-    return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), rouge_samples=rouge,
+    return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
                     system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
+
+
+TEST_SAMPLES = 5  # generated texts kept in the summary, for the same first test inputs in every run
+
+
+def _score_test_part(model, params, strategy, tokenizer, task, cfg) -> dict[str, Any] | None:
+    """The task's test part (data-to-text), scored once with the final adapter: reported, never
+    looked at to choose anything. Five of its generations go into the summary for people to read."""
+    examples = test_examples(cfg)
+    if not examples:
+        return None
+    load_adapter_weights(params, strategy.global_weights)
+    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
+                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], with_predictions=True)
+    texts = result.pop("generations", [])
+    result["samples"] = [{"input": ex.prompt, "generated": t, "references": list(ex.references)}
+                         for ex, t in zip(examples[:TEST_SAMPLES], texts)]
+    log.info("test part (%d inputs, scored once): %s", len(examples),
+             " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result
 
 
 def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilon, rounds_done, server_ledger,

@@ -37,7 +37,7 @@ from fl_dplora.config import ConfigError
 CARD_KEYS = {"name", "kind", "label-words", "labels", "instruction", "prompt-template", "text-column",
              "label-column", "instruction-column", "response-column", "context-column", "train-file",
              "eval-file", "loader", "licence"}
-LOADERS = ("pubmedqa", "dolly")  # bundled data whose rows need reading code (nested JSON, fixed splits)
+LOADERS = ("pubmedqa", "dolly", "e2e")  # bundled data whose rows need reading code (nested JSON, fixed splits)
 DEFAULT_TEMPLATE = "{instruction}\n\n{text}"
 GENERIC_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
 
@@ -174,12 +174,27 @@ def examples_from_rows(card: TaskCard, rows: Sequence[Mapping[str, Any]], source
     if not rows:
         raise ConfigError(f"{flag}: {source} has no rows")
     cols = set(rows[0])
-    if card.kind == "generation":
-        need = {card.instruction_column, card.response_column}
-        if not need <= cols:
-            raise ConfigError(f"{flag}: {source} needs columns {'+'.join(sorted(need))}; it has {', '.join(sorted(cols))}")
-        return [_instruct_example(r, card) for r in rows]
     fields = _template_fields(card.prompt_template)
+    if card.kind == "generation":
+        if {card.instruction_column, card.response_column} <= cols:
+            return [_instruct_example(r, card) for r in rows]
+        if not card.instruction:  # no prompt template to fill: the rows must hold the instruction
+            need = sorted({card.instruction_column, card.response_column})
+            raise ConfigError(f"{flag}: {source} needs columns {'+'.join(need)}; it has {', '.join(sorted(cols))}")
+        # a card with an instruction and a template (data-to-text): prompt = the template over the row
+        need = ([card.text_column] if "text" in fields else []) + sorted(fields - {"instruction", "text"}) + [card.response_column]
+        if not set(need) <= cols:
+            raise ConfigError(f"{flag}: {source} needs columns {'+'.join(need)}; it has {', '.join(sorted(cols))}")
+        out = []
+        for i, r in enumerate(rows):
+            answer = r[card.response_column]
+            if _blank(answer):
+                raise ConfigError(f"{flag}: {source} row {i + 2}: column {card.response_column!r} is empty")
+            prompt = card.prompt(r)
+            # rows with the same prompt are references of one input (E2E: all references of an MR):
+            # they share a unit, which partitioning keeps on one client
+            out.append(Example(prompt=prompt, answer=str(answer).strip(), unit=prompt))
+        return out
     need = ([card.text_column] if "text" in fields else []) + sorted(fields - {"instruction", "text"}) + [card.label_column]
     if not set(need) <= cols:
         raise ConfigError(f"{flag}: {source} needs columns {'+'.join(need)}; it has {', '.join(sorted(cols))}")
@@ -193,6 +208,10 @@ def examples_from_rows(card: TaskCard, rows: Sequence[Mapping[str, Any]], source
         word = card.label_words[y]
         out.append(Example(prompt=card.prompt(r), answer=word, label=y, group=word))
     return out
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or not str(value).strip()
 
 
 def _instruct_example(rec: Mapping[str, Any], card: TaskCard):
@@ -234,9 +253,28 @@ def read_rows(path: Path, flag: str = "task") -> list[dict]:
     return df.to_dict("records")
 
 
-def loader_rows(card: TaskCard) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of a bundled format, read from the card's folder."""
+E2E_DEV_MRS = 100  # of the 315 MRs of testset_part_a.csv; the other 215 are the test part
+
+
+def e2e_rows(base: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """E2E: clients' pool = devset.csv; testset_part_a.csv split by MR with a fixed permutation (seed 0,
+    never the run's) into a public dev part and a test part scored once at the end of a run."""
+    import torch
+
+    train = read_rows(base / "devset.csv")
+    held = read_rows(base / "testset_part_a.csv")
+    mrs = list(dict.fromkeys(r["mr"] for r in held))  # distinct MRs in file order
+    order = torch.randperm(len(mrs), generator=torch.Generator().manual_seed(0)).tolist()
+    dev = {mrs[i] for i in order[:E2E_DEV_MRS]}
+    return train, [r for r in held if r["mr"] in dev], [r for r in held if r["mr"] not in dev]
+
+
+def loader_rows(card: TaskCard) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train rows, eval rows, test rows) of a bundled format, read from the card's folder. The test
+    rows (only E2E has them) are scored once, at the end of a run; eval rows every round."""
     base = Path(card.data_dir)
+    if card.loader == "e2e":
+        return e2e_rows(base)
     if card.loader == "pubmedqa":
         with gzip.open(base / "ori_pqal.json.gz", "rt") as f:
             pqal = json.load(f)
@@ -244,7 +282,7 @@ def loader_rows(card: TaskCard) -> tuple[list[dict], list[dict]]:
         rows = {pid: {"context": " ".join(r["CONTEXTS"]), "question": r["QUESTION"], "label": r["final_decision"]}
                 for pid, r in sorted(pqal.items())}
         # the official 500-id test split
-        return [r for pid, r in rows.items() if pid not in test_ids], [r for pid, r in rows.items() if pid in test_ids]
+        return [r for pid, r in rows.items() if pid not in test_ids], [r for pid, r in rows.items() if pid in test_ids], []
     # dolly: a fixed held-out set of every 30th row (~500), independent of the seed so runs compare
     with gzip.open(base / "databricks-dolly-15k.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -252,4 +290,4 @@ def loader_rows(card: TaskCard) -> tuple[list[dict], list[dict]]:
     # Dolly has exact duplicate rows: keep a held-out example's copies out of the training pool
     key = lambda r: (lambda e: (e.prompt, e.answer))(_instruct_example(r, card))
     seen = {key(r) for r in held_out}
-    return [r for i, r in enumerate(rows) if i % 30 and key(r) not in seen], held_out
+    return [r for i, r in enumerate(rows) if i % 30 and key(r) not in seen], held_out, []
