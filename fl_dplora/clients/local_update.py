@@ -7,6 +7,8 @@ stages (handled by the mod alone) never load torch or transformers in a fresh fl
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -32,6 +34,7 @@ from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer,
 from fl_dplora.transport import from_array_record, to_array_record
 
 STATE_KEY = "fl-dplora"
+log = logging.getLogger(__name__)
 
 
 def config_from_message(msg: Message) -> dict[str, Any]:
@@ -158,6 +161,11 @@ def train(msg: Message, context: Context) -> Message:
 
     dp = None
     metrics: dict[str, Any] = {"partition-id": part}
+    # every σ this node adds (local or distributed noise) is its own, from the run's public config,
+    # the same calibration the server runs; the instruction's σ is only compared with it
+    node_sigma, node_accountant_sigma = mode.noise_multipliers()
+    if mode.client_level:
+        log_row.update(_compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
         sigma = _dp_sample_sigma(cfg, state, n)
         projected = PrivacyLedger.from_record(ledger.to_record())
@@ -172,7 +180,7 @@ def train(msg: Message, context: Context) -> Message:
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
     elif mode.client_level and policy.active:  # the run's client-level ledger after this round: one event per round so far
-        sigma, rate, steps = mode.round_event(mode.noise_multipliers()[1])
+        sigma, rate, steps = mode.round_event(node_accountant_sigma)
         run_ledger = PrivacyLedger()
         run_ledger.step(sigma, rate, steps * server_round)
         epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
@@ -192,10 +200,9 @@ def train(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
-    # client-level modes clip here (and add local noise): the raw norm never leaves the client
-    # distributed noise: the client calibrates σ itself, it does not take the server's word for its share
-    sigma = mode.noise_multipliers()[0] if mode.distributed_noise else float(msg.content["config"].get(protocol.SIGMA, 0.0))
-    delta = mode.client_update(delta, sigma, noise_gen)
+    # client-level modes clip here (and add local noise, or a distributed share, of the node's own σ):
+    # the raw norm never leaves the client
+    delta = mode.client_update(delta, node_sigma, noise_gen)
 
     if mode.example_level:
         ledger.step(dp.noise_multiplier, q, steps)
@@ -216,6 +223,22 @@ def train(msg: Message, context: Context) -> Message:
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str, Any]:
+    """The node's own σ for its ε log row, and the instruction's σ when it differs: the node never
+    adds the server's σ (a server that sent 0 would receive clipped updates with no noise); a lower
+    one is logged as a warning, on the operator's console and in the node's ε log."""
+    row: dict[str, Any] = {"sigma": node_sigma}
+    instructed = msg.content["config"].get(protocol.SIGMA)
+    if instructed is None or math.isclose(float(instructed), node_sigma, rel_tol=1e-9, abs_tol=1e-12):
+        return row
+    row["instruction-sigma"] = float(instructed)
+    if (mode.local_noise or mode.distributed_noise) and float(instructed) < node_sigma:
+        row["warning"] = (f"the server's instruction asks for noise multiplier {float(instructed):.6g}, below this "
+                          f"node's own {node_sigma:.6g} for the run's config: this node adds its own")
+        log.warning("node policy: %s", row["warning"])
+    return row
 
 
 def _enforce(policy: NodePolicy, log_row: dict[str, Any], check) -> None:
