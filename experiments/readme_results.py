@@ -22,7 +22,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CONFIG_BEGIN, CONFIG_END = "<!-- config:begin -->", "<!-- config:end -->"
 RESULTS_PAGE = Path("docs") / "results.md"  # where the results block lives, relative to ROOT
 LINK_PREFIX = "../"  # from docs/results.md back to the repository root
-ORDER = ["dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
+ORDER = ["data-to-text", "dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
 
 
 def block() -> str:

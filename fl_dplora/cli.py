@@ -157,7 +157,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, adapter = _adapter_source(args)
     from fl_dplora.adapter_io import load_adapted_model
     from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
-    from fl_dplora.evaluate import evaluate
+    from fl_dplora.evaluate import evaluate, score_test_part
     from fl_dplora.models import get_peft_model, tokenizer_for, reset_adapter
     from fl_dplora.server_app import preflight
 
@@ -178,10 +178,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                "eval_file": args.eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
+    test = None if args.eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
+    if test is not None:  # data-to-text: the test part too, as a run reports it at its end
+        summary["test_eval"] = test
+        summary["wall_seconds"] = time.time() - t0
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2))
     print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if test is not None:
+        print("fl-dplora: test part: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in test.items() if k not in ("samples", "generations")))
     return 0
 
 

@@ -282,11 +282,6 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
     return [data.eval[i] for i in order[:n]]
 
 
-def test_examples(cfg: Mapping[str, Any]) -> list[Example]:
-    """The task's test part (data-to-text): scored once, after the last round, never for choices."""
-    return load_task(cfg["task"], int(cfg["seed"])).test
-
-
 def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example]:
     """Public examples for the label head's feature statistics: the task's evaluation data that
     the server does not score (falling back to the scored subset when it scores all of it). Only

@@ -64,6 +64,42 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     return float(BLEU(tokenize=BLEU_TOKENIZE).corpus_score(list(hypotheses), streams).score)
 
 
+BOOTSTRAP_RESAMPLES = 200
+
+
+def paired_bleu_p_value(baseline: Sequence[str], system: Sequence[str], references: Sequence[Sequence[str]],
+                        resamples: int = 1000) -> float:
+    """p-value of "system's corpus BLEU differs from baseline's" on the same inputs: sacrebleu's paired
+    bootstrap resampling (Koehn 2004; its fixed seed, 12345)."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    if list(baseline) == list(system):  # sacrebleu's test gives 1/(resamples+1) here: no difference at all
+        return 1.0
+    width = max(len(r) for r in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    test = PairedTest([("baseline", list(baseline)), ("system", list(system))], {"BLEU": BLEU(tokenize=BLEU_TOKENIZE)},
+                      streams, test_type="bs", n_samples=resamples)
+    _, scores = test()
+    return float(scores["BLEU"][1].p_value)
+
+
+def bleu_bootstrap_se(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                      resamples: int = BOOTSTRAP_RESAMPLES) -> float | None:
+    """Standard error of corpus BLEU: the std of BLEU over inputs resampled with replacement (fixed
+    seed, so a rerun reports the same SE). Corpus BLEU is not a mean of per-input scores, hence the
+    bootstrap (as sacrebleu's own paired bootstrap does for system comparisons)."""
+    n = len(hypotheses)
+    if n < 2:
+        return None
+    g = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(resamples):
+        idx = torch.randint(n, (n,), generator=g).tolist()
+        draws.append(corpus_bleu([hypotheses[i] for i in idx], [references[i] for i in idx]))
+    return float(torch.tensor(draws, dtype=torch.float64).std())
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_len: int,
              batch_size: int = 16, max_new_tokens: int = 0, system_prompt: str = "auto",
@@ -110,10 +146,31 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
                                max_new_tokens, batch_size)
         refs = [ex.references or (ex.answer,) for ex in examples]
         out["bleu"] = corpus_bleu(texts, refs)
-        out["rouge_l"] = sum(rouge_l_best(r, t) for r, t in zip(refs, texts)) / max(1, len(texts))
+        out["bleu_se"] = bleu_bootstrap_se(texts, refs)
+        rouge = torch.tensor([rouge_l_best(r, t) for r, t in zip(refs, texts)], dtype=torch.float64)
+        out["rouge_l"] = float(rouge.mean()) if len(rouge) else 0.0
+        out["rouge_l_se"] = float(rouge.std() / math.sqrt(len(rouge))) if len(rouge) > 1 else None
         if with_predictions:
             out["generations"] = texts
     return out
+
+
+TEST_SAMPLES = 5  # generated texts kept with a test-part score: the same first test inputs in every run
+
+
+def score_test_part(model, tokenizer, task: TaskData, cfg) -> dict | None:
+    """The task's test part (data-to-text), scored once with the final adapter (or the base model for
+    zero-shot): reported, never used to choose anything. The first five generations are kept, next to
+    their input and references, for people to read."""
+    if not task.test:
+        return None
+    result = evaluate(model, tokenizer, task, task.test, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
+                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], with_predictions=True)
+    texts = result["generations"]  # every test generation stays: paired comparisons between runs need them
+    result["num_inputs"] = len(task.test)
+    result["samples"] = [{"input": ex.prompt, "generated": t, "references": list(ex.references)}
+                         for ex, t in zip(task.test[:TEST_SAMPLES], texts)]
+    return result
 
 
 def _score_full_labels(model, tokenizer, task, examples, max_len, batch_size, system_prompt="auto") -> torch.Tensor:

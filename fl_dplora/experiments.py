@@ -306,6 +306,8 @@ def _short(rec: Mapping[str, Any]) -> str:
     parts = []
     if rec.get("accuracy") is not None:
         parts.append(f"acc {rec['accuracy']:.3f}")
+    if rec.get("bleu") is not None:
+        parts.append(f"bleu {rec['bleu']:.2f}")
     if rec.get("eval_loss") is not None:
         parts.append(f"loss {rec['eval_loss']:.3f}")
     if rec.get("epsilon") is not None:
@@ -329,8 +331,15 @@ def _record(run: RunSpec) -> dict[str, Any]:
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
         "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
         "majority_rate": fe.get("majority_rate"),  # always answering the most frequent label (None: older runs)
+        "bleu": fe.get("bleu"), "rouge_l": fe.get("rouge_l"),  # generation, on the dev part / eval set
         "wall_seconds": round(float(s.get("experiment_wall_seconds", s.get("wall_seconds", 0.0))), 1),
     }
+    test = s.get("test_eval")  # data-to-text: the test part, scored once at the end of the run
+    if test:
+        rec.update({"test_bleu": test.get("bleu"), "test_bleu_se": test.get("bleu_se"), "test_rouge_l": test.get("rouge_l"),
+                    "test_rouge_l_se": test.get("rouge_l_se"), "test_loss": test.get("loss"),
+                    "test_inputs": test.get("num_inputs"), "test_samples": test.get("samples", []),
+                    "test_generations": test.get("generations")})
     if run.kind == "train":
         priv = s["privacy"]
         rounds = int(s["rounds"])
@@ -362,7 +371,9 @@ _COLUMNS = {
     "trainable_params": ("trainable", "{:,}"), "bytes_up_per_client_round": ("bytes up/client/round", "{:,.0f}"),
     "bytes_up_total": ("bytes up total", "{:,}"), "pct_full_model": ("% of model", "{:.3f}%"),
     "wall_seconds": ("wall s", "{:.0f}"), "rounds": ("rounds", "{}"), "seed": ("seed", "{}"),
-    "majority_rate": ("majority", "{:.1%}"),
+    "majority_rate": ("majority", "{:.1%}"), "bleu": ("dev BLEU", "{:.2f}"), "rouge_l": ("dev ROUGE-L", "{:.4f}"),
+    "test_bleu": ("test BLEU", "{:.2f}"), "test_bleu_se": ("±SE (bootstrap)", "{:.2f}"),
+    "test_rouge_l_se": ("±SE", "{:.4f}"), "test_rouge_l": ("test ROUGE-L", "{:.4f}"), "test_loss": ("test loss", "{:.3f}"),
 }
 DEFAULT_TABLE = ["id", "dp_mode", "target_epsilon", "epsilon", "accuracy", "macro_f1", "eval_loss", "wall_seconds"]
 
@@ -380,7 +391,8 @@ def _cell(rec: Mapping[str, Any], col: str) -> str:
 # ----------------------------------------------------------------------------- cells (spec key `aggregate`)
 # What a cell reports as mean and standard error over its runs; what identifies it (kept where all its
 # runs agree, None where they do not).
-CELL_METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity", "epsilon", "noise_multiplier", "majority_rate")
+CELL_METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity", "epsilon", "noise_multiplier", "majority_rate",
+                "bleu", "rouge_l", "test_bleu", "test_rouge_l", "test_loss")
 _CELL_FIELDS = ("series", "kind", "task", "dp_mode", "lora_variant", "lora_rank", "partitioner", "dirichlet_alpha",
                 "target_epsilon", "seed", "delta", "num_clients", "rounds", "eval_examples", "examples_processed",
                 "trainable_params", "bytes_up_total", "bytes_up_per_client_round", "pct_full_model")
@@ -476,11 +488,54 @@ def markdown(exp: Experiment, records: list[dict[str, Any]], command: str) -> st
     lines += ["| " + " | ".join(_COLUMNS.get(c, (c,))[0] for c in cols) + " |",
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in records]
+    lines += _paired_bleu_tests(records)
+    lines += _generated_texts(records)
     if exp.notes:
         lines += ["", exp.notes.strip()]
     for p in exp.plots:
         lines += ["", f"![{p.get('title', p['file'])}]({p['file']})"]
     return "\n".join(lines) + "\n"
+
+
+def _paired_bleu_tests(records: list[dict[str, Any]]) -> list[str]:
+    """Generation tasks: each trained run's test BLEU against the zero-shot base model and against the
+    no-DP run of its seed, on the same test inputs (paired bootstrap, evaluate.paired_bleu_p_value)."""
+    runs = [r for r in records if r.get("test_generations")]
+    base = next((r for r in runs if r["kind"] == "zero-shot"), None)
+    trained = [r for r in runs if r["kind"] == "train"]
+    if not trained:
+        return []
+    from fl_dplora.data import load_task
+    from fl_dplora.evaluate import paired_bleu_p_value
+
+    refs = [list(e.references) for e in load_task(trained[0]["task"], 0).test]
+    lines = ["", "## Paired tests on the test part (BLEU difference, paired bootstrap, 1,000 resamples)", "",
+             "| run | test BLEU | vs zero-shot | p | vs no DP (same seed) | p |", "|---|---|---|---|---|---|"]
+    for r in trained:
+        cells = [r["id"], f"{r['test_bleu']:.2f}"]
+        nodp = next((x for x in trained if x["target_epsilon"] is None and x["seed"] == r["seed"] and x is not r), None)
+        for other in (base, nodp):
+            if other is None or len(other["test_generations"]) != len(r["test_generations"]):
+                cells += ["–", "–"]
+                continue
+            p = paired_bleu_p_value(other["test_generations"], r["test_generations"], refs)
+            cells += [f"{r['test_bleu'] - other['test_bleu']:+.2f}", f"{p:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _generated_texts(records: list[dict[str, Any]]) -> list[str]:
+    """Generation tasks: each run's texts for the same first test inputs (people judge generation by
+    reading it), grouped by input."""
+    runs = [r for r in records if r.get("test_samples")]
+    if not runs:
+        return []
+    lines = ["", "## Generated texts (test part, the same first inputs in every run)"]
+    for i, sample in enumerate(runs[0]["test_samples"]):
+        lines += ["", f"**{sample['input'].splitlines()[-1]}**", "", f"- reference: {sample['references'][0]}"]
+        lines += [f"- {r['id']}: {r['test_samples'][i]['generated'].strip() if i < len(r['test_samples']) else '–'}"
+                  for r in runs]
+    return lines
 
 
 def _xvalue(rec: Mapping[str, Any], key: str) -> Any:

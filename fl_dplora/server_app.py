@@ -19,9 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_dplora import checkpoint, label_head, protocol
 from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
-from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task, test_examples
+from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task
 from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.evaluate import evaluate
+from fl_dplora.evaluate import evaluate, score_test_part
 from fl_dplora.models import (
     adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_adapter_weights,
     reset_adapter, round_keys, server_device, tokenizer_for,
@@ -342,23 +342,12 @@ def _evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> di
                     system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
 
 
-TEST_SAMPLES = 5  # generated texts kept in the summary, for the same first test inputs in every run
-
-
 def _score_test_part(model, params, strategy, tokenizer, task, cfg) -> dict[str, Any] | None:
-    """The task's test part (data-to-text), scored once with the final adapter: reported, never
-    looked at to choose anything. Five of its generations go into the summary for people to read."""
-    examples = test_examples(cfg)
-    if not examples:
-        return None
     load_adapter_weights(params, strategy.global_weights)
-    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
-                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], with_predictions=True)
-    texts = result.pop("generations", [])
-    result["samples"] = [{"input": ex.prompt, "generated": t, "references": list(ex.references)}
-                         for ex, t in zip(examples[:TEST_SAMPLES], texts)]
-    log.info("test part (%d inputs, scored once): %s", len(examples),
-             " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    result = score_test_part(model, tokenizer, task, cfg)
+    if result is not None:
+        log.info("test part (%d inputs, scored once): %s", result["num_inputs"],
+                 " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
     return result
 
 

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import sacrebleu
 
+from fl_dplora import evaluate as evaluate_module
 from fl_dplora import server_app
 from fl_dplora.data import load_local_file, load_task, partition_indices, with_references
 from fl_dplora.evaluate import corpus_bleu, rouge_l, rouge_l_best
@@ -116,7 +117,8 @@ def test_the_test_part_is_scored_once_after_the_last_round(monkeypatch):
         calls.append({e.prompt for e in examples})
         return real(model, tokenizer, t, examples, *args, **kwargs)
 
-    monkeypatch.setattr(server_app, "evaluate", spy)
+    monkeypatch.setattr(server_app, "evaluate", spy)  # every round's scoring
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)  # the test part's (evaluate.score_test_part)
     summary, out = run_in_process(2, num_server_rounds=2, **{k.replace("-", "_"): v for k, v in D2T.items()})
     assert len(calls) == 3  # round 1, round 2, then the test part
     assert all(not c & test_prompts for c in calls[:2]) and calls[2] == test_prompts
@@ -127,3 +129,27 @@ def test_the_test_part_is_scored_once_after_the_last_round(monkeypatch):
     assert all(s["references"] == list(e.references) for s, e in zip(test["samples"], task.test))
     rows = [__import__("json").loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["eval_bleu"] is not None and r["eval_rouge_l"] is not None for r in rows)
+
+
+def test_bleu_standard_error_is_a_bootstrap_over_inputs():
+    from fl_dplora.evaluate import bleu_bootstrap_se
+
+    refs = [["the cat sat on the mat", "a cat sat on the mat"], ["there is a pub near the river"],
+            ["Blue Spice serves French food in the city centre"], ["a cheap family friendly coffee shop"]]
+    perfect = [r[0] for r in refs]
+    assert bleu_bootstrap_se(perfect, refs) == pytest.approx(0.0, abs=1e-9)  # every resample scores 100
+    mixed = ["the cat sat on the mat", "a pub is near a river", "French food at Blue Spice", "cheap coffee"]
+    se = bleu_bootstrap_se(mixed, refs)
+    assert 0 < se < 50 and se == bleu_bootstrap_se(mixed, refs)  # seeded: the same SE on a rerun
+    assert bleu_bootstrap_se(mixed[:1], refs[:1]) is None  # one input: no spread to measure
+
+
+def test_paired_bleu_test_separates_a_better_system_and_not_itself():
+    from fl_dplora.evaluate import paired_bleu_p_value
+
+    refs = [["the cat sat on the mat", "a cat sat on the mat"], ["there is a pub near the river"],
+            ["Blue Spice serves French food in the city centre"], ["a cheap family friendly coffee shop"]] * 10
+    good = ["the cat sat on the mat", "a pub is near the river", "Blue Spice serves French food", "a cheap coffee shop"] * 10
+    bad = ["a dog", "pub", "food", "shop"] * 10
+    assert paired_bleu_p_value(bad, good, refs) < 0.01
+    assert paired_bleu_p_value(good, good, refs) == 1.0

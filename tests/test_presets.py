@@ -53,6 +53,19 @@ def test_every_packaged_preset_resolves(name):
     assert set(values) <= set(pyproject_defaults()), set(values) - set(pyproject_defaults())
 
 
+def test_data_to_text_preset_is_the_measured_dp_lora_recipe():
+    """The preset trains LoRA itself under DP (no label head) with exactly the recipe that
+    experiments/data-to-text.toml measures (only the dev sample size and the RNG differ)."""
+    import tomllib
+
+    cfg = resolve(base=load_preset("data-to-text"))
+    assert (cfg["task"], cfg["label-head"], cfg["head-rounds"], cfg["dp-mode"]) == ("data-to-text", False, 0, "sample")
+    assert (cfg["target-epsilon"], cfg["delta"]) == (8.0, 1e-5)
+    spec = tomllib.loads((REPO / "experiments" / "data-to-text.toml").read_text())["config"]
+    differ = {k for k in set(spec) & set(load_preset("data-to-text")) if resolve(base=spec)[k] != cfg[k]}
+    assert differ == {"max-eval-samples"}, differ
+
+
 def test_fin_sentiment_is_the_label_head_recipe():
     cfg = resolve(base=load_preset("fin-sentiment"))
     assert (cfg["task"], cfg["label-head"], cfg["loss"], cfg["dp-mode"]) == ("fin-sentiment", True, "label-words", "sample")

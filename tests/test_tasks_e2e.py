@@ -99,8 +99,10 @@ def test_evaluate_and_export_read_the_run(run, tmp_path):
     name, out = run
     res = run_cli(["evaluate", "--run", str(out), "--output", str(tmp_path / "eval.json")], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    scored = json.loads((tmp_path / "eval.json").read_text())["final_eval"]
+    written = json.loads((tmp_path / "eval.json").read_text())
+    scored = written["final_eval"]
     assert ("bleu" in scored) == (name not in ("medical-qa", "labelled-csv"))
+    assert ("test_eval" in written) == (name == "data-to-text")  # evaluate reports the test part as a run does
     res = run_cli(["export", "--run", str(out), "--output", str(tmp_path / "export")], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "export" / "adapter_config.json").is_file()
