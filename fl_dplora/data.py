@@ -284,13 +284,13 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
 
 def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example]:
     """Public examples for the label head's feature statistics: the task's evaluation data that
-    the server does not score (falling back to the scored subset when it scores all of it). Only
-    their prompts are used, never their labels, and never a client's data."""
+    the server does not score. Only their prompts are used, never their labels, and never a
+    client's data. Never a scored prompt: when the server scores every evaluation row
+    (`max-eval-samples = 0`, or an eval file of at most `max-eval-samples` rows) this is empty and
+    the head uses data-independent statistics (label_head.neutral_stats)."""
     data = load_task(cfg["task"], int(cfg["seed"]))
-    scored = eval_examples(cfg)
-    seen = {(e.prompt, e.answer) for e in scored}
-    rest = [e for e in data.eval if (e.prompt, e.answer) not in seen]
-    return (rest or scored)[:limit]
+    scored = {e.prompt for e in eval_examples(cfg)}
+    return [e for e in data.eval if e.prompt not in scored][:limit]
 
 
 # ------------------------------------------------------------------ tokenization

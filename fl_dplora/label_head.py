@@ -81,6 +81,12 @@ def feature_stats(model: nn.Module, encoded, pad_id: int, batch_size: int = 16) 
     return states.mean(0), states.std(0) if len(states) > 1 else torch.ones_like(states[0])
 
 
+def neutral_stats(hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-independent statistics (mean 0, scale 1: the head sees the unit-norm hidden state) for
+    a run whose server scores every evaluation row, so that no public unscored prompt remains."""
+    return torch.zeros(hidden_size), torch.ones(hidden_size)
+
+
 @torch.no_grad()
 def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """[N, H] final hidden state where each example's first answer token is predicted (no grad).

@@ -22,6 +22,9 @@ TASK_CARD = "_task-card"  # the run's task card (JSON, no file names): how a nod
 
 # client -> server (MetricRecord "metrics")
 BUDGET_EXHAUSTED = "budget-exhausted"
+EVAL_DECLINED = "eval-declined"  # federated evaluation: the node's policy returns no metrics of its file
+EVAL_DECLINED_REASON = "eval-declined"  # ConfigRecord of a declining reply: {"reason": why}
+NEVER_FROM_NODE = ("majority-rate",)  # a node's class prior: never in an evaluation reply
 LEDGER_PREFIX = "ledger-"
 LEDGER_FIELDS = ("sigmas", "rates", "steps")
 

@@ -173,8 +173,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             fed = strategy.federated_evaluate(rnd, ConfigRecord({**client_cfg, **head_config}), grid)
             if fed is not None:  # metrics of the nodes' private data: the operator's, never released
                 wal.operator({"round": rnd, "event": "federated-eval", **fed})
-                log.info("[round %d/%d] federated eval (operator log): %d/%d nodes, %d examples, %s", rnd, rounds,
-                         fed["replied"], fed["asked"], fed["num-examples"],
+                log.info("[round %d/%d] federated eval (operator log): %d/%d nodes, %d declined, %d examples, %s", rnd,
+                         rounds, fed["replied"], fed["asked"], len(fed["declined"]), fed["num-examples"],
                          " ".join(f"{k}={v:.4f}" for k, v in fed["weighted"].items()) or "-")
         losses = [m["train_loss"] for m in st.client_metrics if "train_loss" in m]
         row = {  # released: DP outputs and the evaluation on the server's own data only
@@ -296,8 +296,14 @@ def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[st
         raise ConfigError(f"label-head: needs a classification task; {cfg['task']} is {task.kind}")
     ids = label_token_ids(tokenizer, task.label_words)
     public = encode_all(tokenizer, head_stat_examples(cfg), int(cfg["max-seq-len"]), cfg["system-prompt"])
-    public = attach_prefix(model, public, cfg["prefix-cache"])
-    mean, scale = label_head.feature_stats(model, public, tokenizer.pad_token_id)
+    if public:
+        public = attach_prefix(model, public, cfg["prefix-cache"])
+        mean, scale = label_head.feature_stats(model, public, tokenizer.pad_token_id)
+    else:  # every evaluation row is scored: no scored prompt may shape the head, so no data at all
+        mean, scale = label_head.neutral_stats(int(model.config.hidden_size))
+        log.warning("label-head: the server scores all of the task's evaluation rows, so no public unscored prompt is "
+                    "left for the feature statistics: data-independent ones (mean 0, scale 1) are used; set "
+                    "max-eval-samples below the eval set's size to take them from the rows it does not score")
     label_head.install(model, ids.tolist(), mean, scale)
     head_rounds = min(int(cfg["head-rounds"]), int(cfg["num-server-rounds"]))
     stages = (f"rounds 1-{head_rounds} train only the head" if head_rounds else "") + (

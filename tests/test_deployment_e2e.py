@@ -380,8 +380,9 @@ def test_three_hospitals_task_cards_privacy_floor_and_federated_evaluation(deplo
     CSV labelled 0/1 and a task card naming the labels benign/malignant; the server's card (label
     words, prompt, its own test file) reaches the nodes with the instructions. Hospital b allows at
     most ε = 2 (the run targets 8) and refuses; hospital c's file has an unknown label and refuses
-    before training; a trains. fraction-evaluate = 1: every hospital scores the global adapter on
-    its own test file, the weighted means go to the operator log."""
+    before training; a trains. fraction-evaluate = 1: hospital a (exact-eval = true) scores the global
+    adapter on its own test file, the means go to the operator log; b (it requires DP) and c (a DP run,
+    no exact-eval) decline and send no metric of their files."""
     dep = deployment
     demo = tmp_path / "hospitals"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_hospital_demo.py"), str(demo), "--rows", "40"],
@@ -390,7 +391,7 @@ def test_three_hospitals_task_cards_privacy_floor_and_federated_evaluation(deplo
     bad.write_text(bad.read_text().replace(",1\n", ",2\n", 1))  # one row labelled 2: not in c's card
     dep.start_superlink()
     logs = {}
-    for name, extra in (("a", ""), ("b", " max-epsilon=2.0"), ("c", "")):
+    for name, extra in (("a", " exact-eval=true"), ("b", " max-epsilon=2.0"), ("c", "")):
         d = demo / f"hospital-{name}"
         logs[name] = tmp_path / f"eps-{name}.jsonl"
         node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in (
@@ -413,13 +414,15 @@ def test_three_hospitals_task_cards_privacy_floor_and_federated_evaluation(deplo
     assert [r["round"] for r in spent] == [1, 2] and 0 < spent[0]["epsilon"] < spent[1]["epsilon"] <= 8.0
     assert all("max-epsilon 2" in json.loads(line)["refused"] for line in logs["b"].read_text().splitlines())
     assert not logs["c"].exists()
-    # federated evaluation: three hospitals, their own test files, weighted by their sizes
+    # federated evaluation through each node's policy: a answers on its own test file; b requires DP
+    # and c did not opt in to exact metrics in a DP run: both decline, with no metric of their files
     fed = [json.loads(line) for line in (out / "operator.jsonl").read_text().splitlines()
            if json.loads(line).get("event") == "federated-eval"]
-    assert [f["round"] for f in fed] == [1, 2] and all(f["replied"] == 3 for f in fed)
-    sizes = sorted(n["num-examples"] for n in fed[-1]["nodes"])
-    assert sizes == [13, 13, 13] and fed[-1]["num-examples"] == 39
-    assert 0 <= fed[-1]["weighted"]["accuracy"] <= 1
+    assert [f["round"] for f in fed] == [1, 2] and all(f["replied"] == 1 and len(f["declined"]) == 2 for f in fed)
+    reasons = " ".join(fed[-1]["declined"])
+    assert "this node requires DP" in reasons and "set exact-eval = true" in reasons
+    assert [n["num-examples"] for n in fed[-1]["nodes"]] == [13] and fed[-1]["num-examples"] == 13
+    assert 0 <= fed[-1]["weighted"]["accuracy"] <= 1 and "majority-rate" not in fed[-1]["nodes"][0]
     # the run trained the card's label words, scored on the server's own test file
     assert summary["config"]["task"] == str(demo / "server" / "task.toml")
     assert summary["final_eval"]["num_examples"] == 20

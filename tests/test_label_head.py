@@ -177,6 +177,40 @@ def test_statistics_come_from_public_examples_outside_the_scored_and_training_se
     assert not {e.prompt for e in public} & train
 
 
+def test_no_statistics_prompt_is_ever_in_the_scored_set(tmp_path, monkeypatch):
+    """max-eval-samples = 0 (or an eval file no larger than max-eval-samples, like the hospital demo's):
+    every eval row is scored, so no prompt is left for the statistics; the head gets data-independent
+    ones and the server encodes no prompt for them."""
+    import pandas as pd
+
+    from fl_dplora import server_app
+    from fl_dplora.data import DATA_DIR
+
+    cfg = resolve({"task": "fin-sentiment", "max-eval-samples": 0})
+    scored = {e.prompt for e in eval_examples(cfg)}
+    assert len(scored) > 2000 and not {e.prompt for e in head_stat_examples(cfg)} & scored
+    valid = pd.read_csv(DATA_DIR / "tfns" / "sent_valid.csv")
+    valid.iloc[:120][["text", "label"]].to_csv(tmp_path / "train.csv", index=False)
+    valid.iloc[120:160][["text", "label"]].to_csv(tmp_path / "test.csv", index=False)  # 40 rows <= 300
+    small = resolve({"task": str(tmp_path / "train.csv")})
+    assert len(eval_examples(small)) == 40 and head_stat_examples(small) == []
+    part = resolve({"task": str(tmp_path / "train.csv"), "max-eval-samples": 30})
+    assert len(head_stat_examples(part)) == 10
+    assert not {e.prompt for e in head_stat_examples(part)} & {e.prompt for e in eval_examples(part)}
+    # the server's setup: nothing scored reaches the statistics
+    encoded = []
+    real_encode = server_app.encode_all
+    monkeypatch.setattr(server_app, "encode_all", lambda tok, ex, *a: encoded.extend(ex) or real_encode(tok, ex, *a))
+    run_cfg, model, *_ = setup()
+    run_cfg = {**run_cfg, "max-eval-samples": 0}
+    tok = load_tokenizer(run_cfg["model"])
+    stats = server_app._setup_label_head(model, tok, load_task("fin-sentiment"), run_cfg)
+    assert not {e.prompt for e in encoded} & scored
+    mean, scale = label_head.stats_from_config(stats)
+    assert torch.equal(mean, torch.zeros(model.config.hidden_size)) and torch.equal(scale, torch.ones_like(mean))
+    assert label_head.get(model) is not None
+
+
 def test_generation_task_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="^label-head: needs a classification task"):
         run_in_process(1, output_dir=tmp_path / "gen", task="general-instruct", **{"label-head": True,

@@ -69,7 +69,7 @@ def test_a_node_below_the_runs_target_refuses_and_the_round_goes_on(tmp_path):
         assert eps == sorted(eps) and 0 < eps[-1] <= 8.0
         # the node's own last entry is what the server accounted for it
         per_client = json.loads((out / "summary.json").read_text())["privacy"]["per_client"]
-        assert eps[-1] == pytest.approx(per_client[str(i)]["epsilon"], rel=1e-9)
+        assert eps[-1] == pytest.approx(per_client[str(grid.node_id_of(i))]["epsilon"], rel=1e-9)
         assert all(r["dp-mode"] == "sample" and r["unit"] == "example" and r["delta"] == 1e-5 for r in kept)
     assert (logs[1].stat().st_mode & 0o777) == 0o600
 
@@ -129,3 +129,61 @@ def test_federated_evaluation_scores_each_nodes_file_and_stays_out_of_the_releas
                              **{"fraction-evaluate": 1.0, "num-server-rounds": 1})
     event = _operator_events(out2, "federated-eval")[0]
     assert event["replied"] == 1 and "has no eval-path" in event["failed"][0]
+
+
+def test_evaluation_goes_through_the_node_policy():
+    """Federated evaluation has no DP mechanism: a node that requires DP declines it in every run; in
+    a DP run a node with its own files answers only with exact-eval = true; virtual nodes (public
+    eval split) answer."""
+    none, dp = resolve({"dp-mode": "none"}), resolve({"dp-mode": "sample", "target-epsilon": 8.0})
+    own = {"eval-path": "/e.csv"}
+    for node in ({"require-dp-mode": "sample"}, {"max-epsilon": 8.0}, {"require-dp-mode": "client,sample", "exact-eval": True}):
+        policy = NodePolicy.from_node_config(node)
+        for cfg in (none, dp):
+            assert "this node requires DP" in policy.evaluation_refusal(cfg, {**own, **node})
+    plain = NodePolicy.from_node_config(own)
+    assert plain.evaluation_refusal(none, own) is None
+    assert "outside the run's epsilon (dp-mode sample); set exact-eval = true" in plain.evaluation_refusal(dp, own)
+    assert plain.evaluation_refusal(dp, {**own, "exact-eval": True}) is None
+    assert NodePolicy.from_node_config({"partition-id": 0}).evaluation_refusal(dp, {"partition-id": 0}) is None
+    # a node that also trains without DP does not require it
+    assert NodePolicy.from_node_config({"require-dp-mode": "none,sample"}).evaluation_refusal(none, own) is None
+
+
+@pytest.mark.slow
+def test_a_node_that_requires_dp_sends_no_metric_of_its_file_in_a_run_without_dp(tmp_path):
+    from flwr.app import MessageType
+
+    from fl_dplora import protocol
+
+    valid = pd.read_csv(DATA_DIR / "tfns" / "sent_valid.csv")
+    files = []
+    for i in range(3):
+        path = tmp_path / f"eval{i}.csv"
+        valid.iloc[10 * i:10 * i + 10][["text", "label"]].to_csv(path, index=False)
+        files.append(path)
+    configs = [{"partition-id": i, "num-partitions": 3, "eval-path": str(files[i])} for i in range(3)]
+    configs[0]["require-dp-mode"] = "sample"
+    configs[1]["max-epsilon"] = 4.0
+    grid = InProcessGrid(3, node_configs=configs)
+    summary, out = run_in_process(3, output_dir=tmp_path / "run", grid=grid,
+                                  **{"dp-mode": "none", "fraction-evaluate": 1.0, "num-server-rounds": 1})
+    evals = [x for x in grid.exchanges if x.instruction.metadata.message_type == MessageType.EVALUATE]
+    by_node = {grid.node_id_of(i): i for i in range(3)}
+    replies = {by_node[x.node_id]: x.reply for x in evals}
+    assert set(replies) == {0, 1, 2}
+    for i in (0, 1):  # the reply holds the flag and why, nothing computed from the file
+        content = replies[i].content
+        assert dict(content["metrics"]) == {protocol.EVAL_DECLINED: 1}
+        assert not content.array_records
+        assert set(content.config_records) == {protocol.EVAL_DECLINED_REASON}
+        assert set(content[protocol.EVAL_DECLINED_REASON]) == {"reason"}
+        assert "this node requires DP" in content[protocol.EVAL_DECLINED_REASON]["reason"]
+    answered = dict(replies[2].content["metrics"])
+    assert answered["num-examples"] == 10 and "accuracy" in answered
+    assert "majority-rate" not in answered  # a node's class prior never leaves it
+    event = _operator_events(out, "federated-eval")[0]
+    assert (event["asked"], event["replied"], len(event["declined"]), event["failed"]) == (3, 1, 2, [])
+    assert all("this node requires DP" in d for d in event["declined"])
+    assert event["num-examples"] == 10 and "majority-rate" not in event["weighted"]
+    assert all("majority-rate" not in n for n in event["nodes"])

@@ -272,10 +272,17 @@ def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, An
 
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the global adapter (and head) on this node's held-out data with the server's scorer.
-    The reply holds plain metrics of private data: the server keeps them in the operator log."""
+    The reply holds plain metrics of private data (the server keeps them in the operator log), so it
+    goes through the node's policy first: a node that declines (NodePolicy.evaluation_refusal) reads
+    nothing and returns only the flag and why. The majority rate (the file's class prior) never leaves."""
     from fl_dplora.evaluate import evaluate
 
     cfg = config_from_message(msg)
+    refusal = NodePolicy.from_node_config(context.node_config).evaluation_refusal(cfg, context.node_config)
+    if refusal is not None:
+        log.info("federated evaluation declined: %s", refusal)
+        return Message(RecordDict({"metrics": MetricRecord({protocol.EVAL_DECLINED: 1}),
+                                   protocol.EVAL_DECLINED_REASON: ConfigRecord({"reason": refusal})}), reply_to=msg)
     task, examples = local_eval_examples(cfg, msg, context.node_config)
     if not examples:
         raise ConfigError("federated evaluation: this node's held-out data is empty")
@@ -294,4 +301,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                       prefix_cache=cfg["prefix-cache"])
     metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
                **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
+    for key in protocol.NEVER_FROM_NODE:
+        metrics.pop(key, None)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

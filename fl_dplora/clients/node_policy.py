@@ -6,6 +6,9 @@ An organisation sets these in its SuperNode's node config (`flower-supernode --n
   (before touching its data) when the run's dp-mode gives no ε (none), when the run targets more,
   or when this round would take its own ledger past it (a fixed noise-multiplier).
 - `require-dp-mode`: comma-separated dp-modes the node trains under (e.g. `"sample"`).
+- `exact-eval`: `true` lets a node without a DP requirement answer a DP run's federated evaluation
+  with exact metrics of its `eval-path` file (outside the run's ε); a node that requires DP never
+  answers one (`NodePolicy.evaluation_refusal`).
 - `epsilon-log`: a JSONL file on the node: one line per round it trained (its ε, δ, dp-mode, unit)
   or refused (why). Default: `~/.fl-dplora/node-epsilon.jsonl` on a node with its own `data-path`
   (a real organisation), none for the simulation's virtual nodes.
@@ -87,6 +90,28 @@ class NodePolicy:
         if self.max_epsilon is not None and epsilon_after > self.max_epsilon * (1 + 1e-9):
             raise NodeRefusal(f"node policy: this round would raise this node's epsilon to {epsilon_after:.4g} > "
                               f"max-epsilon {self.max_epsilon:g}")
+
+    @property
+    def requires_dp(self) -> bool:
+        """The node trains only under DP: a `max-epsilon`, or a `require-dp-mode` without `none`."""
+        return self.max_epsilon is not None or (self.allowed_modes is not None and "none" not in self.allowed_modes)
+
+    def evaluation_refusal(self, cfg: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
+        """Why this node returns no metrics of its file to a federated evaluation, or None.
+
+        Evaluation has no DP mechanism: its loss, accuracy, macro-F1 and count are exact answers
+        about the node's file, charged to no ledger. So a node that requires DP never answers one
+        (in any run), and in a DP run a node with its own files answers only when its node config
+        says `exact-eval = true` (the run's epsilon covers training, not these numbers). The
+        simulation's virtual nodes (no files) score their slice of the task's public eval split."""
+        if self.requires_dp:
+            return ("node policy: federated evaluation releases exact metrics of this node's file, charged to no "
+                    "ledger; this node requires DP (max-epsilon or require-dp-mode)")
+        own_files = bool(node.get("eval-path") or node.get("data-path"))
+        if cfg["dp-mode"] != "none" and own_files and str(node.get("exact-eval", "")).lower() not in ("true", "1"):
+            return (f"node policy: federated evaluation releases exact metrics of this node's file, outside the run's "
+                    f"epsilon (dp-mode {cfg['dp-mode']}); set exact-eval = true in the node config to allow it")
+        return None
 
     def record(self, row: Mapping[str, Any]) -> None:
         """Append one line to the node's own ε log (owner-only file)."""

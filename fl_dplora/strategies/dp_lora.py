@@ -225,7 +225,7 @@ class DPLoRAFedAvg(FedAvg):
         sent = list(self._construct_messages(record, chosen, MessageType.EVALUATE))
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         replies = grid.send_and_receive(sent, timeout=float(self.cfg["round-timeout"]))
-        per_node, failed = [], []
+        per_node, failed, declined = [], [], []
         for msg in replies:
             node = to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error() or "metrics" not in msg.content.metric_records:
@@ -233,16 +233,24 @@ class DPLoRAFedAvg(FedAvg):
                 failed.append(f"node {node}: {reason}")
                 log.warning("round %d: federated evaluation: node %s: %s", server_round, node, reason)
                 continue
-            per_node.append({"node_id": node, **dict(msg.content["metrics"])})
+            metrics = dict(msg.content["metrics"])
+            if metrics.get(protocol.EVAL_DECLINED) or "num-examples" not in metrics:  # its policy: no metrics of its file
+                why = msg.content.config_records.get(protocol.EVAL_DECLINED_REASON, {}).get("reason", "no metrics in reply")
+                declined.append(f"node {node}: {why}")
+                log.info("round %d: federated evaluation: node %s declined: %s", server_round, node, why)
+                continue
+            for key in protocol.NEVER_FROM_NODE:  # even from a node that sent it: never kept
+                metrics.pop(key, None)
+            per_node.append({"node_id": node, **metrics})
         total = sum(int(m["num-examples"]) for m in per_node)
         means = {}
-        for key in ("accuracy", "loss", "macro-f1", "majority-rate"):
+        for key in ("accuracy", "loss", "macro-f1"):
             have = [m for m in per_node if key in m]
             n = sum(int(m["num-examples"]) for m in have)
             if n:
                 means[key] = sum(float(m[key]) * int(m["num-examples"]) for m in have) / n
-        return {"asked": len(chosen), "replied": len(per_node), "failed": failed, "num-examples": total,
-                "weighted": means, "nodes": per_node}
+        return {"asked": len(chosen), "replied": len(per_node), "declined": declined, "failed": failed,
+                "num-examples": total, "weighted": means, "nodes": per_node}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue sampling and noise exactly where they were."""
