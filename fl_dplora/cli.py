@@ -62,7 +62,14 @@ def prepare_config(run_config: str | list[str] | None, output_dir: str | None, n
 
         from fl_dplora.privacy.modes import for_config
 
-        unit = for_config(cfg).unit
+        mode = for_config(cfg)
+        unit = mode.unit
+        if cfg["secure-aggregation"]:  # refused here in one line, before Ray or a model starts
+            if cfg["population"] != num_clients:
+                raise ConfigError(f"population: {cfg['population']} declared but simulate starts {num_clients} nodes; "
+                                  "secure aggregation needs them equal (drop population or match --num-clients)")
+            if unit is not None:
+                mode.check_secagg_delta(0.0, None)  # sigma is not needed for the refusal odds
         if unit is not None:
             from fl_dplora.privacy.accounting import check_delta
 

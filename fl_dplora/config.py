@@ -51,7 +51,7 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
                                  "quantization": "none", "gradient-checkpointing": False,
-                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0,
+                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0, "secagg-dropout-rate": 0.0,
                                  "max-new-tokens": 64}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
@@ -100,6 +100,7 @@ SCHEMA: dict[str, Key] = {
     "secure-aggregation": Key(bool, False, help="client/none: SecAgg+, the server unmasks only the sum"),
     "secagg-shares": Key(int, 0, min=0, help="SecAgg+ shares per client (0 = all sampled)"),
     "secagg-threshold": Key(int, 0, min=0, help="SecAgg+ threshold: fewest survivors a round is unmasked with (0 = 2/3 of expected)"),
+    "secagg-dropout-rate": Key(float, 0.0, min=0.0, max=1.0, help="SecAgg+: declared dropout chance per round"),
     "partitioner": Key(str, "iid", choices=("iid", "dirichlet"), help="flwr-datasets partitioner"),
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
     "max-train-samples": Key(int, 0, min=0, help="cap on the training pool before partitioning (0 = all)"),
@@ -339,7 +340,7 @@ def _secagg_checks(cfg: dict[str, Any]) -> list[str]:
         return ["client-noise: distributed needs dp-mode = client and secure-aggregation = true "
                 "(each share is too small to protect an update the server could see alone)"]
     if not cfg["secure-aggregation"]:
-        return []
+        return ["secagg-dropout-rate: only with secure-aggregation = true"] if cfg["secagg-dropout-rate"] > 0 else []
     if cfg["dp-mode"] not in ("client", "none"):
         return [f"secure-aggregation: for dp-mode client or none (dp-mode {cfg['dp-mode']} "
                 "needs each client's update on the server)"]

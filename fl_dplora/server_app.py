@@ -90,6 +90,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     if mode.secure and mode.unit:
         mode.check_secagg_delta(server_sigma, trainable)  # refused rounds must not matter next to δ
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=server_sigma)
+    if mode.secure:  # SecAgg+: the nodes present must be the declared population, checked before any client trains
+        strategy.fix_secure_members(grid, float(cfg["round-timeout"]))
     server_ledger = PrivacyLedger()
     client_eps: dict[int, dict[str, Any]] = {}
     log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",

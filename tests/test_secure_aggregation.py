@@ -329,3 +329,82 @@ def test_the_client_app_module_loads_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ------------------------------------------------------------- every cause of refusal (issue 27 defect 3)
+def test_min_available_equal_to_the_population_is_refused_before_training(recorder, tmp_path):
+    """population 5, fraction-train 1, min-available 5: the neighbour with 4 clients is refused every
+    round (membership exposed). The planning counts it (delta_extra >= 1) and the run is refused in one
+    line naming the keys, before any client trains."""
+    cfg = tiny_config(**{**SECURE, "population": 5, "min_available": 5})
+    mode = modes.for_config(cfg)
+    assert mode.secagg_needed() == 5 and mode.secagg_refusal_probability() == 1.0
+    assert mode.secagg_delta_extra(1.0, 1000, 8.0) >= 1.0
+    grid = InProcessGrid(5, seed=42)
+    with pytest.raises(ConfigError) as err:
+        run_in_process(5, grid=grid, output_dir=tmp_path, **{**SECURE, "min_available": 5})
+    msg = str(err.value)
+    assert msg.startswith("secure-aggregation: a round is refused when fewer than 5 clients") and "\n" not in msg
+    assert "min-available" in msg and "secagg-threshold" in msg and "refused every round" in msg
+    assert not recorder["inputs"] and not grid.exchanges  # nobody trained, no message went out
+    # one fewer is fine: the other 4 alone always reach 4
+    assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "min_available": 4})).secagg_delta_extra(1.0, 1000, 8.0) == 0
+
+
+@pytest.mark.parametrize("population, q, threshold, min_available, dropout", [
+    (5, 1.0, 4, 1, 0.01),  # threshold 4 of 5: one dropout among the other 4 refuses the neighbour
+    (30, 0.5, 3, 6, 0.0),  # min-available above the threshold is what binds
+    (30, 0.5, 6, 2, 0.1),  # the threshold binds, sampling and dropouts thin the others
+])
+def test_threshold_min_available_and_dropout_rate_are_counted(population, q, threshold, min_available, dropout):
+    cfg = tiny_config(**{**SECURE, "population": population, "fraction_train": q, "secagg_threshold": threshold,
+                         "min_available": min_available, "secagg_dropout_rate": dropout})
+    mode = modes.for_config(cfg)
+    needed, p = max(threshold, min_available), q * (1 - dropout)
+    exact = sum(math.comb(population - 1, k) * p**k * (1 - p) ** (population - 1 - k) for k in range(needed))
+    assert mode.secagg_needed() == needed
+    assert mode.secagg_refusal_probability() == pytest.approx(exact, rel=1e-12) and exact > 0
+    assert mode.secagg_delta_extra(1.1, 1000, 8.0) == pytest.approx((1 + math.exp(8.0)) * 2 * exact, rel=1e-9)
+    sa = mode.secagg_describe(1000, 1.1, 8.0)
+    assert sa["needed"] == needed and sa["dropout_rate"] == dropout and sa["refusal_probability_per_round"] == pytest.approx(exact)
+    with pytest.raises(ConfigError, match=f"fewer than {needed} clients .* secagg-dropout-rate"):
+        mode.check_secagg_delta(1.1, 1000)
+    # without the declared dropouts (or the min-available) the first case plans no refusal at all
+    if population == 5:
+        assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "secagg_threshold": 4})).secagg_refusal_probability() == 0
+
+
+def test_dropout_rate_is_only_for_secure_aggregation():
+    with pytest.raises(ConfigError, match="secagg-dropout-rate: only with secure-aggregation"):
+        tiny_config(dp_mode="client", population=4, secagg_dropout_rate=0.1)
+    with pytest.raises(ConfigError, match="secagg-dropout-rate"):
+        tiny_config(**{**SECURE, "secagg_dropout_rate": 1.5})
+
+
+@pytest.mark.parametrize("nodes, population", [(4, 5), (4, 3)])
+def test_population_other_than_the_nodes_present_is_refused_before_training(recorder, tmp_path, nodes, population):
+    """Too few nodes (population 5, 4 connected: every round would be planned for 5) or too many (the
+    modulus and the noise top-up assume 3): refused in one line at start, no client trains."""
+    grid = InProcessGrid(nodes, seed=42)
+    with pytest.raises(ConfigError) as err:
+        run_in_process(nodes, grid=grid, output_dir=tmp_path, **{**SECURE, "population": population, "round_timeout": 1.0})
+    assert str(err.value).startswith(f"population: {nodes} nodes connected but population = {population}")
+    assert "\n" not in str(err.value)
+    assert not recorder["inputs"] and not grid.exchanges
+
+
+def test_simulate_refuses_before_ray_starts(tmp_path):
+    """`fl-dplora simulate`: a certain refusal (min-available = population) and a population other than
+    --num-clients are refused in one line by the command, before Ray or a model starts."""
+    from harness import run_cli
+
+    base = "model=tiny-random-llama dp-mode=client secure-aggregation=true max-train-samples=300"
+    for extra, start in [("min-available=3", "secure-aggregation: a round is refused when fewer than 3 clients"),
+                         ("population=4", "population: 4 declared but simulate starts 3 nodes"),
+                         ("secagg-dropout-rate=0.2", "secure-aggregation: a round is refused when fewer than 2 clients")]:
+        res = run_cli(["simulate", "--num-clients", "3", "--run-config", f"{base} {extra}",
+                       "--output-dir", str(tmp_path / "out")], timeout=120)
+        assert res.returncode != 0, res.stderr
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        assert any(start in line for line in lines), res.stderr[-2000:]
+        assert "ray" not in res.stderr.lower() and not (tmp_path / "out" / "metrics.jsonl").exists()

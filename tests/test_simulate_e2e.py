@@ -282,7 +282,8 @@ def test_secure_aggregation_through_the_ray_engine(tmp_path):
     Ray engine; the population is the --num-clients the command declares."""
     out = tmp_path / "secure"
     res = run_cli(["simulate", "--num-clients", str(NUM_CLIENTS), "--run-config",
-                   f"{RUN_CONFIG} dp-mode=client secure-aggregation=true", "--output-dir", str(out), "--num-cpus", "1"],
+                   f"{RUN_CONFIG} dp-mode=client secure-aggregation=true secagg-dropout-rate=1e-13", "--output-dir", str(out),
+                   "--num-cpus", "1"],
                   timeout=TIMEOUT_S)
     assert res.returncode == 0, f"fl-dplora simulate (secure) exited {res.returncode}:\n{res.stderr[-4000:]}"
     assert res.stdout.strip().splitlines()[-1].startswith("fl-dplora: 2 rounds, accuracy ")
@@ -291,6 +292,10 @@ def test_secure_aggregation_through_the_ray_engine(tmp_path):
     assert cfg["population"] == NUM_CLIENTS and cfg["client-noise"] == "central"
     assert p["mode"] == "client" and p["steps"] == 2 and 0 < p["epsilon"] <= cfg["target-epsilon"] + 1e-6
     assert p["secure_aggregation"]["threshold"] == 2  # automatic for 3 clients
+    # a declared dropout rate is planned for: P(the other 2 fall short of 2) = 1 - (1 - 1e-13)^2 per round
+    assert p["secure_aggregation"]["dropout_rate"] == 1e-13 and p["secure_aggregation"]["needed"] == 2
+    assert p["secure_aggregation"]["refusal_probability_per_round"] == pytest.approx(2e-13, rel=1e-3)
+    assert 0 < p["secure_aggregation"]["delta_extra"] < 0.01 * cfg["delta"]
     assert "epsilon_against_server" not in p  # central noise: the server adds it after unmasking
     ops = read_operator(out)[0]
     assert [(r["round"], r["sampled"], r["accepted"], r["dropped"]) for r in ops] == [

@@ -94,6 +94,17 @@ class DPMode:
         expected = float(self.cfg["fraction-train"]) * int(self.cfg["population"])
         return max(2, math.ceil(2 * expected / 3))
 
+    def secagg_needed(self) -> int:
+        """The fewest sampled clients that survive every SecAgg+ stage with which a round is unmasked:
+        the threshold, and `min-available` (the strategy refuses a round below either)."""
+        return max(2, self.secagg_threshold(), int(self.cfg["min-available"]))
+
+    def secagg_refusal_probability(self) -> float:
+        """Per round: P(the other population - 1 clients alone fall short of `secagg_needed`), each
+        sampled with fraction-train and surviving with 1 - secagg-dropout-rate (secagg_quantization)."""
+        return refusal_probability(int(self.cfg["population"]), float(self.cfg["fraction-train"]), self.secagg_needed(),
+                                   float(self.cfg.get("secagg-dropout-rate", 0.0)))
+
     def secagg_plan(self, dim: int, sigma: float) -> SecAggPlan:
         """The SecAgg+ grid for updates of `dim` values (secagg_quantization.py), public config only."""
         return plan(self.c, dim, int(self.cfg["population"]), int(self.cfg["num-server-rounds"]),
@@ -118,8 +129,9 @@ class DPMode:
         out: dict[str, Any] = {"threshold": self.secagg_threshold(), "shares": int(self.cfg["secagg-shares"]) or "all sampled",
                                **self.secagg_plan(dim, sigma).describe()}
         if self.unit == "client":
-            out["refusal_probability_per_round"] = refusal_probability(
-                int(self.cfg["population"]), float(self.cfg["fraction-train"]), self.secagg_threshold())
+            out["needed"] = self.secagg_needed()
+            out["dropout_rate"] = float(self.cfg.get("secagg-dropout-rate", 0.0))
+            out["refusal_probability_per_round"] = self.secagg_refusal_probability()
             out["delta_extra"] = self.secagg_delta_extra(sigma, dim, epsilon)
         return out
 
@@ -262,26 +274,41 @@ class ClientDP(DPMode):
                else sigma * grid.sensitivity)
         return {k: (v + gaussian_like(v, std, generator)) / self.divisor for k, v in total.items()}
 
-    def secagg_delta_extra(self, sigma: float, dim: int, epsilon: float) -> float:
-        """What the stated δ does not cover: rounds refused because fewer than the threshold were
-        sampled, and the mod clipping a noisy coordinate, each a departure from the accounted
-        mechanism with the probability below; (1 + e^ε)·P is added to δ (docs/privacy.md)."""
+    def secagg_delta_extra(self, sigma: float, dim: int | None, epsilon: float) -> float:
+        """What the stated δ does not cover: rounds in which the neighbour without one client can be
+        refused while the run is not (fewer than max(threshold, min-available) of the other clients
+        sampled and surviving a declared secagg-dropout-rate), and the mod clipping a noisy coordinate,
+        each a departure from the accounted mechanism with the probability below; (1 + e^ε)·P is added
+        to δ (docs/privacy.md). A certain refusal makes it >= 1: check_secagg_delta refuses the run."""
         rounds = int(self.cfg["num-server-rounds"])
-        p = rounds * refusal_probability(self.population, float(self.cfg["fraction-train"]), self.secagg_threshold())
-        p += self.secagg_plan(dim, sigma).saturation_bound
+        p = rounds * self.secagg_refusal_probability()
+        p += self.secagg_plan(dim, sigma).saturation_bound if dim else 0.0  # dim None: refusals only
         return (1 + math.exp(epsilon)) * p
 
-    def check_secagg_delta(self, sigma: float, dim: int) -> None:
+    def check_secagg_delta(self, sigma: float, dim: int | None) -> None:
         """Refuse a secure-aggregation run whose refused rounds or saturated coordinates could matter
-        next to δ (more than 1 % of it, at the target ε)."""
+        next to δ (more than 1 % of it, at the target ε), in one line naming the keys to change
+        (dim None: the refusals alone, which need no model; `simulate` checks them before Ray starts)."""
         from fl_dplora.config import ConfigError
 
-        if self.secagg_delta_extra(sigma, dim, float(self.cfg["target-epsilon"])) > 0.01 * self.cfg["delta"]:
-            t, q = self.secagg_threshold(), float(self.cfg["fraction-train"])
-            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {t} clients are sampled (probability "
-                              f"{refusal_probability(self.population, q, t):.3g} per round at fraction-train {q:g} of population "
-                              f"{self.population}), more than 1% of delta {self.cfg['delta']:g} over the run; raise "
-                              "fraction-train or lower secagg-threshold")
+        if self.secagg_delta_extra(sigma, dim, float(self.cfg["target-epsilon"])) <= 0.01 * self.cfg["delta"]:
+            return
+        t, m, needed = self.secagg_threshold(), int(self.cfg["min-available"]), self.secagg_needed()
+        q, d, p = float(self.cfg["fraction-train"]), float(self.cfg.get("secagg-dropout-rate", 0.0)), self.secagg_refusal_probability()
+        if needed > self.population - 1:
+            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
+                              f"{t}, min-available {m}) get through it, so a dataset without one of the {self.population} "
+                              f"clients is refused every round and membership is exposed; " + (
+                                  f"lower min-available or secagg-threshold to at most {self.population - 1}"
+                                  if self.population >= 3 else "set population >= 3 (client-level DP needs a neighbour of >= 2)"))
+        if p > 0:
+            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
+                              f"{t}, min-available {m}) are sampled and survive (probability {p:.3g} per round for the other "
+                              f"{self.population - 1} at fraction-train {q:g}, secagg-dropout-rate {d:g}), more than 1% of "
+                              f"delta {self.cfg['delta']:g} over the run; raise fraction-train or lower secagg-threshold, "
+                              "min-available or secagg-dropout-rate")
+        raise ConfigError(f"secure-aggregation: the noisy shares may saturate the SecAgg+ clipping range more often than 1% of "
+                          f"delta {self.cfg['delta']:g} at target-epsilon {self.cfg['target-epsilon']:g}; lower target-epsilon")
 
     def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed

@@ -91,9 +91,15 @@ def round_to_grid(t: torch.Tensor, step: float, generator: torch.Generator | Non
     return ((low + (u < scaled - low).double()) * step).to(torch.float32)
 
 
-def refusal_probability(population: int, fraction: float, needed: int) -> float:
-    """P(fewer than `needed` of the other population - 1 clients are sampled) in one round: the chance
-    that a round is refused because of who was sampled, which an ideal run would not do."""
+def refusal_probability(population: int, fraction: float, needed: int, dropout: float = 0.0) -> float:
+    """P(fewer than `needed` of the other population - 1 clients are sampled and survive) in one round.
+
+    Each other client is Poisson-sampled with `fraction` and, once sampled, gets through every SecAgg+
+    stage with probability 1 - `dropout`, independently of the data. This event does not depend on the
+    protected client, and outside it the run and its neighbour without that client both release the
+    accounted sum; inside it the neighbour is refused whatever the client does. So it is the chance per
+    round that a refusal can tell the two apart (1.0: the neighbour is refused every round)."""
     others = max(0, population - 1)
-    return float(sum(math.comb(others, k) * fraction**k * (1 - fraction) ** (others - k)
-                     for k in range(min(needed, others + 1))))
+    p = fraction * (1.0 - dropout)
+    return min(1.0, float(sum(math.comb(others, k) * p**k * (1 - p) ** (others - k)
+                              for k in range(min(needed, others + 1)))))

@@ -62,12 +62,48 @@ class DPLoRAFedAvg(FedAvg):
         self.stats = RoundStats()
 
     # -------------------------------------------------------------- sampling
-    def sample(self, grid: Grid) -> list[int]:
+    def fix_secure_members(self, grid: Grid, timeout: float) -> list[int]:
+        """SecAgg+: the federation is the nodes connected at start, and they must be the declared
+        `population` (the planned refusal odds, the modulus and the noise top-up assume it). Waits up
+        to `timeout` seconds for missing nodes, then refuses in one line, before any client trains;
+        later rounds sample only these nodes (one gone is a dropout, a newcomer is never sampled)."""
+        from fl_dplora.config import ConfigError
+
+        population = int(self.cfg["population"])
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) > population or (len(nodes) < population and time.monotonic() >= deadline):
+                raise ConfigError(f"population: {len(nodes)} nodes connected but population = {population}; secure aggregation "
+                                  "needs them equal (set population to the number of nodes in the federation)")
+            if len(nodes) == population:
+                self.secure_members = nodes
+                return nodes
+            log.info("secure aggregation: waiting for nodes: %d of population %d connected", len(nodes), population)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _connected(self, grid: Grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
+        members = getattr(self, "secure_members", None)
+        if members is None:
+            return nodes
+        strangers = sorted(set(nodes) - set(members))
+        if strangers:
+            log.warning("secure aggregation: %d node(s) connected that were not in the federation at start: never sampled",
+                        len(strangers))
+        return [n for n in nodes if n in set(members)]
+
+    def sample(self, grid: Grid) -> list[int]:
+        nodes = self._connected(grid)
         while len(nodes) < self.min_available_nodes:
             log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.min_available_nodes)
             time.sleep(1)
-            nodes = sorted(grid.get_node_ids())
+            nodes = self._connected(grid)
+        members = getattr(self, "secure_members", None)
+        if members is not None and len(nodes) < len(members):
+            log.warning("secure aggregation: %d of the %d nodes of the federation are not connected: they count as dropouts "
+                        "(secagg-dropout-rate %g declared)", len(members) - len(nodes), len(members),
+                        float(self.cfg.get("secagg-dropout-rate", 0.0)))
         q = self.fraction_train
         if self.mode.client_level:
             # Poisson sampling, exactly what the accountant assumes (may pick none: a noise-only round).
@@ -170,9 +206,10 @@ class DPLoRAFedAvg(FedAvg):
         keys = getattr(self, "_round_keys", None) or sorted(self.global_weights)
         shapes = {k: tuple(self.global_weights[k].shape) for k in keys}
         dim = sum(self.global_weights[k].numel() for k in keys)
-        needed = max(2, self.mode.secagg_threshold(), self.min_available_nodes)
+        needed = self.mode.secagg_needed()  # max(2, secagg-threshold, min-available), as planned
         if len(sent) < needed:
-            outcome = SecureOutcome(None, reason=f"{len(sent)} sampled < {needed} needed (secagg-threshold): round refused")
+            outcome = SecureOutcome(None, reason=f"{len(sent)} sampled < {needed} needed (secagg-threshold, min-available): "
+                                                 "round refused")
         else:
             contents = {m.metadata.dst_node_id: m.content for m in sent}
             outcome = secure_sum(grid, server_round, contents, shapes, self.mode.secagg_plan(dim, self.server_sigma),
@@ -183,6 +220,9 @@ class DPLoRAFedAvg(FedAvg):
         for failure in outcome.failures:
             self.stats.dropped.append(f"secure aggregation: {failure}")
             log.warning("round %d: secure aggregation: %s", server_round, failure)
+        if outcome.failures and not float(self.cfg.get("secagg-dropout-rate", 0.0)):
+            log.warning("round %d: secure aggregation: sampled nodes dropped out but secagg-dropout-rate is 0: "
+                        "delta_extra does not count refusals they cause (declare the rate)", server_round)
         agg = self.mode.aggregate_secure_sum(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
         if agg is None:
             self.stats.accepted = 0
