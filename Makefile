@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --run-config "$(RUN_CONFIG)"$(if $(PRESET), --preset "$(PRESET)")
+	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --overwrite --run-config "$(RUN_CONFIG)"$(if $(PRESET), --preset "$(PRESET)")
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

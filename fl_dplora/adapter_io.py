@@ -18,7 +18,7 @@ from typing import Any
 from fl_dplora.config import SCHEMA, ConfigError, resolve
 
 # Keys that describe where or how a run was executed, not what its adapter is.
-_RUN_ONLY = ("output-dir", "resume", "audit-canaries")
+_RUN_ONLY = ("output-dir", "resume", "overwrite", "audit-canaries")
 DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
     "fin-sentiment": "MIT (Twitter Financial News Sentiment, zeroshot/twitter-financial-news-sentiment)",
     "medical-qa": "MIT (PubMedQA, github.com/pubmedqa/pubmedqa)",

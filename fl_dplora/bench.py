@@ -390,6 +390,8 @@ def cmd_round_overhead(args: argparse.Namespace) -> int:
     num_cpus = args.num_cpus if args.num_cpus else float(os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "fl_dplora.cli", "simulate", "--num-clients", str(clients),
            "--num-cpus", str(num_cpus), "--output-dir", str(out_dir), "--run-config", run_config]
+    if args.overwrite:  # a folder holding a run is refused otherwise (fl_dplora/run_dir.py)
+        cmd.append("--overwrite")
     sub_env = {**os.environ, "FL_DPLORA_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     if args.threads:  # torch reads these at start-up in every process of the run (Ray workers inherit them)
         sub_env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -717,6 +719,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-cpus", type=float, default=0.0, help="CPUs per virtual client (default: all: one at a time)")
     p.add_argument("--run-config", default="", help="extra run-config overrides")
     p.add_argument("--output-dir", default=None, help="the simulation's output dir (default: a temp dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=cmd_round_overhead)
 

@@ -25,7 +25,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def prepare_config(run_config: str | list[str] | None, output_dir: str | None, num_clients: int | None = None,
-                   preset: str | None = None) -> dict[str, Any]:
+                   preset: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Resolve + validate everything that can be checked before Ray or a model starts.
 
     Precedence: defaults < preset < --num-clients (as population) < --run-config < --output-dir."""
@@ -35,6 +35,8 @@ def prepare_config(run_config: str | list[str] | None, output_dir: str | None, n
         overrides["population"] = num_clients  # the federation simulate builds: declared, public
     if output_dir:
         overrides["output-dir"] = output_dir
+    if overwrite:
+        overrides["overwrite"] = True
     cfg = resolve(overrides, base=base)  # before the heavy imports below: a typo fails in well under a second
     from fl_dplora.data import looks_like_path, partition_indices
     from fl_dplora.server_app import preflight
@@ -46,6 +48,9 @@ def prepare_config(run_config: str | list[str] | None, output_dir: str | None, n
         if looks_like_path(cfg[key]) or p.exists():
             cfg[key] = str(p.resolve())
     preflight(cfg)
+    from fl_dplora.run_dir import check_output_dir
+
+    check_output_dir(cfg)  # a folder holding a run: refused now, nothing touched (the ServerApp checks again)
     if cfg["resume"]:  # no/damaged checkpoint or another config: refuse now, not after Ray has started
         from fl_dplora import checkpoint
         from fl_dplora.server_app import _check_resume_config
@@ -106,6 +111,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         from fl_dplora import checkpoint
 
+        if args.overwrite:
+            raise ConfigError("resume: --resume continues the run in DIR, --overwrite replaces it: give one")
         saved = checkpoint.load(Path(args.resume).resolve())  # refuses a damaged checkpoint
         if args.preset:
             raise ConfigError("resume: the run continues with its saved config; drop --preset")
@@ -120,7 +127,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 "drop --run-config")
         # a checkpoint from before a key existed ran with the key's legacy value, not today's default
         legacy = {k: v for k, v in LEGACY_VALUES.items() if k in SCHEMA and k not in saved["config"]}
-        overrides = {k: v for k, v in {**legacy, **saved["config"]}.items() if k not in ("resume", "output-dir")}
+        overrides = {k: v for k, v in {**legacy, **saved["config"]}.items()
+                     if k not in ("resume", "output-dir", "overwrite")}  # a resume never deletes the run
         args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         args.output_dir = str(Path(args.resume).resolve())
         # simulate declared the federation's size as `population` (older checkpoints: num_nodes)
@@ -129,7 +137,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
     elif args.num_clients is None:
         args.num_clients = 5
-    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients, preset=args.preset)
+    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients, preset=args.preset,
+                         overwrite=args.overwrite)
     summary = simulate(cfg, args.num_clients, args.num_cpus, args.num_gpus, args.ray_address)
     fe = summary["final_eval"]
     acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
@@ -274,7 +283,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
     out = Path(args.output_dir).resolve()
-    cfg = prepare_config(args.run_config, str(out / "run"), args.num_clients)
+    cfg = prepare_config(args.run_config, str(out / "run"), args.num_clients, overwrite=args.overwrite)
 
     def train(run_cfg: dict[str, Any], num_clients: int) -> dict[str, Any]:
         return simulate(run_cfg, num_clients, args.num_cpus, args.num_gpus, args.ray_address)
@@ -343,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-config", action="append", default=None,  # append: a second one must not drop the first
                    help='overrides, e.g. "dp-mode=sample target-epsilon=8", or a TOML file of key = value; '
                    "repeatable, later wins")
-    s.add_argument("--output-dir", default=None)
+    s.add_argument("--output-dir", default=None, help="where the run writes (default ~/fl-dplora/runs/<timestamp>); "
+                   "a folder holding a run is refused unless --resume or --overwrite")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir (its files are deleted)")
     s.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
     s.add_argument("--ray-address", default=None, help="attach to a running Ray cluster, e.g. auto")
@@ -386,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--num-clients", type=int, default=5, help="data clients (client-level modes add one per canary)")
     au.add_argument("--run-config", default="")
     au.add_argument("--output-dir", required=True)
+    au.add_argument("--overwrite", action="store_true", help="replace the audit run already in --output-dir")
     au.add_argument("--canaries", type=int, default=256, help="canaries, each included with probability 1/2")
     au.add_argument("--repeats", type=int, default=1, help="copies of each included canary (>1: group privacy is compared)")
     au.add_argument("--references", type=int, default=256, help="random passphrases that rank each canary")

@@ -41,7 +41,7 @@ DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
 # machines, get the rest of the run config) and do not change what a run computes.
-SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "checkpoint-every", "round-timeout", "save-every", "server-device"})
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "overwrite", "checkpoint-every", "round-timeout", "save-every", "server-device"})
 
 # Keys added after results were recorded, at the value that computes what runs did before the key
 # existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
@@ -61,7 +61,7 @@ SCHEMA: dict[str, Key] = {
     "trust-remote-code": Key(bool, False, help="hub model: run the model repository's own Python code"),
     "dtype": Key(str, "auto", choices=("auto", "float32", "bfloat16", "float16"), help="frozen base; auto = bfloat16 on a GPU that has it, else float32 (LoRA stays float32)"),
     "quantization": Key(str, "none", choices=("none", "8bit", "4bit"), help="bitsandbytes base (4bit = NF4, QLoRA); needs CUDA"),
-    "gradient-checkpointing": Key(bool, False, help="recompute the adapted blocks in the backward pass: less memory, same gradients"),
+    "gradient-checkpointing": Key(bool, False, help="recompute blocks in backward: less memory, same gradients"),
     "server-device": Key(str, "auto", help="the server's evaluation model: auto, cpu, cuda, cuda:N"),
     "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | data-to-text | task card .toml | hub id | data file"),
     "num-server-rounds": Key(int, 3, min=1, help="federated rounds"),
@@ -112,11 +112,12 @@ SCHEMA: dict[str, Key] = {
     "round-timeout": Key(float, 3600.0, min=1.0, help="seconds to wait for replies"),
     "seed": Key(int, 42, help="data partition, LoRA init, reproducible runs"),
     "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = from seed (reproducible, not private)"),
-    "checkpoint-every": Key(int, 1, min=0, help="write a resumable checkpoint every N rounds (0 = never)"),
+    "checkpoint-every": Key(int, 1, min=0, help="a resumable checkpoint every N rounds (0 = never)"),
     "save-every": Key(int, 0, min=0, help="also save adapters/round-<N>/ every N rounds (0 = only adapter/)"),
-    "resume": Key(bool, False, help="continue the run in output-dir from its last complete checkpoint"),
+    "resume": Key(bool, False, help="continue the interrupted run in output-dir"),
+    "overwrite": Key(bool, False, help="replace a run in output-dir"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
-    "audit-canaries": Key(str, "", help="set by fl-dplora audit: JSON of canary examples"),
+    "audit-canaries": Key(str, "", help="set by fl-dplora audit"),
 }
 
 

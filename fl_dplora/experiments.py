@@ -179,7 +179,9 @@ def _command(run: RunSpec, out: Path) -> list[str]:
     rc = " ".join(f"{k}={_toml(v)}" for k, v in sorted(run.overrides.items()))
     if run.kind == "zero-shot":
         return [*cli, "evaluate", "--run-config", rc, "--output", str(out / "summary.json")]
-    return [*cli, "simulate", "--num-clients", str(run.num_clients), "--run-config", rc, "--output-dir", str(out)]
+    # the runner owns runs/<hash>/: a failed or stale attempt there is replaced
+    return [*cli, "simulate", "--num-clients", str(run.num_clients), "--run-config", rc, "--output-dir", str(out),
+            "--overwrite"]
 
 
 def _toml(v: Any) -> str:

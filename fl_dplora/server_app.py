@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_dplora import checkpoint, label_head, protocol
-from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve, resolve_output_dir
+from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve
 from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_examples, load_task
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate, score_test_part
@@ -28,6 +28,7 @@ from fl_dplora.models import (
 )
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.modes import for_config
+from fl_dplora.run_dir import claim_output_dir
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
 from fl_dplora.train import stage_config
 from fl_dplora.write_ahead import WriteAhead
@@ -69,7 +70,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
     t_start = time.time()
     preflight(cfg)
-    out_dir = resolve_output_dir(cfg)
+    # a new run never reuses a folder holding a run: refused (one line), or its files deleted (overwrite)
+    out_dir = claim_output_dir(cfg)
     resumed = checkpoint.load(out_dir) if cfg["resume"] else None  # refuse a damaged one before anything else
     if resumed is not None:
         _check_resume_config(resumed["config"], cfg)
@@ -324,7 +326,7 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
     """
     from fl_dplora import config  # read LEGACY_VALUES now: keys may be added to it
 
-    ignore = {"resume", "output-dir", "round-timeout", "save-every"}
+    ignore = {"resume", "overwrite", "output-dir", "round-timeout", "save-every"}
     missing = object()  # a key the checkpoint lacks and LEGACY_VALUES does not know: differs from anything
     was = {k: saved[k] if k in saved else config.LEGACY_VALUES.get(k, missing) for k in cfg}
     diff = [k for k in cfg if k not in ignore and was[k] != cfg[k]]

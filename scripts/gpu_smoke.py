@@ -86,7 +86,8 @@ def run_config(check: Check) -> str:
 def command(check: Check, out_dir: Path) -> list[str]:
     return [fl_dplora_bin(), "simulate", "--num-clients", str(check.num_clients),
             "--num-gpus", f"{check.num_gpus:g}", "--num-cpus", f"{check.num_cpus:g}",
-            "--output-dir", str(out_dir / check.name), "--run-config", run_config(check)]
+            "--output-dir", str(out_dir / check.name), "--run-config", run_config(check),
+            "--overwrite"]  # a rerun of the smoke test replaces its own runs (default folder gpu-smoke/)
 
 
 def convert_command() -> list[str]:

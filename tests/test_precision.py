@@ -60,6 +60,73 @@ def test_gradient_checkpointing_keeps_per_example_gradients_exact(which):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
 
 
+# every linear of a block adapted: the block's LAST factors (o_proj/down_proj, c_proj) get their output
+# gradient before the block is recomputed (nothing after them saves a tensor); issue 28 defect 1
+ALL_TARGETS = {"llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "gpt2": "c_attn,c_proj,c_fc"}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("variant", ["lora", "ffa"])
+@pytest.mark.parametrize("which", sorted(MODELS))
+def test_checkpointing_gives_the_same_per_example_gradients_for_every_target(which, variant, reentrant):
+    enc = examples(5)
+    results, pending_seen = {}, []
+    for ckpt in (False, True):
+        models._CACHE.update(base_id=None, key=None, peft=None)
+        cfg, model, params = build(which, lora_layers=0, **{"gradient-checkpointing": ckpt, "lora-variant": variant,
+                                                            "lora-targets": ALL_TARGETS[which]})
+        if ckpt and reentrant:
+            model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        if variant == "ffa":
+            params = [p for p in params if p.requires_grad]
+            assert params and all("lora_B" in n for n, p in model.named_parameters() if p.requires_grad)
+        _no_dropout(model)
+        model.train()
+        batch = collate(enc, pad_id())
+        with LoRAGradSampler(model, params) as gs:
+            assert gs.recompute == ckpt and len(gs._recomputed) == (len(gs.modules) if ckpt else 0)
+            original = gs._on_grad
+
+            def spy(key, grad, original=original, gs=gs):
+                original(key, grad)
+                if key in gs._pending:
+                    pending_seen.append(key)
+
+            gs._on_grad = spy
+            losses = per_example_loss(model, batch)
+            losses.sum().backward()
+            grads = [g.detach().clone() for g in gs.per_example()]
+            assert not gs._inputs  # every recorded input was used and released
+        for p in params:
+            p.grad = None
+        results[ckpt] = losses.detach(), grads
+        model.eval()
+    if not reentrant:  # the case the old sampler failed on: a gradient waiting for the recomputation
+        assert pending_seen
+    (l0, g0), (l1, g1) = results[False], results[True]
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=0)
+    assert len(g0) == len(g1) and all(g.abs().max() > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_gradient_checkpointing_run_completes(cli, tmp_path):
+    """`fl-dplora simulate` with gradient-checkpointing=true and DP-SGD, on pyproject's LoRA targets (every
+    linear of the adapted blocks): it crashed in the ClientApp before (issue 28 defect 1)."""
+    import json
+
+    out = tmp_path / "ckpt"
+    res = cli(["simulate", "--num-clients", "2", "--num-cpus", "1", "--output-dir", str(out), "--run-config",
+               "model=tiny-random-llama label-head=false gradient-checkpointing=true dp-mode=sample "
+               "num-server-rounds=1 local-steps=1 batch-size=8 micro-batch-size=4 max-train-samples=40 "
+               "max-eval-samples=8 max-seq-len=48"], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["config"]["gradient-checkpointing"] is True
+    assert "down_proj" in summary["config"]["lora-targets"] and summary["privacy"]["epsilon"] > 0
+
+
 @pytest.mark.parametrize("which", sorted(MODELS))
 def test_bfloat16_base_keeps_lora_gradients_and_noise_in_float32(which, monkeypatch):
     from fl_dplora import train
