@@ -214,7 +214,8 @@ def _claimed_epsilon(summary: Mapping[str, Any], plan: Plan) -> tuple[float, flo
         return math.inf, delta
     eps = float(priv["epsilon"])
     if plan.unit == "example":
-        eps = float(priv.get("per_client", {}).get("0", {}).get("epsilon", eps))
+        # per_client is keyed by node id; the canaries are in partition 0's shard
+        eps = next((float(c["epsilon"]) for c in priv.get("per_client", {}).values() if c.get("partition_id") == 0), eps)
     if plan.repeats > 1:  # group privacy for k examples: (k eps, k e^{(k-1) eps} delta)
         k = plan.repeats
         return k * eps, min(1.0, k * math.exp((k - 1) * eps) * delta)

@@ -16,7 +16,8 @@ from typing import Any
 # server -> client (ConfigRecord "config")
 ROUND = "server-round"
 SIGMA = "_sigma"  # client-level modes: the server's noise multiplier; a node compares it with its own and adds its own
-CLIENT_LEDGERS = "_client-ledgers"  # after a resume: JSON {ledger key: ledger record}
+CLIENT_LEDGERS = "_client-ledgers"  # after a resume: JSON {node id: ledger record, "label:<partition-id>": record}
+LABEL_KEY_PREFIX = "label:"  # a saved ledger by the partition label its node reported (simulation restarts)
 HEAD_MEAN, HEAD_SCALE = "_head-mean", "_head-scale"  # label-head feature statistics (public data)
 TASK_CARD = "_task-card"  # the run's task card (JSON, no file names): how a node reads its own rows
 

@@ -26,7 +26,7 @@ from fl_dplora.models import (
     adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_adapter_weights,
     reset_adapter, round_keys, server_device, tokenizer_for,
 )
-from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.privacy.accounting import PrivacyLedger, extends
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.run_dir import claim_output_dir
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
@@ -110,14 +110,14 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     epsilon = 0.0
     rounds_done = 0
-    client_ledgers: dict[str, dict[str, list]] = {}  # what the server knows of each client's ledger
-    node_keys: dict[int, str] = {}  # node id -> the key of its ledger (its partition id, once it replied)
+    # what the server knows of each node's ledger, keyed by the node's Flower node id (the SuperLink's
+    # authenticated identity of the replying node), never by a number the node reports
+    client_ledgers: dict[str, dict[str, list]] = {}
     if resumed is not None:
         strategy.load_state_dict(resumed["strategy"])
         server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
         client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
         client_ledgers, totals = resumed["client_ledgers"], resumed["totals"]
-        node_keys = {int(k): v for k, v in resumed.get("node_keys", {}).items()}
         last_eval = dict(resumed.get("last_eval", {}))  # rows between evaluations repeat the last one
         rounds_done = int(resumed["round"])
         charged = _charge_unaccounted(wal.unaccounted(rounds_done), mode, accountant_sigma, server_ledger,
@@ -146,10 +146,10 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         if resumed is not None and client_ledgers:
             # clients restarted with the server lose their context.state: hand back their ledgers, in
             # every round after a resume (a client may be sampled again only rounds later)
-            config[protocol.CLIENT_LEDGERS] = json.dumps(client_ledgers)
+            config[protocol.CLIENT_LEDGERS] = json.dumps(_handback(client_ledgers, client_eps))
         messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
         # write-ahead: the round and whom it asks are on disk before any client sees a message
-        attempt = wal.begin(rnd, [node_keys.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages])
+        attempt = wal.begin(rnd, [str(int(m.metadata.dst_node_id)) for m in messages])
         if mode.secure:  # SecAgg+: the server only ever holds the sum of the round's updates
             strategy.aggregate_secure(rnd, grid)
         else:
@@ -164,10 +164,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         if mode.example_level:
             for m in st.client_metrics:
                 if "epsilon" in m:
-                    key = int(m.get("partition-id", m["node_id"]))
-                    node_keys[int(m["node_id"])] = str(key)
-                    client_eps[key] = {k: v for k, v in m.items() if not k.startswith(protocol.LEDGER_PREFIX)}
-                    client_ledgers[str(key)] = protocol.ledger_from_metrics(m)
+                    _take_reported_ledger(m, rnd, client_ledgers, client_eps, wal, cfg)
             epsilon = _run_epsilon(mode, server_ledger, client_ledgers, cfg)
         wal.replied(attempt, rnd, client_ledgers if mode.example_level else {})
         exhausted = [m for m in st.client_metrics if m.get(protocol.BUDGET_EXHAUSTED)]
@@ -206,7 +203,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
                 "server_ledger": server_ledger.to_record(), "client_eps": {str(k): v for k, v in client_eps.items()},
                 "client_ledgers": client_ledgers, "totals": totals, "epsilon": float(epsilon),
-                "node_keys": {str(k): v for k, v in node_keys.items()}, "last_eval": dict(last_eval),
+                "last_eval": dict(last_eval),
             })
         acc = (f" acc={row['eval_accuracy']:.3f} (majority {row['eval_majority_rate']:.3f}) f1={row['eval_macro_f1']:.3f}"
                if row["eval_accuracy"] is not None else "")
@@ -274,20 +271,70 @@ def _charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: 
                 log.warning("resume: node %s was asked in round %d but never reported a ledger; it cannot be charged here "
                             "(its own ledger, if it kept one, is charged on the node)", key, att.round)
                 continue
-            ledger = PrivacyLedger.from_record(client_ledgers[key])
-            known = client_eps.get(int(key), {}) if key.isdigit() else {}
-            sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
-            rate = float(known.get("sample-rate", 1.0))
-            n = int(round(int(cfg["batch-size"]) / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
-            stage = stage_config(cfg, att.round, n)
-            ledger.step(sigma, min(1.0, int(stage["batch-size"]) / n) if n > 1 else 1.0, int(stage["local-steps"]))
-            client_ledgers[key] = ledger.to_record()
-    for key, record in client_ledgers.items():  # what the summary reports per client follows the ledger
-        if key.isdigit() and int(key) in client_eps:
-            ledger = PrivacyLedger.from_record(record)
-            client_eps[int(key)].update(epsilon=ledger.epsilon(cfg["delta"], cfg["accountant"]),
-                                        **{"steps-total": ledger.total_steps})
+            _charge_worst_case(key, att.round, client_ledgers, client_eps, cfg)
+    for key in client_ledgers:  # what the summary reports per client follows the ledger
+        _refresh_client_eps(key, client_ledgers, client_eps, cfg)
     return len(attempts)
+
+
+def _charge_worst_case(key: str, rnd: int, client_ledgers: dict[str, dict[str, list]],
+                       client_eps: dict[int, dict[str, Any]], cfg) -> None:
+    """One round's steps on the server's copy of a node's ledger, with the σ and q it last reported."""
+    ledger = PrivacyLedger.from_record(client_ledgers[key])
+    known = client_eps.get(int(key), {}) if key.isdigit() else {}
+    sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
+    rate = float(known.get("sample-rate", 1.0))
+    n = int(round(int(cfg["batch-size"]) / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
+    stage = stage_config(cfg, rnd, n)
+    ledger.step(sigma, min(1.0, int(stage["batch-size"]) / n) if n > 1 else 1.0, int(stage["local-steps"]))
+    client_ledgers[key] = ledger.to_record()
+
+
+def _refresh_client_eps(key: str, client_ledgers, client_eps: dict[int, dict[str, Any]], cfg) -> None:
+    if key.isdigit() and int(key) in client_eps:
+        ledger = PrivacyLedger.from_record(client_ledgers[key])
+        client_eps[int(key)].update(epsilon=ledger.epsilon(cfg["delta"], cfg["accountant"]),
+                                    **{"steps-total": ledger.total_steps})
+
+
+def _take_reported_ledger(m: Mapping[str, Any], rnd: int, client_ledgers: dict[str, dict[str, list]],
+                          client_eps: dict[int, dict[str, Any]], wal: WriteAhead, cfg) -> bool:
+    """Store the ledger a node's reply reports, under the node's Flower node id (set by the server from
+    the message the reply answers, never from the reply's metrics). A report that does not extend the
+    stored ledger (shorter, or another history) is rejected: the stored one stays, charged with this
+    round's steps if the node trained, and the rejection goes to the operator log. True if taken."""
+    key = str(int(m["node_id"]))
+    reported = protocol.ledger_from_metrics(m)
+    stored = client_ledgers.get(key)
+    if stored is None or extends(stored, reported):
+        client_eps[int(key)] = {k: v for k, v in m.items() if not k.startswith(protocol.LEDGER_PREFIX)}
+        client_ledgers[key] = reported
+        return True
+    trained = not m.get(protocol.BUDGET_EXHAUSTED)
+    why = (f"reported ledger ({sum(reported['steps'])} steps) does not extend the stored one "
+           f"({sum(stored['steps'])} steps)")
+    log.warning("round %d: node %s: %s; kept the stored ledger%s", rnd, key, why,
+                ", charged with this round's steps" if trained else "")
+    wal.operator({"round": rnd, "event": "ledger-rejected", "node": key, "partition-id": m.get("partition-id"),
+                  "why": why, "stored": dict(stored), "reported": reported, "charged": trained})
+    if trained:
+        _charge_worst_case(key, rnd, client_ledgers, client_eps, cfg)
+    _refresh_client_eps(key, client_ledgers, client_eps, cfg)
+    return False
+
+
+def _handback(client_ledgers: Mapping[str, Mapping[str, list]], client_eps: Mapping[int, Mapping[str, Any]]):
+    """The ledgers a resumed run sends its nodes: by node id, and (for a simulation restarted with new
+    node ids) the longest one per reported partition label. A node adopts one only if it extends its own."""
+    out: dict[str, Any] = dict(client_ledgers)
+    for key, record in client_ledgers.items():
+        label = client_eps.get(int(key), {}).get("partition-id") if key.isdigit() else None
+        if label is None:
+            continue
+        name = f"{protocol.LABEL_KEY_PREFIX}{int(label)}"
+        if name not in out or sum(record["steps"]) > sum(out[name]["steps"]):
+            out[name] = dict(record)
+    return out
 
 
 def _setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str, list[float]]:
@@ -374,13 +421,14 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
     if mode.example_level:
         # shard sizes are public in this threat model (docs/privacy.md), so each client's q and σ are too
         worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
-        ledger = (client_ledgers or {}).get(str(worst.get("partition-id", worst.get("node_id"))))
+        ledger = (client_ledgers or {}).get(str(worst.get("node_id")))
         if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's
             block["history"] = [list(e) for e in zip(ledger["sigmas"], ledger["rates"], ledger["steps"])]
         block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
                      steps=int(worst.get("steps-total", 0)), per_client={
                          str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),
-                                  "steps": m.get("steps-total")} for k, m in sorted(client_eps.items())})
+                                  "steps": m.get("steps-total"), "partition_id": m.get("partition-id")}
+                         for k, m in sorted(client_eps.items())})  # keyed by node id; partition_id: the node's label
     else:  # steps = rounds charged, a resumed run's begun-but-lost attempts included
         block.update(noise_multiplier=server_sigma, accountant_noise_multiplier=accountant_sigma,
                      sample_rate=cfg["fraction-train"], steps=server_ledger.total_steps, **mode.describe())

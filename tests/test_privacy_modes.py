@@ -93,8 +93,9 @@ def test_sample_mode_epsilon_matches_independent_accountant(accountant, tmp_path
     # the case this test is about: a client that took part in some rounds but not in others
     assert any(0 < len(rs) < rounds for rs in sampled.values()), sampled
     sizes = shard_sizes(summary)
-    per_client = summary["privacy"]["per_client"]
-    assert set(per_client) == {str(p) for p in sampled}
+    # keyed by node id (the server's identity of each node); partition_id is the label the node reported
+    assert set(summary["privacy"]["per_client"]) == {str(grid.node_id_of(p)) for p in sampled}
+    per_client = {str(pc["partition_id"]): pc for pc in summary["privacy"]["per_client"].values()}
 
     def reference(pid: int, upto: int) -> float:
         q = batch / sizes[pid]
@@ -148,7 +149,8 @@ def test_calibrated_sample_mode_ends_within_target(tmp_path):
     assert summary["rounds"] == rounds
     assert len(summary["privacy"]["per_client"]) == clients
     sizes = shard_sizes(summary, clients)
-    for pid, pc in summary["privacy"]["per_client"].items():
+    for pc in summary["privacy"]["per_client"].values():
+        pid = pc["partition_id"]
         assert pc["steps"] == rounds * FAST["local_steps"]  # every round: the worst case it was calibrated for
         ref = independent_epsilon([(pc["sigma"], FAST["batch_size"] / sizes[int(pid)], pc["steps"])], DELTA, "prv")
         print(f"calibrated sample: client {pid} sigma {pc['sigma']:.4f} eps {pc['epsilon']:.4f} (PLD {ref:.4f})")

@@ -19,6 +19,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_dplora import label_head, protocol
+from fl_dplora.clients.node_ledger import STATE_KEY as NODE_LEDGER_KEY
+from fl_dplora.clients.node_ledger import NodeLedger
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.clients.secagg_mod import fitres_reply
 from fl_dplora.config import ConfigError, resolve
@@ -142,12 +144,11 @@ def train(msg: Message, context: Context) -> Message:
     n = len(data)
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
-    ledger = PrivacyLedger.from_record(dict(state)) if "sigmas" in state else PrivacyLedger()
-    handed_back = msg.content["config"].get(protocol.CLIENT_LEDGERS)
-    if "sigmas" not in state and handed_back:  # a resumed run: continue the ledger the server saved
-        saved = json.loads(str(handed_back)).get(str(_client_seed_parts(context)))
-        if saved:
-            ledger = PrivacyLedger.from_record(saved)
+    # the node's own ledger (node_ledger.py): a file next to its ε log, else context.state
+    node_ledger = NodeLedger.open(policy.ledger_path(int(context.run_id)), str(state.get(NODE_LEDGER_KEY, "")))
+    if mode.example_level:  # a resumed run: the server's saved ledger, if it holds more than the node's
+        node_ledger.adopt(_handed_back(msg, context))
+    ledger = node_ledger.example_ledger()
     stage = stage_config(cfg, server_round, n)
     q = min(1.0, int(stage["batch-size"]) / n)
     part = _client_seed_parts(context)
@@ -179,14 +180,26 @@ def train(msg: Message, context: Context) -> Message:
                             "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
-    elif mode.client_level and policy.active:  # the run's client-level ledger after this round: one event per round so far
-        sigma, rate, steps = mode.round_event(node_accountant_sigma)
-        run_ledger = PrivacyLedger()
-        run_ledger.step(sigma, rate, steps * server_round)
-        epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
+        charge = (sigma, q, int(stage["local-steps"]))
+        log_row["steps"] = projected.total_steps
+    elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
+        charge = mode.round_event(node_accountant_sigma)
+        rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
+        log_row["rounds-charged"] = rounds
+        if policy.active:
+            run_ledger = PrivacyLedger()
+            run_ledger.step(charge[0], charge[1], charge[2] * rounds)
+            epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
+        else:
+            epsilon_after = float("nan")  # not computed (no policy)
     else:
-        epsilon_after = float("inf") if mode.unit is None else float("nan")  # nan: not computed (no policy)
+        charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
     _enforce(policy, log_row, lambda: policy.check_round(epsilon_after))
+    if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
+        node_ledger.charge(server_round, mode.unit, *charge)
+        if node_ledger.path is None:
+            state[NODE_LEDGER_KEY] = node_ledger.to_json()
+        context.state[STATE_KEY] = state
 
     trainable = [params[k] for k in keys if params[k].requires_grad]
     head = label_head.get(model)
@@ -205,9 +218,7 @@ def train(msg: Message, context: Context) -> Message:
     delta = mode.client_update(delta, node_sigma, noise_gen)
 
     if mode.example_level:
-        ledger.step(dp.noise_multiplier, q, steps)
-        state.update(ledger.to_record())
-        context.state[STATE_KEY] = state
+        ledger = node_ledger.example_ledger()  # with this round's charge
         record = ledger.to_record()
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
                         "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
@@ -223,6 +234,17 @@ def train(msg: Message, context: Context) -> Message:
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
+    """The ledger the server saved for this node (after a resume): by its Flower node id, else (a
+    simulation restarted with new node ids) by its partition label. Only ever adopted if it extends
+    the node's own ledger, so a wrong one can only charge this node more."""
+    handed_back = msg.content["config"].get(protocol.CLIENT_LEDGERS)
+    if not handed_back:
+        return None
+    saved = json.loads(str(handed_back))
+    return saved.get(str(context.node_id)) or saved.get(f"{protocol.LABEL_KEY_PREFIX}{_client_seed_parts(context)}")
 
 
 def _compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str, Any]:

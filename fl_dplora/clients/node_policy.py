@@ -13,6 +13,11 @@ An organisation sets these in its SuperNode's node config (`flower-supernode --n
   or refused (why). Default: `~/.fl-dplora/node-epsilon.jsonl` on a node with its own `data-path`
   (a real organisation), none for the simulation's virtual nodes.
 
+Next to the ε log the node keeps its privacy ledger for each run (node_ledger.py:
+`<log stem>.run-<run id>.ledger.jsonl`, append-only, fsynced, owner-only), charged before it trains:
+it survives a restart of the SuperNode, and `max-epsilon` is checked against it, not against what
+the server says. A node without an ε log keeps its ledger in memory (`context.state`).
+
 A refusal raises NodeRefusal: Flower returns it to the server as the node's error reply, the server
 logs it with the node id and the round goes on with the other nodes.
 """
@@ -71,6 +76,12 @@ class NodePolicy:
     @property
     def active(self) -> bool:
         return self.max_epsilon is not None or self.log_path is not None
+
+    def ledger_path(self, run_id: int) -> Path | None:
+        """This node's durable ledger for the run, next to its ε log (None: kept in memory)."""
+        from fl_dplora.clients.node_ledger import ledger_path
+
+        return None if self.log_path is None else ledger_path(self.log_path, run_id)
 
     def check_run(self, cfg: Mapping[str, Any], unit: str | None) -> None:
         """Before any data is read: the run's dp-mode and planned budget against this node's floor."""

@@ -145,6 +145,19 @@ class PrivacyLedger:
         return f"PrivacyLedger({self.history!r})"
 
 
+def extends(stored: Mapping[str, Sequence], reported: Mapping[str, Sequence]) -> bool:
+    """Whether the `reported` ledger record continues the `stored` one: every step the stored ledger
+    holds is in the reported one, in the same order, with the same (σ, q); it may add steps after
+    them. A server keeps a node's stored ledger when a report does not extend it (issue 27)."""
+    old, new = PrivacyLedger.from_record(stored).history, PrivacyLedger.from_record(reported).history
+    if not old:
+        return True
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return False
+    (s_sigma, s_q, s_n), (r_sigma, r_q, r_n) = old[-1], new[len(old) - 1]
+    return (r_sigma, r_q) == (s_sigma, s_q) and r_n >= s_n
+
+
 def epsilon_for(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
 ) -> float:

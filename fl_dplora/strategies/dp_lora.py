@@ -167,7 +167,7 @@ class DPLoRAFedAvg(FedAvg):
             answered.add(msg.metadata.reply_to_message_id)
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if metrics:
-                self.stats.client_metrics.append({"node_id": node, **metrics})
+                self.stats.client_metrics.append({**metrics, "node_id": node})  # the id the server sent to, not one the reply claims
             if update is None:
                 self.stats.dropped.append(f"node {node}: {reason}")
                 log.warning("round %d: dropped reply from node %s: %s", server_round, node, reason)

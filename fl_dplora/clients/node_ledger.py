@@ -1,0 +1,121 @@
+"""A node's own privacy ledger: durable, append-only, charged before its data is used (write-ahead).
+
+One JSONL file per run, next to the node's ε log (`<log stem>.run-<run id>.ledger.jsonl`, owner-only,
+every line fsynced before the node trains). It outlives the ClientApp process and the SuperNode: a
+fresh process on the same node with the same run id continues it, so the node's `max-epsilon` check
+and its ε log never start again from zero. A node without an ε log (the simulation's virtual nodes)
+keeps the same lines in memory (Flower's `context.state`).
+
+Lines:
+- `{"event": "charge", "round", "unit", "sigma", "rate", "steps"}`: one per attempt the node began,
+  written before it trains; a rerun of a round after a server crash is a second attempt, charged again.
+- `{"event": "adopt", "sigmas", "rates", "steps"}`: the example-level ledger the server handed back
+  after a resume, taken only when it extends what this node has charged (it knows more: never less).
+
+What a node has spent (pure Python, no Flower):
+- example level (dp-mode sample): the adopted ledger, then every charge's (σ, q, steps) event;
+- client level: the run's ledger has one event per round of the run (Poisson client sampling), so
+  the node counts `max(round)` events plus one per attempt that did not advance the round (a rerun,
+  or a server that repeats a round number): never `steps × server_round` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fl_dplora.privacy.accounting import PrivacyLedger, extends
+
+STATE_KEY = "node-ledger"  # in context.state when the node keeps no file
+
+
+def ledger_path(log_path: Path, run_id: int) -> Path:
+    """The node's ledger for one run, next to its ε log."""
+    return log_path.with_name(f"{log_path.stem}.run-{int(run_id)}.ledger.jsonl")
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: its fsync never returned, nothing was trained
+            continue
+    return lines
+
+
+class NodeLedger:
+    def __init__(self, path: Path | None = None, lines: Iterable[Mapping[str, Any]] = ()) -> None:
+        self.path = path
+        self.lines: list[dict[str, Any]] = [dict(x) for x in lines]
+
+    @classmethod
+    def open(cls, path: Path | None, memory: str = "") -> NodeLedger:
+        """The file's ledger (`path`), or the in-memory one (`memory`: the JSON kept in context.state)."""
+        if path is not None:
+            return cls(path, _read(path))
+        return cls(None, json.loads(memory) if memory else [])
+
+    def to_json(self) -> str:
+        return json.dumps(self.lines)
+
+    def _append(self, line: dict[str, Any]) -> None:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **line}
+        if self.path is not None:  # durable before anything else happens
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                size = os.fstat(fd).st_size
+                cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a line a crash cut: end it, keep it unread
+                os.write(fd, (("\n" if cut else "") + json.dumps(line) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.lines.append(line)
+
+    # ---------------------------------------------------------------- example level
+    def example_ledger(self) -> PrivacyLedger:
+        ledger = PrivacyLedger()
+        for line in self.lines:
+            if line["event"] == "adopt":
+                ledger = PrivacyLedger.from_record(line)
+            elif line["event"] == "charge" and line.get("unit") == "example":
+                ledger.step(float(line["sigma"]), float(line["rate"]), int(line["steps"]))
+        return ledger
+
+    def adopt(self, record: Mapping[str, Sequence] | None) -> bool:
+        """Take the server's handed-back example-level ledger if it holds more than this node's."""
+        if not record:
+            return False
+        mine = self.example_ledger().to_record()
+        theirs = PrivacyLedger.from_record(record).to_record()
+        if theirs == mine or not extends(mine, theirs):
+            return False
+        self._append({"event": "adopt", **theirs})
+        return True
+
+    # ---------------------------------------------------------------- client level
+    def attempts(self, unit: str) -> list[int]:
+        return [int(x["round"]) for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+
+    @staticmethod
+    def rounds_charged(rounds: Sequence[int]) -> int:
+        """Events of the run's client-level ledger after these attempts (in the order begun)."""
+        count, top = 0, 0
+        for r in rounds:
+            count += max(0, r - top) if r > top else 1  # a new round adds the rounds up to it; a rerun adds one
+            top = max(top, r)
+        return count
+
+    # ---------------------------------------------------------------- both
+    def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int) -> None:
+        """Write-ahead: this attempt is on disk before the node touches its data for it."""
+        self._append({"event": "charge", "round": int(server_round), "unit": unit, "sigma": float(sigma),
+                      "rate": float(rate), "steps": int(steps)})
