@@ -75,3 +75,21 @@ def test_an_honest_instruction_gives_the_same_update_and_no_warning(tmp_path):
     assert _norm(honest) == pytest.approx(_norm(lying), abs=2 * math.sqrt(2) * c)
     (row,) = [json.loads(line) for line in (tmp_path / "honest.jsonl").read_text().splitlines()]
     assert row["sigma"] == pytest.approx(node_sigma) and "warning" not in row and "instruction-sigma" not in row
+
+
+def test_a_node_that_requires_dp_draws_its_noise_from_os_entropy_whatever_the_server_says(tmp_path):
+    # secure-rng=false would seed the noise from the run's seed, the partition id and the round, all
+    # known to the server, which could then regenerate the noise and subtract it. A node that requires
+    # DP ignores that: two identical instructions get two different noise draws (~σC·sqrt(2d) apart).
+    cfg = tiny_config(**{"dp-mode": "paper", "population": 2, "num-server-rounds": 2, "secure-rng": False})
+    node_sigma = for_config(cfg).noise_multipliers()[0]
+    c = float(cfg["max-grad-norm"])
+    seeded = {"partition-id": 0, "num-partitions": 2}
+    a, d, _ = _train_once(cfg, node_sigma, seeded)
+    b, _, _ = _train_once(cfg, node_sigma, seeded)
+    assert _norm({k: a[k] - b[k] for k in a}) <= 2 * math.sqrt(2) * c  # no policy: the seeded draw repeats
+    guarded = {**seeded, "require-dp-mode": "paper"}
+    a, _, _ = _train_once(cfg, node_sigma, guarded)
+    b, _, _ = _train_once(cfg, node_sigma, guarded)
+    gap = _norm({k: a[k] - b[k] for k in a})
+    assert gap >= 0.5 * node_sigma * c * math.sqrt(2 * d), (gap, node_sigma * c * math.sqrt(2 * d))

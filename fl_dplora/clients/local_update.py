@@ -152,7 +152,9 @@ def train(msg: Message, context: Context) -> Message:
     stage = stage_config(cfg, server_round, n)
     q = min(1.0, int(stage["batch-size"]) / n)
     part = _client_seed_parts(context)
-    secure = bool(cfg["secure-rng"])
+    # a node that requires DP never lets the server's seed pick its noise or sampling: with a
+    # seeded draw the server could regenerate the noise and subtract it (issue 27 review)
+    secure = bool(cfg["secure-rng"]) or policy.requires_dp
     sampling_gen = (
         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         if secure and mode.example_level
