@@ -37,6 +37,13 @@ def _fresh_model_cache():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _own_node_home(tmp_path_factory, monkeypatch):
+    """Each test's nodes keep their default ε log and ledgers in a fresh folder, never in ~/.fl-dplora:
+    a ledger left by another test (same run id, same data file) would continue there."""
+    monkeypatch.setenv("FL_DPLORA_HOME", str(tmp_path_factory.mktemp("node_home")))
+
+
 RAY_IMPORTED = 97  # exit code of the stand-in `ray` package below
 
 

@@ -22,6 +22,7 @@ from harness import InProcessGrid, read_metrics, run_in_process, tiny_config
 
 from fl_dplora import protocol
 from fl_dplora.clients.node_ledger import NodeLedger, ledger_path
+from fl_dplora.clients.node_policy import NodePolicy
 from fl_dplora.privacy.accounting import PrivacyLedger, extends
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.write_ahead import OPERATOR_LOG, WAL
@@ -83,6 +84,22 @@ def test_node_ledger_file_is_append_only_owner_only_and_read_back_after_a_crash(
     assert [NodeLedger.rounds_charged(r) for r in ([1, 2, 3], [1, 2, 2, 3], [2, 3], [1, 1, 1], [5, 3])] == [3, 4, 3, 3, 6]
 
 
+def test_nodes_sharing_one_log_keep_one_ledger_per_data_file(tmp_path, monkeypatch):
+    """Two SuperNodes of one user on one machine share the default ε log; each data file has its own
+    ledger (one node's charges never exhaust the other's budget), the same file shares one."""
+    monkeypatch.setenv("FL_DPLORA_HOME", str(tmp_path / "home"))
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pa, pb = (NodePolicy.from_node_config({"data-path": str(p)}) for p in (a, b))
+    assert pa.log_path == pb.log_path == tmp_path / "home" / "node-epsilon.jsonl"
+    assert pa.ledger_path(7) != pb.ledger_path(7) and pa.ledger_path(7).parent == tmp_path / "home"
+    same = NodePolicy.from_node_config({"data-path": str(tmp_path / "x" / ".." / "a.csv")})
+    assert same.ledger_path(7) == pa.ledger_path(7)  # the same file by another spelling
+    NodeLedger.open(pa.ledger_path(7)).charge(1, "example", 1.0, 0.5, 4)
+    assert NodeLedger.open(pb.ledger_path(7)).example_ledger().total_steps == 0
+    assert NodeLedger.open(same.ledger_path(7)).example_ledger().total_steps == 4
+    assert ledger_path(tmp_path / "n.jsonl", 7).name == "n.run-7.ledger.jsonl"  # no data key: the run's alone
+
+
 # ---------------------------------------------------------------- (a) a node restarted between rounds
 def test_a_restarted_node_continues_its_ledger_and_its_floor_stops_it(tmp_path):
     cfg = tiny_config(**SMALL, **{"dp-mode": "sample", "num-server-rounds": 3})
@@ -106,7 +123,7 @@ def test_a_restarted_node_continues_its_ledger_and_its_floor_stops_it(tmp_path):
     (refused,) = [r for r in rows if "refused" in r]
     assert refused["round"] == 3 and "max-epsilon" in refused["refused"]
     # the ledger itself: next to the ε log, keyed by the run id, owner-only, one charge per round trained
-    path = ledger_path(log, grid.run_id)
+    path = NodePolicy.from_node_config(configs[0]).ledger_path(grid.run_id)
     assert path.parent == log.parent and (path.stat().st_mode & 0o777) == 0o600
     assert [(r["event"], r["round"]) for r in _rows(path)] == [("charge", 1), ("charge", 2)]
     node0 = summary["privacy"]["per_client"][str(grid.node_id_of(0))]
@@ -203,4 +220,4 @@ def test_after_a_lost_attempt_the_node_counts_it_and_a_floor_of_R_rounds_refuses
         assert [r["rounds-charged"] for r in trained] == [1, 2, 3]
         assert summary["privacy"]["steps"] == rounds + 1  # the server charged the begun round 2 too
     assert summary["rounds"] == rounds
-    assert os.path.exists(ledger_path(log, grid.run_id))
+    assert os.path.exists(NodePolicy.from_node_config(configs[0]).ledger_path(grid.run_id))

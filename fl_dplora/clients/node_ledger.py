@@ -1,6 +1,7 @@
 """A node's own privacy ledger: durable, append-only, charged before its data is used (write-ahead).
 
-One JSONL file per run, next to the node's ε log (`<log stem>.run-<run id>.ledger.jsonl`, owner-only,
+One JSONL file per run and data file, next to the node's ε log
+(`<log stem>.run-<run id>.data-<hash of the data-path>.ledger.jsonl`, owner-only,
 every line fsynced before the node trains). It outlives the ClientApp process and the SuperNode: a
 fresh process on the same node with the same run id continues it, so the node's `max-epsilon` check
 and its ε log never start again from zero. A node without an ε log (the simulation's virtual nodes)
@@ -33,9 +34,10 @@ from fl_dplora.privacy.accounting import PrivacyLedger, extends
 STATE_KEY = "node-ledger"  # in context.state when the node keeps no file
 
 
-def ledger_path(log_path: Path, run_id: int) -> Path:
-    """The node's ledger for one run, next to its ε log."""
-    return log_path.with_name(f"{log_path.stem}.run-{int(run_id)}.ledger.jsonl")
+def ledger_path(log_path: Path, run_id: int, data_key: str = "") -> Path:
+    """The node's ledger for one run and one data file (node_policy.data_key), next to its ε log."""
+    data = f".data-{data_key}" if data_key else ""
+    return log_path.with_name(f"{log_path.stem}.run-{int(run_id)}{data}.ledger.jsonl")
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ An organisation sets these in its SuperNode's node config (`flower-supernode --n
   (a real organisation), none for the simulation's virtual nodes.
 
 Next to the ε log the node keeps its privacy ledger for each run (node_ledger.py:
-`<log stem>.run-<run id>.ledger.jsonl`, append-only, fsynced, owner-only), charged before it trains:
+`<log stem>.run-<run id>.data-<data hash>.ledger.jsonl`, append-only, fsynced, owner-only), charged before it trains:
 it survives a restart of the SuperNode, and `max-epsilon` is checked against it, not against what
 the server says. A node without an ε log keeps its ledger in memory (`context.state`).
 
@@ -24,6 +24,7 @@ logs it with the node id and the round goes on with the other nodes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,8 +35,24 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.config import DP_MODES, ConfigError
+from fl_dplora.privacy.modes import MODES
 
-DEFAULT_LOG = Path("~/.fl-dplora/node-epsilon.jsonl")
+def default_log() -> Path:
+    """`$FL_DPLORA_HOME/node-epsilon.jsonl` (default home `~/.fl-dplora`)."""
+    return Path(os.environ.get("FL_DPLORA_HOME") or "~/.fl-dplora").expanduser() / "node-epsilon.jsonl"
+
+
+def data_key(node: Mapping[str, Any]) -> str:
+    """Which data a ledger is for: its resolved `data-path`, else its partition. Two nodes that share
+    one ε log (the default one, on one machine) keep separate ledgers; two that train the same file
+    share one, since the same people's records are used twice."""
+    if node.get("data-path"):
+        ident = str(Path(os.path.expanduser(str(node["data-path"]))).resolve())
+    elif node.get("partition-id") is not None:
+        ident = f"partition-{node['partition-id']}"
+    else:
+        return ""
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 class NodeRefusal(ConfigError):
@@ -47,6 +64,7 @@ class NodePolicy:
     max_epsilon: float | None = None
     allowed_modes: tuple[str, ...] | None = None
     log_path: Path | None = None
+    data_key: str = ""
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> NodePolicy:
@@ -68,10 +86,10 @@ class NodePolicy:
         if log:
             log_path = Path(os.path.expanduser(str(log)))
         elif node.get("data-path"):
-            log_path = DEFAULT_LOG.expanduser()
+            log_path = default_log()
         else:
             log_path = None
-        return cls(max_eps, modes, log_path)
+        return cls(max_eps, modes, log_path, data_key(node))
 
     @property
     def active(self) -> bool:
@@ -81,7 +99,7 @@ class NodePolicy:
         """This node's durable ledger for the run, next to its ε log (None: kept in memory)."""
         from fl_dplora.clients.node_ledger import ledger_path
 
-        return None if self.log_path is None else ledger_path(self.log_path, run_id)
+        return None if self.log_path is None else ledger_path(self.log_path, run_id, self.data_key)
 
     def check_run(self, cfg: Mapping[str, Any], unit: str | None) -> None:
         """Before any data is read: the run's dp-mode and planned budget against this node's floor."""
@@ -119,7 +137,7 @@ class NodePolicy:
             return ("node policy: federated evaluation releases exact metrics of this node's file, charged to no "
                     "ledger; this node requires DP (max-epsilon or require-dp-mode)")
         own_files = bool(node.get("eval-path") or node.get("data-path"))
-        if cfg["dp-mode"] != "none" and own_files and str(node.get("exact-eval", "")).lower() not in ("true", "1"):
+        if MODES[cfg["dp-mode"]].unit is not None and own_files and str(node.get("exact-eval", "")).lower() not in ("true", "1"):
             return (f"node policy: federated evaluation releases exact metrics of this node's file, outside the run's "
                     f"epsilon (dp-mode {cfg['dp-mode']}); set exact-eval = true in the node config to allow it")
         return None
