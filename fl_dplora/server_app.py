@@ -435,7 +435,7 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
         block["mode"] = mode.name
         if mode.secure:
             block["secure_aggregation"] = mode.secagg_describe(dim, server_sigma, epsilon)
-        against_server = mode.epsilon_against_server(accountant_sigma, server_ledger.total_steps)
+        against_server = mode.epsilon_against_server([accountant_sigma] * server_ledger.total_steps)
         if against_server is not None:
             block["epsilon_against_server"] = against_server
     return block

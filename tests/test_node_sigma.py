@@ -93,3 +93,91 @@ def test_a_node_that_requires_dp_draws_its_noise_from_os_entropy_whatever_the_se
     b, _, _ = _train_once(cfg, node_sigma, guarded)
     gap = _norm({k: a[k] - b[k] for k in a})
     assert gap >= 0.5 * node_sigma * c * math.sqrt(2 * d), (gap, node_sigma * c * math.sqrt(2 * d))
+
+
+# ------------------------------------------------------- client level: what the node composes (issue 27 review)
+def _eps(events, cfg) -> float:
+    ledger = PrivacyLedger()
+    for event in events:
+        ledger.step(*event)
+    return ledger.epsilon(cfg["delta"], cfg["accountant"])
+
+
+def test_the_node_composes_each_attempt_at_the_sigma_it_charged(tmp_path):
+    """A client-level node bounds the run's ledger from its own charges: a round it took part in at a
+    low σ stays at that σ, a round it skipped counts at the smallest σ charged (never today's σ x rounds)."""
+    from fl_dplora.clients.node_ledger import NodeLedger
+
+    ledger = NodeLedger.open(tmp_path / "l.jsonl")
+    ledger.charge(1, "client", 0.4, 0.5, 1)
+    events = ledger.client_events("client", 3, 2.0, 0.5)  # round 2 skipped
+    assert events == [(0.4, 0.5, 1), (2.0, 0.5, 1), (0.4, 0.5, 1)]
+    cfg = tiny_config()
+    assert _eps(events, cfg) > 2 * _eps([(2.0, 0.5, 3)], cfg)  # what "σ now x rounds" would have said
+    assert ledger.attempt_sigmas("client", 2.0) == [0.4, 2.0]
+
+
+def test_a_server_that_lowers_sigma_in_one_round_meets_the_nodes_floor_later(tmp_path):
+    """The server sends round 1 num-server-rounds = 1 (so the node's own calibration spends the whole
+    target in one round: a smaller σ; a larger target-epsilon would meet the node's run check), then
+    the run's honest config: the node's check composes round 1's σ, so a node whose floor the
+    honest run fits refuses round 2 (counting round 2's σ twice would have let it train)."""
+    from harness import run_in_process
+
+    honest = tiny_config(**{"dp-mode": "client", "population": 2, "num-server-rounds": 2})
+    lie = tiny_config(**{"dp-mode": "client", "population": 2, "num-server-rounds": 1})
+    s_honest, s_lie = (for_config(c).noise_multipliers()[1] for c in (honest, lie))
+    q = float(honest["fraction-train"])
+    once, composed, naive = _eps([(s_lie, q, 1)], honest), _eps([(s_lie, q, 1), (s_honest, q, 1)], honest), _eps([(s_honest, q, 2)], honest)
+    assert s_lie < s_honest and max(once, naive) < composed  # the scenario separates the two ways of counting
+    floor = (max(once, naive) + composed) / 2
+    log = tmp_path / "node0.jsonl"
+
+    def lying(node_id, msg):
+        if node_id == grid.node_id_of(0) and int(msg.content["config"][protocol.ROUND]) == 1:
+            msg.content["config"]["num-server-rounds"] = 1
+        return msg
+
+    grid = InProcessGrid(2, node_configs=[{"partition-id": 0, "num-partitions": 2, "epsilon-log": str(log),
+                                           "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 2}],
+                         before=lying, seed=5)
+    run_in_process(2, output_dir=tmp_path / "run", grid=grid, **{"dp-mode": "client", "population": 2})
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "refused" not in rows[0] and rows[0]["epsilon"] == pytest.approx(once, rel=1e-6)
+    assert "refused" in rows[1] and "max-epsilon" in rows[1]["refused"]
+
+
+def _reply(cfg, node_config):
+    model = get_peft_model(cfg)
+    params = adapter_parameters(model, cfg)
+    glob = {k: params[k].detach().clone() for k in round_keys(cfg, 1, params)}
+    grid = InProcessGrid(1, node_configs=[node_config], seed=int(cfg["seed"]))
+    config = ConfigRecord({**cfg, protocol.SIGMA: 1.0})
+    config[protocol.ROUND] = 1
+    content = RecordDict({"arrays": to_array_record(glob, cfg["transfer-dtype"]), "config": config})
+    (reply,) = grid.send_and_receive([grid.create_message(content, "train", next(iter(grid.get_node_ids())), "1")])
+    return reply
+
+
+def test_local_noise_is_checked_against_the_server_at_rate_one(tmp_path):
+    """With local noise the node's own noise is all the server cannot remove, and the server chooses
+    who takes part: a server that sends fraction-train 0.05 (so the calibration counts on amplification
+    by sampling and gives a small σ) meets the node's floor on the ε against the server (σ/2, rate 1),
+    which the honest config's σ fits."""
+    base = {"dp-mode": "client", "client-noise": "local", "population": 2, "num-server-rounds": 2}
+    honest, lie = tiny_config(**base), tiny_config(**base, **{"fraction-train": 0.05})
+    mode = for_config(honest)
+    s_honest, s_lie = for_config(honest).noise_multipliers()[1], for_config(lie).noise_multipliers()[1]
+    e_honest, e_lie = mode.epsilon_against_server([s_honest]), mode.epsilon_against_server([s_lie])
+    assert e_honest < e_lie
+    floor = (e_honest + e_lie) / 2
+    node = {"partition-id": 0, "num-partitions": 2, "max-epsilon": floor}
+    ok = _reply(honest, {**node, "epsilon-log": str(tmp_path / "a.jsonl")})
+    assert not ok.has_error(), ok.error.reason
+    (row,) = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert row["epsilon-against-server"] == pytest.approx(e_honest, rel=1e-6)
+    bad = _reply(lie, {**node, "epsilon-log": str(tmp_path / "b.jsonl")})
+    assert bad.has_error() and "against the server" in bad.error.reason
+    # the run-level epsilon of the lying config alone would have let it through
+    assert _eps([for_config(lie).round_event(s_lie)], lie) < floor

@@ -119,7 +119,7 @@ def test_local_noise_epsilon_against_the_server_matches_dp_accounting():
         assert accounted == pytest.approx(applied / sens)
         acc = PLDAccountant(value_discretization_interval=1e-3)
         acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(applied / (2 * sens)), 6))
-        assert mode.epsilon_against_server(accounted, 6) == pytest.approx(acc.get_epsilon(1e-5), rel=0.02)
+        assert mode.epsilon_against_server([accounted] * 6) == pytest.approx(acc.get_epsilon(1e-5), rel=0.02)
 
 
 def test_client_level_modes_need_a_declared_population():

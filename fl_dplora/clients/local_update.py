@@ -190,13 +190,19 @@ def train(msg: Message, context: Context) -> Message:
         log_row["rounds-charged"] = rounds
         if policy.active:
             run_ledger = PrivacyLedger()
-            run_ledger.step(charge[0], charge[1], charge[2] * rounds)
+            for event in node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]):
+                run_ledger.step(*event)
             epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
+            # local or distributed noise: this node's own noise is all that stands between its data and
+            # the server, which chooses who takes part (the fraction-train it sends buys nothing there)
+            against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]))
+            if against is not None:
+                log_row["epsilon-against-server"] = against
         else:
             epsilon_after = float("nan")  # not computed (no policy)
     else:
         charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
-    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after))
+    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server")))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
         node_ledger.charge(server_round, mode.unit, *charge)
         if node_ledger.path is None:

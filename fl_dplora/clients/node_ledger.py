@@ -17,7 +17,10 @@ What a node has spent (pure Python, no Flower):
 - example level (dp-mode sample): the adopted ledger, then every charge's (σ, q, steps) event;
 - client level: the run's ledger has one event per round of the run (Poisson client sampling), so
   the node counts `max(round)` events plus one per attempt that did not advance the round (a rerun,
-  or a server that repeats a round number): never `steps × server_round` alone.
+  or a server that repeats a round number): never `steps × server_round` alone. Each attempt is
+  composed at the σ it charged, each skipped round at the smallest σ charged. With local or
+  distributed noise the node also bounds what the server saw: its own attempts at rate 1 (the
+  server knows who took part, so sampling amplifies nothing), modes.epsilon_against_server.
 """
 
 from __future__ import annotations
@@ -115,6 +118,24 @@ class NodeLedger:
             count += max(0, r - top) if r > top else 1  # a new round adds the rounds up to it; a rerun adds one
             top = max(top, r)
         return count
+
+    def client_events(self, unit: str, server_round: int, sigma: float, rate: float) -> list[tuple[float, float, int]]:
+        """The run's client-level ledger as this node bounds it, were it to attempt `server_round` at
+        (σ, rate): every attempt at the σ and rate it charged (a server that lowered σ mid-run is
+        counted at the lower σ, never at today's), and every round it skipped (Poisson sampling
+        makes each round of the run an event for every client) at the most expensive of them."""
+        attempts = [(int(x["round"]), float(x["sigma"]), float(x["rate"]))
+                    for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+        attempts.append((int(server_round), float(sigma), float(rate)))
+        events = [(s, q, 1) for _, s, q in attempts]
+        skipped = self.rounds_charged([r for r, _, _ in attempts]) - len(attempts)
+        if skipped > 0:
+            events.append((min(s for _, s, _ in attempts), max(q for _, _, q in attempts), skipped))
+        return events
+
+    def attempt_sigmas(self, unit: str, sigma: float) -> list[float]:
+        """σ of every attempt this node began, this one (at `sigma`) included: what the server saw."""
+        return [float(x["sigma"]) for x in self.lines if x["event"] == "charge" and x.get("unit") == unit] + [float(sigma)]
 
     # ---------------------------------------------------------------- both
     def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int) -> None:

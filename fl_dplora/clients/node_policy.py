@@ -114,10 +114,17 @@ class NodePolicy:
             raise NodeRefusal(f"node policy: the run targets epsilon {cfg['target-epsilon']:g}; this node allows at "
                               f"most max-epsilon {self.max_epsilon:g}")
 
-    def check_round(self, epsilon_after: float) -> None:
-        """The ε this node's data would have spent once this round is done."""
-        if self.max_epsilon is not None and epsilon_after > self.max_epsilon * (1 + 1e-9):
+    def check_round(self, epsilon_after: float, against_server: float | None = None) -> None:
+        """The ε this node's data would have spent once this round is done: the run's, and with local
+        or distributed noise also the one against the server (its own noise at rate 1)."""
+        if self.max_epsilon is None:
+            return
+        if epsilon_after > self.max_epsilon * (1 + 1e-9):
             raise NodeRefusal(f"node policy: this round would raise this node's epsilon to {epsilon_after:.4g} > "
+                              f"max-epsilon {self.max_epsilon:g}")
+        if against_server is not None and against_server > self.max_epsilon * (1 + 1e-9):
+            raise NodeRefusal(f"node policy: this round would raise this node's epsilon against the server (its own "
+                              f"noise, no amplification by the server's sampling) to {against_server:.4g} > "
                               f"max-epsilon {self.max_epsilon:g}")
 
     @property

@@ -310,17 +310,20 @@ class ClientDP(DPMode):
         raise ConfigError(f"secure-aggregation: the noisy shares may saturate the SecAgg+ clipping range more often than 1% of "
                           f"delta {self.cfg['delta']:g} at target-epsilon {self.cfg['target-epsilon']:g}; lower target-epsilon")
 
-    def epsilon_against_server(self, accountant_sigma: float, rounds: int) -> float | None:
+    def epsilon_against_server(self, accountant_sigmas: Sequence[float]) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed
         noise under secure aggregation: the sum it unmasks carries >= σC' whoever survived. Either way
         the server knows who took part, so a client's data is replaced, not removed: its update moves
-        by up to 2x the sensitivity, and there is no amplification by sampling: worst case, the client
-        took part in every round."""
-        if not (self.local_noise or self.distributed_noise) or rounds <= 0:
+        by up to 2x the sensitivity, and there is no amplification by sampling (rate 1) for each round
+        the client took part in (σ per round: `accountant_sigmas`; the server's worst case: every round)."""
+        if not (self.local_noise or self.distributed_noise) or not accountant_sigmas:
             return None
-        from fl_dplora.privacy.accounting import epsilon_for
+        from fl_dplora.privacy.accounting import PrivacyLedger
 
-        return epsilon_for(accountant_sigma / 2.0, 1.0, rounds, self.cfg["delta"], self.cfg["accountant"])
+        ledger = PrivacyLedger()
+        for sigma in accountant_sigmas:
+            ledger.step(float(sigma) / 2.0, 1.0, 1)
+        return ledger.epsilon(self.cfg["delta"], self.cfg["accountant"])
 
     def describe(self) -> dict[str, Any]:
         placement = ("each client's share under secure aggregation (+ server top-up)" if self.distributed_noise
