@@ -1,4 +1,4 @@
-"""Run config: defaults (read from pyproject.toml), parsing, and up-front validation.
+"""Run config: defaults (SCHEMA, shipped with the package), parsing, and up-front validation.
 
 Every knob is a kebab-case key of `[tool.flwr.app.config]`. `resolve()` merges overrides into the
 defaults, type- and range-checks every key and rejects unknown keys, so a typo costs one readable
@@ -63,19 +63,19 @@ SCHEMA: dict[str, Key] = {
     "quantization": Key(str, "none", choices=("none", "8bit", "4bit"), help="bitsandbytes base (4bit = NF4, QLoRA); needs CUDA"),
     "gradient-checkpointing": Key(bool, False, help="recompute blocks in backward: less memory, same gradients"),
     "server-device": Key(str, "auto", help="the server's evaluation model: auto, cpu, cuda, cuda:N"),
-    "task": Key(str, "fin-sentiment", help="fin-sentiment | medical-qa | general-instruct | data-to-text | task card .toml | hub id | data file"),
-    "num-server-rounds": Key(int, 3, min=1, help="federated rounds"),
+    "task": Key(str, "data-to-text", help="fin-sentiment | medical-qa | general-instruct | data-to-text | task card .toml | hub id | data file"),
+    "num-server-rounds": Key(int, 2, min=1, help="federated rounds"),
     "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson-sampled when dp-mode=client/paper)"),
     "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="fraction of nodes that score the global adapter on their own eval-path (operator log only)"),
-    "local-steps": Key(int, 2, min=1, help="optimizer steps per client per round"),
+    "local-steps": Key(int, 12, min=1, help="optimizer steps per client per round"),
     "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
     "micro-batch-size": Key(int, 32, min=1, help="examples per forward/backward; bounds memory, not the math"),
-    "learning-rate": Key(float, 1.0, min=0.0, min_exclusive=True, help="client optimizer learning rate"),
-    "optimizer": Key(str, "sgd", choices=("sgd", "adamw"), help="client optimizer (fresh each round)"),
+    "learning-rate": Key(float, 1e-2, min=0.0, min_exclusive=True, help="client optimizer learning rate"),
+    "optimizer": Key(str, "adamw", choices=("sgd", "adamw"), help="client optimizer (fresh each round)"),
     "momentum": Key(float, 0.9, min=0.0, max=0.999, help="SGD momentum"),
     "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear"), help="over all steps of the run"),
-    "max-seq-len": Key(int, 96, min=8, help="tokens per example; long prompts lose their middle, never the answer"),
-    "system-prompt": Key(str, "auto", help="auto = the chat template's own; empty = none; other text = that system turn"),
+    "max-seq-len": Key(int, 128, min=8, help="tokens per example; long prompts lose their middle, never the answer"),
+    "system-prompt": Key(str, "", help="auto = the chat template's own; empty = none; other text = that system turn"),
     "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: softmax over the label words (classification); answer-tokens: every answer token"),
     "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="frozen blocks below lora-layers run once per example; disk: cached in ~/.cache/fl-dplora"),
     "label-head": Key(bool, False, help="classification: a DP linear probe on the final hidden state (docs/label-head.md)"),
@@ -83,12 +83,12 @@ SCHEMA: dict[str, Key] = {
     "head-local-steps": Key(int, 16, min=1, help="optimizer steps per client in a head-only round"),
     "head-batch-size": Key(int, 0, min=0, help="(expected) batch size in a head-only round; 0 = the whole shard (q = 1)"),
     "head-learning-rate": Key(float, 0.2, min=0.0, min_exclusive=True, help="learning rate of the label head (any round)"),
-    "lora-rank": Key(int, 8, min=1, help="LoRA rank r"),
+    "lora-rank": Key(int, 4, min=1, help="LoRA rank r"),
     "lora-alpha": Key(float, 16.0, min=0.0, min_exclusive=True, help="LoRA scale alpha (update scaled by alpha/r)"),
     "lora-dropout": Key(float, 0.0, min=0.0, max=0.9, help="dropout on the LoRA input"),
     "lora-targets": Key(str, "q_proj,v_proj", help="comma-separated module names"),
-    "lora-variant": Key(str, "ffa", choices=("lora", "ffa"), help="ffa = FFA-LoRA: A frozen at a seed-shared init, only B trained and sent"),
-    "lora-layers": Key(int, 8, min=0, help="adapt only the last N blocks (0 = all): fewer DP-noised values, shorter backward"),
+    "lora-variant": Key(str, "lora", choices=("lora", "ffa"), help="ffa = FFA-LoRA: A frozen at a seed-shared init, only B trained and sent"),
+    "lora-layers": Key(int, 2, min=0, help="adapt only the last N blocks (0 = all): fewer DP-noised values, shorter backward"),
     "dp-mode": Key(str, "sample", choices=DP_MODES, help="what is protected, see Privacy"),
     "target-epsilon": Key(float, 8.0, min=0.0, min_exclusive=True, help="epsilon budget for the whole run"),
     "delta": Key(float, 1e-5, min=0.0, max=1.0, min_exclusive=True, help="delta; must be < 1/records protected"),
@@ -103,10 +103,10 @@ SCHEMA: dict[str, Key] = {
     "secagg-dropout-rate": Key(float, 0.0, min=0.0, max=1.0, help="SecAgg+: declared dropout chance per round"),
     "partitioner": Key(str, "iid", choices=("iid", "dirichlet"), help="flwr-datasets partitioner"),
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
-    "max-train-samples": Key(int, 0, min=0, help="cap on the training pool before partitioning (0 = all)"),
-    "max-eval-samples": Key(int, 300, min=0, help="central eval examples (0 = all)"),
-    "max-new-tokens": Key(int, 64, min=1, help="generation: greedy tokens per input (BLEU, ROUGE-L)"),
-    "eval-every": Key(int, 1, min=0, help="central evaluation every N rounds (0 = only at the end)"),
+    "max-train-samples": Key(int, 2000, min=0, help="cap on the training pool before partitioning (0 = all)"),
+    "max-eval-samples": Key(int, 100, min=0, help="central eval examples (0 = all)"),
+    "max-new-tokens": Key(int, 48, min=1, help="generation: greedy tokens per input (BLEU, ROUGE-L)"),
+    "eval-every": Key(int, 0, min=0, help="central evaluation every N rounds (0 = only at the end)"),
     "transfer-dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16"), help="adapter dtype on the wire (after noise)"),
     "min-available": Key(int, 1, min=1, help="fewest good replies needed to aggregate a round"),
     "round-timeout": Key(float, 3600.0, min=1.0, help="seconds to wait for replies"),
@@ -121,15 +121,18 @@ SCHEMA: dict[str, Key] = {
 }
 
 
-def pyproject_defaults() -> dict[str, Any]:
-    """Defaults from the project's pyproject.toml when it is next to the package, else SCHEMA's."""
-    defaults = {k: v.default for k, v in SCHEMA.items()}
-    pyproject = PACKAGE_DIR.parent / "pyproject.toml"
-    if pyproject.is_file():
-        with pyproject.open("rb") as f:
-            app_cfg = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-        defaults.update({k: v for k, v in app_cfg.items() if k in SCHEMA})
-    return defaults
+def defaults() -> dict[str, Any]:
+    """The default run config: SCHEMA's defaults, shipped with the package (a wheel runs the same
+    recipe as the source tree). pyproject's `[tool.flwr.app.config]`, which `flwr run .` reads, is
+    checked equal to it key by key (tests/test_presets.py)."""
+    return {k: v.default for k, v in SCHEMA.items()}
+
+
+# The defaults before the DP-LoRA data-to-text job became the default (2026-12): the TFNS label-head
+# recipe (the fin-sentiment preset) with per-round evaluation. Experiment specs resolve on top of it,
+# so a spec that leaves a key out still computes, and hashes, what its committed results did.
+def tfns_recipe_defaults() -> dict[str, Any]:
+    return {**defaults(), **load_preset("fin-sentiment"), "max-new-tokens": 64, "eval-every": 1}
 
 
 def allowed_values(spec: Key) -> str:
@@ -146,16 +149,16 @@ def allowed_values(spec: Key) -> str:
 
 
 def describe_keys(markdown: bool = False) -> str:
-    """Every run-config key with its effective default (pyproject's), allowed values and help."""
-    defaults = pyproject_defaults()
+    """Every run-config key with its default, allowed values and help."""
+    defaults_ = defaults()
     show = lambda v: str(v).lower() if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v))
     if markdown:
         rows = ["| key | default | allowed | what it does |", "|---|---|---|---|"]
-        rows += [f"| `{k}` | `{show(defaults[k])}` | {allowed_values(spec)} | {spec.help.replace('|', '/')} |"
+        rows += [f"| `{k}` | `{show(defaults_[k])}` | {allowed_values(spec)} | {spec.help.replace('|', '/')} |"
                  for k, spec in SCHEMA.items()]
         return "\n".join(rows)
-    width, dwidth = max(map(len, SCHEMA)), min(16, max(len(show(defaults[k])) for k in SCHEMA))
-    return "\n".join(f"{k:<{width}}  {show(defaults[k]):<{dwidth}}  [{allowed_values(spec)}]  {spec.help}"
+    width, dwidth = max(map(len, SCHEMA)), min(16, max(len(show(defaults_[k])) for k in SCHEMA))
+    return "\n".join(f"{k:<{width}}  {show(defaults_[k]):<{dwidth}}  [{allowed_values(spec)}]  {spec.help}"
                      for k, spec in SCHEMA.items())
 
 
@@ -290,7 +293,7 @@ def _coerce(name: str, spec: Key, value: Any) -> tuple[Any, str | None]:
 
 def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults <- base (e.g. Flower's context.run_config) <- overrides, validated. Raises ConfigError."""
-    cfg = pyproject_defaults()
+    cfg = defaults()
     problems: list[str] = []
     for source in (base or {}, overrides or {}):
         for key, value in source.items():

@@ -31,12 +31,16 @@ from typing import Any
 
 from fl_dplora.privacy.modes import MODES
 from fl_dplora.write_ahead import read_operator
-from fl_dplora.config import LEGACY_VALUES, NON_COMPUTING_KEYS, SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve
+from fl_dplora.config import (
+    LEGACY_VALUES, NON_COMPUTING_KEYS, SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve, tfns_recipe_defaults,
+)
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
 _SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes",
               "aggregate"}
 _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
+# what a spec's [config] sits on: the recipe its committed results were computed with (config.py)
+SPEC_BASE = tfns_recipe_defaults()
 _PLOT_KINDS = ("line", "rounds", "bar")
 
 
@@ -133,7 +137,7 @@ def load_spec(name_or_path: str, directory: Path | None = None) -> Experiment:
                 raise ConfigError(f"{path}: runs[{i}]: id/series names {exc} which is not a matrix key") from None
             overrides = {**common, **entry.get("config", {}), **values}
             try:
-                cfg = resolve({"population": clients, **overrides})  # as `simulate --num-clients` declares it
+                cfg = resolve({"population": clients, **overrides}, base=SPEC_BASE)  # as `simulate --num-clients` declares it
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {run_id}: {exc}") from None
             runs.append(RunSpec(run_id, series, kind, overrides, cfg, clients))
@@ -176,7 +180,9 @@ def _done(run: RunSpec) -> bool:
 
 def _command(run: RunSpec, out: Path) -> list[str]:
     cli = [sys.executable, "-m", "fl_dplora.cli"]
-    rc = " ".join(f"{k}={_toml(v)}" for k, v in sorted(run.overrides.items()))
+    # the spec's keys, and those where the recipe it sits on differs from today's defaults
+    moved = {k: v for k, v in SPEC_BASE.items() if v != SCHEMA[k].default}
+    rc = " ".join(f"{k}={_toml(v)}" for k, v in sorted({**moved, **run.overrides}.items()))
     if run.kind == "zero-shot":
         return [*cli, "evaluate", "--run-config", rc, "--output", str(out / "summary.json")]
     # the runner owns runs/<hash>/: a failed or stale attempt there is replaced
@@ -413,7 +419,7 @@ def mean_se(values: list[Any]) -> tuple[float | None, float | None]:
 def _cell_key(rec: Mapping[str, Any], keys: list[str]) -> str:
     """What a run computes (as its hash sees it) less the aggregated keys, plus its series and kind."""
     try:
-        cfg = resolve(rec.get("overrides", {}))
+        cfg = resolve(rec.get("overrides", {}), base=SPEC_BASE)
     except ConfigError:  # a record of an older schema: its overrides as they are
         cfg = dict(rec.get("overrides", {}))
     drop = SERVER_ONLY_KEYS | NON_COMPUTING_KEYS | {"population"} | {k.replace("_", "-") for k in keys}

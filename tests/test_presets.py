@@ -14,7 +14,7 @@ import pytest
 
 from fl_dplora.cli import build_parser, prepare_config
 from fl_dplora.config import (ConfigError, available_presets, load_preset, parse_overrides, preset_description,
-                              pyproject_defaults, resolve)
+                              defaults, resolve, tfns_recipe_defaults)
 from harness import REPO
 
 PRESETS = available_presets()
@@ -34,6 +34,35 @@ def _one_error_line(r) -> str:
     return lines[0].removeprefix(ERROR)
 
 
+def _pyproject_config() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+# ----------------------------------------------------------------------------- one source of defaults
+def test_pyproject_declares_exactly_the_packaged_defaults():
+    """`flwr run .` reads pyproject's table, `fl-dplora simulate` and a wheel the package's: equal,
+    key by key (audit-canaries is set by `fl-dplora audit` alone)."""
+    packaged = {k: v for k, v in defaults().items() if k != "audit-canaries"}
+    declared = _pyproject_config()
+    assert set(declared) == set(packaged), set(declared) ^ set(packaged)
+    assert resolve(base=declared) == defaults()
+    differ = {k for k in declared if declared[k] != packaged[k]}
+    assert differ == set(), differ
+
+
+def test_the_default_job_is_dp_lora_on_data_to_text():
+    """The default trains LoRA A and B under DP-SGD (no label head) with the data-to-text preset's
+    recipe; the TFNS label-head job is the fin-sentiment preset, and experiments keep it as their base."""
+    cfg = defaults()
+    assert cfg == resolve(base=load_preset("data-to-text"))
+    assert (cfg["task"], cfg["label-head"], cfg["lora-variant"], cfg["dp-mode"]) == ("data-to-text", False, "lora", "sample")
+    assert cfg["target-epsilon"] <= 8.0 and cfg["delta"] == 1e-5 and cfg["accountant"] == "prv"
+    tfns = tfns_recipe_defaults()
+    assert (tfns["task"], tfns["label-head"], tfns["head-rounds"], tfns["eval-every"]) == ("fin-sentiment", True, 4, 1)
+
+
 # ----------------------------------------------------------------------------- packaged presets
 def test_fin_sentiment_is_packaged_with_a_description():
     assert "fin-sentiment" in PRESETS
@@ -50,7 +79,7 @@ def test_every_packaged_preset_resolves(name):
     for key, value in values.items():
         assert cfg[key] == value, key
     # flwr run rejects an override key that pyproject's [tool.flwr.app.config] does not declare
-    assert set(values) <= set(pyproject_defaults()), set(values) - set(pyproject_defaults())
+    assert set(values) <= set(_pyproject_config()), set(values) - set(_pyproject_config())
 
 
 def test_data_to_text_preset_is_the_measured_dp_lora_recipe():
@@ -84,14 +113,14 @@ def test_config_presets_lists_each_with_its_first_comment_line(cli):
 # ----------------------------------------------------------------------------- precedence
 def test_precedence_defaults_then_preset_then_run_config(tmp_path):
     preset = tmp_path / "mine.toml"
-    preset.write_text('# mine\nmodel = "tiny-random-llama"\nlora-rank = 4\nnum-server-rounds = 2\n'
+    preset.write_text('# mine\nmodel = "tiny-random-llama"\nlora-rank = 6\nnum-server-rounds = 2\n'
                       "learning-rate = 0.01\npopulation = 9\n")
     cfg = prepare_config(["num-server-rounds=3", "learning-rate=0.02 lora-alpha=8"], str(tmp_path / "out"),
                          preset=str(preset))
-    defaults = pyproject_defaults()
-    assert cfg["lora-rank"] == 4 and cfg["population"] == 9  # preset over the defaults
+    defaults_ = defaults()
+    assert defaults_["lora-rank"] != 6 and cfg["lora-rank"] == 6 and cfg["population"] == 9  # preset over the defaults
     assert cfg["num-server-rounds"] == 3 and cfg["learning-rate"] == 0.02 and cfg["lora-alpha"] == 8.0  # run-config over it
-    assert cfg["dp-mode"] == defaults["dp-mode"] and cfg["seed"] == defaults["seed"]  # the rest: defaults
+    assert cfg["dp-mode"] == defaults_["dp-mode"] and cfg["seed"] == defaults_["seed"]  # the rest: defaults
     # the same through a packaged name
     cfg = prepare_config("target-epsilon=4", str(tmp_path / "out2"), preset="fin-sentiment")
     assert cfg["target-epsilon"] == 4.0 and cfg["label-head"] is True

@@ -1,4 +1,5 @@
-"""pyproject's recipe (issue 16) end to end through the real ServerApp/ClientApp loop, on the tiny model.
+"""The fin-sentiment preset's recipe (issue 16, the default before 2026-12) and the default data-to-text
+DP-LoRA job, end to end through the real ServerApp/ClientApp loop, on the tiny model.
 
 The recipe's own knobs (label-word loss, no system prompt, LoRA on all linear layers of the top
 blocks, AdamW, DP-SGD) with `lora-layers = 1` on the 2-block tiny LLaMA, so the frozen-prefix cache
@@ -12,6 +13,7 @@ import pytest
 import torch
 from harness import read_metrics, run_in_process
 
+from fl_dplora.config import defaults, tfns_recipe_defaults
 from fl_dplora.forward import clear_memory_cache, decoder_blocks
 from fl_dplora.models import get_peft_model
 
@@ -45,7 +47,7 @@ def _run_counting_block0(tmp_path, name: str, **extra):
 
     server_app._evaluate_global = evaluate_and_mark
     try:
-        summary, out = run_in_process(3, output_dir=tmp_path / name, defaults={}, **{**RECIPE, **extra})
+        summary, out = run_in_process(3, output_dir=tmp_path / name, defaults=tfns_recipe_defaults(), **{**RECIPE, **extra})
     finally:
         server_app._evaluate_global = original
         handle.remove()
@@ -69,3 +71,24 @@ def test_recipe_runs_with_the_prefix_cache_and_matches_the_uncached_run(tmp_path
     assert cached["final_eval"]["majority_rate"] == rows[-1]["eval_majority_rate"]
     assert cached["config"]["loss"] == "label-words" and cached["config"]["system-prompt"] == ""
     torch.manual_seed(0)  # leave the global RNG as other tests expect it
+
+
+def test_the_default_job_trains_lora_a_and_b_under_dp_and_scores_the_test_part(tmp_path):
+    """The package's defaults (the data-to-text DP-LoRA job) with only the model and sizes made small:
+    DP-SGD at epsilon <= 8 moves every LoRA B away from its zero init (the adapter, not a head, carries
+    what was learned), and the run ends with BLEU on the test part."""
+    from safetensors.torch import load_file
+
+    small = {"model": "tiny-random-llama", "max-train-samples": 60, "max-eval-samples": 4, "local-steps": 2,
+             "batch-size": 8, "micro-batch-size": 8, "max-new-tokens": 4, "lora-layers": 1, "secure-rng": False,
+             "checkpoint-every": 0}
+    assert set(small) & {"task", "dp-mode", "label-head", "lora-variant", "target-epsilon"} == set()
+    summary, out = run_in_process(3, output_dir=tmp_path / "default", defaults={}, **small)
+    assert summary["config"]["task"] == "data-to-text" and summary["config"]["dp-mode"] == "sample"
+    assert 0 < summary["privacy"]["epsilon"] <= defaults()["target-epsilon"] * (1 + 1e-6)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert b and all(float(t.abs().max()) > 0 for t in b)
+    assert not any("label_head" in k for k in adapter)
+    assert summary["test_eval"]["num_examples"] > 0 and summary["test_eval"]["bleu"] is not None
+    torch.manual_seed(0)

@@ -32,7 +32,7 @@ NUM_CLIENTS = 3
 RUN_CONFIG = ("model=tiny-random-llama num-server-rounds=2 local-steps=2 batch-size=8 micro-batch-size=4 "
               "max-eval-samples=32 max-train-samples=300 max-seq-len=64 "
               "lora-variant=lora lora-layers=0 learning-rate=0.05 optimizer=sgd lora-targets=q_proj,v_proj "
-              "loss=answer-tokens system-prompt=auto label-head=false head-rounds=0")  # plain LoRA, SGD: A and B both move (pyproject: the recipe)
+              "loss=answer-tokens system-prompt=auto label-head=false head-rounds=0 task=fin-sentiment eval-every=1 lora-rank=8")  # plain LoRA, SGD: A and B both move
 MODES = ("none", "sample")
 TIMEOUT_S = 560
 
