@@ -123,6 +123,14 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         charged = _charge_unaccounted(wal.unaccounted(rounds_done), mode, accountant_sigma, server_ledger,
                                       client_ledgers, client_eps, cfg)
         epsilon = _run_epsilon(mode, server_ledger, client_ledgers, cfg)
+        if mode.client_level and server_ledger.total_steps > rounds_done:  # a crash charged a lost attempt
+            again = mode.remaining_noise_multipliers(server_ledger.history, rounds - rounds_done,
+                                                     server_ledger.history[-1][0])
+            if again is not None and again[1] != accountant_sigma:  # None: σ fixed, or nothing left to spend
+                log.info("resume: %d attempts charged; noise multiplier %.4f -> %.4f so that the last %d round(s) fit "
+                         "target-epsilon %g", server_ledger.total_steps, server_sigma, again[0], rounds - rounds_done,
+                         cfg["target-epsilon"])
+                (server_sigma, accountant_sigma), strategy.server_sigma = again, again[0]
         log.info("resuming %s after round %d (epsilon so far %.4g, %d begun round(s) after the checkpoint charged)",
                  out_dir, rounds_done, epsilon, charged)
     bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
@@ -149,7 +157,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             config[protocol.CLIENT_LEDGERS] = json.dumps(_handback(client_ledgers, client_eps))
         messages = strategy.configure_train(rnd, strategy.global_record(round_keys(cfg, rnd, params)), config, grid)
         # write-ahead: the round and whom it asks are on disk before any client sees a message
-        attempt = wal.begin(rnd, [str(int(m.metadata.dst_node_id)) for m in messages])
+        attempt = wal.begin(rnd, [str(int(m.metadata.dst_node_id)) for m in messages],
+                            accountant_sigma if event is not None else None)
         if mode.secure:  # SecAgg+: the server only ever holds the sum of the round's updates
             strategy.aggregate_secure(rnd, grid)
         else:
@@ -258,7 +267,7 @@ def _charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: 
                         client_ledgers: dict[str, dict[str, list]], client_eps: dict[int, dict[str, Any]], cfg) -> int:
     """Charge every round begun after the checkpoint (write_ahead.py), in the order they began."""
     for att in attempts:
-        event = mode.round_event(accountant_sigma)
+        event = mode.round_event(accountant_sigma if att.sigma is None else float(att.sigma))
         if event is not None:
             server_ledger.step(*event)
         if not mode.example_level:
@@ -435,7 +444,9 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
         block["mode"] = mode.name
         if mode.secure:
             block["secure_aggregation"] = mode.secagg_describe(dim, server_sigma, epsilon)
-        against_server = mode.epsilon_against_server([accountant_sigma] * server_ledger.total_steps)
+        block["history"] = [list(e) for e in server_ledger.history]  # σ recalibrated after a resume: two σ's
+        # the nodes' own noise is the config's σ whatever a resume raised the server's to (modes.ClientDP.aggregate)
+        against_server = mode.epsilon_against_server([mode.noise_multipliers()[1]] * server_ledger.total_steps)
         if against_server is not None:
             block["epsilon_against_server"] = against_server
     return block

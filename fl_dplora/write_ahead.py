@@ -3,7 +3,8 @@
 `rounds.wal` (owner-only, each line fsynced): before a round's train messages go out the server
 records that the round began and whom it asked; as soon as the replies are in, the ledgers they
 reported. A resume charges every round begun after its checkpoint (once per attempt, so a rerun
-round counts twice): the server's client-level ledger gets one event per attempt, and each asked
+round counts twice): the server's client-level ledger gets one event per attempt (at the σ the
+begin row records; after a resume σ is recalibrated for the rounds left), and each asked
 client's example-level ledger continues from the last ledger it reported, plus a worst-case charge
 for every later attempt whose replies never arrived. Without it, a server killed between replies
 and checkpoint would rerun the round with fresh noise and report the ε of one run.
@@ -41,6 +42,7 @@ class Attempt:
     round: int
     asked: list[str]
     ledgers: dict[str, dict[str, list]] | None  # None: its replies never reached the log
+    sigma: float | None = None  # the accountant's σ of a client-level round (None: a log without it)
 
 
 class WriteAhead:
@@ -51,9 +53,10 @@ class WriteAhead:
             for p in (self.path, self.operator_path):
                 p.unlink(missing_ok=True)
 
-    def begin(self, rnd: int, asked: Iterable[str]) -> str:
+    def begin(self, rnd: int, asked: Iterable[str], sigma: float | None = None) -> str:
         attempt = uuid.uuid4().hex
-        _append(self.path, {"event": "begin", "attempt": attempt, "round": rnd, "asked": list(asked)})
+        row = {"event": "begin", "attempt": attempt, "round": rnd, "asked": list(asked)}
+        _append(self.path, row if sigma is None else {**row, "sigma": float(sigma)})
         return attempt
 
     def replied(self, attempt: str, rnd: int, ledgers: Mapping[str, Mapping[str, list]]) -> None:
@@ -75,7 +78,8 @@ class WriteAhead:
             if int(row.get("round", 0)) <= checkpoint_round:
                 continue
             if row["event"] == "begin":
-                attempts[row["attempt"]] = Attempt(row["attempt"], int(row["round"]), list(row["asked"]), None)
+                attempts[row["attempt"]] = Attempt(row["attempt"], int(row["round"]), list(row["asked"]), None,
+                                                  row.get("sigma"))
             elif row["event"] == "ledgers" and row["attempt"] in attempts:
                 attempts[row["attempt"]].ledgers = dict(row["ledgers"])
         return list(attempts.values())

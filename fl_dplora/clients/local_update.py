@@ -29,7 +29,7 @@ from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import (
     adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
 )
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
+from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, calibrate_schedule
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
@@ -85,28 +85,39 @@ def _client_seed_parts(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % (2**31)))
 
 
-def sample_schedule(cfg: dict[str, Any], n: int) -> tuple[tuple[float, int], ...]:
-    """(sample rate, steps) of every DP-SGD stage of the run for a client with n examples, if it
-    takes part in every round: head-only rounds, then the LoRA rounds."""
+def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
+    """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client with n examples,
+    if it takes part in every round: head-only rounds, then the LoRA rounds."""
     rounds = int(cfg["num-server-rounds"])
     head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
     stages = []
-    for first, count in ((1, head), (head + 1, rounds - head)):
-        if count:
-            st = stage_config(cfg, first, n)
-            stages.append((min(1.0, int(st["batch-size"]) / n), count * int(st["local-steps"])))
+    for start, count in ((1, head), (head + 1, rounds - head)):
+        lo = max(start, first)
+        if start + count - lo > 0:
+            st = stage_config(cfg, lo, n)
+            stages.append((min(1.0, int(st["batch-size"]) / n), (start + count - lo) * int(st["local-steps"])))
     return tuple(stages)
 
 
-def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int) -> float:
-    """σ for DP-SGD: fixed, or calibrated once so that every step of the whole run fits the target."""
-    if "sigma" in state:
-        return float(state["sigma"])
+def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: PrivacyLedger, server_round: int) -> float:
+    """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
+    node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
+    handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
     if cfg["noise-multiplier"] > 0:
-        sigma = float(cfg["noise-multiplier"])
-    else:  # worst case for this client: it takes part in every round
-        sigma = calibrate_schedule(cfg["target-epsilon"], cfg["delta"], sample_schedule(cfg, n), cfg["accountant"])
-    state["sigma"] = sigma
+        return float(cfg["noise-multiplier"])
+    plan, left = sample_schedule(cfg, n), sample_schedule(cfg, n, server_round)
+    extra = ledger.total_steps - sum(k for _, k in plan) + sum(k for _, k in left)
+    if "sigma" in state and extra <= int(state.get("sigma-extra", 0)):
+        return float(state["sigma"])
+    args = (cfg["target-epsilon"], cfg["delta"])
+    sigma = calibrate_schedule(*args, plan, cfg["accountant"])  # worst case for this client: it takes part in every round
+    if extra > 0 and left:
+        at_least = PrivacyLedger((sigma, q, k) for q, k in plan).epsilon(cfg["delta"], cfg["accountant"])
+        try:
+            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg["accountant"], at_least)
+        except ConfigError:  # nothing left to spend: the budget check below refuses the round
+            pass
+    state["sigma"], state["sigma-extra"] = sigma, max(0, extra)
     return sigma
 
 
@@ -170,7 +181,7 @@ def train(msg: Message, context: Context) -> Message:
     if mode.client_level:
         log_row.update(_compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
-        sigma = _dp_sample_sigma(cfg, state, n)
+        sigma = _dp_sample_sigma(cfg, state, n, ledger, server_round)
         projected = PrivacyLedger.from_record(ledger.to_record())
         projected.step(sigma, q, int(stage["local-steps"]))
         epsilon_after = projected.epsilon(cfg["delta"], cfg["accountant"])
@@ -185,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
         charge = (sigma, q, int(stage["local-steps"]))
         log_row["steps"] = projected.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
-        charge = mode.round_event(node_accountant_sigma)
+        charge = mode.round_event(_client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row))
         rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
         log_row["rounds-charged"] = rounds
         if policy.active:
@@ -242,6 +253,26 @@ def train(msg: Message, context: Context) -> Message:
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: float, log_row: dict[str, Any]) -> float:
+    """The σ this node charges a client-level attempt at: the run's, or after a rerun attempt in its
+    own ledger, recalibrated from that ledger for the rounds left (the server does so from its own).
+    Local noise keeps the config's σ, the noise the node adds and the server tops up to its own
+    (modes.ClientDP.aggregate): its ε against the server is composed from these charges."""
+    if mode.local_noise:
+        return planned
+    rate = float(mode.cfg["fraction-train"])
+    history = node_ledger.client_history(mode.unit, server_round, planned, rate)
+    if sum(k for *_, k in history) <= server_round - 1:
+        return planned
+    last = [x["sigma"] for x in node_ledger.lines if x["event"] == "charge" and x.get("unit") == mode.unit][-1:]
+    again = mode.remaining_noise_multipliers(history, int(mode.cfg["num-server-rounds"]) - server_round + 1,
+                                             float(last[0]) if last else None)
+    if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
+        return planned
+    log_row["sigma-recalibrated"] = again[1]
+    return again[1]
 
 
 def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:

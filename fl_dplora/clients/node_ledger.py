@@ -133,6 +133,20 @@ class NodeLedger:
             events.append((min(s for _, s, _ in attempts), max(q for _, _, q in attempts), skipped))
         return events
 
+    def client_history(self, unit: str, server_round: int, sigma: float, rate: float) -> list[tuple[float, float, int]]:
+        """The run's client-level events as this node bounds them before it attempts `server_round`:
+        its attempts, and the rounds before it that it skipped (at the smallest σ it charged, else
+        `sigma`). More than server_round - 1 of them: an attempt was rerun (modes.remaining_noise_multipliers)."""
+        attempts = [(int(x["round"]), float(x["sigma"]), float(x["rate"]))
+                    for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+        top = max((r for r, _, _ in attempts), default=0)
+        skipped = self.rounds_charged([r for r, _, _ in attempts]) + max(0, server_round - 1 - top) - len(attempts)
+        events = [(s, q, 1) for _, s, q in attempts]
+        if skipped > 0:
+            events.append((min((s for _, s, _ in attempts), default=sigma),
+                           max((q for *_, q in attempts), default=rate), skipped))
+        return events
+
     def attempt_sigmas(self, unit: str, sigma: float) -> list[float]:
         """σ of every attempt this node began, this one (at `sigma`) included: what the server saw."""
         return [float(x["sigma"]) for x in self.lines if x["event"] == "charge" and x.get("unit") == unit] + [float(sigma)]

@@ -220,8 +220,16 @@ def calibrate_schedule(
             ledger.step(sigma, q, steps)
         return ledger.epsilon(delta, accountant)
 
-    # Grow an upper bracket geometrically.
-    lo, hi = 0.0, 1.0
+    return _bisect(eps, target_epsilon, delta, described, accountant, epsilon_tolerance)
+
+
+def _bisect(eps, target_epsilon: float, delta: float, described: str, accountant: str, epsilon_tolerance: float,
+            at_least: float = 0.0) -> float:
+    """Smallest σ (to tolerance) with eps(σ) <= target, eps decreasing in σ. Bisection stops when the
+    epsilon reached is within `epsilon_tolerance` (relative) below the target and >= `at_least`, or
+    the σ bracket is within 0.1% (1e-9 while `at_least` is unmet). The returned σ is always one
+    whose epsilon was computed and found <= target."""
+    lo, hi = 0.0, 1.0  # grow an upper bracket geometrically
     eps_hi = eps(hi)
     while eps_hi > target_epsilon:
         if hi >= MAX_SIGMA:
@@ -232,7 +240,8 @@ def calibrate_schedule(
         lo, hi = hi, min(2 * hi, MAX_SIGMA)
         eps_hi = eps(hi)
 
-    while eps_hi < target_epsilon * (1 - epsilon_tolerance) and hi - lo > 1e-3 * hi:
+    floor = max(target_epsilon * (1 - epsilon_tolerance), min(at_least, target_epsilon))
+    while eps_hi < floor and hi - lo > (1e-9 if eps_hi < at_least else 1e-3) * hi:
         mid = (lo + hi) / 2
         eps_mid = eps(mid)
         if eps_mid <= target_epsilon:
@@ -245,6 +254,41 @@ def calibrate_schedule(
     if not eps_hi <= target_epsilon:  # pragma: no cover
         raise RuntimeError(f"noise calibration failed: sigma={hi} gives epsilon={eps_hi} > {target_epsilon}")
     return hi
+
+
+@lru_cache(maxsize=256)
+def calibrate_remaining(
+    target_epsilon: float,
+    delta: float,
+    charged_history: tuple[Event, ...],
+    remaining_schedule: tuple[tuple[float, int], ...],
+    accountant: str = "prv",
+    at_least: float = 0.0,
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest σ for the steps still to come (`remaining_schedule`: (sample rate, steps) stages)
+    such that they, composed after everything already charged (`charged_history`, (σ, q, steps)
+    events, e.g. a crashed round's attempt charged twice), keep epsilon <= target: after a resume
+    all rounds still run. `at_least`: bisect on until epsilon reaches it too (the uninterrupted
+    plan's epsilon), so an extra attempt never ends a run below the plan. Events are composed in a
+    canonical order (composition commutes), so a node and the server that hold the same events get
+    the same σ. Raises ConfigError when what is charged leaves no room."""
+    _check_accountant(accountant)
+    if not remaining_schedule:
+        raise ConfigError("steps: a schedule needs at least one stage")
+    for sample_rate, steps in remaining_schedule:
+        _check_calibration_inputs(target_epsilon, delta, sample_rate, steps)
+    charged = PrivacyLedger(sorted(PrivacyLedger(charged_history).history)).history
+    described = (f"{sum(n for *_, n in charged)} steps already charged + "
+                 + " + ".join(f"{steps} steps at q={q:g}" for q, steps in remaining_schedule))
+
+    def eps(sigma: float) -> float:
+        ledger = PrivacyLedger(charged)
+        for q, steps in remaining_schedule:
+            ledger.step(sigma, q, steps)
+        return ledger.epsilon(delta, accountant)
+
+    return _bisect(eps, target_epsilon, delta, described, accountant, epsilon_tolerance, at_least)
 
 
 def paper_noise_multiplier(epsilon: float, delta: float) -> float:

@@ -209,6 +209,28 @@ class ClientDP(DPMode):
                                                         int(cfg["num-server-rounds"]), cfg["accountant"])
         return sigma, sigma / factor
 
+    def remaining_noise_multipliers(self, charged: Sequence[tuple[float, float, int]], rounds_left: int,
+                                    keep: float | None = None) -> tuple[float, float] | None:
+        """(σ applied, σ accounted) for the last `rounds_left` rounds after a resume whose charges (`charged`,
+        a crashed attempt too) exceed the rounds done: all fit the target, at no less than the plan's ε; `keep`
+        (the σ last charged) stays while they fit at it, so node and server keep the σ chosen at the resume.
+        None: σ stays (fixed; distributed noise: all nodes' SecAgg+ grid needs one σ; or nothing left)."""
+        from fl_dplora.config import ConfigError
+        from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, epsilon_for
+        cfg, factor, q = self.cfg, self._sensitivity(), float(self.cfg["fraction-train"])
+        if cfg["noise-multiplier"] > 0 or self.distributed_noise or rounds_left < 1:
+            return None
+        if keep is not None and PrivacyLedger([*charged, (keep, q, rounds_left)]).epsilon(
+                cfg["delta"], cfg["accountant"]) <= cfg["target-epsilon"]:
+            return factor * keep, keep
+        plan = epsilon_for(self.noise_multipliers()[1], q, int(cfg["num-server-rounds"]), cfg["delta"], cfg["accountant"])
+        try:
+            sigma = calibrate_remaining(cfg["target-epsilon"], cfg["delta"], tuple(map(tuple, charged)),
+                                        ((q, int(rounds_left)),), cfg["accountant"], at_least=plan)
+        except ConfigError:
+            return None
+        return factor * sigma, sigma
+
     def round_event(self, accountant_sigma: float) -> tuple[float, float, int]:
         return accountant_sigma, float(self.cfg["fraction-train"]), 1
 
@@ -257,6 +279,9 @@ class ClientDP(DPMode):
         # noise of the population - m clients that did not reply, so the variance never reveals m.
         # A round with no reply is still noised: the accountant charged it.
         std = sigma * self.c * (math.sqrt(self.population - m) if self.local_noise else 1.0)
+        own = self.noise_multipliers()[0] if self.local_noise else sigma
+        if own < sigma:  # σ raised by a resume: replies carry the nodes' σ (the config's), topped up to σ too
+            std = self.c * math.sqrt(sigma**2 * (self.population - m) + (sigma**2 - own**2) * m)
         for k in total:
             total[k] += gaussian_like(total[k], std, generator)
         return {k: v / self.divisor for k, v in total.items()}
