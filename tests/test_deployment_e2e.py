@@ -38,9 +38,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 FLWR = str(BIN / "flwr")
+
+
+def tfns_recipe_defaults_for_run_config() -> dict:
+    """The keys where the TFNS recipe differs from today's defaults (pyproject's, which flwr run reads)."""
+    from fl_dplora.config import defaults, tfns_recipe_defaults
+
+    now = defaults()
+    return {k: v for k, v in tfns_recipe_defaults().items() if v != now[k]}
 # Small, fast settings (same as the simulation smoke run); output-dir is added per test (absolute:
 # the ServerApp runs in another process with another working directory).
+# On the TFNS label-head recipe (the fin-sentiment preset, the defaults these tests were written for).
 SMALL = {
+    **tfns_recipe_defaults_for_run_config(),
     "model": "tiny-random-llama", "num-server-rounds": 2, "local-steps": 2, "batch-size": 8,
     "micro-batch-size": 4, "max-eval-samples": 32, "max-train-samples": 300, "max-seq-len": 64,
 }

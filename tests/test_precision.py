@@ -112,15 +112,16 @@ def test_checkpointing_gives_the_same_per_example_gradients_for_every_target(whi
 
 @pytest.mark.slow
 def test_a_gradient_checkpointing_run_completes(cli, tmp_path):
-    """`fl-dplora simulate` with gradient-checkpointing=true and DP-SGD, on pyproject's LoRA targets (every
-    linear of the adapted blocks): it crashed in the ClientApp before (issue 28 defect 1)."""
+    """`fl-dplora simulate` with gradient-checkpointing=true and DP-SGD, on LoRA targets of every linear
+    of the adapted blocks: it crashed in the ClientApp before (issue 28 defect 1)."""
     import json
 
     out = tmp_path / "ckpt"
     res = cli(["simulate", "--num-clients", "2", "--num-cpus", "1", "--output-dir", str(out), "--run-config",
                "model=tiny-random-llama label-head=false gradient-checkpointing=true dp-mode=sample "
                "num-server-rounds=1 local-steps=1 batch-size=8 micro-batch-size=4 max-train-samples=40 "
-               "max-eval-samples=8 max-seq-len=48"], timeout=600)
+               "max-eval-samples=8 max-seq-len=48 lora-targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+              timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["config"]["gradient-checkpointing"] is True
