@@ -147,14 +147,14 @@ def test_two_stage_schedule_is_calibrated_and_accounted_as_composed():
 
 
 def test_stage_config_uses_the_head_keys_in_head_rounds_only():
-    cfg = resolve({"label-head": True, "head-rounds": 2, "num-server-rounds": 3, "head-batch-size": 0,
+    cfg = resolve({"task": "fin-sentiment", "loss": "label-words", "label-head": True, "head-rounds": 2, "num-server-rounds": 3, "head-batch-size": 0,
                    "head-local-steps": 7, "local-steps": 3, "batch-size": 16, "micro-batch-size": 8})
     assert (stage_config(cfg, 2, 50)["batch-size"], stage_config(cfg, 2, 50)["local-steps"]) == (50, 7)
     assert (stage_config(cfg, 3, 50)["batch-size"], stage_config(cfg, 3, 50)["local-steps"]) == (16, 3)
     from fl_dplora.clients.local_update import sample_schedule
 
     assert sample_schedule(cfg, 50) == ((1.0, 14), (16 / 50, 3))
-    only_head = resolve({**{k: cfg[k] for k in ("label-head", "head-local-steps")}, "head-rounds": 9, "num-server-rounds": 3})
+    only_head = resolve({**{k: cfg[k] for k in ("task", "loss", "label-head", "head-local-steps")}, "head-rounds": 9, "num-server-rounds": 3})
     assert sample_schedule(only_head, 50) == ((1.0, 21),)  # head-rounds beyond the run: every round head-only
 
 
