@@ -145,7 +145,7 @@ def allowed_values(spec: Key) -> str:
         parts.append(f"{'>' if spec.min_exclusive else '>='} {spec.min:g}")
     if spec.max is not None:
         parts.append(f"<= {spec.max:g}")
-    return ", ".join(parts) or "text"
+    return ", ".join(parts) or {int: "integer", float: "number"}.get(spec.type, "text")
 
 
 def describe_keys(markdown: bool = False) -> str:

@@ -84,3 +84,12 @@ def test_committed_reproduction_checks_passed():
     for f in files:
         runs = json.loads(f.read_text())["runs"]
         assert runs and all(r["reproduced"] and r["bit_identical"] and not r["differences"] for r in runs), f
+
+
+def test_config_table_names_the_type_of_numeric_keys_without_a_range():
+    """`fl-dplora config` once listed `text` as the allowed values of `seed` and `noise-multiplier`."""
+    from fl_dplora.config import SCHEMA, allowed_values
+
+    assert allowed_values(SCHEMA["seed"]) == "integer" and allowed_values(SCHEMA["noise-multiplier"]) == "number"
+    assert [k for k, spec in SCHEMA.items() if spec.type is not str and allowed_values(spec) == "text"] == []
+    assert allowed_values(SCHEMA["output-dir"]) == "text"
