@@ -139,7 +139,7 @@ def test_audit_flags_a_run_that_claims_dp_but_adds_no_noise(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_audit_cli_client_mode_canaries_are_whole_clients(cli, tmp_path):
-    rc = ("model=tiny-random-llama max-train-samples=40 batch-size=8 micro-batch-size=8 local-steps=2 "
+    rc = ("model=tiny-random-llama task=fin-sentiment max-train-samples=40 batch-size=8 micro-batch-size=8 local-steps=2 "
           "num-server-rounds=2 dp-mode=client target-epsilon=4 secure-rng=false max-eval-samples=8 "
           "label-head=false head-rounds=0")
     res = cli(["audit", "--num-clients", "2", "--canaries", "16", "--references", "16", "--run-config", rc,
@@ -154,7 +154,7 @@ def test_audit_cli_client_mode_canaries_are_whole_clients(cli, tmp_path):
 
 
 def test_audit_cli_rejects_bad_input_before_training(cli, tmp_path):
-    res = cli(["audit", "--canaries", "2", "--run-config", "model=tiny-random-llama label-head=false head-rounds=0",
+    res = cli(["audit", "--canaries", "2", "--run-config", "model=tiny-random-llama task=fin-sentiment label-head=false head-rounds=0",
                "--output-dir", str(tmp_path)])
     assert res.returncode == 2 and "--canaries" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()

@@ -69,6 +69,6 @@ def test_bad_input_fails_with_one_clear_line_before_ray(cli, no_ray, data_dir, t
 @pytest.mark.slow
 def test_a_valid_run_does_reach_ray(cli, no_ray, tmp_path):
     """Positive control: with good input the same command gets as far as importing Ray."""
-    r = cli(["simulate", "--num-clients", "2", "--run-config", "model=tiny-random-llama max-train-samples=20",
+    r = cli(["simulate", "--num-clients", "2", "--run-config", "model=tiny-random-llama task=fin-sentiment max-train-samples=20",
              "--output-dir", str(tmp_path / "out")], env=no_ray, timeout=WALL_LIMIT_S)
     assert r.returncode == RAY_IMPORTED, r.stderr[-2000:]

@@ -19,7 +19,7 @@ from harness import REPO, run_in_process
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.run_dir import REFUSAL, RUN_FILES, check_output_dir, claim_output_dir, run_files
 
-TINY_RUN = ("model=tiny-random-llama label-head=false head-rounds=0 lora-layers=0 lora-targets=q_proj,v_proj "
+TINY_RUN = ("model=tiny-random-llama task=fin-sentiment label-head=false head-rounds=0 lora-layers=0 lora-targets=q_proj,v_proj "
             "lora-variant=lora num-server-rounds=1 local-steps=1 batch-size=8 micro-batch-size=4 "
             "max-train-samples=40 max-eval-samples=8 max-seq-len=48 dp-mode=none checkpoint-every=1")
 

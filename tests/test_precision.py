@@ -118,7 +118,7 @@ def test_a_gradient_checkpointing_run_completes(cli, tmp_path):
 
     out = tmp_path / "ckpt"
     res = cli(["simulate", "--num-clients", "2", "--num-cpus", "1", "--output-dir", str(out), "--run-config",
-               "model=tiny-random-llama label-head=false gradient-checkpointing=true dp-mode=sample "
+               "model=tiny-random-llama task=fin-sentiment label-head=false gradient-checkpointing=true dp-mode=sample "
                "num-server-rounds=1 local-steps=1 batch-size=8 micro-batch-size=4 max-train-samples=40 "
                "max-eval-samples=8 max-seq-len=48 lora-targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
               timeout=600)

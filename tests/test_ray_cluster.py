@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 FL_DPLORA = str(BIN / "fl-dplora")
-TINY = ("model=tiny-random-llama num-server-rounds=1 local-steps=2 batch-size=8 micro-batch-size=4 "
+TINY = ("model=tiny-random-llama task=fin-sentiment num-server-rounds=1 local-steps=2 batch-size=8 micro-batch-size=4 "
         "max-eval-samples=32 max-train-samples=300 max-seq-len=64")
 
 if not Path(RAY).is_file():

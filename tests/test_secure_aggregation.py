@@ -398,7 +398,7 @@ def test_simulate_refuses_before_ray_starts(tmp_path):
     --num-clients are refused in one line by the command, before Ray or a model starts."""
     from harness import run_cli
 
-    base = "model=tiny-random-llama dp-mode=client secure-aggregation=true max-train-samples=300"
+    base = "model=tiny-random-llama task=fin-sentiment dp-mode=client secure-aggregation=true max-train-samples=300"
     for extra, start in [("min-available=3", "secure-aggregation: a round is refused when fewer than 3 clients"),
                          ("population=4", "population: 4 declared but simulate starts 3 nodes"),
                          ("secagg-dropout-rate=0.2", "secure-aggregation: a round is refused when fewer than 2 clients")]:
