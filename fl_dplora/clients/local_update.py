@@ -266,9 +266,9 @@ def _client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: flo
     history = node_ledger.client_history(mode.unit, server_round, planned, rate)
     if sum(k for *_, k in history) <= server_round - 1:
         return planned
-    last = [x["sigma"] for x in node_ledger.lines if x["event"] == "charge" and x.get("unit") == mode.unit][-1:]
+    last = [s for _, s, _ in node_ledger.charges(mode.unit)][-1:]
     again = mode.remaining_noise_multipliers(history, int(mode.cfg["num-server-rounds"]) - server_round + 1,
-                                             float(last[0]) if last else None)
+                                             last[0] if last else None)
     if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
         return planned
     log_row["sigma-recalibrated"] = again[1]

@@ -107,8 +107,13 @@ class NodeLedger:
         return True
 
     # ---------------------------------------------------------------- client level
+    def charges(self, unit: str) -> list[tuple[int, float, float]]:
+        """(round, σ, rate) of every attempt charged at this unit, in the order begun."""
+        return [(int(x["round"]), float(x["sigma"]), float(x["rate"]))
+                for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+
     def attempts(self, unit: str) -> list[int]:
-        return [int(x["round"]) for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+        return [r for r, _, _ in self.charges(unit)]
 
     @staticmethod
     def rounds_charged(rounds: Sequence[int]) -> int:
@@ -124,9 +129,7 @@ class NodeLedger:
         (σ, rate): every attempt at the σ and rate it charged (a server that lowered σ mid-run is
         counted at the lower σ, never at today's), and every round it skipped (Poisson sampling
         makes each round of the run an event for every client) at the most expensive of them."""
-        attempts = [(int(x["round"]), float(x["sigma"]), float(x["rate"]))
-                    for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
-        attempts.append((int(server_round), float(sigma), float(rate)))
+        attempts = [*self.charges(unit), (int(server_round), float(sigma), float(rate))]
         events = [(s, q, 1) for _, s, q in attempts]
         skipped = self.rounds_charged([r for r, _, _ in attempts]) - len(attempts)
         if skipped > 0:
@@ -137,8 +140,7 @@ class NodeLedger:
         """The run's client-level events as this node bounds them before it attempts `server_round`:
         its attempts, and the rounds before it that it skipped (at the smallest σ it charged, else
         `sigma`). More than server_round - 1 of them: an attempt was rerun (modes.remaining_noise_multipliers)."""
-        attempts = [(int(x["round"]), float(x["sigma"]), float(x["rate"]))
-                    for x in self.lines if x["event"] == "charge" and x.get("unit") == unit]
+        attempts = self.charges(unit)
         top = max((r for r, _, _ in attempts), default=0)
         skipped = self.rounds_charged([r for r, _, _ in attempts]) + max(0, server_round - 1 - top) - len(attempts)
         events = [(s, q, 1) for _, s, q in attempts]
@@ -149,7 +151,7 @@ class NodeLedger:
 
     def attempt_sigmas(self, unit: str, sigma: float) -> list[float]:
         """σ of every attempt this node began, this one (at `sigma`) included: what the server saw."""
-        return [float(x["sigma"]) for x in self.lines if x["event"] == "charge" and x.get("unit") == unit] + [float(sigma)]
+        return [s for _, s, _ in self.charges(unit)] + [float(sigma)]
 
     # ---------------------------------------------------------------- both
     def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int) -> None:
