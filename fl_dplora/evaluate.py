@@ -88,15 +88,21 @@ def bleu_bootstrap_se(hypotheses: Sequence[str], references: Sequence[Sequence[s
                       resamples: int = BOOTSTRAP_RESAMPLES) -> float | None:
     """Standard error of corpus BLEU: the std of BLEU over inputs resampled with replacement (fixed
     seed, so a rerun reports the same SE). Corpus BLEU is not a mean of per-input scores, hence the
-    bootstrap (as sacrebleu's own paired bootstrap does for system comparisons)."""
+    bootstrap. Each input's n-gram statistics are extracted once and resamples sum them, as sacrebleu's
+    own significance tests do (re-scoring every resample re-tokenized ~1,900 references 200 times: 35 s
+    for the 215 test MRs)."""
+    from sacrebleu.metrics import BLEU
+
     n = len(hypotheses)
     if n < 2:
         return None
+    width = max(len(r) for r in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    metric = BLEU(tokenize=BLEU_TOKENIZE)
+    stats = torch.tensor(metric._extract_corpus_statistics(list(hypotheses), streams), dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    draws = []
-    for _ in range(resamples):
-        idx = torch.randint(n, (n,), generator=g).tolist()
-        draws.append(corpus_bleu([hypotheses[i] for i in idx], [references[i] for i in idx]))
+    draws = [metric._compute_score_from_stats(stats[torch.randint(n, (n,), generator=g)].sum(0).tolist()).score
+             for _ in range(resamples)]
     return float(torch.tensor(draws, dtype=torch.float64).std())
 
 

@@ -144,6 +144,24 @@ def test_bleu_standard_error_is_a_bootstrap_over_inputs():
     assert bleu_bootstrap_se(mixed[:1], refs[:1]) is None  # one input: no spread to measure
 
 
+def test_bleu_standard_error_from_summed_statistics_equals_rescoring_each_resample():
+    """The fast bootstrap (per-input n-gram statistics summed per resample) is the same number as
+    scoring each resampled corpus with sacrebleu from its text."""
+    import torch
+
+    from fl_dplora.evaluate import BOOTSTRAP_RESAMPLES, bleu_bootstrap_se, corpus_bleu
+
+    refs = [["the cat sat on the mat", "a cat sat on the mat"], ["there is a pub near the river"],
+            ["Blue Spice serves French food in the city centre", "Blue Spice is in the centre"],
+            ["a cheap family friendly coffee shop"], ["The Eagle is a pub", "Eagle: a pub by the river", "a pub"]]
+    hyps = ["the cat sat on a mat", "a pub is near a river", "French food at Blue Spice", "cheap coffee", "The Eagle pub"]
+    g, n, draws = torch.Generator().manual_seed(0), len(hyps), []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = torch.randint(n, (n,), generator=g).tolist()
+        draws.append(corpus_bleu([hyps[i] for i in idx], [refs[i] for i in idx]))
+    assert bleu_bootstrap_se(hyps, refs) == pytest.approx(float(torch.tensor(draws, dtype=torch.float64).std()), rel=1e-9)
+
+
 def test_paired_bleu_test_separates_a_better_system_and_not_itself():
     from fl_dplora.evaluate import paired_bleu_p_value
 
