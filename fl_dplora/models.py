@@ -221,6 +221,41 @@ def lora_key(cfg: Mapping[str, Any], device: torch.device | None = None) -> tupl
     )
 
 
+def _check_targets(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora_targets(cfg) if t not in present]
+    if missing:
+        raise ConfigError(
+            f"lora-targets: {', '.join(missing)} not in model {cfg['model']}; it has e.g. "
+            + ", ".join(sorted(n for n in present if "proj" in n or "attn" in n or "fc" in n)[:8])
+        )
+
+
+def check_lora_targets(cfg: Mapping[str, Any]) -> None:
+    """lora-targets against the model's modules, built from its config on the meta device (no
+    weights, a few seconds): a typo is refused before Ray or a model load. Where the config cannot
+    be read here the check is left to get_peft_model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = cfg["model"]
+    try:
+        if name in ("smollm2-135m", "tiny-random-llama"):  # both LLaMA: the same module names
+            config = _tiny_config("tiny-random-llama", 32)
+        elif name in TINY_ALIASES:
+            config = _tiny_config(name, 32)
+        elif Path(os.path.expanduser(name)).suffix == ".gguf":
+            path = Path(os.path.expanduser(name))
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(name, revision=cfg.get("revision") or None,
+                                                trust_remote_code=bool(cfg.get("trust-remote-code")))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=bool(cfg.get("trust-remote-code")))
+    except Exception:  # noqa: BLE001 - an unreadable config is reported where the model loads
+        return
+    _check_targets(skeleton, cfg)
+
+
 _CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None, "init": None}
 
 
@@ -248,13 +283,7 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     _CACHE.update(base_id=base_id, peft=None, key=None)
 
     targets = lora_targets(cfg)
-    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ConfigError(
-            f"lora-targets: {', '.join(missing)} not in model {cfg['model']}; it has e.g. "
-            + ", ".join(sorted(n for n in present if "proj" in n or "attn" in n or "fc" in n)[:8])
-        )
+    _check_targets(base, cfg)
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     last = int(cfg["lora-layers"])
     # "the last N blocks"; a model with N blocks or fewer is adapted everywhere

@@ -23,7 +23,7 @@ from fl_dplora.data import check_task, encode_all, eval_examples, head_stat_exam
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.evaluate import evaluate, score_test_part
 from fl_dplora.models import (
-    adapter_parameters, check_model_name, check_runtime, full_model_stats, get_peft_model, load_adapter_weights,
+    adapter_parameters, check_lora_targets, check_model_name, check_runtime, full_model_stats, get_peft_model, load_adapter_weights,
     reset_adapter, round_keys, server_device, tokenizer_for,
 )
 from fl_dplora.privacy.accounting import PrivacyLedger, extends
@@ -41,6 +41,7 @@ def preflight(cfg: Mapping[str, Any]) -> None:
     check_model_name(cfg["model"])
     check_runtime(cfg)
     check_task(cfg["task"])
+    check_lora_targets(cfg)  # on the model's skeleton (meta device): before any file is written
 
 
 class RunWriter:
@@ -464,12 +465,14 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
             log.handlers[:] = FLOWER_LOGGER.handlers
             log.setLevel(logging.INFO)
             log.propagate = False
+        from fl_dplora.console import one_line_config_errors, report_config_error
+
+        one_line_config_errors()
         try:
-            cfg = resolve(overrides, base=dict(context.run_config))
-        except ConfigError as exc:
-            log.error("invalid run config:\n%s", exc)
+            run_server(grid, resolve(overrides, base=dict(context.run_config)))
+        except ConfigError as exc:  # bad input: its lines, no traceback; the run still fails
+            report_config_error(log, exc)
             raise
-        run_server(grid, cfg)
 
     return server
 
