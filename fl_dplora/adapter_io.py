@@ -15,10 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fl_dplora import adapter_record
 from fl_dplora.config import SCHEMA, ConfigError, resolve
+from fl_dplora.run_dir import check_writable_dir
 
-# Keys that describe where or how a run was executed, not what its adapter is.
-_RUN_ONLY = ("output-dir", "resume", "overwrite", "audit-canaries")
+_RUN_ONLY = adapter_record.RUN_ONLY
 DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
     "fin-sentiment": "MIT (Twitter Financial News Sentiment, zeroshot/twitter-financial-news-sentiment)",
     "medical-qa": "MIT (PubMedQA, github.com/pubmedqa/pubmedqa)",
@@ -73,7 +74,14 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
     from fl_dplora.models import device_for_training, load_base_model, tokenizer_for
 
     base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
-    model = PeftModel.from_pretrained(base, str(folder))  # LoRA factors in float32 whatever the base dtype
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))  # LoRA factors in float32 whatever the base dtype
+    except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's size-mismatch wall, or modules it lacks
+        wrong = adapter_record.wrong_base(folder, cfg["model"])
+        if wrong:
+            raise ConfigError(wrong) from None
+        raise ConfigError(f"adapter: {folder} does not fit model {cfg['model']} "
+                          f"({str(exc).strip().splitlines()[0][:200]}); pass the model it was trained on") from None
     head = label_head.load(model, Path(folder))
     if head is not None and head.token_ids.tolist() != label_first_tokens(tokenizer_for(cfg), task.label_words):
         raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")
@@ -129,10 +137,12 @@ def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
 
 def name_base_model(folder: str | Path, cfg: Mapping[str, Any]) -> None:
     """Point the adapter_config.json in `folder` at a base that loads (PEFT writes the loaded
-    object's own name: null for a model built in code, a site-packages folder for a GGUF)."""
+    object's own name: null for a model built in code, a site-packages folder for a GGUF), and
+    write fl_dplora.json beside it (the run config: `--adapter DIR` alone rebuilds the model)."""
     path = Path(folder) / "adapter_config.json"
     conf = json.loads(path.read_text())
     base, unloadable = base_model_ref(cfg)
+    adapter_record.write(folder, cfg, base)
     conf["base_model_name_or_path"] = base
     # AutoPeft loads the base at this revision: the run's, for the hub id the run itself named
     conf["revision"] = (cfg.get("revision") or None) if _on_hub(base, unloadable) and base == cfg["model"] else None
@@ -233,7 +243,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     summary = read_summary(run_dir)
     cfg = run_config(run_dir, overrides, summary)
     src = adapter_dir(run_dir)
-    out = Path(output)
+    out = check_writable_dir(Path(output).expanduser().resolve(), "--output")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output: {out} exists and is not empty (nothing overwritten)")
     has_head = (src / label_head.FILE).is_file()
@@ -243,13 +253,17 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
             f"export: every LoRA B matrix in {src} is still its initial zero, so the adapter adds nothing and a merged "
             "model equals the base" + (" (this run trained only its label head, which fl-dplora predict/evaluate --run "
                                        "apply)" if has_head else "") + "; --allow-untrained exports it anyway")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
+        raise ConfigError(f"--output: cannot make {out}: {exc.strerror or exc}") from None
     if merge:
         model = load_adapted_model(cfg, src, load_task(cfg["task"], int(cfg["seed"])))
         merged = model.merge_and_unload()
         merged.config.use_cache = True
         merged.save_pretrained(str(out))
         tokenizer_for(cfg).save_pretrained(str(out))
+        adapter_record.write(out, cfg, base_model_ref(cfg)[0])  # what was merged into which base
         if has_head:
             shutil.copy2(src / label_head.FILE, out / label_head.FILE)
     else:

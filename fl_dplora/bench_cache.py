@@ -222,11 +222,11 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags beyond bench.py's common/lora ones (lora-targets default: all seven linear layers)."""
     p.set_defaults(targets=ALL_LINEAR)
-    p.add_argument("--layers", default="", help="lora-layers values, default 2,4,8 (1 with --quick)")
-    p.add_argument("--shard", type=int, default=0, help="examples the DP step samples from, default 4 x batch")
-    p.add_argument("--build-examples", type=int, default=0, help="default 256 (16 with --quick; the shared-token check costs one batch, so few examples hide its gain)")
-    p.add_argument("--cache-examples", type=int, default=0, help="client shard for the RSS, default 2000 (64 with --quick)")
+    p.add_argument("--layers", default="", help="lora-layers values (default: 2,4,8; 1 with --quick)")
+    p.add_argument("--shard", type=int, default=0, help="examples the DP step samples from (default: 4 x batch)")
+    p.add_argument("--build-examples", type=int, default=0, help="examples the cache is built from; the shared-token check costs one batch, so few examples hide its gain (default: 256; 16 with --quick)")
+    p.add_argument("--cache-examples", type=int, default=0, help="client shard for the RSS (default: 2000; 64 with --quick)")
     p.add_argument("--system-prompt", default="", help="run-config system-prompt (default: none)")
-    p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run default)")
+    p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run config's)")
     p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per client process")

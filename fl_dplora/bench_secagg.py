@@ -395,13 +395,13 @@ def cmd_secagg(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-clients", type=int, default=0, help="clients in the round (default 5; 3 with --quick)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--num-clients", type=int, default=0, help="clients in the round (default: 5; 3 with --quick)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--targets", default="q_proj,v_proj", help="run-config lora-targets")
     p.add_argument("--layers", type=int, default=0, help="adapt the last N blocks (0 = all)")
     p.add_argument("--variants", default="lora,ffa", help="lora (A and B travel) and/or ffa (only B)")
     p.add_argument("--clip", type=float, default=1.0, help="L2 norm of every client's update")
     p.add_argument("--threshold", type=int, default=0,
-                   help="SecAgg+ reconstruction threshold (0: max(2, ceil(2N/3)), the run default)")
+                   help="SecAgg+ reconstruction threshold (0: max(2, ceil(2N/3)), as a run)")
     p.add_argument("--shares", type=int, default=0, help="secagg-shares (0: every node holds a share of every other)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="masks and updates")

@@ -85,14 +85,11 @@ def prepare_config(run_config: str | list[str] | None, output_dir: str | None, n
 
 def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None) -> dict:
     """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`."""
-    import warnings
-
     from flwr.simulation import run_simulation
 
     from fl_dplora.clients.client_app import app as client_app
     from fl_dplora.server_app import build_server_app
 
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
     if ray_address:
         init_args = {"address": ray_address}
@@ -162,7 +159,11 @@ def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | No
         adapter_io.check_adapter_dir(adapter)
     if getattr(args, "run", None):
         return adapter_io.run_config(args.run, overrides), Path(adapter) if adapter else adapter_io.adapter_dir(args.run)
-    return resolve(overrides), Path(adapter) if adapter else None
+    if adapter:  # its fl_dplora.json holds the config it was trained with: no other flag needed
+        from fl_dplora import adapter_record
+
+        return adapter_record.run_config(adapter, overrides), Path(adapter)
+    return resolve(overrides), None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -171,6 +172,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import time
 
     cfg, adapter = _adapter_source(args)
+    if args.output:  # a place the result cannot be written is found now, not after the scoring
+        from fl_dplora.run_dir import check_writable_dir
+
+        if Path(args.output).is_dir():
+            raise ConfigError(f"--output: {args.output} is a folder; give a file name")
+        check_writable_dir(Path(args.output).expanduser().resolve().parent, "--output")
     from fl_dplora.adapter_io import load_adapted_model
     from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
     from fl_dplora.evaluate import evaluate, score_test_part
@@ -212,7 +219,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     """Answer prompts with a finished run's adapter: one JSON line per text."""
     cfg, adapter = _adapter_source(args)
     if adapter is None:
-        raise ConfigError("predict: give --run DIR (or --adapter with --run-config)")
+        raise ConfigError("predict: give --run DIR or --adapter DIR")
     texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ConfigError("predict: give one or more texts (arguments or one per line on stdin)")
@@ -317,8 +324,9 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
-class _HelpWithDefaults(argparse.HelpFormatter):
-    """--help names each option's default, where it has one worth naming."""
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help names each option's default as "(default: X)", where it has one worth naming; a
+    description keeps its own lines (bench's table of benchmarks)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -337,23 +345,27 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_run_config(parser: argparse.ArgumentParser, what: str) -> None:
+    # Flower's semantics: key=value pairs or a TOML file; append, so a second one never drops the first
+    parser.add_argument("--run-config", action="append", default=None, metavar="KEY=VALUE...|FILE.toml",
+                        help=f"run-config keys, {what}; or a TOML file of key = value; repeatable, later wins")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-dplora", description="Federated DP-LoRA fine-tuning on Flower")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug log; an unexpected error shows its traceback")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="run the Flower app in the simulation engine (Ray backend)")
-    s.add_argument("--num-clients", type=int, default=None, help="virtual clients (default 5)")
+    s.add_argument("--num-clients", type=int, default=None, help="virtual clients (default: 5, or the resumed run's)")
     s.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     s.add_argument("--preset", metavar="NAME|FILE.toml", default=None,
                    help=f"run-config keys from a packaged preset ({', '.join(available_presets())}; "
                    "fl-dplora config --presets) or a TOML file; --run-config overrides them")
-    s.add_argument("--run-config", action="append", default=None,  # append: a second one must not drop the first
-                   help='overrides, e.g. "dp-mode=sample target-epsilon=8", or a TOML file of key = value; '
-                   "repeatable, later wins")
-    s.add_argument("--output-dir", default=None, help="where the run writes (default ~/fl-dplora/runs/<timestamp>); "
-                   "a folder holding a run is refused unless --resume or --overwrite")
+    _add_run_config(s, 'e.g. "dp-mode=sample target-epsilon=8"')
+    s.add_argument("--output-dir", default=None, help="where the run writes; a folder holding a run is refused unless --resume or --overwrite "
+                   "(default: ~/fl-dplora/runs/<timestamp>)")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir (its files are deleted)")
     s.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
     s.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
@@ -363,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score the base model (zero-shot), a saved adapter or a finished run")
     ev.add_argument("--run", metavar="DIR", default=None,
                     help="a finished run's output dir: its adapter with its own config (--run-config overrides keys)")
-    ev.add_argument("--run-config", default="", help='e.g. "task=medical-qa max-eval-samples=500"')
-    ev.add_argument("--adapter", default=None, help="an adapter folder (with --run: e.g. DIR/adapters/round-2; "
-                    "default: the run's adapter/, or without --run the base model, zero-shot)")
+    _add_run_config(ev, 'e.g. "task=medical-qa max-eval-samples=500" (over the run\'s config)')
+    ev.add_argument("--adapter", default=None, help="an adapter folder, with --run e.g. DIR/adapters/round-2 "
+                    "(default: the run's adapter/; without --run the base model, zero-shot)")
     ev.add_argument("--eval-file", default=None, help="score every row of this csv/jsonl/json/parquet file "
                     "(columns text+label: the task's label words or their indices; or instruction+response)")
     ev.add_argument("--output", default=None, help="write the result as JSON here")
@@ -374,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd_ = sub.add_parser("predict", help="answer texts with a finished run's adapter (one JSON line each)")
     pd_.add_argument("text", nargs="*", help="input texts (default: one per line on stdin)")
     pd_.add_argument("--run", metavar="DIR", default=None, help="a finished run's output dir")
-    pd_.add_argument("--adapter", default=None, help="an adapter/ folder (with --run-config for its model and task)")
-    pd_.add_argument("--run-config", default="", help="override keys of the run's config")
+    pd_.add_argument("--adapter", default=None, help="an adapter folder; its fl_dplora.json gives model and task")
+    _add_run_config(pd_, "keys over the run's config")
     pd_.set_defaults(func=_cmd_predict)
 
     xp = sub.add_parser("export", help="write a run's adapter (or the merged model) with a model card")
@@ -383,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--run", dest="run_opt", metavar="DIR", default=None, help="the same, as evaluate/predict take it")
     xp.add_argument("--output", required=True, help="a new (or empty) folder")
     xp.add_argument("--merge", action="store_true", help="fold LoRA into the base weights: a transformers folder that loads without peft")
-    xp.add_argument("--run-config", default="", help="override keys of the run's config (e.g. model=PATH if it moved)")
+    _add_run_config(xp, "keys over the run's config (e.g. model=PATH if it moved)")
     xp.add_argument("--allow-untrained", action="store_true",
                     help="export even if every LoRA B is still its zero init (the adapter adds nothing; the card says so)")
     xp.set_defaults(func=_cmd_export)
@@ -395,16 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="train with planted canaries, then measure exposure, MIA and a one-run epsilon lower bound")
     au.add_argument("--num-clients", type=int, default=5, help="data clients (client-level modes add one per canary)")
-    au.add_argument("--run-config", default="")
-    au.add_argument("--output-dir", required=True)
+    _add_run_config(au, "the audited run's keys")
+    au.add_argument("--output-dir", required=True, help="the audit's folder (its run in DIR/run, audit.json)")
     au.add_argument("--overwrite", action="store_true", help="replace the audit run already in --output-dir")
     au.add_argument("--canaries", type=int, default=256, help="canaries, each included with probability 1/2")
     au.add_argument("--repeats", type=int, default=1, help="copies of each included canary (>1: group privacy is compared)")
     au.add_argument("--references", type=int, default=256, help="random passphrases that rank each canary")
     au.add_argument("--audit-seed", type=int, default=0, help="which canaries are drawn and included")
-    au.add_argument("--num-cpus", type=float, default=2.0)
-    au.add_argument("--num-gpus", type=float, default=0.0)
-    au.add_argument("--ray-address", default=None)
+    au.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
+    au.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
+    au.add_argument("--ray-address", default=None, help="attach to a running Ray cluster, e.g. auto")
     au.set_defaults(func=_cmd_audit)
 
     ex = sub.add_parser("experiment", help="run a named experiment from experiments/NAME.toml (cached per run)")
@@ -419,21 +431,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_experiment)
 
     pr = sub.add_parser("privacy", help="sigma for a target epsilon, or epsilon for a sigma, per accountant")
-    pr.add_argument("--target-epsilon", type=float)
-    pr.add_argument("--noise-multiplier", type=float)
-    pr.add_argument("--delta", type=float, default=1e-5)
+    pr.add_argument("--target-epsilon", type=float, help="the sigma that spends this epsilon")
+    pr.add_argument("--noise-multiplier", type=float, help="the epsilon this sigma spends")
+    pr.add_argument("--delta", type=float, default=1e-5, help="delta")
     pr.add_argument("--sample-rate", type=float, help="q (or give --batch-size and --num-examples)")
-    pr.add_argument("--batch-size", type=int)
-    pr.add_argument("--num-examples", type=int)
-    pr.add_argument("--rounds", type=int, default=1)
-    pr.add_argument("--local-steps", type=int, default=1)
+    pr.add_argument("--batch-size", type=int, help="expected batch size (q = batch-size / num-examples)")
+    pr.add_argument("--num-examples", type=int, help="records one client holds")
+    pr.add_argument("--rounds", type=int, default=1, help="federated rounds")
+    pr.add_argument("--local-steps", type=int, default=1, help="steps per round")
     pr.add_argument("--steps", type=int, default=0, help="total steps (overrides rounds x local-steps)")
     pr.set_defaults(func=_cmd_privacy)
     from fl_dplora.bench import add_parser as _add_bench
     _add_bench(sub)
-    for parser in (p, *sub.choices.values()):  # --help shows every option's default
+    for parser in _all_parsers(p):  # --help shows every option's default, nested commands too
         parser.formatter_class = _HelpWithDefaults
     return p
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _all_parsers(child)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from fl_dplora.config import PACKAGE_DIR, ConfigError
 from fl_dplora.task_card import (
-    TaskCard, card_for_rows, examples_from_rows, is_card_path, load_card, loader_rows, node_card, read_rows,
+    TaskCard, card_for_rows, check_blank, examples_from_rows, is_card_path, load_card, loader_rows, node_card, read_rows,
 )
 
 def _find_data_dir() -> Path:
@@ -166,6 +166,8 @@ def load_task(task: str, seed: int = 42) -> TaskData:
         eval_path = _eval_file_for(path)
         train_rows = read_rows(path)
         eval_rows = read_rows(eval_path) if eval_path else None
+        check_blank(train_rows, "label", str(path))  # here, before the rows are shuffled: the row number is the file's
+        check_blank(eval_rows or [], "label", str(eval_path))
         return task_from_card(card_for_rows(str(path), train_rows + (eval_rows or [])), seed, eval_rows, train_rows)
     return _hub_dataset(task, seed)
 

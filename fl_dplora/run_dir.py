@@ -12,6 +12,7 @@ the ServerApp checks again (what `flwr run` reaches).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,9 +39,24 @@ def refusal(out_dir: Path, found: list[str]) -> str:
             "(run-config resume=true or overwrite=true)")
 
 
+def check_writable_dir(path: Path, flag: str) -> Path:
+    """A folder that exists or can be made, and can be written: else one line, nothing made."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a file, not a folder")
+    parent = path
+    while not parent.exists():  # the nearest existing ancestor is where the folder would be made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag}: cannot make {path}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write in {parent} (permission denied)")
+    return path
+
+
 def check_output_dir(cfg: Mapping[str, Any]) -> Path:
-    """Refuse (ConfigError, one line) a new run into a folder holding a run, unless overwrite; touches nothing."""
-    out_dir = resolve_output_dir(cfg)
+    """Refuse (ConfigError, one line) a new run into a folder holding a run, unless overwrite, or a
+    place no folder can be written; touches nothing."""
+    out_dir = check_writable_dir(resolve_output_dir(cfg), "output-dir")
     if cfg.get("resume") and cfg.get("overwrite"):
         raise ConfigError("overwrite: resume=true continues the run in output-dir, overwrite=true replaces it: give one")
     if cfg.get("resume"):

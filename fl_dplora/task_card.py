@@ -159,7 +159,7 @@ def card_for_rows(name: str, rows: Sequence[Mapping[str, Any]]) -> TaskCard:
     instruction+response."""
     cols = set(rows[0]) if rows else set()
     if {"text", "label"} <= cols:
-        words = tuple(sorted({str(r["label"]) for r in rows}))
+        words = tuple(sorted({str(r["label"]) for r in rows if not _blank(r["label"])}))
         return TaskCard(name=name, label_words=words, instruction=GENERIC_INSTRUCTION.format(labels=", ".join(words)))
     if {"instruction", "response"} <= cols:
         return TaskCard(name=name, kind="generation")
@@ -198,13 +198,14 @@ def examples_from_rows(card: TaskCard, rows: Sequence[Mapping[str, Any]], source
     need = ([card.text_column] if "text" in fields else []) + sorted(fields - {"instruction", "text"}) + [card.label_column]
     if not set(need) <= cols:
         raise ConfigError(f"{flag}: {source} needs columns {'+'.join(need)}; it has {', '.join(sorted(cols))}")
+    check_blank(rows, card.label_column, source, flag)
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         y = card.label_index(r[card.label_column])
         if y is None:
             extra = f" (or {', '.join(card.labels)})" if card.labels else " (or their index)"
             raise ConfigError(f"{flag}: label {str(r[card.label_column])!r} in {source} is not one of "
-                              f"{list(card.label_words)}{extra}")
+                              f"{list(card.label_words)}{extra} (row {i + 2})")
         word = card.label_words[y]
         out.append(Example(prompt=card.prompt(r), answer=word, label=y, group=word))
     return out
@@ -212,6 +213,13 @@ def examples_from_rows(card: TaskCard, rows: Sequence[Mapping[str, Any]], source
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value) or not str(value).strip()
+
+
+def check_blank(rows: Sequence[Mapping[str, Any]], column: str, source: str, flag: str = "task") -> None:
+    """A blank cell (pandas reads it as NaN) is named by its row, counting the header as row 1."""
+    for i, r in enumerate(rows):
+        if column in r and _blank(r[column]):
+            raise ConfigError(f"{flag}: {source} row {i + 2}: column {column!r} is empty")
 
 
 def _instruct_example(rec: Mapping[str, Any], card: TaskCard):
