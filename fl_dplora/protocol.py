@@ -28,6 +28,7 @@ EVAL_DECLINED_REASON = "eval-declined"  # ConfigRecord of a declining reply: {"r
 NEVER_FROM_NODE = ("majority-rate",)  # a node's class prior: never in an evaluation reply
 LEDGER_PREFIX = "ledger-"
 LEDGER_FIELDS = ("sigmas", "rates", "steps")
+LEDGER_REPLACE_ONE = LEDGER_PREFIX + "replace-one"  # 1: the ledger is accounted under replace-one (sample_rate.py)
 
 
 def is_instruction_key(key: str) -> bool:
@@ -35,9 +36,15 @@ def is_instruction_key(key: str) -> bool:
     return key.startswith("_") or key == ROUND
 
 
-def ledger_to_metrics(record: Mapping[str, list]) -> dict[str, list]:
-    return {LEDGER_PREFIX + f: list(record[f]) for f in LEDGER_FIELDS}
+def ledger_to_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {LEDGER_PREFIX + f: list(record[f]) for f in LEDGER_FIELDS}
+    if record.get("adjacency") == "replace-one":  # metrics hold numbers only
+        out[LEDGER_REPLACE_ONE] = 1
+    return out
 
 
-def ledger_from_metrics(metrics: Mapping[str, Any]) -> dict[str, list]:
-    return {f: list(metrics[LEDGER_PREFIX + f]) for f in LEDGER_FIELDS}
+def ledger_from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {f: list(metrics[LEDGER_PREFIX + f]) for f in LEDGER_FIELDS}
+    if int(metrics.get(LEDGER_REPLACE_ONE, 0)):
+        record["adjacency"] = "replace-one"
+    return record

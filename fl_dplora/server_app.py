@@ -429,15 +429,17 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=epsilon,
                  unit=mode.unit, trusted=mode.trusted)
     if mode.example_level:
-        # shard sizes are public in this threat model (docs/privacy.md), so each client's q and σ are too
+        # each node's q comes from a public size, or its n is released and its ε is replace-one (sample_rate.py)
         worst = max(client_eps.values(), key=lambda m: float(m["epsilon"]), default={})
         ledger = (client_ledgers or {}).get(str(worst.get("node_id")))
+        adjacency = {k: (client_ledgers or {}).get(str(k), {}).get("adjacency", "add-remove") for k in client_eps}
         if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's
             block["history"] = [list(e) for e in zip(ledger["sigmas"], ledger["rates"], ledger["steps"])]
         block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
                      steps=int(worst.get("steps-total", 0)), per_client={
                          str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),
-                                  "steps": m.get("steps-total"), "partition_id": m.get("partition-id")}
+                                  "steps": m.get("steps-total"), "partition_id": m.get("partition-id"),
+                                  "adjacency": adjacency[k]}
                          for k, m in sorted(client_eps.items())})  # keyed by node id; partition_id: the node's label
     else:  # steps = rounds charged, a resumed run's begun-but-lost attempts included
         block.update(noise_multiplier=server_sigma, accountant_noise_multiplier=accountant_sigma,

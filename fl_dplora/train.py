@@ -3,10 +3,11 @@
 `local_train` runs `local-steps` optimizer steps on one client's shard (examples may carry their
 cached frozen-prefix states, see forward.py: then each step runs only the adapted top blocks):
 - dp-mode none/client/paper: a uniformly shuffled batch, mean loss, plain gradient.
-- dp-mode sample: DP-SGD. Each logical batch is Poisson-sampled with rate q = batch-size / n,
+- dp-mode sample: DP-SGD. Each logical batch is Poisson-sampled with rate q = batch-size / size,
   processed in micro-batches (memory bounded by micro-batch-size), per-example gradients clipped
-  to C, summed, noised once with N(0, sigma^2 C^2) and divided by the expected batch size q*n.
+  to C, summed, noised once with N(0, sigma^2 C^2) and divided by the expected batch size q*size.
   That is exactly the subsampled Gaussian mechanism the accountant composes, once per step.
+  `size` is the node's public size (privacy/sample_rate.py), not the private n of its shard.
 """
 
 from __future__ import annotations
@@ -134,13 +135,19 @@ def local_train(
     progress: bool = False,
     device: torch.device | None = None,
     label_token_ids: torch.Tensor | None = None,
+    public_size: int | None = None,
 ) -> TrainStats:
-    """Run cfg['local-steps'] optimizer steps. The one training loop of the project."""
+    """Run cfg['local-steps'] optimizer steps. The one training loop of the project.
+
+    `public_size`: the size DP-SGD's q and divisor come from (sample_rate.basis); None = the
+    shard's n (benchmarks and tests; a node always passes its basis)."""
     from tqdm.auto import tqdm
 
     steps, batch_size, micro = int(cfg["local-steps"]), int(cfg["batch-size"]), int(cfg["micro-batch-size"])
     n = len(data)
-    q = min(1.0, batch_size / n)
+    size = n if public_size is None else int(public_size)
+    q = min(1.0, batch_size / size)
+    divisor = q * size  # the expected batch from public numbers: no scale that depends on the private n
     device = device or next(iter(params)).device
     params = list(params)
     from fl_dplora import label_head
@@ -189,7 +196,7 @@ def local_train(
             for s, p in zip(sums, params):
                 if dp:
                     noise = gaussian_like(s, dp.noise_multiplier * dp.max_grad_norm, dp.generator)
-                    p.grad = (s + noise) / (q * n)  # divide by the expected batch size: no data-dependent scale
+                    p.grad = (s + noise) / divisor
                 else:
                     p.grad = s
             optimizer.step()

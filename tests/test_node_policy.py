@@ -98,7 +98,7 @@ def test_federated_evaluation_scores_each_nodes_file_and_stays_out_of_the_releas
         path = tmp_path / f"eval{i}.csv"
         rows[["text", "label"]].to_csv(path, index=False)
         files.append(path)
-    configs = [{"partition-id": i, "num-partitions": 2, "eval-path": str(files[i])} for i in range(2)]
+    configs = [{"partition-id": i, "num-partitions": 2, "eval-path": str(files[i]), "exact-eval": True} for i in range(2)]
     summary, out = run_in_process(2, output_dir=tmp_path / "fed", grid=InProcessGrid(2, node_configs=configs),
                                   **{"fraction-evaluate": 1.0})
     events = _operator_events(out, "federated-eval")
@@ -123,8 +123,8 @@ def test_federated_evaluation_scores_each_nodes_file_and_stays_out_of_the_releas
     released = json.loads((out / "summary.json").read_text())
     assert "federated" not in json.dumps({k: v for k, v in released.items() if k != "config"})
     # a node that has its own data but no eval file declines; the round and the run go on
-    configs = [{"partition-id": 0, "num-partitions": 2, "eval-path": str(files[0])}, {"partition-id": 1, "num-partitions": 2,
-                                                                                     "data-path": str(files[1])}]
+    configs = [{"partition-id": 0, "num-partitions": 2, "eval-path": str(files[0]), "exact-eval": True},
+               {"partition-id": 1, "num-partitions": 2, "data-path": str(files[1]), "exact-eval": True}]
     _, out2 = run_in_process(2, output_dir=tmp_path / "decline", grid=InProcessGrid(2, node_configs=configs),
                              **{"fraction-evaluate": 1.0, "num-server-rounds": 1})
     event = _operator_events(out2, "federated-eval")[0]
@@ -132,22 +132,19 @@ def test_federated_evaluation_scores_each_nodes_file_and_stays_out_of_the_releas
 
 
 def test_evaluation_goes_through_the_node_policy():
-    """Federated evaluation has no DP mechanism: a node that requires DP declines it in every run; in
-    a DP run a node with its own files answers only with exact-eval = true; virtual nodes (public
-    eval split) answer."""
-    none, dp = resolve({"dp-mode": "none"}), resolve({"dp-mode": "sample", "target-epsilon": 8.0})
+    """Federated evaluation has no DP mechanism: a node that requires DP declines it; a node with its
+    own files answers only with exact-eval = true; virtual nodes (public eval split) answer. The node
+    decides from its own config alone: the evaluate message's dp-mode is the server's word."""
     own = {"eval-path": "/e.csv"}
     for node in ({"require-dp-mode": "sample"}, {"max-epsilon": 8.0}, {"require-dp-mode": "client,sample", "exact-eval": True}):
-        policy = NodePolicy.from_node_config(node)
-        for cfg in (none, dp):
-            assert "this node requires DP" in policy.evaluation_refusal(cfg, {**own, **node})
+        assert "this node requires DP" in NodePolicy.from_node_config(node).evaluation_refusal({**own, **node})
     plain = NodePolicy.from_node_config(own)
-    assert plain.evaluation_refusal(none, own) is None
-    assert "outside the run's epsilon (dp-mode sample); set exact-eval = true" in plain.evaluation_refusal(dp, own)
-    assert plain.evaluation_refusal(dp, {**own, "exact-eval": True}) is None
-    assert NodePolicy.from_node_config({"partition-id": 0}).evaluation_refusal(dp, {"partition-id": 0}) is None
+    assert "outside any epsilon; set exact-eval = true" in plain.evaluation_refusal(own)
+    assert plain.evaluation_refusal({**own, "exact-eval": True}) is None
+    assert NodePolicy.from_node_config({"partition-id": 0}).evaluation_refusal({"partition-id": 0}) is None
     # a node that also trains without DP does not require it
-    assert NodePolicy.from_node_config({"require-dp-mode": "none,sample"}).evaluation_refusal(none, own) is None
+    both = {**own, "require-dp-mode": "none,sample", "exact-eval": True}
+    assert NodePolicy.from_node_config(both).evaluation_refusal(both) is None
 
 
 @pytest.mark.slow
@@ -162,7 +159,7 @@ def test_a_node_that_requires_dp_sends_no_metric_of_its_file_in_a_run_without_dp
         path = tmp_path / f"eval{i}.csv"
         valid.iloc[10 * i:10 * i + 10][["text", "label"]].to_csv(path, index=False)
         files.append(path)
-    configs = [{"partition-id": i, "num-partitions": 3, "eval-path": str(files[i])} for i in range(3)]
+    configs = [{"partition-id": i, "num-partitions": 3, "eval-path": str(files[i]), "exact-eval": True} for i in range(3)]
     configs[0]["require-dp-mode"] = "sample"
     configs[1]["max-epsilon"] = 4.0
     grid = InProcessGrid(3, node_configs=configs)

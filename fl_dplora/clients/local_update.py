@@ -32,6 +32,7 @@ from fl_dplora.models import (
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, calibrate_schedule
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
+from fl_dplora.privacy.sample_rate import basis as sample_basis
 from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
@@ -86,8 +87,8 @@ def _client_seed_parts(context: Context) -> int:
 
 
 def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
-    """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client with n examples,
-    if it takes part in every round: head-only rounds, then the LoRA rounds."""
+    """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client whose public size
+    (sample_rate.basis) is n, if it takes part in every round: head-only rounds, then the LoRA rounds."""
     rounds = int(cfg["num-server-rounds"])
     head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
     stages = []
@@ -100,6 +101,7 @@ def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[
 
 
 def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: PrivacyLedger, server_round: int) -> float:
+    # n: the node's public size (sample_rate.basis); ledger.adjacency: the relation it is calibrated for
     """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
     node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
     handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
@@ -110,11 +112,12 @@ def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: P
     if "sigma" in state and extra <= int(state.get("sigma-extra", 0)):
         return float(state["sigma"])
     args = (cfg["target-epsilon"], cfg["delta"])
-    sigma = calibrate_schedule(*args, plan, cfg["accountant"])  # worst case for this client: it takes part in every round
+    sigma = calibrate_schedule(*args, plan, cfg["accountant"], adjacency=ledger.adjacency)  # worst case for this client: it takes part in every round
     if extra > 0 and left:
-        at_least = PrivacyLedger((sigma, q, k) for q, k in plan).epsilon(cfg["delta"], cfg["accountant"])
+        at_least = PrivacyLedger(((sigma, q, k) for q, k in plan), ledger.adjacency).epsilon(cfg["delta"], cfg["accountant"])
         try:
-            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg["accountant"], at_least)
+            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg["accountant"], at_least,
+                                        adjacency=ledger.adjacency)
         except ConfigError:  # nothing left to spend: the budget check below refuses the round
             pass
     state["sigma"], state["sigma-extra"] = sigma, max(0, extra)
@@ -157,11 +160,13 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state.get(STATE_KEY) or ConfigRecord()
     # the node's own ledger (node_ledger.py): a file next to its ε log, else context.state
     node_ledger = NodeLedger.open(policy.ledger_path(int(context.run_id)), str(state.get(NODE_LEDGER_KEY, "")))
+    # DP-SGD's q and divisor from a public size, and the adjacency that is honest for it (sample_rate.py)
+    sizes = sample_basis(n, policy.shard_size, bool(context.node_config.get("data-path")))
     if mode.example_level:  # a resumed run: the server's saved ledger, if it holds more than the node's
-        node_ledger.adopt(_handed_back(msg, context))
-    ledger = node_ledger.example_ledger()
-    stage = stage_config(cfg, server_round, n)
-    q = min(1.0, int(stage["batch-size"]) / n)
+        node_ledger.adopt(_handed_back(msg, context), sizes.adjacency)
+    ledger = node_ledger.example_ledger(sizes.adjacency)
+    stage = stage_config(cfg, server_round, sizes.size)
+    q = sizes.rate(int(stage["batch-size"]))
     part = _client_seed_parts(context)
     # a node that requires DP never lets the server's seed pick its noise or sampling: with a
     # seeded draw the server could regenerate the noise and subtract it (issue 27 review)
@@ -178,13 +183,18 @@ def train(msg: Message, context: Context) -> Message:
     # every σ this node adds (local or distributed noise) is its own, from the run's public config,
     # the same calibration the server runs; the instruction's σ is only compared with it
     node_sigma, node_accountant_sigma = mode.noise_multipliers()
+    # the node's own δ (node policy max-delta): every ε it checks, and its DP-SGD calibration, at it
+    node_delta = policy.delta(cfg["delta"])
+    this_run = PrivacyLedger()  # what this run will have charged after this attempt, for the data-file check
     if mode.client_level:
         log_row.update(_compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
-        sigma = _dp_sample_sigma(cfg, state, n, ledger, server_round)
+        sigma = _dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
+        log_row["adjacency"] = sizes.adjacency
         projected = PrivacyLedger.from_record(ledger.to_record())
         projected.step(sigma, q, int(stage["local-steps"]))
-        epsilon_after = projected.epsilon(cfg["delta"], cfg["accountant"])
+        this_run = projected
+        epsilon_after = projected.epsilon(node_delta, cfg["accountant"])
         if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
             record = ledger.to_record()  # the unchanged ledger, reported like after a training round
@@ -193,7 +203,7 @@ def train(msg: Message, context: Context) -> Message:
                             "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
-        charge = (sigma, q, int(stage["local-steps"]))
+        charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
         log_row["steps"] = projected.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
         charge = mode.round_event(_client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row))
@@ -203,17 +213,24 @@ def train(msg: Message, context: Context) -> Message:
             run_ledger = PrivacyLedger()
             for event in node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]):
                 run_ledger.step(*event)
-            epsilon_after = run_ledger.epsilon(cfg["delta"], cfg["accountant"])
+            this_run = run_ledger
+            epsilon_after = run_ledger.epsilon(node_delta, cfg["accountant"])
             # local or distributed noise: this node's own noise is all that stands between its data and
             # the server, which chooses who takes part (the fraction-train it sends buys nothing there)
-            against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]))
+            against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
             if against is not None:
                 log_row["epsilon-against-server"] = against
         else:
             epsilon_after = float("nan")  # not computed (no policy)
     else:
         charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
-    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server")))
+    if mode.secure:  # the SecAgg+ round this update goes into is the one the node's noise share is for
+        dim = sum(params[k].numel() for k in keys)
+        why = mode.secagg_setup_refusal(_secagg_setup(msg, context), dim, node_sigma)
+        if why:
+            _enforce(policy, log_row, lambda: _refuse(why))
+    data_file = _data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row)
+    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
         node_ledger.charge(server_round, mode.unit, *charge)
         if node_ledger.path is None:
@@ -227,7 +244,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = local_train(
         model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
         step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
-        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids,
+        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids, public_size=sizes.size,
     )
     with torch.no_grad():
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
@@ -237,11 +254,11 @@ def train(msg: Message, context: Context) -> Message:
     delta = mode.client_update(delta, node_sigma, noise_gen)
 
     if mode.example_level:
-        ledger = node_ledger.example_ledger()  # with this round's charge
+        ledger = node_ledger.example_ledger(sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
         metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
                         "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
-    policy.record({**log_row, "epsilon": epsilon_after, "delta": cfg["delta"] if mode.unit else None,
+    policy.record({**log_row, "epsilon": epsilon_after, "delta": node_delta if mode.unit else None,
                    "accountant": cfg["accountant"] if mode.unit else None})
     # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
     # counts (a public constant, never the shard size, which a whole-shard head batch would be).
@@ -253,6 +270,36 @@ def train(msg: Message, context: Context) -> Message:
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _secagg_setup(msg: Message, context: Context) -> Mapping[str, Any] | None:
+    """What this node's SecAgg+ mod was set up with for this round (threshold, grid), or None when the
+    train message did not come through the mod (client_app.secagg_when_asked engages it)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return None
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    return dict(state) if state is not None else None
+
+
+def _refuse(why: str) -> None:
+    raise NodeRefusal(f"node policy: {why}")
+
+
+def _data_file_epsilon(policy: NodePolicy, run_id: int, this_run: PrivacyLedger, delta: float, accountant: str,
+                       log_row: dict[str, Any]) -> tuple[float, int] | None:
+    """(ε of every run on this node's data file composed, runs) once this attempt is charged: the other
+    runs' ledgers next to the ε log and this run's events, in one composition (the same records
+    each time). None: no floor, no file ledger or no other run."""
+    prior = policy.prior_runs(run_id) if policy.max_epsilon is not None else None
+    if prior is None or prior[1] == 0:
+        return None
+    ledger, runs = prior
+    adjacency = "replace-one" if "replace-one" in (ledger.adjacency, this_run.adjacency) else "add-remove"
+    total = PrivacyLedger([*ledger.history, *this_run.history], adjacency).epsilon(delta, accountant)
+    log_row.update({"epsilon-data-file": total, "runs-on-data-file": runs + 1})
+    return total, runs + 1
 
 
 def _client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: float, log_row: dict[str, Any]) -> float:
@@ -339,7 +386,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     from fl_dplora.evaluate import evaluate
 
     cfg = config_from_message(msg)
-    refusal = NodePolicy.from_node_config(context.node_config).evaluation_refusal(cfg, context.node_config)
+    refusal = NodePolicy.from_node_config(context.node_config).evaluation_refusal(context.node_config)
     if refusal is not None:
         log.info("federated evaluation declined: %s", refusal)
         return Message(RecordDict({"metrics": MetricRecord({protocol.EVAL_DECLINED: 1}),

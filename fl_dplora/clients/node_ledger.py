@@ -43,6 +43,16 @@ def ledger_path(log_path: Path, run_id: int, data_key: str = "") -> Path:
     return log_path.with_name(f"{log_path.stem}.run-{int(run_id)}{data}.ledger.jsonl")
 
 
+def other_runs(log_path: Path, run_id: int, data_key: str) -> list[Path]:
+    """The ledgers of every other run on the same data file next to this ε log: a server that starts a
+    new `flwr run` gets a new run id, never a fresh budget on the same records."""
+    if not data_key:
+        return []
+    mine = ledger_path(log_path, run_id, data_key)
+    pattern = f"{log_path.stem}.run-*.data-{data_key}.ledger.jsonl"
+    return sorted(p for p in log_path.parent.glob(pattern) if p != mine)
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -86,20 +96,25 @@ class NodeLedger:
         self.lines.append(line)
 
     # ---------------------------------------------------------------- example level
-    def example_ledger(self) -> PrivacyLedger:
+    def example_ledger(self, adjacency: str = "add-remove") -> PrivacyLedger:
+        """Every example-level event, accounted under replace-one once any charge released the node's
+        size (sample_rate.py): from then on only replace-one statements mean anything, and the bound
+        holds for every event (each one's RDP curve is valid whatever set its q)."""
         ledger = PrivacyLedger()
         for line in self.lines:
             if line["event"] == "adopt":
                 ledger = PrivacyLedger.from_record(line)
             elif line["event"] == "charge" and line.get("unit") == "example":
                 ledger.step(float(line["sigma"]), float(line["rate"]), int(line["steps"]))
-        return ledger
+                if line.get("adjacency") == "replace-one":
+                    adjacency = "replace-one"
+        return PrivacyLedger(ledger.history, "replace-one" if "replace-one" in (adjacency, ledger.adjacency) else "add-remove")
 
-    def adopt(self, record: Mapping[str, Sequence] | None) -> bool:
+    def adopt(self, record: Mapping[str, Sequence] | None, adjacency: str = "add-remove") -> bool:
         """Take the server's handed-back example-level ledger if it holds more than this node's."""
         if not record:
             return False
-        mine = self.example_ledger().to_record()
+        mine = self.example_ledger(adjacency).to_record()
         theirs = PrivacyLedger.from_record(record).to_record()
         if theirs == mine or not extends(mine, theirs):
             return False
@@ -149,12 +164,27 @@ class NodeLedger:
                            max((q for *_, q in attempts), default=rate), skipped))
         return events
 
+    def spent(self) -> PrivacyLedger:
+        """Every event this (finished or interrupted) run charged: its example-level ledger, and for a
+        client-level unit every attempt and every round before the last it skipped, as client_history
+        bounds them; replace-one when the example ledger is (sample_rate.py)."""
+        ledger = self.example_ledger()
+        for unit in dict.fromkeys(x.get("unit") for x in self.lines if x["event"] == "charge"):
+            charges = self.charges(unit) if unit != "example" else []
+            if charges:
+                top = max(r for r, _, _ in charges)
+                for event in self.client_history(unit, top + 1, charges[-1][1], charges[-1][2]):
+                    ledger.step(*event)
+        return ledger
+
     def attempt_sigmas(self, unit: str, sigma: float) -> list[float]:
         """σ of every attempt this node began, this one (at `sigma`) included: what the server saw."""
         return [s for _, s, _ in self.charges(unit)] + [float(sigma)]
 
     # ---------------------------------------------------------------- both
-    def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int) -> None:
+    def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int,
+               adjacency: str = "add-remove") -> None:
         """Write-ahead: this attempt is on disk before the node touches its data for it."""
+        extra = {"adjacency": adjacency} if adjacency != "add-remove" else {}
         self._append({"event": "charge", "round": int(server_round), "unit": unit, "sigma": float(sigma),
-                      "rate": float(rate), "steps": int(steps)})
+                      "rate": float(rate), "steps": int(steps), **extra})

@@ -16,10 +16,14 @@ from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fl_dplora.config import ConfigError
 
 ACCOUNTANTS = ("rdp", "prv")
+# add-remove: neighbouring datasets differ by one record (the sizes differ, so a size must not be
+# released); replace-one: by one record's value (same size: the one consistent with public sizes)
+ADJACENCIES = ("add-remove", "replace-one")
 MAX_SIGMA = 1e4  # beyond this the model learns nothing; treat the budget as unreachable
 PRV_MAX_EPSILON = 1000.0  # above this "prv" reports the RDP bound (PRV gets slow, then overflows)
 
@@ -50,6 +54,24 @@ def _rdp_epsilon(history: Sequence[Event], delta: float) -> float:
     acc.history = list(history)
     with _quiet_alpha_warning():
         return float(acc.get_epsilon(delta))
+
+
+def _replace_one_epsilon(history: Sequence[Event], delta: float) -> float:
+    """ε under replace-one adjacency. No Opacus accountant composes that relation for Poisson sampling;
+    Mironov's weak triangle inequality for Rényi divergence (RDP paper, Prop. 11) through D without the
+    record (remove, then add) bounds it from the add/remove RDP curve ε(·) at every order α > 1:
+        ε_R(α) <= (α - 1/2)/(α - 1) · ε(2α) + ε(2α - 1),
+    which composes additively like any RDP curve. A valid upper bound whatever the accountant asked."""
+    orders = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS if a > 1]
+
+    def curve(alphas: list[float]) -> np.ndarray:
+        return sum(np.asarray(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=alphas), dtype=float)
+                   for s, q, n in history)
+
+    double, odd = curve([2 * a for a in orders]), curve([2 * a - 1 for a in orders])
+    rdp = [(a - 0.5) / (a - 1) * x + y for a, x, y in zip(orders, double, odd)]
+    with _quiet_alpha_warning():
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 def _prv_epsilon(history: Sequence[Event], delta: float) -> float:
@@ -86,7 +108,10 @@ class PrivacyLedger:
     party could not have been touched simply add no event.
     """
 
-    def __init__(self, history: Iterable[Sequence[float]] = ()) -> None:
+    def __init__(self, history: Iterable[Sequence[float]] = (), adjacency: str = "add-remove") -> None:
+        if adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency: expected one of {', '.join(ADJACENCIES)}, got {adjacency!r}")
+        self.adjacency = adjacency
         self.history: list[Event] = []
         for sigma, q, n in history:
             self.step(sigma, q, int(n))
@@ -118,38 +143,47 @@ class PrivacyLedger:
             return 0.0
         if any(sigma == 0.0 for sigma, _, _ in self.history):
             return math.inf  # an un-noised release of a sampled party
+        if self.adjacency == "replace-one":
+            return _replace_one_epsilon(self.history, delta)
         return _rdp_epsilon(self.history, delta) if accountant == "rdp" else _prv_epsilon(self.history, delta)
 
     # -- serialisation: plain lists so it fits a Flower ConfigRecord / JSON
     def to_record(self) -> dict[str, list[float] | list[int]]:
-        return {
+        record = {
             "sigmas": [float(s) for s, _, _ in self.history],
             "rates": [float(q) for _, q, _ in self.history],
             "steps": [int(n) for _, _, n in self.history],
         }
+        if self.adjacency != "add-remove":  # the default is left out: records written before it read the same
+            record["adjacency"] = self.adjacency
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Sequence[float] | Sequence[int]]) -> PrivacyLedger:
         sigmas, rates, steps = (list(record.get(k, [])) for k in ("sigmas", "rates", "steps"))
         if not len(sigmas) == len(rates) == len(steps):
             raise ValueError(f"privacy ledger record has unequal lengths: {len(sigmas)}, {len(rates)}, {len(steps)}")
-        return cls(zip(sigmas, rates, steps))
+        return cls(zip(sigmas, rates, steps), str(record.get("adjacency", "add-remove")))
 
     def state_dict(self) -> dict[str, list[float] | list[int]]:
         return self.to_record()
 
     def load_state_dict(self, state: Mapping[str, Sequence[float] | Sequence[int]]) -> None:
-        self.history = PrivacyLedger.from_record(state).history
+        restored = PrivacyLedger.from_record(state)
+        self.history, self.adjacency = restored.history, restored.adjacency
 
     def __repr__(self) -> str:
-        return f"PrivacyLedger({self.history!r})"
+        return f"PrivacyLedger({self.history!r}, {self.adjacency!r})"
 
 
 def extends(stored: Mapping[str, Sequence], reported: Mapping[str, Sequence]) -> bool:
     """Whether the `reported` ledger record continues the `stored` one: every step the stored ledger
     holds is in the reported one, in the same order, with the same (σ, q); it may add steps after
     them. A server keeps a node's stored ledger when a report does not extend it (issue 27)."""
-    old, new = PrivacyLedger.from_record(stored).history, PrivacyLedger.from_record(reported).history
+    old_ledger, new_ledger = PrivacyLedger.from_record(stored), PrivacyLedger.from_record(reported)
+    old, new = old_ledger.history, new_ledger.history
+    if old and new_ledger.adjacency != old_ledger.adjacency:  # a switch of adjacency is another history
+        return False
     if not old:
         return True
     if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
@@ -199,6 +233,7 @@ def calibrate_schedule(
     schedule: tuple[tuple[float, int], ...],
     accountant: str = "prv",
     epsilon_tolerance: float = 0.01,
+    adjacency: str = "add-remove",
 ) -> float:
     """Smallest noise multiplier σ such that the composition of `schedule` ((sample rate, steps)
     stages, e.g. label-head rounds then LoRA rounds), every step with σ, has epsilon <= target.
@@ -215,7 +250,7 @@ def calibrate_schedule(
     described = " + ".join(f"{steps} steps at q={q:g}" for q, steps in schedule)
 
     def eps(sigma: float) -> float:
-        ledger = PrivacyLedger()
+        ledger = PrivacyLedger(adjacency=adjacency)
         for q, steps in schedule:
             ledger.step(sigma, q, steps)
         return ledger.epsilon(delta, accountant)
@@ -265,6 +300,7 @@ def calibrate_remaining(
     accountant: str = "prv",
     at_least: float = 0.0,
     epsilon_tolerance: float = 0.01,
+    adjacency: str = "add-remove",
 ) -> float:
     """Smallest σ for the steps still to come (`remaining_schedule`: (sample rate, steps) stages)
     such that they, composed after everything already charged (`charged_history`, (σ, q, steps)
@@ -283,7 +319,7 @@ def calibrate_remaining(
                  + " + ".join(f"{steps} steps at q={q:g}" for q, steps in remaining_schedule))
 
     def eps(sigma: float) -> float:
-        ledger = PrivacyLedger(charged)
+        ledger = PrivacyLedger(charged, adjacency)
         for q, steps in remaining_schedule:
             ledger.step(sigma, q, steps)
         return ledger.epsilon(delta, accountant)

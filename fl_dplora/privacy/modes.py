@@ -110,6 +110,27 @@ class DPMode:
         return plan(self.c, dim, int(self.cfg["population"]), int(self.cfg["num-server-rounds"]),
                     sigma if self.distributed_noise else 0.0, self.secagg_threshold())
 
+    def secagg_setup_refusal(self, setup: Mapping[str, Any] | None, dim: int, sigma: float) -> str:
+        """Why a node will not hand its update to this SecAgg+ round ("" = it will), from what its
+        SecAgg+ mod was set up with (`setup`: the mod's state; None: the message did not come through
+        the mod, so the update would leave unmasked). A distributed noise share is σC'/√t for the run's
+        public threshold t: the mod must refuse to take part in unmasking fewer than t clients (else a
+        server that sends a larger t in the config than it runs the protocol with gets a sum with less
+        than σC'), and quantize on the grid this node computes from the run's config."""
+        if not setup or not int(setup.get("threshold", 0)):
+            return "secure-aggregation: this train message does not come through SecAgg+; the update would leave unmasked"
+        t = self.secagg_threshold()
+        if int(setup["threshold"]) < t:
+            return (f"secure-aggregation: the SecAgg+ reconstruction threshold {int(setup['threshold'])} is below the "
+                    f"run's secagg-threshold {t}, which this node's noise share is computed from")
+        grid = self.secagg_plan(dim, sigma)
+        theirs = (float(setup.get("clipping_range", 0.0)), int(setup.get("target_range", 0)), int(setup.get("mod_range", 0)))
+        mine = (grid.clipping_range, grid.quantization_range, grid.modulus_range)
+        if theirs != mine:
+            return (f"secure-aggregation: the SecAgg+ grid (clipping, quantization, modulus) {theirs} is not this "
+                    f"node's {mine} for the run's config")
+        return ""
+
     def secure_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
         """What a client hands to SecAgg+: its update clipped to C here (the server never sees it to
         clip), rounded onto the grid, plus (distributed noise) its share N(0, (σC')²/threshold)."""
@@ -335,7 +356,7 @@ class ClientDP(DPMode):
         raise ConfigError(f"secure-aggregation: the noisy shares may saturate the SecAgg+ clipping range more often than 1% of "
                           f"delta {self.cfg['delta']:g} at target-epsilon {self.cfg['target-epsilon']:g}; lower target-epsilon")
 
-    def epsilon_against_server(self, accountant_sigmas: Sequence[float]) -> float | None:
+    def epsilon_against_server(self, accountant_sigmas: Sequence[float], delta: float | None = None) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed
         noise under secure aggregation: the sum it unmasks carries >= σC' whoever survived. Either way
         the server knows who took part, so a client's data is replaced, not removed: its update moves
@@ -348,7 +369,7 @@ class ClientDP(DPMode):
         ledger = PrivacyLedger()
         for sigma in accountant_sigmas:
             ledger.step(float(sigma) / 2.0, 1.0, 1)
-        return ledger.epsilon(self.cfg["delta"], self.cfg["accountant"])
+        return ledger.epsilon(self.cfg["delta"] if delta is None else delta, self.cfg["accountant"])
 
     def describe(self) -> dict[str, Any]:
         placement = ("each client's share under secure aggregation (+ server top-up)" if self.distributed_noise
