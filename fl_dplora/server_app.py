@@ -436,6 +436,7 @@ def _privacy_block(cfg, mode, server_sigma, accountant_sigma, client_eps, epsilo
         if ledger:  # every (sigma, q, steps) event of the worst client: label-head runs mix two q's
             block["history"] = [list(e) for e in zip(ledger["sigmas"], ledger["rates"], ledger["steps"])]
         block.update(noise_multiplier=worst.get("sigma"), sample_rate=worst.get("sample-rate"),
+                     adjacency=adjacency.get(int(worst.get("node_id", -1)), "add-remove"),
                      steps=int(worst.get("steps-total", 0)), per_client={
                          str(k): {"epsilon": m["epsilon"], "sigma": m.get("sigma"), "sample_rate": m.get("sample-rate"),
                                   "steps": m.get("steps-total"), "partition_id": m.get("partition-id"),

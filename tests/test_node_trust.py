@@ -103,6 +103,28 @@ def test_a_new_run_on_the_same_file_does_not_reset_the_nodes_budget(tmp_path):
     assert policy.ledger_path(1) != policy.ledger_path(2)
 
 
+def test_local_noise_runs_on_the_same_file_compose_against_the_server(tmp_path):
+    """Local noise: the server sees each update with the node's own noise alone (σ/2 at rate 1 per
+    attempt). Run 1 trains 2 rounds, run 2 its round 1; at its round 2 the composed ε against the
+    server passes the floor and the node refuses, although the runs' composed (sampled) ε does not."""
+    data = _node_file(tmp_path / "node.csv")
+    log = tmp_path / "node.jsonl"
+    floor = PrivacyLedger([(1.0, 1.0, 3)]).epsilon(1e-5, "rdp")  # three attempts at σ = 2 against the server
+    assert PrivacyLedger([(2.0, 1.0, 4)]).epsilon(1e-5, "rdp") < floor  # the runs' own composition passes
+    configs = [{"data-path": str(data), "epsilon-log": str(log), "max-epsilon": floor},
+               {"partition-id": 1, "num-partitions": 2}]
+    run = {**RUN, "dp-mode": "client", "client-noise": "local", "fraction-train": 1.0, "max-train-samples": 16}
+    for run_id in (1, 2):
+        grid = InProcessGrid(2, node_configs=configs, seed=5, run_id=run_id)
+        run_in_process(2, output_dir=tmp_path / f"run{run_id}", grid=grid, **run)
+    rows = _rows(log)
+    assert [(r["run-id"], r["round"]) for r in rows if "refused" not in r] == [(1, 1), (1, 2), (2, 1)]
+    (refused,) = [r for r in rows if "refused" in r]
+    assert (refused["run-id"], refused["round"]) == (2, 2) and "over its 2 runs" in refused["refused"]
+    assert refused["epsilon-against-server-data-file"] == pytest.approx(PrivacyLedger([(1.0, 1.0, 4)]).epsilon(1e-5, "rdp"))
+    assert refused["epsilon-data-file"] < floor < refused["epsilon-against-server-data-file"]
+
+
 # ---------------------------------------------------------------- the server's δ
 def test_a_large_delta_from_the_server_does_not_pass_the_floor(tmp_path):
     """A floor that one round meets at δ = 1e-5 only refuses; δ = 0.05 in the run config would have made

@@ -114,6 +114,7 @@ def test_nodes_declaring_a_size_send_nothing_that_depends_on_their_n(tmp_path):
     a, b = (summary["privacy"]["per_client"][str(nid)] for nid in grid.contexts)
     assert a["sample_rate"] == b["sample_rate"] == 16 / 64  # batch / shard-size, whatever the file holds
     assert a["sigma"] == b["sigma"] and a["epsilon"] == b["epsilon"] and a["adjacency"] == "add-remove"
+    assert summary["privacy"]["adjacency"] == "add-remove"
     replies = [ex.reply for ex in grid.exchanges if ex.reply is not None and not ex.reply.has_error()
                and "metrics" in ex.reply.content]
     shown = [{k: v for k, v in dict(r.content["metrics"]).items() if k != "partition-id"} for r in replies]
@@ -126,6 +127,8 @@ def test_a_node_that_releases_its_n_is_accounted_under_replace_one(tmp_path):
     summary, _ = run_in_process(2, output_dir=tmp_path / "run", grid=grid, **{**DP, "max-train-samples": 40})
     own, sim = (summary["privacy"]["per_client"][str(nid)] for nid in grid.contexts)
     assert own["adjacency"] == "replace-one" and sim["adjacency"] == "add-remove"
+    worst = max((own, sim), key=lambda c: c["epsilon"])
+    assert summary["privacy"]["adjacency"] == worst["adjacency"]  # the headline ε's adjacency
     assert own["sample_rate"] == 16 / 40  # its n, released: consistent only with replace-one
     cfg = tiny_config(**DP)
     # calibrated for replace-one (more noise than add/remove at the same q), and its ε is that bound

@@ -229,10 +229,13 @@ def train(msg: Message, context: Context) -> Message:
         why = mode.secagg_setup_refusal(_secagg_setup(msg, context), dim, node_sigma)
         if why:
             _enforce(policy, log_row, lambda: _refuse(why))
-    data_file = _data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row)
+    seen_now = node_ledger.attempt_sigmas(mode.unit, charge[0]) if "epsilon-against-server" in log_row else []
+    data_file = _data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row,
+                                   seen_now)
     _enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
-        node_ledger.charge(server_round, mode.unit, *charge)
+        node_ledger.charge(server_round, mode.unit, *charge,
+                           server_sees=bool(mode.client_level and (mode.local_noise or mode.distributed_noise)))
         if node_ledger.path is None:
             state[NODE_LEDGER_KEY] = node_ledger.to_json()
         context.state[STATE_KEY] = state
@@ -288,17 +291,24 @@ def _refuse(why: str) -> None:
 
 
 def _data_file_epsilon(policy: NodePolicy, run_id: int, this_run: PrivacyLedger, delta: float, accountant: str,
-                       log_row: dict[str, Any]) -> tuple[float, int] | None:
+                       log_row: dict[str, Any], seen_now: list[float]) -> tuple[float, int] | None:
     """(ε of every run on this node's data file composed, runs) once this attempt is charged: the other
     runs' ledgers next to the ε log and this run's events, in one composition (the same records
-    each time). None: no floor, no file ledger or no other run."""
+    each time); with local or distributed noise in any of them, also every attempt the server saw
+    with the node's own noise alone, composed against the server (the larger is checked). None: no
+    floor, no file ledger or no other run."""
     prior = policy.prior_runs(run_id) if policy.max_epsilon is not None else None
     if prior is None or prior[1] == 0:
         return None
-    ledger, runs = prior
+    ledger, runs, seen = prior
     adjacency = "replace-one" if "replace-one" in (ledger.adjacency, this_run.adjacency) else "add-remove"
     total = PrivacyLedger([*ledger.history, *this_run.history], adjacency).epsilon(delta, accountant)
     log_row.update({"epsilon-data-file": total, "runs-on-data-file": runs + 1})
+    sigmas = [*seen, *seen_now]
+    if sigmas:  # ClientDP.epsilon_against_server's composition: rate 1, σ/2 per attempt
+        against = PrivacyLedger([(s / 2.0, 1.0, 1) for s in sigmas]).epsilon(delta, accountant)
+        log_row["epsilon-against-server-data-file"] = against
+        total = max(total, against)
     return total, runs + 1
 
 

@@ -177,14 +177,21 @@ class NodeLedger:
                     ledger.step(*event)
         return ledger
 
+    def server_sees_sigmas(self) -> list[float]:
+        """σ of every attempt whose own noise alone stood between the data and the server (any unit)."""
+        return [float(x["sigma"]) for x in self.lines if x["event"] == "charge" and x.get("server-sees")]
+
     def attempt_sigmas(self, unit: str, sigma: float) -> list[float]:
         """σ of every attempt this node began, this one (at `sigma`) included: what the server saw."""
         return [s for _, s, _ in self.charges(unit)] + [float(sigma)]
 
     # ---------------------------------------------------------------- both
     def charge(self, server_round: int, unit: str, sigma: float, rate: float, steps: int,
-               adjacency: str = "add-remove") -> None:
-        """Write-ahead: this attempt is on disk before the node touches its data for it."""
+               adjacency: str = "add-remove", server_sees: bool = False) -> None:
+        """Write-ahead: this attempt is on disk before the node touches its data for it. `server_sees`:
+        the server gets this node's own noise alone (local or distributed noise: ε against the server)."""
         extra = {"adjacency": adjacency} if adjacency != "add-remove" else {}
+        if server_sees:
+            extra["server-sees"] = True
         self._append({"event": "charge", "round": int(server_round), "unit": unit, "sigma": float(sigma),
                       "rate": float(rate), "steps": int(steps), **extra})

@@ -150,16 +150,19 @@ class NodePolicy:
         """The δ this node states its ε at: the run's, never above its own `max-delta`."""
         return float(run_delta) if self.max_delta is None else min(float(run_delta), self.max_delta)
 
-    def prior_runs(self, run_id: int) -> tuple[PrivacyLedger, int] | None:
-        """What every other run on this node's data file charged, composed, and how many runs; None
-        when the node keeps no file ledger or has no data file of its own."""
+    def prior_runs(self, run_id: int) -> tuple[PrivacyLedger, int, list[float]] | None:
+        """What every other run on this node's data file charged, composed, how many runs, and the σ of
+        their attempts the server saw with the node's own noise alone; None when the node keeps no
+        file ledger or has no data file of its own."""
         from fl_dplora.clients.node_ledger import NodeLedger, other_runs
 
         if self.log_path is None or not self.own_file:
             return None
-        ledgers = [NodeLedger.open(p).spent() for p in other_runs(self.log_path, run_id, self.data_key)]
+        runs = [NodeLedger.open(p) for p in other_runs(self.log_path, run_id, self.data_key)]
+        ledgers = [r.spent() for r in runs]
         adjacency = "replace-one" if any(x.adjacency == "replace-one" for x in ledgers) else "add-remove"
-        return PrivacyLedger([e for x in ledgers for e in x.history], adjacency), len(ledgers)
+        seen = [s for r in runs for s in r.server_sees_sigmas()]
+        return PrivacyLedger([e for x in ledgers for e in x.history], adjacency), len(ledgers), seen
 
     def check_round(self, epsilon_after: float, against_server: float | None = None,
                     data_file: tuple[float, int] | None = None) -> None:
