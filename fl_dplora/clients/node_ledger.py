@@ -1,6 +1,7 @@
 """A node's own privacy ledger: durable, append-only, charged before its data is used (write-ahead).
 
-One JSONL file per run and data file, next to the node's ε log
+One JSONL file per run and data file (`max-epsilon` composes every run's file on the same data,
+node_policy.prior_runs), next to the node's ε log
 (`<log stem>.run-<run id>.data-<hash of the data-path>.ledger.jsonl`, owner-only,
 every line fsynced before the node trains). It outlives the ClientApp process and the SuperNode: a
 fresh process on the same node with the same run id continues it, so the node's `max-epsilon` check
@@ -10,6 +11,8 @@ keeps the same lines in memory (Flower's `context.state`).
 Lines:
 - `{"event": "charge", "round", "unit", "sigma", "rate", "steps"}`: one per attempt the node began,
   written before it trains; a rerun of a round after a server crash is a second attempt, charged again.
+  Optional: `"adjacency": "replace-one"` (the node's n set q and was released: sample_rate.py) and
+  `"server-sees": true` (local or distributed noise: the server got the node's own noise alone).
 - `{"event": "adopt", "sigmas", "rates", "steps"}`: the example-level ledger the server handed back
   after a resume, taken only when it extends what this node has charged (it knows more: never less).
 
