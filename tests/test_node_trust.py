@@ -72,6 +72,9 @@ def test_a_finished_runs_spent_events_and_the_other_runs_on_the_same_file(tmp_pa
     NodeLedger.open(log.with_name("n.run-3.data-xyz.ledger.jsonl")).charge(1, "example", 2.0, 1.0, 1)  # another file
     assert [p.name for p in other_runs(log, 3, key)] == ["n.run-1.data-abc.ledger.jsonl", "n.run-2.data-abc.ledger.jsonl"]
     assert other_runs(log, 1, key)[0].name == "n.run-2.data-abc.ledger.jsonl"
+    odd = tmp_path / "n[1].jsonl"  # a stem that reads as a glob pattern
+    NodeLedger.open(odd.with_name("n[1].run-1.data-abc.ledger.jsonl")).charge(1, "example", 2.0, 1.0, 1)
+    assert [p.name for p in other_runs(odd, 2, key)] == ["n[1].run-1.data-abc.ledger.jsonl"]
     spent_a = NodeLedger.open(log.with_name("n.run-1.data-abc.ledger.jsonl")).spent()
     assert spent_a.history == [(2.0, 1.0, 2)] and spent_a.adjacency == "replace-one"
     spent_b = NodeLedger.open(log.with_name("n.run-2.data-abc.ledger.jsonl")).spent()

@@ -28,6 +28,7 @@ What a node has spent (pure Python, no Flower):
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -52,7 +53,7 @@ def other_runs(log_path: Path, run_id: int, data_key: str) -> list[Path]:
     if not data_key:
         return []
     mine = ledger_path(log_path, run_id, data_key)
-    pattern = f"{log_path.stem}.run-*.data-{data_key}.ledger.jsonl"
+    pattern = f"{glob.escape(log_path.stem)}.run-*.data-{data_key}.ledger.jsonl"  # a stem may hold [ or *
     return sorted(p for p in log_path.parent.glob(pattern) if p != mine)
 
 
