@@ -70,7 +70,7 @@ SCHEMA: dict[str, Key] = {
     "local-steps": Key(int, 12, min=1, help="optimizer steps per client per round"),
     "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
     "micro-batch-size": Key(int, 32, min=1, help="examples per forward/backward; bounds memory, not the math"),
-    "learning-rate": Key(float, 1e-2, min=0.0, min_exclusive=True, help="client optimizer learning rate"),
+    "learning-rate": Key(float, 3e-2, min=0.0, min_exclusive=True, help="client optimizer learning rate"),
     "optimizer": Key(str, "adamw", choices=("sgd", "adamw"), help="client optimizer (fresh each round)"),
     "momentum": Key(float, 0.9, min=0.0, max=0.999, help="SGD momentum"),
     "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear"), help="over all steps of the run"),
