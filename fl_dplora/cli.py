@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--local-steps", type=int, default=1, help="steps per round")
     pr.add_argument("--steps", type=int, default=0, help="total steps (overrides rounds x local-steps)")
     pr.set_defaults(func=_cmd_privacy)
-    from fl_dplora.bench import add_parser as _add_bench
+    from fl_dplora.tools.bench.cli import add_parser as _add_bench
     _add_bench(sub)
     for parser in _all_parsers(p):  # --help shows every option's default, nested commands too
         parser.formatter_class = _HelpWithDefaults

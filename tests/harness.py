@@ -42,8 +42,8 @@ from typing import Any
 
 import psutil
 
-# the grid itself lives in the package (fl-dplora bench secagg uses it too)
-from fl_dplora.inprocess_grid import (  # noqa: F401
+# the grid itself lives in the package's testing namespace (fl-dplora bench secagg uses it too)
+from fl_dplora.testing.inprocess_grid import (  # noqa: F401
     ClientFn,
     Exchange,
     InProcessGrid,

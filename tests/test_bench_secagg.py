@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fl_dplora import bench_secagg
+from fl_dplora.tools.bench import secagg as bench_secagg
 
 LORA = {"layers.0.q_proj.lora_A.weight": (4, 32), "layers.0.q_proj.lora_B.weight": (32, 4),
         "layers.0.v_proj.lora_A.weight": (4, 32), "layers.0.v_proj.lora_B.weight": (16, 4)}

@@ -151,7 +151,7 @@ def _parsers(parser, path=("fl-dplora",)):
 
 
 def test_bench_help_keeps_its_table_of_benchmarks():
-    import fl_dplora.bench as bench
+    import fl_dplora.tools.bench as bench
 
     text = dict(_parsers(build_parser()))["fl-dplora bench"].format_help()
     table = [line for line in bench.__doc__.splitlines() if line.lstrip().startswith("fl-dplora bench ")]

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 
-from fl_dplora.bench import _fixed_batch  # noqa: E402
+from fl_dplora.tools.bench.local_step import fixed_batch  # noqa: E402
 from fl_dplora.config import resolve  # noqa: E402
 from fl_dplora.data import collate  # noqa: E402
 from fl_dplora.models import adapter_parameters, get_peft_model  # noqa: E402
@@ -31,7 +31,7 @@ from fl_dplora.train import per_example_loss  # noqa: E402
 cfg = resolve({"model": "smollm2-135m", "batch-size": 8, "micro-batch-size": 8, "max-seq-len": 64,
                "local-steps": 1, "dp-mode": "none"})
 model = get_peft_model(cfg)
-data, tok = _fixed_batch(cfg, 8)
+data, tok = fixed_batch(cfg, 8)
 params = [p for p in adapter_parameters(model, cfg).values() if p.requires_grad]
 with torch.no_grad():
     for p in params:

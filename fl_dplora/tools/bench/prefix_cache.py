@@ -2,7 +2,7 @@
 
     fl-dplora bench prefix-cache [--quick] [--json FILE] [--layers 2,4,8] [--batch-size 32] [--no-rss]
 
-Three measurements in one run (timing as in bench.py: warm-up, interleaved repetitions, medians):
+Three measurements in one run (timing as in common.py: warm-up, interleaved repetitions, medians):
 
 1. step: one DP-SGD step (dp-mode sample, sigma 1.0, Poisson rate q = batch-size / shard, so the
    expected batch is --batch-size) at lora-layers N for each N in --layers: `cached-nN` (examples
@@ -13,7 +13,7 @@ Three measurements in one run (timing as in bench.py: warm-up, interleaved repet
    the base model (adapters off) over the same examples in the same batches: `forward` (logits at
    every position, as model(...) returns them) and `decoder` (all blocks + final norm, no head);
    `build-nN-unshared` is the build without running the examples' shared tokens once (shared_prefix.py).
-3. memory: peak RSS of the real ClientApp in a fresh process (bench.client_peak_rss: two DP rounds)
+3. memory: peak RSS of the real ClientApp in a fresh process (throughput.client_peak_rss: two DP rounds)
    whose shard is --cache-examples examples, prefix-cache memory vs off, next to the cache's own
    size (prompt+answer tokens x hidden x 4 bytes).
 
@@ -28,10 +28,25 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from fl_dplora.bench import (Variant, _apply_quick_step_defaults, _busy_note, _environment, _finish,
-                             _median, _quiet_transformers, _ratios, _setup_torch, _table, client_peak_rss,
-                             time_interleaved, timed_local_step)
+from fl_dplora.tools.bench.common import (
+    Variant,
+    apply_quick_step_defaults,
+    busy_note,
+    common_arguments,
+    environment,
+    format_table,
+    lora_arguments,
+    median,
+    quiet_transformers,
+    ratios,
+    setup_torch,
+    time_interleaved,
+    write_result,
+)
+from fl_dplora.tools.bench.local_step import timed_local_step
+from fl_dplora.tools.bench.throughput import client_peak_rss
 
+NAME = "prefix-cache"
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BUILD_BATCH = 16  # compute_prefix's default batch; the forward baselines use the same batches
 
@@ -120,15 +135,15 @@ def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
     return sum(len(e.input_ids) for e in enc) * hidden * 4 / 2**20
 
 
-def cmd_prefix_cache(args: argparse.Namespace) -> int:
-    _setup_torch(args)
-    _quiet_transformers()
+def main(args: argparse.Namespace) -> int:
+    setup_torch(args)
+    quiet_transformers()
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
     from fl_dplora.forward import clear_memory_cache
     from fl_dplora.models import load_tokenizer
 
-    _apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
+    apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
     model_name = args.model or "smollm2-135m"
     layers = [int(x) for x in (args.layers or ("1" if args.quick else "2,4,8")).split(",")]
     batch, seq = args.batch_size or 32, args.seq_len or 96
@@ -144,7 +159,7 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
     tok = load_tokenizer(model_name)
     examples = load_task(cfg["task"], int(cfg["seed"])).train[: max(shard_n, build_n)]
     data = encode_all(tok, examples, seq, cfg["system-prompt"])
-    env = _environment()
+    env = environment()
     print(f"prefix-cache: {model_name}, LoRA r={args.rank} ({cfg['lora-variant']}) on {args.targets}, {args.task}, "
           f"system-prompt {args.system_prompt!r}, max-seq-len {seq}; DP step: sigma 1.0, expected batch {batch} "
           f"(q = {batch}/{shard_n}); {env['torch_threads']} torch threads; warm-up {warmup}, {reps} interleaved reps")
@@ -159,31 +174,31 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
                 restore()
             info[f"n{n}"]["examples_per_step"] = state["examples"]  # fixed sampling seed: every step the same draw
             for v in variants:
-                med[v.name], med_cpu[v.name] = _median(times["wall"][v.name]), _median(times["cpu"][v.name])
+                med[v.name], med_cpu[v.name] = median(times["wall"][v.name]), median(times["cpu"][v.name])
                 samples[v.name] = times["wall"][v.name]
                 eps[v.name] = info[f"n{n}"]["examples_per_step"] / med[v.name]
-            ratio.update(_ratios(med, [(f"full-n{n}", f"cached-n{n}")]))
+            ratio.update(ratios(med, [(f"full-n{n}", f"cached-n{n}")]))
         n = layers[0]
         build_vars, start, hidden = _build_variants(resolve({**base, "lora-layers": n}), data[:build_n], tok.pad_token_id, n)
         times = time_interleaved(build_vars, reps, warmup)
         for v in build_vars:
-            med[v.name], med_cpu[v.name] = _median(times["wall"][v.name]), _median(times["cpu"][v.name])
+            med[v.name], med_cpu[v.name] = median(times["wall"][v.name]), median(times["cpu"][v.name])
             samples[v.name], eps[v.name] = times["wall"][v.name], build_n / med[v.name]
-        ratio.update(_ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}"),
+        ratio.update(ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}"),
                                    (f"build-n{n}-unshared", f"build-n{n}")]))
     finally:
         clear_memory_cache()
     speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in layers}
-    print(_table([[f"{n}", f"{info[f'n{n}']['prefix_start']}", f"{info[f'n{n}']['examples_per_step']}",
+    print(format_table([[f"{n}", f"{info[f'n{n}']['prefix_start']}", f"{info[f'n{n}']['examples_per_step']}",
                    f"{eps[f'full-n{n}']:.2f}", f"{eps[f'cached-n{n}']:.2f}", f"{speedup[f'n{n}']:.2f}x",
                    f"{med_cpu[f'full-n{n}'] / med_cpu[f'cached-n{n}']:.2f}x", f"{info[f'n{n}']['max_abs_loss_diff']:.1e}"]
                   for n in layers],
                  ["lora-layers N", "cached from block", "examples/step", "full ex/s", "cached ex/s",
                   "cached/full", "(CPU)", "max |loss diff|"]))
     print(f"\ncache build at N={n} (blocks 0..{start - 1}) vs plain no-grad forwards, {build_n} examples in batches of {BUILD_BATCH}")
-    print(_table([[v.name, f"{med[v.name]:.3f}", f"{eps[v.name]:.1f}", f"{med[v.name] / med[f'build-n{n}']:.2f}"]
+    print(format_table([[v.name, f"{med[v.name]:.3f}", f"{eps[v.name]:.1f}", f"{med[v.name] / med[f'build-n{n}']:.2f}"]
                   for v in build_vars], ["variant", "median s", "examples/s", "s / build s"]))
-    _busy_note(env)
+    busy_note(env)
     rss: dict[str, Any] = {}
     payload = None
     if not args.no_rss:
@@ -195,7 +210,7 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
         mib = lambda kb: f"{kb / 1024:.0f}"  # noqa: E731
         print(f"\nclient process, shard of {cache_n} examples, lora-layers {n}: the cache holds "
               f"{payload:.1f} MiB of states (tokens x {hidden} x 4 B)")
-        print(_table([[m, mib(r["rss_after_model_kb"]), mib(r["rss_before_round2_kb"]),
+        print(format_table([[m, mib(r["rss_after_model_kb"]), mib(r["rss_before_round2_kb"]),
                        mib(r["peak_rss_round1_kb"]) if r["hwm_reset_round1"] else "-",
                        mib(r["peak_rss_round2_kb"]) if r["hwm_reset_round2"] else "-", mib(r["peak_rss_process_kb"])]
                       for m, r in rss.items()],
@@ -216,12 +231,14 @@ def cmd_prefix_cache(args: argparse.Namespace) -> int:
                   "build_examples": build_n, "build_layers": n, "cache_examples": cache_n, "reps": reps, "warmup": warmup},
         "environment": env,
     }
-    return _finish(result, args)
+    return write_result(result, args)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags beyond bench.py's common/lora ones (lora-targets default: all seven linear layers)."""
-    p.set_defaults(targets=ALL_LINEAR)
+def add_parser(bs) -> None:
+    p = bs.add_parser(NAME, help="DP step examples/s with vs without the prefix cache; build rate; client RSS")
+    common_arguments(p)
+    lora_arguments(p, "expected (Poisson) batch (default: 32; 4 with --quick)", "max-seq-len (default: 96; 32 with --quick)")
+    p.set_defaults(targets=ALL_LINEAR)  # lora-targets default here: all seven linear layers
     p.add_argument("--layers", default="", help="lora-layers values (default: 2,4,8; 1 with --quick)")
     p.add_argument("--shard", type=int, default=0, help="examples the DP step samples from (default: 4 x batch)")
     p.add_argument("--build-examples", type=int, default=0, help="examples the cache is built from; the shared-token check costs one batch, so few examples hide its gain (default: 256; 16 with --quick)")
@@ -230,3 +247,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run config's)")
     p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per client process")
+    p.set_defaults(func=main)

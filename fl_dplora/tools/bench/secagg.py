@@ -3,7 +3,7 @@
     fl-dplora bench secagg [--quick] [--json FILE] [--num-clients 5] [--rank 8] [--variants lora,ffa]
 
 For each adapter variant (LoRA: A and B travel; FFA: only B, A is frozen), one aggregation round
-with N in-process nodes (fl_dplora/inprocess_grid.py's InProcessGrid: every message deflated and inflated
+with N in-process nodes (fl_dplora/testing/inprocess_grid.py's InProcessGrid: every message deflated and inflated
 through Flower 1.42's wire format, server and clients in this one process), two ways:
 
 - plain: the server sends the train instruction (global adapter + run config) to every node, each
@@ -22,7 +22,7 @@ sum of the rounded updates within float32 rounding): a broken protocol stops the
 Adapter shapes come from the model's config (for smollm2-135m: read from the GGUF's metadata) on a
 weightless meta-device model wrapped by PEFT the way models.get_peft_model wraps it: no weights load.
 
-Timing as in bench.py: `--warmup` untimed rounds per variant, then `--reps` rounds interleaved
+Timing as in common.py: `--warmup` untimed rounds per variant, then `--reps` rounds interleaved
 round-robin; medians of wall and process-CPU seconds and the secure/plain ratios of the medians.
 JSON: median_seconds {VARIANT-plain|secure: s}, ratio {"V-secure/V-plain": wall}, ratio_cpu,
 bytes_per_client {name: {up, down}}, ratio_bytes_up / ratio_bytes_down, stages (secure bytes per
@@ -36,19 +36,21 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fl_dplora.bench import (
+from fl_dplora.tools.bench.common import (
     QUICK_MODEL,
     Variant,
-    _busy_note,
-    _environment,
-    _finish,
-    _median,
-    _ratios,
-    _setup_torch,
-    _table,
+    busy_note,
+    common_arguments,
+    environment,
+    format_table,
+    median,
+    ratios,
+    setup_torch,
     time_interleaved,
+    write_result,
 )
 
+NAME = "secagg"
 Shapes = dict[str, tuple[int, ...]]
 METRICS = {"partition-id": 0, "num-examples": 16}  # what a client-level DP reply carries (partition id set per node)
 
@@ -160,7 +162,7 @@ class SecAggSetup:
         return app
 
     def new_grid(self):
-        from fl_dplora.inprocess_grid import InProcessGrid
+        from fl_dplora.testing.inprocess_grid import InProcessGrid
 
         return InProcessGrid(self.n, client=self.client(), seed=self.seed)
 
@@ -305,16 +307,16 @@ def _run_section(shape_sets, num_clients, reps, warmup, *, clip, seed, threshold
     if verbose:
         print(f"timing: warm-up {warmup}, {reps} interleaved reps of {len(variants)} variants", flush=True)
     times = time_interleaved(variants, reps, warmup)
-    med = {k: _median(v) for k, v in times["wall"].items()}
-    med_cpu = {k: _median(v) for k, v in times["cpu"].items()}
-    per_client = {k: {"up": _median(v["up"]) / num_clients, "down": _median(v["down"]) / num_clients}
+    med = {k: median(v) for k, v in times["wall"].items()}
+    med_cpu = {k: median(v) for k, v in times["cpu"].items()}
+    per_client = {k: {"up": median(v["up"]) / num_clients, "down": median(v["down"]) / num_clients}
                   for k, v in samples.items()}
     pairs = [(f"{n}-secure", f"{n}-plain") for n in setups]
     ratio_up = {f"{a}/{b}": per_client[a]["up"] / per_client[b]["up"] for a, b in pairs}
     ratio_down = {f"{a}/{b}": per_client[a]["down"] / per_client[b]["down"] for a, b in pairs}
     return {
-        "benchmark": "secagg", "median_seconds": med, "ratio": _ratios(med, pairs),
-        "median_cpu_seconds": med_cpu, "ratio_cpu": _ratios(med_cpu, pairs),
+        "benchmark": "secagg", "median_seconds": med, "ratio": ratios(med, pairs),
+        "median_cpu_seconds": med_cpu, "ratio_cpu": ratios(med_cpu, pairs),
         "bytes_per_client": per_client, "ratio_bytes_up": ratio_up, "ratio_bytes_down": ratio_down,
         "stages": stages, "check": checks, "samples_seconds": times["wall"], "samples_cpu_seconds": times["cpu"],
         "adapters": {n: {"values": s.dim, "tensors": len(s.keys), "threshold": s.threshold,
@@ -337,13 +339,13 @@ def print_report(res: dict[str, Any]) -> None:
         key = f"{s}/{p}"
         rows.append([name, "secure/plain", "", f"{res['ratio_bytes_up'][key]:.2f}x", f"{res['ratio_bytes_down'][key]:.2f}x",
                      f"{res['ratio'].get(key, float('nan')):.2f}x", f"{res['ratio_cpu'].get(key, float('nan')):.2f}x", "", ""])
-    print(_table(rows, ["adapter", "path", "values", "up B/client", "down B/client", "round s (median)",
+    print(format_table(rows, ["adapter", "path", "values", "up B/client", "down B/client", "round s (median)",
                         "CPU s (median)", "min s", "max s"]))
     names = list(res["adapters"])
     order = list(dict.fromkeys(st for name in names for st in res["stages"][name]))
     print(f"\nsecure bytes per client by SecAgg+ stage (N = {n}):")
     cols = [(nm, d) for nm in names for d in ("up", "down")]
-    print(_table([[st, *[f"{res['stages'][nm].get(st, {}).get(f'{d}_per_client', 0):,.0f}" for nm, d in cols]]
+    print(format_table([[st, *[f"{res['stages'][nm].get(st, {}).get(f'{d}_per_client', 0):,.0f}" for nm, d in cols]]
                   for st in order], ["stage", *[f"{nm} {d}" for nm, d in cols]]))
     for name, c in res["check"].items():
         print(f"check {name}: unmasked sum vs plain sum of the clipped updates: max |diff| {c['max_abs_diff_vs_plain']:.3g} "
@@ -351,8 +353,8 @@ def print_report(res: dict[str, Any]) -> None:
               f"vs the rounded updates {c['max_abs_diff_vs_rounded']:.3g} (largest |sum| {c['max_abs_sum']:.3g}): passed")
 
 
-def cmd_secagg(args: argparse.Namespace) -> int:
-    _setup_torch(args)
+def main(args: argparse.Namespace) -> int:
+    setup_torch(args)
     from fl_dplora.config import resolve
 
     model_name = args.model or (QUICK_MODEL if args.quick else "smollm2-135m")
@@ -362,7 +364,7 @@ def cmd_secagg(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in ("lora", "ffa") for v in variants):
         raise SystemExit("bench secagg: --variants takes lora and/or ffa")
-    env = _environment()
+    env = environment()
     shapes, info = adapter_shapes(model_name, args.rank, args.targets, args.layers)
     sets = {f"{v}-r{args.rank}": shapes[v] for v in variants}
     # the instruction's config: the run config such a secure round sends (dp-mode client, central noise)
@@ -384,17 +386,19 @@ def cmd_secagg(args: argparse.Namespace) -> int:
           f"modulus 2^{int(math.log2(a['secagg_modulus']))}, step {a['secagg_step']:.3g}; threshold {a['threshold']} of {n}, "
           f"shares: {args.shares or 'all'}; {env['torch_threads']} torch threads")
     print_report(res)
-    _busy_note(env)
+    busy_note(env)
     res["setup"] = {"model": model_name, "shapes_from": info, "lora_rank": args.rank, "lora_targets": args.targets,
                     "lora_layers": args.layers, "num_clients": n, "clip_norm": args.clip, "seed": args.seed,
                     "threshold": res["adapters"][next(iter(sets))]["threshold"], "shares": args.shares or "all",
                     "reps": reps, "warmup": warmup, "training": "none: stub clients reply a fixed update",
                     "median_seconds_is": "one round's wall time: server + in-process clients, wire (de)serialization"}
     res["environment"] = env
-    return _finish(res, args)
+    return write_result(res, args)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(bs) -> None:
+    p = bs.add_parser(NAME, help="one round's bytes per client and wall time, plain vs SecAgg+ (LoRA, FFA; no training)")
+    common_arguments(p)
     p.add_argument("--num-clients", type=int, default=0, help="clients in the round (default: 5; 3 with --quick)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--targets", default="q_proj,v_proj", help="run-config lora-targets")
@@ -405,3 +409,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+ reconstruction threshold (0: max(2, ceil(2N/3)), as a run)")
     p.add_argument("--shares", type=int, default=0, help="secagg-shares (0: every node holds a share of every other)")
     p.add_argument("--seed", type=int, default=0, help="masks and updates")
+    p.set_defaults(func=main)
