@@ -22,12 +22,12 @@ FEATURES = "label_head_features.pt"
 def build_features():
     from fl_dplora.config import resolve
     from fl_dplora.data import Example, client_examples, collate, encode_all, eval_examples, load_task
-    from fl_dplora.forward import _decoder_and_head, _top_blocks_only, attach_prefix, decoder_blocks, label_first_tokens
+    from fl_dplora.forward import _top_blocks_only, attach_prefix, decoder_and_head, decoder_blocks, label_first_tokens
     from fl_dplora.models import get_peft_model, load_tokenizer
     cfg = resolve({"prefix-cache": "disk", "secure-rng": False})
     model = get_peft_model(cfg); tok = load_tokenizer(cfg["model"]); model.eval()
     dec, name, blocks = decoder_blocks(model)
-    inner, decoder, head = _decoder_and_head(model)
+    inner, decoder, head = decoder_and_head(model)
     LAYERS = [26, 27, 28, 29]
     def feats(enc):
         out = {l: [] for l in LAYERS + ["in26", "final"]}

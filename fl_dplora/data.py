@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from fl_dplora.config import PACKAGE_DIR, ConfigError
-from fl_dplora.task_card import (
-    TaskCard, card_for_rows, check_blank, examples_from_rows, is_card_path, load_card, loader_rows, node_card, read_rows,
+from fl_dplora.task_card import (  # Example lives there (rows become examples there); data's users import it here
+    Example, TaskCard, card_for_rows, check_blank, examples_from_rows, is_card_path, load_card, loader_rows, node_card,
+    read_rows,
 )
 
 def _find_data_dir() -> Path:
@@ -37,16 +38,6 @@ def _find_data_dir() -> Path:
 
 DATA_DIR = _find_data_dir()
 FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
-
-
-@dataclass
-class Example:
-    prompt: str
-    answer: str
-    label: int = -1  # index into TaskData.label_words for classification, -1 otherwise
-    group: str = ""  # what the dirichlet partitioner splits on (label word or category)
-    unit: str = ""  # examples with the same unit go to one client (E2E: every reference of an MR)
-    references: tuple[str, ...] = ()  # generation eval: every reference of this prompt (answer is the first)
 
 
 @dataclass

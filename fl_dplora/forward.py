@@ -33,16 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_dplora import label_head, shared_prefix
+from fl_dplora import shared_prefix
 from fl_dplora.data import Encoded, collate
 
 log = logging.getLogger(__name__)
 PREFIX_CACHE_MODES = ("off", "memory", "disk")
 LABEL_HEAD_FLOOR = -1e4  # logit of a non-label token where a label head answers (finite: no NaN in softmax)
+LABEL_HEAD_ATTR = "fl_label_head"  # where label_head.install hangs the head on the (PEFT) model
+
+
+def attached_label_head(model: nn.Module) -> nn.Module | None:
+    """The label head attached to `model` (label_head.py), or None: looked up here so that this
+    module needs nothing from label_head.py, which builds on it."""
+    return getattr(model, LABEL_HEAD_ATTR, None)
 
 
 # ------------------------------------------------------------------ model anatomy
-def _decoder_and_head(model: nn.Module):
+def decoder_and_head(model: nn.Module):
+    """(inner model, decoder, output head); decoder and head None where the model's own forward must run."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings()
@@ -53,7 +61,7 @@ def _decoder_and_head(model: nn.Module):
 
 def decoder_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:
     """(decoder, attribute name, blocks): the decoder's ModuleList of its transformer blocks."""
-    inner, decoder, _ = _decoder_and_head(model)
+    inner, decoder, _ = decoder_and_head(model)
     if decoder is None:
         return None
     depth = getattr(inner.config, "num_hidden_layers", None)
@@ -72,7 +80,7 @@ def prefix_start(model: nn.Module) -> int:
     found = decoder_blocks(model)
     if found is None:
         return 0
-    head = _decoder_and_head(model)[2]
+    head = decoder_and_head(model)[2]
     after = {id(p) for n, p in head.named_parameters() if "lora_" in n} if head is not None else set()
     lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
     first, inside = None, set()
@@ -115,7 +123,7 @@ def _top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start
 def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The decoder's last hidden state [B, T, H] (after its final norm); a batch with
     `prefix_hidden` runs only the blocks after the cached prefix."""
-    _, decoder, _ = _decoder_and_head(model)
+    _, decoder, _ = decoder_and_head(model)
     if decoder is None:
         raise ValueError("this model's decoder blocks cannot be found (needed for the prefix cache and label-head)")
     if "prefix_hidden" in batch:
@@ -139,9 +147,9 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
     first answer position are the head's.
     """
     labels = batch["labels"]
-    inner, decoder, head = _decoder_and_head(model)
+    inner, decoder, head = decoder_and_head(model)
     if decoder is None:
-        if "prefix_hidden" in batch or label_head.get(model) is not None:
+        if "prefix_hidden" in batch or attached_label_head(model) is not None:
             raise ValueError("the prefix cache and label-head need a decoder whose blocks can be found")
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -163,7 +171,7 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
     scale = getattr(inner.config, "logit_scale", None)
     if isinstance(scale, (int, float)):
         logits = logits * scale
-    probe = label_head.get(model)
+    probe = attached_label_head(model)
     if probe is not None:  # column 0 of `gathered` is each example's first answer position
         first = first_answer_positions(rows).nonzero()[:, 0]
         values = probe(gathered[:, :1])[:, 0][valid[:, 0]].to(logits.dtype)
@@ -220,7 +228,7 @@ def _label_head_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     """The label-word loss straight from precomputed final states (`answer_hidden`, set by
     local_train when only the label head trains): the same value as the full path, no decoder.
     None when the batch has no such states or holds an example whose answer is not a label word."""
-    probe = label_head.get(model)
+    probe = attached_label_head(model)
     if probe is None or label_token_ids is None or "answer_hidden" not in batch:
         return None
     labels = batch["labels"]
@@ -268,7 +276,7 @@ def prefix_fingerprint(model: nn.Module, start: int) -> str:
     memo = _FINGERPRINTS.setdefault(blocks, {})
     if start in memo and memo[start][0] == stamp:
         return memo[start][1]
-    inner = _decoder_and_head(model)[0]
+    inner = decoder_and_head(model)[0]
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{type(inner).__name__}:{start}:{inner.config.to_json_string(use_diff=False)}".encode())
     for key, t in tensors:

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from fl_dplora import protocol
+from fl_dplora.data import collate
+from fl_dplora.forward import LABEL_HEAD_ATTR, final_hidden, first_answer_index
 
 HEAD_KEY = "label_head.weight"  # its name in the transmitted adapter and in checkpoints
-ATTR = "fl_label_head"  # where it hangs on the (PEFT) model
+ATTR = LABEL_HEAD_ATTR  # where it hangs on the (PEFT) model (forward.py looks it up there)
 FILE = "label_head.safetensors"
 
 
@@ -92,9 +94,6 @@ def first_answer_states(model: nn.Module, encoded, pad_id: int, batch_size: int 
     """[N, H] final hidden state where each example's first answer token is predicted (no grad).
 
     Batches of similar lengths (little padding); the rows come back in the order of `encoded`."""
-    from fl_dplora.data import collate
-    from fl_dplora.forward import final_hidden, first_answer_index
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

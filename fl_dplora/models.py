@@ -113,7 +113,7 @@ def load_tokenizer(name: str, revision: str = "", trust_remote_code: bool = Fals
     return tok
 
 
-def _tiny_config(name: str, vocab_size: int):
+def tiny_config(name: str, vocab_size: int):
     from transformers import GPT2Config, LlamaConfig
 
     if name == "tiny-random-llama":
@@ -187,7 +187,7 @@ def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = No
     if name in TINY_ALIASES:
         torch.manual_seed(seed)  # same random base on every client and the server
         vocab = len(load_tokenizer(name))
-        model = AutoModelForCausalLM.from_config(_tiny_config(name, vocab)).to(dtype)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, vocab)).to(dtype)
     elif name == "smollm2-135m":
         gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
@@ -240,9 +240,9 @@ def check_lora_targets(cfg: Mapping[str, Any]) -> None:
     name = cfg["model"]
     try:
         if name in ("smollm2-135m", "tiny-random-llama"):  # both LLaMA: the same module names
-            config = _tiny_config("tiny-random-llama", 32)
+            config = tiny_config("tiny-random-llama", 32)
         elif name in TINY_ALIASES:
-            config = _tiny_config(name, 32)
+            config = tiny_config(name, 32)
         elif Path(os.path.expanduser(name)).suffix == ".gguf":
             path = Path(os.path.expanduser(name))
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)

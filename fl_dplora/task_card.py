@@ -42,6 +42,18 @@ DEFAULT_TEMPLATE = "{instruction}\n\n{text}"
 GENERIC_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
 
 
+@dataclass
+class Example:
+    """One (prompt, answer) pair of a task (data.py partitions, tokenizes and scores them)."""
+
+    prompt: str
+    answer: str
+    label: int = -1  # index into TaskData.label_words for classification, -1 otherwise
+    group: str = ""  # what the dirichlet partitioner splits on (label word or category)
+    unit: str = ""  # examples with the same unit go to one client (E2E: every reference of an MR)
+    references: tuple[str, ...] = ()  # generation eval: every reference of this prompt (answer is the first)
+
+
 @dataclass(frozen=True)
 class TaskCard:
     name: str
@@ -169,8 +181,6 @@ def card_for_rows(name: str, rows: Sequence[Mapping[str, Any]]) -> TaskCard:
 def examples_from_rows(card: TaskCard, rows: Sequence[Mapping[str, Any]], source: str, flag: str = "task"):
     """Rows -> Examples with the card's prompt and label words; a missing column or an unknown label
     is one line naming the file, before anything is trained."""
-    from fl_dplora.data import Example
-
     if not rows:
         raise ConfigError(f"{flag}: {source} has no rows")
     cols = set(rows[0])
@@ -222,9 +232,7 @@ def check_blank(rows: Sequence[Mapping[str, Any]], column: str, source: str, fla
             raise ConfigError(f"{flag}: {source} row {i + 2}: column {column!r} is empty")
 
 
-def _instruct_example(rec: Mapping[str, Any], card: TaskCard):
-    from fl_dplora.data import Example
-
+def _instruct_example(rec: Mapping[str, Any], card: TaskCard) -> Example:
     ctx = str(rec.get(card.context_column) or rec.get("input") or "").strip()
     prompt = str(rec[card.instruction_column]).strip() + (f"\n\nContext: {ctx}" if ctx else "")
     return Example(prompt=prompt, answer=str(rec[card.response_column]).strip(), group=str(rec.get("category", "")))

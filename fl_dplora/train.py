@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fl_dplora.data import Encoded, collate
-from fl_dplora.forward import _decoder_and_head, answer_logits, per_example_loss  # noqa: F401 - re-exported
+from fl_dplora.forward import answer_logits, decoder_and_head, per_example_loss  # noqa: F401 - re-exported
 from fl_dplora.privacy.mechanisms import gaussian_like
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fl_dplora.config import resolve
 from fl_dplora.data import collate, encode_all, load_task
 from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
-from fl_dplora.train import _decoder_and_head, per_example_loss
+from fl_dplora.train import decoder_and_head, per_example_loss
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
 
 
@@ -48,7 +48,7 @@ def _full_logits_loss(model, batch) -> torch.Tensor:
 def test_answer_only_logits_match_full_logits_loss(model_name, targets):
     cfg = resolve({"model": model_name, "lora-targets": targets, "lora-rank": 4})
     model = get_peft_model(cfg)
-    assert _decoder_and_head(model)[1] is not None, "the fast path must be taken, not the full-logits fallback"
+    assert decoder_and_head(model)[1] is not None, "the fast path must be taken, not the full-logits fallback"
     params = adapter_parameters(model, cfg)
     saved = {k: p.detach().clone() for k, p in params.items()}
     g = torch.Generator().manual_seed(3)

@@ -103,10 +103,10 @@ def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int) -> tuple[lis
     import torch
 
     from fl_dplora.data import collate
-    from fl_dplora.forward import _decoder_and_head, compute_prefix
+    from fl_dplora.forward import compute_prefix, decoder_and_head
 
     model, start = _model(cfg)
-    decoder = _decoder_and_head(model)[1]
+    decoder = decoder_and_head(model)[1]
     device = next(iter(model.parameters())).device
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))  # compute_prefix's batching
 

@@ -62,10 +62,10 @@ def model_config(name: str):
 
     from transformers import AutoConfig
 
-    from fl_dplora.models import TINY_ALIASES, _tiny_config, smollm2_gguf_path
+    from fl_dplora.models import TINY_ALIASES, smollm2_gguf_path, tiny_config
 
     if name in TINY_ALIASES:  # the vocabulary size changes no adapter shape
-        return _tiny_config(name, 49152), f"{name}: models._tiny_config"
+        return tiny_config(name, 49152), f"{name}: models.tiny_config"
     path = smollm2_gguf_path() if name == "smollm2-135m" else Path(name).expanduser()
     if path.suffix == ".gguf":
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), f"the metadata of {path.name}"
