@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fl_dplora import experiments as ex  # noqa: E402
+from fl_dplora.tools import experiments as ex  # noqa: E402
 from fl_dplora.config import describe_keys  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

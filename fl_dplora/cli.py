@@ -260,7 +260,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from fl_dplora import experiments as ex
+    from fl_dplora.tools import experiments as ex
 
     if args.list or not args.name:
         for name in ex.available():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_dplora import experiments as ex
+from fl_dplora.tools import experiments as ex
 from fl_dplora.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,11 +268,11 @@ def test_majority_rate_flows_from_summary_into_the_record(spec_dir):
     spec = ex.load_spec("tiny")
     _fake_run(spec.runs[0], 0.5, majority_rate=0.625)
     _fake_run(spec.runs[1], 0.5, majority_rate=None)  # an older cached summary
-    rec, old = ex._record(spec.runs[0]), ex._record(spec.runs[1])
+    rec, old = ex.record(spec.runs[0]), ex.record(spec.runs[1])
     assert rec["majority_rate"] == 0.625 and old["majority_rate"] is None
     assert rec["per_round"][-1] == {"round": 2, "accuracy": 0.5, "macro_f1": 0.3, "eval_loss": 0.9, "epsilon": 7.99}
-    assert ex._cell(rec, "majority_rate") == "62.5%" and ex._cell(old, "majority_rate") == "–"
-    assert ex._COLUMNS["majority_rate"][0] == "majority"
+    assert ex.column_text(rec, "majority_rate") == "62.5%" and ex.column_text(old, "majority_rate") == "–"
+    assert ex.COLUMNS["majority_rate"][0] == "majority"
 
 
 def test_seeds_aggregate_into_cells_with_mean_and_standard_error(tmp_path, monkeypatch):

@@ -150,10 +150,10 @@ def test_make_run_and_the_experiment_runner_replace_their_own_folders():
     """`make run` writes runs/default every time: twice in a row must work (README's commands read it)."""
     recipe = next(line for line in (REPO / "Makefile").read_text().splitlines() if "fl-dplora simulate" in line)
     assert "--output-dir $(OUT) --overwrite" in recipe
-    from fl_dplora.experiments import RunSpec, _command
+    from fl_dplora.tools.experiments import RunSpec, command
 
     spec = RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1}), num_clients=2)
-    cmd = _command(spec, Path("/tmp/x"))
+    cmd = command(spec, Path("/tmp/x"))
     assert cmd[cmd.index("--output-dir") + 1:] == ["/tmp/x", "--overwrite"]
     # overwrite is a server-side, non-computing key: cached experiment runs keep their hashes
     assert spec.hash == RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1, "overwrite": True}), 2).hash
