@@ -1,6 +1,6 @@
 """Flower ServerApp: rounds of (sample → train → validate/aggregate → account → evaluate → log).
 
-Writes into the output dir (DESIGN.md). Released: metrics.jsonl (one line per round: ε and the
+Writes into the output dir (docs/privacy.md, "Threat model"). Released: metrics.jsonl (one line per round: ε and the
 evaluation on the server's public set), summary.json, adapter/. The operator's, not for release
 (write_ahead.py): operator.jsonl (who took part, drops, bytes, timings) and rounds.wal.
 """

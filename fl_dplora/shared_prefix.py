@@ -4,7 +4,7 @@ A classification task renders every example as chat header + instruction + text:
 SmolLM2 the first 25 of ~58 prompt tokens are the same for all tweets. Under causal attention those
 positions' states never depend on what follows, so `compute_prefix` runs them once (keeping their
 keys/values) and each batch runs only its own tokens on top: ~40 % fewer tokens through blocks
-0..L-N-1, the part of a run that costs most (DESIGN.md, "Compute").
+0..L-N-1, the part of a run that costs most (docs/prefix-cache.md, docs/performance.md).
 
 Not every architecture continues a cache the way a full forward computes (sliding windows, caches
 that ignore the attention mask): the first batch is computed both ways and the shortcut is used

@@ -2,7 +2,7 @@
 
 What is pinned here (docs/deployment.md explains the commands):
 - insecure: 2 SuperNodes, one with a partition of the bundled data, one with its own JSONL file
-  (`data-path`); 2 rounds of the tiny model; the DESIGN.md outputs; status finished:completed;
+  (`data-path`); 2 rounds of the tiny model; the released outputs (docs/privacy.md); status finished:completed;
   epsilon grows in round 2, so the privacy ledger outlived the per-round ClientApp process.
 - TLS + SuperNode authentication: 2 registered keys train, a third, unregistered key is refused.
 - a SuperNode killed (SIGKILL) in the middle of round 1: the run still completes, and
@@ -268,7 +268,7 @@ def deployment(tmp_path):
 
 
 def assert_outputs(out: Path, rounds: int = 2) -> tuple[list[dict], dict]:
-    """The DESIGN.md outputs: metrics.jsonl (one row per round), summary.json, adapter/."""
+    """The released outputs (docs/privacy.md): metrics.jsonl (one row per round), summary.json, adapter/."""
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     for r in rows:

@@ -42,7 +42,7 @@ class RoundStats:
 
 
 class DPLoRAFedAvg(FedAvg):
-    """FedAvg over LoRA updates with the dp-modes of DESIGN.md. Works with `strategy.start()` too."""
+    """FedAvg over LoRA updates with the dp-modes of docs/privacy.md. Works with `strategy.start()` too."""
 
     def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0):
         super().__init__(

@@ -1,0 +1,153 @@
+"""The package's layout, read from its source with `ast` (nothing is imported):
+
+- the runtime (server, clients, strategies, privacy, training, data, models, config, ...) imports
+  nothing from the tools wing (fl_dplora/tools/) or the testing namespace (fl_dplora/testing/);
+- no import circle anywhere in the package (imports inside functions count too);
+- the tools and the testing namespace import no other module's private `_name`;
+- docs/architecture.md names every module of the package.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "fl_dplora"
+WINGS = ("fl_dplora.tools", "fl_dplora.testing")  # not the runtime: may import it, never imported by it
+# front doors that dispatch to the tools (`fl-dplora bench`, `experiment`); audit.py is a tool that
+# still lives at the package root
+FRONT_DOORS = {"fl_dplora.cli", "fl_dplora.audit"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    """The package module `name` is (or lies in): a.b.c -> a.b.c, else a.b, ..."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every fl_dplora import of `module`, at any depth."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(r, "", node.lineno) for a in node.names if (r := _resolve(a.name))]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                base = f"{anchor}.{base}" if base else anchor
+            if not base.startswith("fl_dplora"):
+                continue
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                if sub in MODULES:  # `from fl_dplora import protocol`: the module itself
+                    found.append((sub, "", node.lineno))
+                elif target := _resolve(base):
+                    found.append((target, a.name, node.lineno))
+    return [f for f in found if f[0] != module]
+
+
+GRAPH = {m: sorted({t for t, _, _ in _imports(m)}) for m in MODULES}
+
+
+def _in_wing(module: str) -> bool:
+    return any(module == w or module.startswith(w + ".") for w in WINGS)
+
+
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(graph[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(graph[nxt])))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        m = stack.pop()
+                        on_stack.discard(m)
+                        comp.append(m)
+                        if m == node:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+def test_the_import_graph_is_read():
+    """A guard for the tests below: the walk sees the package and its known edges."""
+    assert "fl_dplora.server_app" in GRAPH and "fl_dplora.tools.bench.cli" in GRAPH
+    assert "fl_dplora.protocol" in GRAPH["fl_dplora.server_app"]
+    assert "fl_dplora.tools.bench.common" in GRAPH["fl_dplora.tools.bench.secagg"]
+    assert "fl_dplora.testing.inprocess_grid" in GRAPH["fl_dplora.tools.bench.secagg"]  # inside a function
+    assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
+
+
+def test_the_runtime_imports_nothing_from_the_tools_wing():
+    bad = [f"{m} imports {t} (line {line})"
+           for m in MODULES if not _in_wing(m) and m not in FRONT_DOORS
+           for t, _, line in _imports(m) if _in_wing(t)]
+    assert not bad, "the runtime must not depend on the tools or the testing namespace:\n" + "\n".join(bad)
+
+
+def test_no_import_circle_in_the_package():
+    cycles = _cycles(GRAPH)
+    assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_tools_use_only_public_names_of_other_modules():
+    bad = [f"{m} imports {t}.{name} (line {line})"
+           for m in MODULES if _in_wing(m)
+           for t, name, line in _imports(m) if name.startswith("_") and t != m]
+    assert not bad, "a name another module uses is public:\n" + "\n".join(bad)
+
+
+def test_architecture_doc_names_every_module():
+    """docs/architecture.md lists each module by its path under fl_dplora/ (`privacy/modes.py`)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([\w/]+\.py)`", text))
+    modules = {str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.name != "__init__.py"}
+    missing = sorted(modules - named)
+    assert not missing, f"docs/architecture.md does not name: {', '.join(missing)}"
