@@ -287,7 +287,7 @@ def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example
 
 
 # ------------------------------------------------------------------ tokenization
-def _render_prompt(tokenizer, prompt: str, system_prompt: str = "auto") -> str:
+def render_prompt(tokenizer, prompt: str, system_prompt: str = "auto") -> str:
     """The prompt in the model's chat template. system_prompt: `auto` = whatever the template does
     (SmolLM2 adds a 20-token default), "" = no system turn at all, other text = that system turn."""
     if getattr(tokenizer, "chat_template", None):
@@ -319,7 +319,7 @@ class Encoded:
 
 
 def encode_example(tokenizer, ex: Example, max_len: int, system_prompt: str = "auto") -> Encoded:
-    prompt_ids = tokenizer(_render_prompt(tokenizer, ex.prompt, system_prompt), add_special_tokens=False).input_ids
+    prompt_ids = tokenizer(render_prompt(tokenizer, ex.prompt, system_prompt), add_special_tokens=False).input_ids
     answer_ids = tokenizer(ex.answer + _answer_suffix(tokenizer), add_special_tokens=False).input_ids
     answer_ids = answer_ids[: max(1, max_len // 2)]
     budget = max_len - len(answer_ids)

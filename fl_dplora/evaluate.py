@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from fl_dplora.data import Example, TaskData, _render_prompt, collate, encode_example
+from fl_dplora.data import Example, TaskData, collate, encode_example, render_prompt
 from fl_dplora.forward import answer_logits, attach_prefix, first_answer_positions, label_first_tokens
 
 
@@ -207,7 +207,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_len: int, syste
     # our own config: the model's (sampling temperature, lengths) must not change what greedy means
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    ids = [tokenizer(_render_prompt(tokenizer, p, system_prompt), add_special_tokens=False).input_ids[-max_len:]
+    ids = [tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False).input_ids[-max_len:]
            for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     texts = [""] * len(ids)

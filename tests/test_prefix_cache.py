@@ -18,7 +18,7 @@ import torch
 
 from fl_dplora import forward, models
 from fl_dplora.config import resolve
-from fl_dplora.data import Encoded, _render_prompt, collate, encode_all, encode_example, load_task
+from fl_dplora.data import Encoded, collate, encode_all, encode_example, load_task, render_prompt
 from fl_dplora.forward import (
     answer_logits,
     attach_prefix,
@@ -326,9 +326,9 @@ def test_batch_cached_for_another_split_point_is_refused():
 def test_system_prompt_rendering():
     tok = load_tokenizer("tiny-random-llama")  # SmolLM2's tokenizer and chat template
     prompt = "What is the sentiment of: stocks rally"
-    auto = _render_prompt(tok, prompt, "auto")
-    none = _render_prompt(tok, prompt, "")
-    custom = _render_prompt(tok, prompt, "You are a terse analyst.")
+    auto = render_prompt(tok, prompt, "auto")
+    none = render_prompt(tok, prompt, "")
+    custom = render_prompt(tok, prompt, "You are a terse analyst.")
     user_only = [{"role": "user", "content": prompt}]
     assert auto == tok.apply_chat_template(user_only, tokenize=False, add_generation_prompt=True)
     assert "system" in auto and "SmolLM" in auto  # the template's own default system turn
@@ -343,8 +343,8 @@ def test_system_prompt_rendering():
     assert encode_example(tok, ex, 512, "").labels[-2:] == encode_example(tok, ex, 512, "auto").labels[-2:]
     # a tokenizer without a chat template: the plain instruction format, the text as a header
     plain = SimpleNamespace(chat_template=None)
-    assert _render_prompt(plain, "p", "auto") == _render_prompt(plain, "p", "") == "### Instruction:\np\n\n### Response:\n"
-    assert _render_prompt(plain, "p", "Be brief.").startswith("Be brief.\n\n### Instruction:\np")
+    assert render_prompt(plain, "p", "auto") == render_prompt(plain, "p", "") == "### Instruction:\np\n\n### Response:\n"
+    assert render_prompt(plain, "p", "Be brief.").startswith("Be brief.\n\n### Instruction:\np")
 
 
 # ------------------------------------------------------------------ 6. DP local training
