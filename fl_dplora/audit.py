@@ -1,26 +1,36 @@
 """Empirical privacy audit: `fl-dplora audit`.
 
-Trains one federated run through the same apps with canaries planted, then measures:
-- canary exposure (Carlini et al. 2019, "The Secret Sharer"): each canary is a random passphrase
-  answered to a fixed question; exposure = log2|space| - log2(rank), the rank estimated from R random
-  reference passphrases of the same format: exposure ~= log2(R + 1) - log2(1 + #references the model
-  finds likelier). Mean/max over the canaries that were trained on.
-- loss-threshold membership inference on the audited client's own training examples vs held-out
-  examples: AUC and TPR at 1 % FPR.
-- the one-run audit (Steinke, Nasr, Jagielski 2023): every canary is included independently with
-  probability 1/2; the auditor guesses "in" for the k canaries whose loss fell most (base -> final
-  model) and "out" for the k whose loss fell least; the number of right guesses gives, at 95 %
-  confidence, a lower bound on epsilon at the run's delta (their Theorem: P[>= v right] <=
-  P[Binomial(r, e^eps/(1+e^eps)) >= v] + 2 m delta alpha). Three k are tried, Bonferroni-corrected.
+Trains one federated run through the same apps with canaries planted, then gives a lower bound on ε
+with the one-run audit of Steinke, Nasr and Jagielski 2023 ("Privacy Auditing with One (1) Training
+Run"): m canaries, each included independently with probability 1/2; the auditor guesses "in" for
+the k canaries it is most confident were trained on and "out" for the k least; the number of right
+guesses gives, at 95 % confidence, a lower bound on ε at the run's δ (their Theorem 3.3 / Algorithm
+3 p-value: P[>= v right] <= P[Binomial(r, e^ε/(1+e^ε)) >= v] + 2 m δ α). Four k are tried,
+Bonferroni-corrected.
+
+Canaries (`canary_kind`):
+- "gradient" (default; the paper's white-box gradient-space canaries): each canary is a training
+  example whose per-example gradient is a Dirac vector, ±C on one random coordinate of the LoRA
+  factors (C = max-grad-norm, already clipped), instead of a model's gradient. It travels to the
+  node in the canary file and goes through the clients' own training step (train.local_train:
+  Poisson-sampled at q with the real examples under DP-SGD, summed, noised, divided; in the
+  shuffled batches otherwise). The score is how far the final adapter moved that coordinate against
+  the canary's gradient from its seed-shared init: −sign × (final − init). A run without DP moves
+  it by every step the canary took part in, which the audit sees; under DP-SGD the same
+  coordinate carries the step's Gaussian noise, so the bound stays below ε. This is the worst
+  case the DP analysis covers (an example whose clipped gradient points where nothing else does),
+  and the test a DP claim must pass; what a text example leaks is below it.
+- "text" (black box, the earlier audit): a random passphrase answered to a fixed question, or with
+  a label head a held-out text with a wrong label word; scored by its loss drop base -> final
+  model. It also reports canary exposure (Carlini et al. 2019, "The Secret Sharer"): exposure =
+  log2(R + 1) - log2(1 + #of R random reference passphrases the model finds likelier).
+Both kinds report loss-threshold membership inference on the audited client's own training
+examples vs held-out examples (AUC, TPR at 1 % FPR).
 
 The protected unit decides where a canary goes: dp-mode none/sample = one training example of client 0
 (repeated `repeats` times: then the claim compared is the group-privacy epsilon of `repeats` examples);
-dp-mode client/paper = a whole extra client holding only its canary.
-What a canary is depends on what the run trains: a passphrase answer (above) for the LoRA adapter;
-with a label head (classification), a mislabelled example: a held-out text of the task (the
-evaluation split outside the scored subset and the head's statistics) with a wrong label word.
-The head can only memorise it by moving that text's logits towards the wrong label, which the
-loss drop measures; exposure needs a space of answers and is not reported there.
+dp-mode client/paper = a whole extra client holding only its canary (with a gradient canary its
+update is the Dirac direction, clipped and noised like every client's).
 A lower bound above the claimed epsilon means the claim is false: the audit flags it.
 """
 
@@ -114,9 +124,67 @@ def make_label_flip_plan(dp_mode: str, data_clients: int, pool: Sequence[Example
                 prompts=[e.prompt for e in chosen])
 
 
+@dataclass
+class GradientPlan:
+    """Dirac gradient canaries: canary i is the vector sign_i * e_(key_i, index_i) in the space of the
+    adapter's LoRA tensors (train.GradientCanary); `canaries` holds [key, flat index, sign] each."""
+    canaries: list[list]
+    included: list[bool]
+    repeats: int
+    unit: str
+    data_clients: int
+    num_clients: int
+
+    def canary_file(self) -> dict[str, Any]:
+        inc = [[list(c)] for c, i in zip(self.canaries, self.included) if i]  # one entry per (Dirac) canary
+        gradients: dict[str, list] = {}
+        if self.unit == "example":
+            gradients["0"] = [c for c in inc for _ in range(self.repeats)]
+        else:
+            for j, c in enumerate(inc):
+                gradients[str(self.data_clients + j)] = [c] * self.repeats
+        return {"data-clients": self.data_clients, "examples": {}, "gradients": gradients}
+
+
+def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int], num_canaries: int, repeats: int,
+                       seed: int) -> GradientPlan:
+    """Distinct coordinates drawn uniformly over the LoRA tensors (`sizes`: key -> numel), random signs,
+    each canary included with probability 1/2."""
+    from fl_dplora.config import ConfigError
+
+    keys = sorted(sizes)
+    total = sum(int(sizes[k]) for k in keys)
+    if total < num_canaries:
+        raise ConfigError(f"canaries: {num_canaries} gradient canaries need as many adapter values; the adapter has {total}")
+    rng = random.Random(f"fl-dplora-audit-gradient-{seed}")  # audit randomness: independent of training
+    flat = sorted(rng.sample(range(total), num_canaries))
+    canaries, start, k = [], 0, 0
+    for g in flat:
+        while g >= start + int(sizes[keys[k]]):
+            start += int(sizes[keys[k]])
+            k += 1
+        canaries.append([keys[k], g - start, 0])
+    rng.shuffle(canaries)
+    for c in canaries:
+        c[2] = rng.choice((1, -1))
+    included = [rng.random() < 0.5 for _ in range(num_canaries)]
+    return GradientPlan(canaries, included, repeats, *_placement(dp_mode, data_clients, included))
+
+
+def gradient_scores(canaries: Sequence[Sequence], init: Mapping[str, torch.Tensor],
+                    final: Mapping[str, torch.Tensor]) -> list[float]:
+    """How far training moved each canary's coordinate against its gradient: -sign x (final - init)."""
+    return [-float(sign) * float(final[key].reshape(-1)[i].double() - init[key].reshape(-1)[i].double())
+            for key, i, sign in canaries]
+
+
 # ----------------------------------------------------------------------------- statistics
 def p_value_dp(m: int, r: int, v: int, eps: float, delta: float) -> float:
-    """P[>= v right guesses out of r] for an (eps, delta)-DP run (Steinke et al. 2023, Thm 3.1/Alg. 3)."""
+    """P[>= v right guesses out of r] for an (eps, delta)-DP run (Steinke et al. 2023, Thm 3.3/Alg. 3).
+
+    Written here from the paper's published p-value function (tests/test_audit.py checks it against a
+    direct transcription of that loop and against closed forms): the maintained implementation,
+    jax_privacy.auditing, needs JAX, which this PyTorch project does not otherwise install."""
     import numpy as np
     from scipy.stats import binom
 
@@ -147,7 +215,7 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, p: float = 0.05) -
 
 
 def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = 0.95,
-                  guess_fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4)) -> dict[str, Any]:
+                  guess_fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4, 1 / 2)) -> dict[str, Any]:
     """Guess the top-k scores "in" and the bottom-k "out"; best bound over the k tried (Bonferroni)."""
     m = len(scores)
     order = sorted(range(m), key=lambda i: scores[i], reverse=True)
@@ -223,11 +291,12 @@ def _claimed_epsilon(summary: Mapping[str, Any], plan: Plan) -> tuple[float, flo
 
 
 TrainFn = Callable[[dict[str, Any], int], dict[str, Any]]
+CANARY_KINDS = ("gradient", "text")
 
 
 def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: TrainFn, *, num_canaries: int = 256,
               repeats: int = 1, num_references: int = 256, mia_samples: int = 200, audit_seed: int = 0,
-              log=print) -> dict[str, Any]:
+              canary_kind: str = "gradient", log=print) -> dict[str, Any]:
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
     from fl_dplora.data import client_examples, eval_examples, unused_train_examples
     from fl_dplora.models import adapter_parameters, get_peft_model, tokenizer_for, reset_adapter
@@ -236,9 +305,22 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     from fl_dplora import label_head
     from fl_dplora.data import head_stat_examples, load_task
 
+    if canary_kind not in CANARY_KINDS:
+        raise ValueError(f"canary_kind: one of {CANARY_KINDS}, got {canary_kind!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    flip = bool(cfg.get("label-head"))  # a label head learns label words, not passphrases
-    if flip:
+    gradient = canary_kind == "gradient"
+    flip = not gradient and bool(cfg.get("label-head"))  # a label head learns label words, not passphrases
+    held_out: list[Example] = []
+    init_values: dict[str, torch.Tensor] = {}
+    if gradient:  # coordinates of the LoRA tensors the run trains, and their seed-shared init
+        model = get_peft_model(cfg)
+        label_head.remove(model)
+        reset_adapter(model)
+        lora = {k: p for k, p in adapter_parameters(model, {**cfg, "label-head": False}).items() if k != label_head.HEAD_KEY}
+        plan: Plan | GradientPlan = make_gradient_plan(cfg["dp-mode"], data_clients, {k: p.numel() for k, p in lora.items()},
+                                                       num_canaries, repeats, audit_seed)
+        init_values = {k: p.detach().cpu().clone() for k, p in lora.items()}
+    elif flip:
         task = load_task(cfg["task"], int(cfg["seed"]))
         taken = {(e.prompt, e.answer) for e in eval_examples(cfg) + head_stat_examples(cfg)}
         pool = [e for e in task.eval if (e.prompt, e.answer) not in taken]  # held out from everything the run uses
@@ -249,33 +331,33 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
         plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
     canary_path = out_dir / "canaries.json"
     canary_path.write_text(json.dumps(plan.canary_file(), indent=1))
-    (out_dir / "audit_plan.json").write_text(json.dumps(asdict(plan), indent=1))
+    (out_dir / "audit_plan.json").write_text(json.dumps({"canary_kind": canary_kind, **asdict(plan)}, indent=1))
     # Client-level canaries: the declared population counts every canary client that could take part,
     # so the divisor (q x population) is the same whether a canary was included or not.
     population = data_clients + (len(plan.canaries) if plan.unit == "client" else 0)
     run_cfg = {**cfg, "audit-canaries": str(canary_path), "output-dir": str(out_dir / "run"), "population": population}
-    kind = "mislabelled held-out texts" if flip else "passphrases"
-    log(f"audit: {sum(plan.included)}/{num_canaries} canaries ({kind}) planted as "
+    kind = {"gradient": "Dirac gradients on the LoRA factors", "text": "mislabelled held-out texts" if flip else "passphrases"}
+    log(f"audit: {sum(plan.included)}/{num_canaries} canaries ({kind[canary_kind]}) planted as "
         f"{'client 0 examples' if plan.unit == 'example' else 'extra clients'} (x{repeats}), {plan.num_clients} clients; training ...")
     summary = train(run_cfg, plan.num_clients)
 
     model = get_peft_model(run_cfg)
     tokenizer = tokenizer_for(run_cfg)
     adapter_dir = Path(run_cfg["output-dir"]) / "adapter"
-    head = label_head.load(model, adapter_dir) if flip else None
-    if not flip:
+    head = label_head.load(model, adapter_dir) if run_cfg.get("label-head") else None
+    if head is None:
         label_head.remove(model)
     params = adapter_parameters(model, run_cfg)
     max_len = int(run_cfg["max-seq-len"])
     score = {"system_prompt": run_cfg["system-prompt"]}  # encoded exactly as the run trained on them
-    canaries = plan.examples()
-    references = [Example(QUESTION, r) for r in plan.references]
+    canaries = [] if gradient else plan.examples()
+    references = [] if gradient else [Example(QUESTION, r) for r in plan.references]
     members = client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)[:mia_samples]
     if not flip:  # non-members from the same pool as the members when the run left some out, else the eval split
         held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
 
     trained_head = head.proj.weight.detach().clone() if head is not None else None
-    reset_adapter(model)  # base model (and a zero head: no opinion): calibrates each canary's own difficulty
+    reset_adapter(model)  # base model (and a zero head: no opinion): calibrates each example's own difficulty
     if head is not None:
         with torch.no_grad():
             head.proj.weight.zero_()
@@ -293,25 +375,29 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     final_refs = sequence_nll(model, tokenizer, references, max_len, **score)
     mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
     out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
+    if gradient:  # white box: the final adapter's coordinates against their init
+        scores = gradient_scores(plan.canaries, init_values, {k: params[k].detach().cpu() for k in init_values})
+    else:  # black box: how much training lowered each canary's loss
+        scores = [b - f for b, f in zip(base_canary, final_canary)]
     reset_adapter(model)
     label_head.remove(model)
 
-    scores = [b - f for b, f in zip(base_canary, final_canary)]  # how much training lowered each canary's loss
     inc = [i for i, x in enumerate(plan.included) if x]
     exc = [i for i, x in enumerate(plan.included) if not x]
-    exp_in = [exposure(final_canary[i], final_refs) for i in inc] if final_refs else []
-    exp_out = [exposure(final_canary[i], final_refs) for i in exc] if final_refs else []
+    ranked = not gradient and not flip  # passphrases have an answer space to rank in
+    exp_in = [exposure(final_canary[i], final_refs) for i in inc] if ranked else []
+    exp_out = [exposure(final_canary[i], final_refs) for i in exc] if ranked else []
     eps_claimed, delta = _claimed_epsilon(summary, plan)
     one_run = one_run_audit(scores, plan.included, delta)
     mia_pos, mia_neg = [-x for x in mem_loss], [-x for x in out_loss]
     cal_pos = [b - f for b, f in zip(base_mem, mem_loss)]  # reference-model attack: loss drop base -> final
     cal_neg = [b - f for b, f in zip(base_out, out_loss)]
     result = {
-        "canary_kind": "label-flip" if flip else "passphrase",
-        "exposure_mean": _mean(exp_in) if not flip else None, "exposure_max": max(exp_in, default=0.0) if not flip else None,
-        "exposure_mean_not_trained": _mean(exp_out) if not flip else None,
-        "exposure_cap_bits": math.log2(num_references + 1) if not flip else None,
-        "candidate_space_bits": candidate_space_bits() if not flip else None,
+        "canary_kind": "gradient" if gradient else "label-flip" if flip else "passphrase",
+        "exposure_mean": _mean(exp_in) if ranked else None, "exposure_max": max(exp_in, default=0.0) if ranked else None,
+        "exposure_mean_not_trained": _mean(exp_out) if ranked else None,
+        "exposure_cap_bits": math.log2(num_references + 1) if ranked else None,
+        "candidate_space_bits": candidate_space_bits() if ranked else None,
         "mia_auc": auc(mia_pos, mia_neg), "mia_tpr_at_1pct_fpr": tpr_at_fpr(mia_pos, mia_neg),
         "mia_auc_calibrated": auc(cal_pos, cal_neg), "mia_tpr_at_1pct_fpr_calibrated": tpr_at_fpr(cal_pos, cal_neg),
         "epsilon_lower_bound": one_run["epsilon_lower_bound"],
@@ -319,14 +405,15 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
         "flagged": one_run["epsilon_lower_bound"] > eps_claimed,
         "one_run": {**one_run, "canaries": num_canaries, "included": len(inc), "confidence": 0.95},
         "score_mean_included": _mean([scores[i] for i in inc]), "score_mean_excluded": _mean([scores[i] for i in exc]),
-        "canary_unit": plan.unit, "repeats": repeats, "references": len(plan.references),
+        "canary_unit": plan.unit, "repeats": repeats, "references": len(references),
         "mia_members": len(members), "mia_non_members": len(held_out),
         "dp_mode": cfg["dp-mode"], "run_dir": str(run_cfg["output-dir"]),
         "final_eval": summary.get("final_eval"),
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "audit.md").write_text(_report(result))
-    _histograms(out_dir / "audit.png", mia_pos, mia_neg, [scores[i] for i in inc], [scores[i] for i in exc])
+    _histograms(out_dir / "audit.png", mia_pos, mia_neg, [scores[i] for i in inc], [scores[i] for i in exc],
+                "score = −sign × (final − init) at the canary's coordinate" if gradient else "score = loss drop base → final (nats)")
     return result
 
 
@@ -356,7 +443,8 @@ def _report(r: Mapping[str, Any]) -> str:
         verdict, "", "![score histograms](audit.png)", ""])
 
 
-def _histograms(path: Path, mem: Sequence[float], non: Sequence[float], can_in: Sequence[float], can_out: Sequence[float]) -> None:
+def _histograms(path: Path, mem: Sequence[float], non: Sequence[float], can_in: Sequence[float], can_out: Sequence[float],
+                canary_axis: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,7 +453,7 @@ def _histograms(path: Path, mem: Sequence[float], non: Sequence[float], can_in: 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for ax, (a, b), title, xlabel in (
         (axes[0], (mem, non), "membership inference", "score = −mean answer-token loss (nats)"),
-        (axes[1], (can_in, can_out), "canaries (one-run audit)", "score = loss drop base → final (nats)"),
+        (axes[1], (can_in, can_out), "canaries (one-run audit)", canary_axis),
     ):
         bins = 30
         ax.hist(a, bins=bins, alpha=0.6, label="members / trained on", density=True)

@@ -245,12 +245,15 @@ def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: i
 
 @lru_cache(maxsize=4)
 def audit_canaries(path: str) -> dict[str, Any] | None:
-    """The canary file of `fl-dplora audit`: {"data-clients": N, "examples": {partition: [[prompt, answer], ...]}}."""
+    """The canary file of `fl-dplora audit`: {"data-clients": N, "examples": {partition: [[prompt, answer], ...]},
+    "gradients": {partition: [canary, ...]}}, a gradient canary a list of [adapter key, flat index, value]
+    (train.GradientCanary)."""
     if not path:
         return None
     try:
         raw = json.loads(Path(path).read_text())
-        return {"data-clients": int(raw["data-clients"]), "examples": dict(raw["examples"])}
+        return {"data-clients": int(raw["data-clients"]), "examples": dict(raw.get("examples", {})),
+                "gradients": dict(raw.get("gradients", {}))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"audit-canaries: cannot read {path}: {exc}") from None
 

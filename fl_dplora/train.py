@@ -106,6 +106,16 @@ class DPSGD:
     generator: torch.Generator | None  # None = OS CSPRNG
 
 
+@dataclass(frozen=True)
+class GradientCanary:
+    """A privacy-audit canary (`fl-dplora audit`, Steinke et al. 2023's gradient-space canary): a
+    training example whose per-example gradient is this fixed sparse vector (norm <= 1) times
+    max-grad-norm, instead of the model's. It is sampled like every example (DP-SGD: Poisson at q;
+    otherwise in the shuffled epochs), counts in the batch, and under DP-SGD is already clipped.
+    entries: (position in local_train's `params`, flat index, value)."""
+    entries: tuple[tuple[int, int, float], ...]
+
+
 @dataclass
 class TrainStats:
     steps: int
@@ -136,15 +146,18 @@ def local_train(
     device: torch.device | None = None,
     label_token_ids: torch.Tensor | None = None,
     public_size: int | None = None,
+    canaries: Sequence[GradientCanary] = (),
 ) -> TrainStats:
     """Run cfg['local-steps'] optimizer steps. The one training loop of the project.
 
     `public_size`: the size DP-SGD's q and divisor come from (sample_rate.basis); None = the
-    shard's n (benchmarks and tests; a node always passes its basis)."""
+    shard's n (benchmarks and tests; a node always passes its basis).
+    `canaries`: audit gradient canaries, examples n.. of the shard (empty outside an audit)."""
     from tqdm.auto import tqdm
 
     steps, batch_size, micro = int(cfg["local-steps"]), int(cfg["batch-size"]), int(cfg["micro-batch-size"])
     n = len(data)
+    total = n + len(canaries)  # indices >= n are gradient canaries
     size = n if public_size is None else int(public_size)
     q = min(1.0, batch_size / size)
     divisor = q * size  # the expected batch from public numbers: no scale that depends on the private n
@@ -168,16 +181,20 @@ def local_train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg, group.get("base_lr"))
             if dp:  # Poisson sampling: each example independently with probability q
-                mask = torch.rand(n, generator=sampling_generator) < q
+                mask = torch.rand(total, generator=sampling_generator) < q
                 batch_idx = mask.nonzero().flatten().tolist()
             else:  # epochs of a shuffled order, batch_size at a time
                 while len(order) < batch_size:
-                    order += torch.randperm(n, generator=sampling_generator).tolist()
+                    order += torch.randperm(total, generator=sampling_generator).tolist()
                 batch_idx, order = order[:batch_size], order[batch_size:]
             sums = [torch.zeros_like(p) for p in params]
             # micro-batches of similar lengths pad less; the (clipped) sum does not depend on the order
-            batch_idx = sorted(batch_idx, key=lambda i: len(data[i].input_ids))
-            for mb in _micro_batches(batch_idx, micro):
+            real = sorted((i for i in batch_idx if i < n), key=lambda i: len(data[i].input_ids))
+            for i in batch_idx:  # a canary's gradient: its fixed vector (norm <= 1) x C, in the same sum
+                for pos, flat, value in canaries[i - n].entries if i >= n else ():
+                    scale = float(dp.max_grad_norm if dp else cfg["max-grad-norm"]) / (1 if dp else len(batch_idx))
+                    sums[pos].view(-1)[flat] += value * scale
+            for mb in _micro_batches(real, micro):
                 batch = {k: v.to(device) for k, v in collate([data[i] for i in mb], pad_id).items()}
                 loss_vec = per_example_loss(model, batch, label_token_ids)
                 if dp:

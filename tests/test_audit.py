@@ -1,9 +1,10 @@
-"""Privacy audit (`fl-dplora audit`): the statistics, and whole audits on a memorisable tiny setup.
+"""Privacy audit (`fl-dplora audit`): the statistics, and whole audits on tiny setups.
 
-The end-to-end cases train the tiny LLaMA with a LoRA on the output head too (so it can memorise
-random passphrases in a few dozen steps) and check the three claims of the audit:
-no DP -> high exposure and a lower bound far above 1; DP at eps ~1 -> lower bound <= the claim;
-the planted bug (noise silently zero, accountant still reporting eps ~1) -> flagged.
+Gradient canaries (the default, Steinke et al. 2023's white-box canaries) on the plain tiny LoRA
+setup: no DP -> a lower bound >= 1; DP at eps ~1 -> lower bound <= the claim; the planted bug
+(noise silently zero, accountant still reporting eps ~1) -> flagged. The same no-DP run audited
+with the older text canaries stays below 1 (the audit without power of issue 27 defect 9).
+Text canaries keep their own checks on a memorisable setup (a LoRA on the output head too).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def test_p_value_matches_the_papers_loop():
         assert audit.p_value_dp(*args) == pytest.approx(loop(*args), rel=1e-9)
 
 
+def test_lower_bound_numbers():
+    """Closed-form numbers of the paper's bound (delta = 0: the p-value of r right out of r is q^r, so
+    eps = log(q / (1 - q)) with q = p^(1/r)): 100 right guesses out of 100 at 95 % give 3.493, 64 of 64
+    3.038; the delta term (2 m delta alpha) at delta = 1e-5 and m = 1000 lowers it only slightly."""
+    assert audit.epsilon_lower_bound(1000, 100, 100, 0.0, 0.05) == pytest.approx(3.4930, abs=1e-3)
+    assert audit.epsilon_lower_bound(128, 64, 64, 0.0, 0.05) == pytest.approx(3.0382, abs=1e-3)
+    with_delta = audit.epsilon_lower_bound(1000, 100, 100, 1e-5, 0.05)
+    assert 3.3 < with_delta < 3.4930
+
+
 def test_delta_term_makes_the_test_more_conservative():
     assert audit.p_value_dp(200, 60, 50, 1.0, 1e-3) > audit.p_value_dp(200, 60, 50, 1.0, 0.0)
     assert audit.epsilon_lower_bound(200, 60, 50, 1e-3) < audit.epsilon_lower_bound(200, 60, 50, 0.0)
@@ -94,7 +105,107 @@ def test_plan_places_canaries_by_protected_unit():
     assert 20 < sum(ex.included) < 44  # Bernoulli(1/2)
 
 
-# ----------------------------------------------------------------------------- whole audits
+def test_gradient_plan_draws_distinct_dirac_coordinates_and_places_them_by_unit():
+    sizes = {"a.lora_A.weight": 40, "a.lora_B.weight": 24, "b.lora_A.weight": 64}
+    ex = audit.make_gradient_plan("sample", 3, sizes, 100, 2, seed=0)
+    coords = [(k, i) for k, i, _ in ex.canaries]
+    assert len(set(coords)) == 100 and all(0 <= i < sizes[k] for k, i in coords)
+    assert {s for *_, s in ex.canaries} == {1, -1} and ex.unit == "example" and ex.num_clients == 3
+    planted = ex.canary_file()
+    assert planted["gradients"]["0"] == [[c] for c, i in zip(ex.canaries, ex.included) if i for _ in range(2)]
+    assert 30 < sum(ex.included) < 70
+    cl = audit.make_gradient_plan("client", 3, sizes, 16, 1, seed=0)
+    files = cl.canary_file()["gradients"]
+    assert sorted(map(int, files)) == list(range(3, cl.num_clients)) and all(len(v) == 1 for v in files.values())
+    with pytest.raises(Exception, match="adapter values"):
+        audit.make_gradient_plan("sample", 3, {"x": 10}, 16, 1, seed=0)
+
+
+def test_gradient_scores_read_the_move_against_the_canary():
+    init = {"w": torch.zeros(2, 3)}
+    final = {"w": torch.tensor([[0.0, -0.5, 0.0], [0.25, 0.0, 0.0]])}
+    # a canary with gradient +e_1 pushes w[1] down (SGD): score +0.5; gradient -e_3 pushes w[3] up: +0.25
+    assert audit.gradient_scores([["w", 1, 1], ["w", 3, -1], ["w", 0, 1]], init, final) == [0.5, 0.25, 0.0]
+
+
+def test_a_gradient_canary_goes_through_the_dp_sgd_step():
+    """local_train: a canary is sampled like an example and adds exactly its vector x C to the clipped
+    sum (no noise, SGD, lr 1, q = 1: the step moves its coordinate by C / divisor)."""
+    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
+    from fl_dplora.train import DPSGD, GradientCanary, local_train, make_optimizer
+
+    cfg = tiny_config(**{"optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 1, "batch-size": 4,
+                         "micro-batch-size": 4, "max-grad-norm": 0.5})
+    model = get_peft_model(cfg)
+    reset_adapter(model)
+    params = adapter_parameters(model, cfg)
+    keys = [k for k in params if params[k].requires_grad]
+    a = keys.index(next(k for k in keys if "lora_A" in k))
+    before = params[keys[a]].detach().clone()
+    opt = make_optimizer([params[k] for k in keys], cfg)
+    canary = GradientCanary(((a, 3, 1.0),))
+    local_train(model, [params[k] for k in keys], [], cfg, optimizer=opt, dp=DPSGD(0.0, 0.5, None),
+                sampling_generator=torch.Generator().manual_seed(0), public_size=1, canaries=[canary])
+    moved = params[keys[a]].detach() - before
+    assert moved.view(-1)[3].item() == pytest.approx(-0.5)  # -lr x C x 1 / (q x size = 1)
+    assert moved.abs().sum().item() == pytest.approx(0.5)  # nothing else moved (no real example, no noise)
+    reset_adapter(model)
+
+
+# ----------------------------------------------------------------------------- whole audits: gradient canaries
+GRADIENT = {"max-train-samples": 60, "batch-size": 16, "micro-batch-size": 16, "local-steps": 10, "num-server-rounds": 2,
+            "max-eval-samples": 8, "eval-every": 0}
+
+
+def _gradient_audit(tmp_path, canary_kind="gradient", **overrides):
+    cfg = tiny_config(**{**GRADIENT, **overrides})
+
+    def train(run_cfg, n):
+        return run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+
+    result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=64, mia_samples=30,
+                             canary_kind=canary_kind, log=lambda *a: None)
+    print({k: result[k] for k in ("canary_kind", "epsilon_lower_bound", "epsilon_claimed", "one_run",
+                                  "score_mean_included", "score_mean_excluded")})
+    return result
+
+
+@pytest.mark.slow
+def test_gradient_audit_without_dp_has_power(tmp_path):
+    r = _gradient_audit(tmp_path, dp_mode="none")
+    assert r["canary_kind"] == "gradient" and r["epsilon_claimed"] is None and not r["flagged"]
+    assert r["epsilon_lower_bound"] >= 1.0, r["one_run"]
+    saved = json.loads((tmp_path / "audit.json").read_text())
+    assert saved["epsilon_lower_bound"] == r["epsilon_lower_bound"] and "gradient" in (tmp_path / "audit.md").read_text()
+    planted = json.loads((tmp_path / "canaries.json").read_text())["gradients"]["0"]
+    assert len(planted) == r["one_run"]["included"]
+
+
+@pytest.mark.slow
+def test_text_canaries_on_the_same_run_have_no_power(tmp_path):
+    """What issue 27 defect 9 found: the earlier (text) canaries give no bound >= 1 without DP here."""
+    r = _gradient_audit(tmp_path, canary_kind="text", dp_mode="none")
+    assert r["canary_kind"] == "passphrase" and r["epsilon_lower_bound"] < 1.0
+
+
+@pytest.mark.slow
+def test_gradient_audit_of_a_dp_run_stays_below_its_claim(tmp_path):
+    r = _gradient_audit(tmp_path, dp_mode="sample", target_epsilon=1.0, secure_rng=False)
+    assert 0.9 < r["epsilon_claimed"] <= 1.0
+    assert r["epsilon_lower_bound"] <= r["epsilon_claimed"] and not r["flagged"]
+
+
+@pytest.mark.slow
+def test_gradient_audit_flags_a_run_that_claims_dp_but_adds_no_noise(tmp_path, monkeypatch):
+    import fl_dplora.train
+
+    monkeypatch.setattr(fl_dplora.train, "gaussian_like", lambda s, std, gen: torch.zeros_like(s))  # the planted bug
+    r = _gradient_audit(tmp_path, dp_mode="sample", target_epsilon=1.0, secure_rng=False)
+    assert 0.9 < r["epsilon_claimed"] <= 1.0  # the accountant still claims eps ~1 ...
+    assert r["flagged"] and r["epsilon_lower_bound"] > 1.5  # ... and the audit refutes it
+
+
+# ----------------------------------------------------------------------------- whole audits: text canaries
 def _audit(tmp_path, **overrides):
     cfg = tiny_config(None, **{**MEMORISABLE, **overrides})
 
@@ -102,7 +213,7 @@ def _audit(tmp_path, **overrides):
         return run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=128, mia_samples=60,
-                             log=lambda *a: None)
+                             canary_kind="text", log=lambda *a: None)
     saved = json.loads((tmp_path / "audit.json").read_text())
     for key in ("exposure_mean", "exposure_max", "mia_auc", "epsilon_lower_bound", "epsilon_claimed", "delta"):
         assert key in saved
@@ -190,7 +301,8 @@ def test_label_head_audit_sees_memorised_flips_without_dp_and_stays_below_the_cl
     def run(sub, **over):
         cfg = tiny_config(**{**head, **over, "output-dir": str(tmp_path / sub / "run")})
         train = lambda run_cfg, n: run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]  # noqa: E731
-        return audit.run_audit(cfg, 3, tmp_path / sub, train, num_canaries=64, mia_samples=30, log=lambda *a: None)
+        return audit.run_audit(cfg, 3, tmp_path / sub, train, num_canaries=64, mia_samples=30, canary_kind="text",
+                               log=lambda *a: None)
 
     free = run("none", **{"dp-mode": "none"})
     assert free["canary_kind"] == "label-flip" and free["exposure_mean"] is None

@@ -24,7 +24,7 @@ from fl_dplora.clients.node_ledger import NodeLedger
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.clients.secagg_mod import fitres_reply
 from fl_dplora.config import ConfigError, resolve
-from fl_dplora.data import client_examples, encode_all, load_local_file, load_task, task_for_node
+from fl_dplora.data import audit_canaries, client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import (
     adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
@@ -33,7 +33,7 @@ from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, cal
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.privacy.sample_rate import basis as sample_basis
-from fl_dplora.train import DPSGD, head_only_round, local_train, make_optimizer, stage_config
+from fl_dplora.train import DPSGD, GradientCanary, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
 STATE_KEY = "fl-dplora"
@@ -156,12 +156,15 @@ def train(msg: Message, context: Context) -> Message:
     # the frozen blocks below the adapter run once per example, not once per step (forward.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
     n = len(data)
+    trained_keys = [k for k in keys if params[k].requires_grad]
+    canaries = gradient_canaries(cfg, context, trained_keys)  # fl-dplora audit only
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
     # the node's own ledger (node_ledger.py): a file next to its ε log, else context.state
     node_ledger = NodeLedger.open(policy.ledger_path(int(context.run_id)), str(state.get(NODE_LEDGER_KEY, "")))
     # DP-SGD's q and divisor from a public size, and the adjacency that is honest for it (sample_rate.py)
-    sizes = sample_basis(n, policy.shard_size, bool(context.node_config.get("data-path")))
+    # (an audit's canary-only client, client-level modes, counts its canaries)
+    sizes = sample_basis(n or len(canaries), policy.shard_size, bool(context.node_config.get("data-path")))
     if mode.example_level:  # a resumed run: the server's saved ledger, if it holds more than the node's
         node_ledger.adopt(_handed_back(msg, context), sizes.adjacency)
     ledger = node_ledger.example_ledger(sizes.adjacency)
@@ -240,7 +243,7 @@ def train(msg: Message, context: Context) -> Message:
             state[NODE_LEDGER_KEY] = node_ledger.to_json()
         context.state[STATE_KEY] = state
 
-    trainable = [params[k] for k in keys if params[k].requires_grad]
+    trainable = [params[k] for k in trained_keys]
     head = label_head.get(model)
     optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
     steps = int(stage["local-steps"])
@@ -248,6 +251,7 @@ def train(msg: Message, context: Context) -> Message:
         model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
         step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
         pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids, public_size=sizes.size,
+        canaries=canaries,
     )
     with torch.no_grad():
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
@@ -273,6 +277,19 @@ def train(msg: Message, context: Context) -> Message:
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def gradient_canaries(cfg: Mapping[str, Any], context: Context, trained_keys: list[str]) -> list[GradientCanary]:
+    """The gradient canaries `fl-dplora audit` planted in this simulated partition (none outside an
+    audit): examples whose per-example gradient is a fixed vector (train.GradientCanary), placed by the
+    position of their tensor among those trained this round; a tensor that does not train this round
+    (a head-only round) takes no entry, the canary is still sampled."""
+    planted = audit_canaries(str(cfg.get("audit-canaries", "")))
+    if not planted or context.node_config.get("data-path") or "partition-id" not in context.node_config:
+        return []
+    pos = {k: i for i, k in enumerate(trained_keys)}
+    return [GradientCanary(tuple((pos[k], int(i), float(v)) for k, i, v in canary if k in pos))
+            for canary in planted["gradients"].get(str(int(context.node_config["partition-id"])), [])]
 
 
 def _secagg_setup(msg: Message, context: Context) -> Mapping[str, Any] | None:
