@@ -296,7 +296,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         return simulate(run_cfg, num_clients, args.num_cpus, args.num_gpus, args.ray_address)
 
     r = run_audit(cfg, args.num_clients, out, train, num_canaries=args.canaries, repeats=args.repeats,
-                  num_references=args.references, audit_seed=args.audit_seed)
+                  num_references=args.references, audit_seed=args.audit_seed, canary_kind=args.canary_kind)
     claimed = "inf" if r["epsilon_claimed"] is None else f"{r['epsilon_claimed']:.3f}"
     exposure = ("" if r["exposure_mean"] is None  # label-flip canaries have no answer space to rank in
                 else f"exposure mean {r['exposure_mean']:.2f} max {r['exposure_max']:.2f} bits; ")
@@ -411,8 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--output-dir", required=True, help="the audit's folder (its run in DIR/run, audit.json)")
     au.add_argument("--overwrite", action="store_true", help="replace the audit run already in --output-dir")
     au.add_argument("--canaries", type=int, default=256, help="canaries, each included with probability 1/2")
+    au.add_argument("--canary-kind", choices=("gradient", "text"), default="gradient",
+                    help="gradient: Dirac gradient canaries on the LoRA factors (white box); text: passphrases or "
+                         "mislabelled texts scored by their loss, with exposure (default: gradient)")
     au.add_argument("--repeats", type=int, default=1, help="copies of each included canary (>1: group privacy is compared)")
-    au.add_argument("--references", type=int, default=256, help="random passphrases that rank each canary")
+    au.add_argument("--references", type=int, default=256, help="random passphrases that rank each text canary")
     au.add_argument("--audit-seed", type=int, default=0, help="which canaries are drawn and included")
     au.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per virtual client (Ray)")
     au.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per virtual client; fractions share a GPU")
