@@ -8,7 +8,9 @@ CLIENTS ?= 5
 RUN_CONFIG ?=
 PRESET ?=
 
-.PHONY: install run test test-fast experiments clean
+DEMO   ?= $(CURDIR)/runs/demo
+
+.PHONY: install run demo test test-fast experiments clean
 
 install: $(STAMP)
 
@@ -24,6 +26,16 @@ $(STAMP): pyproject.toml
 
 run: install
 	FL_DPLORA_PROGRESS=1 HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --num-clients $(CLIENTS) --output-dir $(OUT) --overwrite --run-config "$(RUN_CONFIG)"$(if $(PRESET), --preset "$(PRESET)")
+
+# A first look in about a minute: the tiny random model (scores mean nothing), 2 clients, DP-SGD at
+# epsilon 8 (the demo preset); trains, then evaluates, predicts and exports the run in $(DEMO).
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/fl-dplora simulate --preset demo --num-clients 2 --output-dir $(DEMO) --overwrite
+	HF_HUB_OFFLINE=1 $(BIN)/fl-dplora evaluate --run $(DEMO)
+	HF_HUB_OFFLINE=1 $(BIN)/fl-dplora predict --run $(DEMO) "Stocks rally after strong earnings" "Shares slump as guidance is cut"
+	rm -rf $(DEMO)/export
+	HF_HUB_OFFLINE=1 $(BIN)/fl-dplora export $(DEMO) --output $(DEMO)/export
+	@echo "fl-dplora demo: run, metrics.png and the exported adapter with its model card in $(DEMO); next: make run"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

@@ -24,6 +24,14 @@ DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
     "fin-sentiment": "MIT (Twitter Financial News Sentiment, zeroshot/twitter-financial-news-sentiment)",
     "medical-qa": "MIT (PubMedQA, github.com/pubmedqa/pubmedqa)",
     "general-instruct": "CC BY-SA 3.0 (databricks-dolly-15k)",
+    "data-to-text": "CC BY-SA 4.0 (E2E NLG, github.com/tuetschek/e2e-dataset)",
+}
+# the Hugging Face Hub ids of the built-in tasks' data: a model card's `datasets:` metadata
+HUB_DATASETS = {
+    "fin-sentiment": "zeroshot/twitter-financial-news-sentiment",
+    "medical-qa": "qiaojin/PubMedQA",
+    "general-instruct": "databricks/databricks-dolly-15k",
+    "data-to-text": "tuetschek/e2e_nlg",
 }
 
 
@@ -169,10 +177,41 @@ def lora_untrained(folder: str | Path) -> bool:
         raise ConfigError(f"adapter: {path} is not a readable safetensors file ({exc})") from None
 
 
+def _local(value: str) -> bool:
+    from fl_dplora.data import looks_like_path
+
+    path = Path(os.path.expanduser(value))
+    return path.is_absolute() or value.startswith((".", "~")) or looks_like_path(value) or path.exists()
+
+
+def public_name(value: str) -> str:
+    """A model or task as a card may show it: a local file or folder by its name only, never a path."""
+    return f"{Path(os.path.expanduser(value)).name} (a local {'folder' if Path(os.path.expanduser(value)).is_dir() else 'file'})" \
+        if _local(value) else value
+
+
+def _arg(value: str, placeholder: str) -> str:
+    """A run-config value for a command in the card: a local path becomes PLACEHOLDER_PATH (its name aside)."""
+    return f"{placeholder}_PATH" if _local(str(value)) else str(value)
+
+
+def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, Any]:
+    """The Hub's front matter for the card: licence (the base model's, where fl-dplora knows it, else
+    `other`) and the training data's Hub dataset id (built-in tasks, or a hub dataset given as task)."""
+    from fl_dplora.models import TINY_ALIASES
+
+    licence = "apache-2.0" if base == SMOLLM2_HUB_ID or cfg["model"] in TINY_ALIASES else "other"
+    task = str(cfg["task"])
+    dataset = HUB_DATASETS.get(task) or (task if "/" in task and not _local(task) else None)
+    return {"license": licence, "datasets": [dataset] if dataset else [],
+            "base_model": base if on_hub else None}
+
+
 def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool,
                untrained: bool = False) -> str:
-    """README.md of an exported adapter: what it is, how private, how good, whose data."""
+    """README.md of an exported adapter: what it is, how private, how good, whose data; no local path."""
     base, unloadable = base_model_ref(cfg)
+    shown_base = public_name(base)
     privacy = summary.get("privacy") or {}
     eps = privacy.get("epsilon")
     mode = privacy.get("mode") or cfg["dp-mode"]
@@ -180,14 +219,17 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
     licence = DATA_LICENCES.get(cfg["task"], "the licence of the data the clients trained on (not known to fl-dplora)")
     scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fe.items()
                        if k in ("accuracy", "macro_f1", "majority_rate", "loss", "perplexity", "num_examples"))
-    meta = ["---", *([f"base_model: {base}"] if _on_hub(base, unloadable) else []),  # the hub's field: hub ids only
+    hub = card_metadata(cfg, base, _on_hub(base, unloadable))
+    meta = ["---", *([f"base_model: {base}"] if hub["base_model"] else []),  # the hub's field: hub ids only
+            f"license: {hub['license']}",
+            *(["datasets:", *(f"- {d}" for d in hub["datasets"])] if hub["datasets"] else []),
             "library_name: " + ("transformers" if merged else "peft"),
             "tags: [fl-dplora, federated-learning, differential-privacy, lora]", "---"]
     top = []  # what a reader must know before using the files, right below the front matter
     if has_head:
         use = (f"`fl-dplora predict --run RUN_DIR TEXT` (and `evaluate --run RUN_DIR`) on the run it came from"
-               if merged else f"`fl-dplora predict --adapter THIS_FOLDER --run-config \"model={cfg['model']} "
-               f"task={cfg['task']}\" TEXT` (and `fl-dplora evaluate` with the same flags)")
+               if merged else f"`fl-dplora predict --adapter THIS_FOLDER --run-config \"model={_arg(cfg['model'], 'MODEL')} "
+               f"task={_arg(cfg['task'], 'TASK')}\" TEXT` (and `fl-dplora evaluate` with the same flags)")
         top.append("**The label head is a separate file, `label_head.safetensors`**: transformers and PEFT ignore it "
                    f"and give the language model's own answer logits; {use} loads and applies it (docs/label-head.md).")
     if untrained:
@@ -196,6 +238,9 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
                    + (" (what this run learned is its label head)." if has_head else "."))
     if merged:
         how = "A merged model (the LoRA update folded into the base weights): it loads with `AutoModelForCausalLM.from_pretrained` alone."
+    elif unloadable is None and _local(base):  # adapter_config.json names the folder; the card does not
+        how = (f"A PEFT LoRA adapter on {shown_base}: `AutoPeftModelForCausalLM.from_pretrained(this_folder)` loads "
+               "base and adapter where that folder is, or `PeftModel.from_pretrained(base, this_folder)`.")
     elif unloadable is None:
         how = (f"A PEFT LoRA adapter on `{base}`: `AutoPeftModelForCausalLM.from_pretrained(this_folder)` loads "
                "base and adapter, or `PeftModel.from_pretrained(base, this_folder)`.")
@@ -206,13 +251,14 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
                 "full-precision original, close to but not bit-identical with the weights it was trained on.")
     lines = [
         *[part for t in top for part in (t, "")],
-        f"# fl-dplora adapter: {cfg['task']}",
+        f"# fl-dplora adapter: {public_name(str(cfg['task']))}",
         "",
         how,
         "",
         "| | |", "|---|---|",
-        f"| base model | {cfg['model']}{f' ({base})' if base != cfg['model'] and unloadable is None else ''} |",
-        f"| task | {cfg['task']} |",
+        f"| base model | {public_name(str(cfg['model']))}"
+        f"{f' ({base})' if base != cfg['model'] and unloadable is None and not _local(base) else ''} |",
+        f"| task | {public_name(str(cfg['task']))} |",
         f"| dp-mode | {mode} |",
         f"| epsilon | {'inf (no DP)' if eps is None else f'{eps:.4f}'} |",
         f"| delta | {privacy.get('delta', cfg['delta']) if eps is not None else '-'} |",

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,20 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-def prepare_config(run_config: str | list[str] | None, output_dir: str | None, num_clients: int | None = None,
-                   preset: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """--run-config as given (key=value text, a TOML file, several of them) or a dict (the Python API)."""
+    if isinstance(run_config, Mapping):
+        return dict(run_config)
+    return parse_overrides(os.fspath(run_config) if isinstance(run_config, os.PathLike) else run_config)
+
+
+def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, output_dir: str | None,
+                   num_clients: int | None = None, preset: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Resolve + validate everything that can be checked before Ray or a model starts.
 
     Precedence: defaults < preset < --num-clients (as population) < --run-config < --output-dir."""
     base = load_preset(preset) if preset else {}
-    overrides = parse_overrides(run_config)
+    overrides = as_overrides(run_config)
     if num_clients is not None and num_clients >= 1 and "population" not in overrides:
         overrides["population"] = num_clients  # the federation simulate builds: declared, public
     if output_dir:
@@ -48,6 +56,9 @@ def prepare_config(run_config: str | list[str] | None, output_dir: str | None, n
         if looks_like_path(cfg[key]) or p.exists():
             cfg[key] = str(p.resolve())
     preflight(cfg)
+    from fl_dplora.tracking import check_report_to
+
+    check_report_to(cfg)  # report-to = wandb without wandb installed: refused now, in one line
     from fl_dplora.run_dir import check_output_dir
 
     check_output_dir(cfg)  # a folder holding a run: refused now, nothing touched (the ServerApp checks again)
@@ -104,16 +115,20 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     return json.loads(summary_path.read_text())
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    if args.resume:
+def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, num_clients: int | None = None,
+                 output_dir: str | None = None, preset: str | None = None, overwrite: bool = False,
+                 resume: str | None = None, num_cpus: float = 2.0, num_gpus: float = 0.0,
+                 ray_address: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`fl-dplora simulate` (and `fl_dplora.simulate`): check everything, run, return (config, summary)."""
+    if resume:
         from fl_dplora import checkpoint
 
-        if args.overwrite:
+        if overwrite:
             raise ConfigError("resume: --resume continues the run in DIR, --overwrite replaces it: give one")
-        saved = checkpoint.load(Path(args.resume).resolve())  # refuses a damaged checkpoint
-        if args.preset:
+        saved = checkpoint.load(Path(resume).resolve())  # refuses a damaged checkpoint
+        if preset:
             raise ConfigError("resume: the run continues with its saved config; drop --preset")
-        given = parse_overrides(args.run_config)  # `make run` passes --run-config "" : nothing given
+        given = as_overrides(run_config)  # `make run` passes --run-config "" : nothing given
         if given:  # name what would change (one line per key), not just "drop it"
             kept = {k: v for k, v in saved["config"].items() if k in SCHEMA}
             merged = resolve({**kept, **given})  # a bad value fails here, naming its key
@@ -126,17 +141,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         legacy = {k: v for k, v in LEGACY_VALUES.items() if k in SCHEMA and k not in saved["config"]}
         overrides = {k: v for k, v in {**legacy, **saved["config"]}.items()
                      if k not in ("resume", "output-dir", "overwrite")}  # a resume never deletes the run
-        args.run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
-        args.output_dir = str(Path(args.resume).resolve())
+        run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
+        output_dir = str(Path(resume).resolve())
         # simulate declared the federation's size as `population` (older checkpoints: num_nodes)
-        args.num_clients = args.num_clients or int(saved["config"].get("population") or saved.get("num_nodes") or 0) or None
-        if not args.num_clients:
+        num_clients = num_clients or int(saved["config"].get("population") or saved.get("num_nodes") or 0) or None
+        if not num_clients:
             raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
-    elif args.num_clients is None:
-        args.num_clients = 5
-    cfg = prepare_config(args.run_config, args.output_dir, args.num_clients, preset=args.preset,
-                         overwrite=args.overwrite)
-    summary = simulate(cfg, args.num_clients, args.num_cpus, args.num_gpus, args.ray_address)
+    elif num_clients is None:
+        num_clients = 5
+    cfg = prepare_config(run_config, output_dir, num_clients, preset=preset, overwrite=overwrite)
+    return cfg, simulate(cfg, num_clients, num_cpus, num_gpus, ray_address)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    cfg, summary = simulate_run(args.run_config, args.num_clients, args.output_dir, preset=args.preset,
+                                overwrite=args.overwrite, resume=args.resume, num_cpus=args.num_cpus,
+                                num_gpus=args.num_gpus, ray_address=args.ray_address)
     fe = summary["final_eval"]
     acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
     eps = summary["privacy"]["epsilon"]
@@ -169,8 +189,6 @@ def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | No
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Score the base model (zero-shot), a saved adapter or a finished run on a task's evaluation
     split, or on the whole of a given file (`--eval-file`)."""
-    import time
-
     cfg, adapter = _adapter_source(args)
     if args.output:  # a place the result cannot be written is found now, not after the scoring
         from fl_dplora.run_dir import check_writable_dir
@@ -178,6 +196,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if Path(args.output).is_dir():
             raise ConfigError(f"--output: {args.output} is a folder; give a file name")
         check_writable_dir(Path(args.output).expanduser().resolve().parent, "--output")
+    summary = evaluate_adapter(cfg, adapter, args.eval_file)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=2))
+    result, test = summary["final_eval"], summary.get("test_eval")
+    print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if test is not None:
+        print("fl-dplora: test part: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in test.items() if k not in ("samples", "generations")))
+    return 0
+
+
+def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str | None = None,
+                     model: Any = None) -> dict[str, Any]:
+    """`fl-dplora evaluate` (and `Run.evaluate`): score `adapter` (None: the base model, zero-shot) on
+    the task's evaluation split (and a data-to-text task's test part), or on every row of `eval_file`.
+    `model`: that adapter already loaded (it is not loaded again)."""
+    import time
+
     from fl_dplora.adapter_io import load_adapted_model
     from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
     from fl_dplora.evaluate import evaluate, score_test_part
@@ -188,31 +225,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     t0 = time.time()
     task = load_task(cfg["task"], int(cfg["seed"]))
     # a given file is scored whole (every row, in order), with the task's prompt and label words
-    examples = load_local_file(args.eval_file, task, flag="--eval-file") if args.eval_file else eval_examples(cfg)
-    if args.eval_file and task.kind == "generation":  # rows with the same input are its references (mr,ref)
+    examples = load_local_file(eval_file, task, flag="--eval-file") if eval_file else eval_examples(cfg)
+    if eval_file and task.kind == "generation":  # rows with the same input are its references (mr,ref)
         examples = with_references(examples)
-    if adapter is not None:
+    if model is None and adapter is not None:
         model = load_adapted_model(cfg, adapter, task)
-    else:  # a zero LoRA B makes the adapted model compute exactly the base model
+    elif model is None:  # a zero LoRA B makes the adapted model compute exactly the base model
         model = get_peft_model(cfg)
         reset_adapter(model)
     result = evaluate(model, tokenizer_for(cfg), task, examples, int(cfg["max-seq-len"]),
                       max_new_tokens=int(cfg["max-new-tokens"]), system_prompt=cfg["system-prompt"],
                       prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
-               "eval_file": args.eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
-    test = None if args.eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
+               "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
+    test = None if eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
     if test is not None:  # data-to-text: the test part too, as a run reports it at its end
         summary["test_eval"] = test
         summary["wall_seconds"] = time.time() - t0
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=2))
-    print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    if test is not None:
-        print("fl-dplora: test part: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in test.items() if k not in ("samples", "generations")))
-    return 0
+    return summary
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -223,15 +253,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ConfigError("predict: give one or more texts (arguments or one per line on stdin)")
+    for row in predict_texts(cfg, adapter, texts):
+        print(json.dumps(row))
+    return 0
+
+
+def predict_texts(cfg: dict[str, Any], adapter: Path, texts: list[str], model: Any = None) -> list[dict[str, Any]]:
+    """`fl-dplora predict` (and `Run.predict`): one answer per text; `model`: the adapter already loaded."""
     from fl_dplora.adapter_io import answer, load_adapted_model
     from fl_dplora.data import load_task
     from fl_dplora.models import tokenizer_for
 
     task = load_task(cfg["task"], int(cfg["seed"]))
-    model = load_adapted_model(cfg, adapter, task)
-    for row in answer(model, tokenizer_for(cfg), task, cfg, texts):
-        print(json.dumps(row))
-    return 0
+    model = model if model is not None else load_adapted_model(cfg, adapter, task)
+    return answer(model, tokenizer_for(cfg), task, cfg, texts)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

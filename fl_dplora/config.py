@@ -41,7 +41,8 @@ DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
 # machines, get the rest of the run config) and do not change what a run computes.
-SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "overwrite", "checkpoint-every", "round-timeout", "save-every", "server-device"})
+SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "overwrite", "checkpoint-every", "round-timeout", "save-every", "server-device",
+                              "report-to"})
 
 # Keys added after results were recorded, at the value that computes what runs did before the key
 # existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
@@ -52,7 +53,7 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
                                  "quantization": "none", "gradient-checkpointing": False,
                                  "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0, "secagg-dropout-rate": 0.0,
-                                 "max-new-tokens": 64}
+                                 "max-new-tokens": 64, "report-to": "none"}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -66,7 +67,7 @@ SCHEMA: dict[str, Key] = {
     "task": Key(str, "data-to-text", help="built-in task name, task card .toml, hub dataset id or data file"),
     "num-server-rounds": Key(int, 2, min=1, help="federated rounds"),
     "fraction-train": Key(float, 1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of clients per round (Poisson when dp-mode=client/paper)"),
-    "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="fraction of nodes scoring the global adapter on their own eval-path (operator log only)"),
+    "fraction-evaluate": Key(float, 0.0, min=0.0, max=1.0, help="nodes that score the global adapter on their own eval-path (operator log only)"),
     "local-steps": Key(int, 12, min=1, help="optimizer steps per client per round"),
     "batch-size": Key(int, 64, min=1, help="(expected) logical batch size"),
     "micro-batch-size": Key(int, 32, min=1, help="examples per forward/backward; bounds memory, not the math"),
@@ -76,8 +77,8 @@ SCHEMA: dict[str, Key] = {
     "lr-schedule": Key(str, "constant", choices=("constant", "cosine", "linear"), help="over all steps of the run"),
     "max-seq-len": Key(int, 128, min=8, help="tokens per example; long prompts lose their middle, never the answer"),
     "system-prompt": Key(str, "", help="auto = the chat template's own; empty = none; other text = that system turn"),
-    "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: softmax over the label words (classification); answer-tokens: every answer token"),
-    "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="frozen blocks below lora-layers run once per example; disk: cached in ~/.cache/fl-dplora"),
+    "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: softmax over label words (classification); answer-tokens: all answer tokens"),
+    "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="frozen blocks below lora-layers run once per example (disk: in ~/.cache/fl-dplora)"),
     "label-head": Key(bool, False, help="classification: a DP linear probe on the final hidden state"),
     "head-rounds": Key(int, 0, min=0, help="label-head: rounds 1..N train only the head (LP), later ones LoRA and head (FT)"),
     "head-local-steps": Key(int, 16, min=1, help="optimizer steps per client in a head-only round"),
@@ -114,6 +115,7 @@ SCHEMA: dict[str, Key] = {
     "secure-rng": Key(bool, True, help="DP sampling/noise from OS entropy; false = from seed (reproducible, not private)"),
     "checkpoint-every": Key(int, 1, min=0, help="a resumable checkpoint every N rounds (0 = never)"),
     "save-every": Key(int, 0, min=0, help="also save adapters/round-<N>/ every N rounds (0 = only adapter/)"),
+    "report-to": Key(str, "none", choices=("none", "tensorboard", "wandb", "mlflow"), help="log round metrics and epsilon there too"),
     "resume": Key(bool, False, help="continue the interrupted run in output-dir"),
     "overwrite": Key(bool, False, help="replace a run in output-dir"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),

@@ -30,6 +30,7 @@ from fl_dplora.privacy.accounting import PrivacyLedger, extends
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.run_dir import claim_output_dir
 from fl_dplora.strategies.dp_lora import DPLoRAFedAvg
+from fl_dplora.tracking import Tracker, check_report_to
 from fl_dplora.train import stage_config
 from fl_dplora.write_ahead import WriteAhead
 
@@ -67,10 +68,11 @@ class RunWriter:
 
 
 def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    from fl_dplora.progress import RoundsProgress
 
     t_start = time.time()
     preflight(cfg)
+    check_report_to(cfg)  # a tracker whose package is missing: one line, before any file is written
     # a new run never reuses a folder holding a run: refused (one line), or its files deleted (overwrite)
     out_dir = claim_output_dir(cfg)
     resumed = checkpoint.load(out_dir) if cfg["resume"] else None  # refuse a damaged one before anything else
@@ -78,6 +80,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         _check_resume_config(resumed["config"], cfg)
     writer = RunWriter(out_dir, keep_rounds=resumed["round"] if resumed else 0)
     wal = WriteAhead(out_dir, fresh=resumed is None)
+    tracker = Tracker(cfg, out_dir)  # report-to and metrics.png: each released row, as it is written
     mode = for_config(cfg)
     task = load_task(cfg["task"], int(cfg["seed"]))
     evals = eval_examples(cfg)
@@ -134,7 +137,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 (server_sigma, accountant_sigma), strategy.server_sigma = again, again[0]
         log.info("resuming %s after round %d (epsilon so far %.4g, %d begun round(s) after the checkpoint charged)",
                  out_dir, rounds_done, epsilon, charged)
-    bar = tqdm(range(rounds_done + 1, rounds + 1), desc="rounds", unit="round", disable=None)
+    bar = RoundsProgress(rounds_done + 1, rounds)  # with ETA, on a terminal only (progress.py)
     client_cfg = {k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
     if task.card is not None:  # nodes with their own data read it with the run's card, not the server's files
         client_cfg[protocol.TASK_CARD] = task.card.to_wire()
@@ -202,6 +205,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                       "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "seconds": seconds,
                       "client_seconds": sum(float(m.get("compute-seconds", 0.0)) for m in st.client_metrics)})
         writer.round(row)
+        tracker.round(row)
         if st.sampled and not st.accepted and st.dropped and all("client error" in d for d in st.dropped):
             # Not an outage: every client ran and raised. Carrying on would report an untrained adapter.
             raise RuntimeError(f"round {rnd}: every sampled client failed; first: {st.dropped[0]}")
@@ -223,6 +227,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         log.info("[round %d/%d] clients=%d/%d eval_loss=%s%s%s up=%dB down=%dB %.1fs", rnd, rounds, st.accepted,
                  st.sampled, f"{row['eval_loss']:.4f}" if row["eval_loss"] is not None else "-", acc, eps,
                  st.bytes_up, st.bytes_down, seconds)
+        bar.show(row)
         if exhausted and len(exhausted) == st.received:
             log.error("stopping early: every sampled client has exhausted its privacy budget (target-epsilon %g)",
                       cfg["target-epsilon"])
@@ -250,6 +255,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                   "wall_seconds": time.time() - t_start, "rounds": rounds_done, "accountant": cfg["accountant"],
                   "delta": cfg["delta"], "server_ledger": server_ledger.to_record(), "client_ledgers": client_ledgers})
     writer.summary(summary)
+    tracker.close()
     log.info("done: final %s, epsilon=%s, output %s", {k: round(v, 4) for k, v in last_eval.items() if isinstance(v, float)},
              privacy["epsilon"], out_dir)
     return summary

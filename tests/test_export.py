@@ -98,6 +98,9 @@ def test_the_exported_adapter_names_a_loadable_base(tmp_path, capsys, model, rev
     card = (tmp_path / "out" / "README.md").read_text()
     if model == "tiny-random-llama":  # built in code: nothing to load, and the card says so
         assert "`AutoPeftModelForCausalLM` cannot load it by itself" in card and "base_model:" not in card
+    elif want.startswith("/"):  # a local folder: adapter_config.json names it, the card only by its name
+        assert ("A PEFT LoRA adapter on base (a local folder): `AutoPeftModelForCausalLM.from_pretrained(this_folder)` "
+                "loads base and adapter where that folder is") in card and want not in card
     else:
         assert f"A PEFT LoRA adapter on `{want}`: `AutoPeftModelForCausalLM.from_pretrained(this_folder)`" in card
     assert ("base_model: " + want in card) == ("/" in want and not want.startswith("/"))  # hub ids only
