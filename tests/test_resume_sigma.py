@@ -63,7 +63,10 @@ def test_local_noise_top_up_keeps_the_sum_at_the_servers_sigma():
     s0 = mode.noise_multipliers()[0]
     sigma = 1.5 * s0
     zeros = {"w": torch.zeros(200_000, dtype=torch.float64)}
-    replies = [{"w": torch.randn(200_000, dtype=torch.float64) * s0 * mode.c} for _ in range(3)]
+    # the replies' own generator: drawn from torch's global one they equalled the server's noise draw
+    # whenever an earlier test had left it at manual_seed(0) (test_dp_step), and the std doubled up
+    g = torch.Generator().manual_seed(1)
+    replies = [{"w": torch.randn(200_000, generator=g, dtype=torch.float64) * s0 * mode.c} for _ in range(3)]
     out = mode.aggregate(replies, [1.0] * 3, zeros, 1, sigma, torch.Generator().manual_seed(0))
     std = float((out["w"] * mode.divisor).std())
     assert std == pytest.approx(sigma * mode.c * 2.0, rel=0.01)  # σ·C·√population
