@@ -257,6 +257,7 @@ def test_audit_cli_client_mode_canaries_are_whole_clients(cli, tmp_path):
                "--output-dir", str(tmp_path)], timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "audit.json").read_text())
+    assert r["canary_kind"] == "gradient"  # the default: each canary client's update is its Dirac direction
     assert r["canary_unit"] == "client" and r["epsilon_claimed"] <= 4.0 and r["epsilon_lower_bound"] <= r["epsilon_claimed"]
     included = r["one_run"]["included"]
     rows = read_operator(tmp_path / "run")[0]
