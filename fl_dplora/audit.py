@@ -146,10 +146,13 @@ class GradientPlan:
         return {"data-clients": self.data_clients, "examples": {}, "gradients": gradients}
 
 
+CANARY_NORM = 1.0  # a canary's gradient, in units of max-grad-norm (DP-SGD clips a larger one to C; 100 broke a no-DP SGD run)
+
+
 def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int], num_canaries: int, repeats: int,
-                       seed: int) -> GradientPlan:
-    """Distinct coordinates drawn uniformly over the LoRA tensors (`sizes`: key -> numel), random signs,
-    each canary included with probability 1/2."""
+                       seed: int, norm: float = CANARY_NORM) -> GradientPlan:
+    """Distinct coordinates drawn uniformly over the LoRA tensors (`sizes`: key -> numel), random signs
+    (the canary's gradient is sign x `norm` x C there), each canary included with probability 1/2."""
     from fl_dplora.config import ConfigError
 
     keys = sorted(sizes)
@@ -166,7 +169,7 @@ def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int]
         canaries.append([keys[k], g - start, 0])
     rng.shuffle(canaries)
     for c in canaries:
-        c[2] = rng.choice((1, -1))
+        c[2] = rng.choice((1, -1)) * float(norm)
     included = [rng.random() < 0.5 for _ in range(num_canaries)]
     return GradientPlan(canaries, included, repeats, *_placement(dp_mode, data_clients, included))
 
@@ -174,8 +177,8 @@ def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int]
 def gradient_scores(canaries: Sequence[Sequence], init: Mapping[str, torch.Tensor],
                     final: Mapping[str, torch.Tensor]) -> list[float]:
     """How far training moved each canary's coordinate against its gradient: -sign x (final - init)."""
-    return [-float(sign) * float(final[key].reshape(-1)[i].double() - init[key].reshape(-1)[i].double())
-            for key, i, sign in canaries]
+    return [-math.copysign(1.0, float(value)) * float(final[key].reshape(-1)[i].double() - init[key].reshape(-1)[i].double())
+            for key, i, value in canaries]
 
 
 # ----------------------------------------------------------------------------- statistics

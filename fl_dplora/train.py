@@ -109,10 +109,10 @@ class DPSGD:
 @dataclass(frozen=True)
 class GradientCanary:
     """A privacy-audit canary (`fl-dplora audit`, Steinke et al. 2023's gradient-space canary): a
-    training example whose per-example gradient is this fixed sparse vector (norm <= 1) times
-    max-grad-norm, instead of the model's. It is sampled like every example (DP-SGD: Poisson at q;
-    otherwise in the shuffled epochs), counts in the batch, and under DP-SGD is already clipped.
-    entries: (position in local_train's `params`, flat index, value)."""
+    training example whose per-example gradient is this fixed sparse vector times max-grad-norm,
+    instead of the model's. It is sampled like every example (DP-SGD: Poisson at q; otherwise in the
+    shuffled epochs), counts in the batch, and under DP-SGD is clipped to max-grad-norm like every
+    per-example gradient. entries: (position in local_train's `params`, flat index, value)."""
     entries: tuple[tuple[int, int, float], ...]
 
 
@@ -190,9 +190,11 @@ def local_train(
             sums = [torch.zeros_like(p) for p in params]
             # micro-batches of similar lengths pad less; the (clipped) sum does not depend on the order
             real = sorted((i for i in batch_idx if i < n), key=lambda i: len(data[i].input_ids))
-            for i in batch_idx:  # a canary's gradient: its fixed vector (norm <= 1) x C, in the same sum
-                for pos, flat, value in canaries[i - n].entries if i >= n else ():
-                    scale = float(dp.max_grad_norm if dp else cfg["max-grad-norm"]) / (1 if dp else len(batch_idx))
+            for i in batch_idx:  # a canary's gradient: its fixed vector x C (clipped to C under DP-SGD), in the same sum
+                entries = canaries[i - n].entries if i >= n else ()
+                norm = math.sqrt(sum(v * v for *_, v in entries))
+                scale = (dp.max_grad_norm / max(1.0, norm)) if dp else float(cfg["max-grad-norm"]) / len(batch_idx)
+                for pos, flat, value in entries:
                     sums[pos].view(-1)[flat] += value * scale
             for mb in _micro_batches(real, micro):
                 batch = {k: v.to(device) for k, v in collate([data[i] for i in mb], pad_id).items()}

@@ -110,7 +110,8 @@ def test_gradient_plan_draws_distinct_dirac_coordinates_and_places_them_by_unit(
     ex = audit.make_gradient_plan("sample", 3, sizes, 100, 2, seed=0)
     coords = [(k, i) for k, i, _ in ex.canaries]
     assert len(set(coords)) == 100 and all(0 <= i < sizes[k] for k, i in coords)
-    assert {s for *_, s in ex.canaries} == {1, -1} and ex.unit == "example" and ex.num_clients == 3
+    assert {s for *_, s in ex.canaries} == {audit.CANARY_NORM, -audit.CANARY_NORM} and ex.unit == "example"
+    assert ex.num_clients == 3
     planted = ex.canary_file()
     assert planted["gradients"]["0"] == [[c] for c, i in zip(ex.canaries, ex.included) if i for _ in range(2)]
     assert 30 < sum(ex.included) < 70
@@ -125,7 +126,7 @@ def test_gradient_scores_read_the_move_against_the_canary():
     init = {"w": torch.zeros(2, 3)}
     final = {"w": torch.tensor([[0.0, -0.5, 0.0], [0.25, 0.0, 0.0]])}
     # a canary with gradient +e_1 pushes w[1] down (SGD): score +0.5; gradient -e_3 pushes w[3] up: +0.25
-    assert audit.gradient_scores([["w", 1, 1], ["w", 3, -1], ["w", 0, 1]], init, final) == [0.5, 0.25, 0.0]
+    assert audit.gradient_scores([["w", 1, 100.0], ["w", 3, -100.0], ["w", 0, 1]], init, final) == [0.5, 0.25, 0.0]
 
 
 def test_a_gradient_canary_goes_through_the_dp_sgd_step():
@@ -143,7 +144,7 @@ def test_a_gradient_canary_goes_through_the_dp_sgd_step():
     a = keys.index(next(k for k in keys if "lora_A" in k))
     before = params[keys[a]].detach().clone()
     opt = make_optimizer([params[k] for k in keys], cfg)
-    canary = GradientCanary(((a, 3, 1.0),))
+    canary = GradientCanary(((a, 3, 100.0),))  # clipped to C like every per-example gradient
     local_train(model, [params[k] for k in keys], [], cfg, optimizer=opt, dp=DPSGD(0.0, 0.5, None),
                 sampling_generator=torch.Generator().manual_seed(0), public_size=1, canaries=[canary])
     moved = params[keys[a]].detach() - before
