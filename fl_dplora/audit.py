@@ -146,7 +146,7 @@ class GradientPlan:
         return {"data-clients": self.data_clients, "examples": {}, "gradients": gradients}
 
 
-CANARY_NORM = 1.0  # a canary's gradient, in units of max-grad-norm (DP-SGD clips a larger one to C; 100 broke a no-DP SGD run)
+CANARY_NORM = 10.0  # a canary's gradient, in units of max-grad-norm: DP-SGD clips it to C like any example's; without DP it is 10 C (100 C broke a no-DP SGD run)
 
 
 def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int], num_canaries: int, repeats: int,
