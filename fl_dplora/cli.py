@@ -94,7 +94,8 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     return cfg
 
 
-def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None) -> dict:
+def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None,
+             exit_on_interrupt: bool = False) -> dict:
     """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`."""
     from flwr.simulation import run_simulation
 
@@ -108,17 +109,61 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     out_dir = Path(cfg["output-dir"])
     summary_path = out_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
-    run_simulation(server_app=build_server_app(cfg), client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend_config)
+    previous = _exit_on_interrupt(out_dir, int(cfg["num-server-rounds"])) if exit_on_interrupt else None
+    try:
+        run_simulation(server_app=build_server_app(cfg), client_app=client_app, num_supernodes=num_clients,
+                       backend_config=backend_config)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, previous)
     if not summary_path.is_file():
         raise RuntimeError(f"the run did not finish (no {summary_path}); see the log above")
     return json.loads(summary_path.read_text())
 
 
+def _exit_on_interrupt(out_dir: Path, rounds: int):
+    """Ctrl-C (SIGINT) during `fl-dplora simulate` ends the process now, in one line, exit 130.
+
+    The ServerApp runs in a thread of Flower's engine that a KeyboardInterrupt never reaches: it
+    would wait for the round's replies (round-timeout) and keep the process alive. Everything the
+    run wrote stays (metrics.jsonl, the last checkpoint, the write-ahead log, each written with a
+    rename or an append), so `--resume DIR` continues it. Ray is shut down first (bounded)."""
+    import signal
+    import threading
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        metrics = out_dir / "metrics.jsonl"
+        done = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
+        resumable = (out_dir / "checkpoint.json").is_file() or (out_dir / "checkpoint.pt").is_file()
+
+        def shutdown_ray() -> None:
+            try:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+
+        t = threading.Thread(target=shutdown_ray, daemon=True)
+        t.start()
+        t.join(timeout=15)
+        sys.stdout.flush()
+        print(f"fl-dplora: error: interrupted after {done} of {rounds} rounds; what was written stays in {out_dir}"
+              + (f" (fl-dplora simulate --resume {out_dir} continues it)" if resumable else ""),
+              file=sys.stderr, flush=True)  # the last line, after whatever Ray says while it stops
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, stop)  # the handler before: put back when the run ends
+
+
 def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, num_clients: int | None = None,
                  output_dir: str | None = None, preset: str | None = None, overwrite: bool = False,
                  resume: str | None = None, num_cpus: float = 2.0, num_gpus: float = 0.0,
-                 ray_address: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 ray_address: str | None = None, exit_on_interrupt: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """`fl-dplora simulate` (and `fl_dplora.simulate`): check everything, run, return (config, summary)."""
     if resume:
         from fl_dplora import checkpoint
@@ -150,13 +195,13 @@ def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, 
     elif num_clients is None:
         num_clients = 5
     cfg = prepare_config(run_config, output_dir, num_clients, preset=preset, overwrite=overwrite)
-    return cfg, simulate(cfg, num_clients, num_cpus, num_gpus, ray_address)
+    return cfg, simulate(cfg, num_clients, num_cpus, num_gpus, ray_address, exit_on_interrupt)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg, summary = simulate_run(args.run_config, args.num_clients, args.output_dir, preset=args.preset,
                                 overwrite=args.overwrite, resume=args.resume, num_cpus=args.num_cpus,
-                                num_gpus=args.num_gpus, ray_address=args.ray_address)
+                                num_gpus=args.num_gpus, ray_address=args.ray_address, exit_on_interrupt=True)
     fe = summary["final_eval"]
     acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
     eps = summary["privacy"]["epsilon"]

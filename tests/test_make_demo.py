@@ -35,7 +35,7 @@ def test_make_demo_trains_evaluates_predicts_and_exports(tmp_path):
     trained = re.search(r"^fl-dplora: 2 rounds, accuracy \d\.\d{4}, eval loss \d+\.\d{4}, epsilon ([\d.]+), output ",
                         out, re.M)
     assert trained and 0 < float(trained.group(1)) <= 8.0, out  # DP on, within its budget
-    assert re.search(r"^fl-dplora: accuracy \d\.\d{4}, ", out, re.M), out  # evaluate
+    assert re.search(r"^fl-dplora: loss \d+\.\d{4}, .*accuracy \d\.\d{4}, ", out, re.M), out  # evaluate
     answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]  # predict
     assert [a["text"] for a in answers] == ["Stocks rally after strong earnings", "Shares slump as guidance is cut"]
     assert all(a["answer"] in ("negative", "neutral", "positive") for a in answers)
