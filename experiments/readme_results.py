@@ -43,8 +43,8 @@ def block() -> str:
         if data.get("cells") and spec.aggregate:  # runs that differ only in seed etc.: one row each, mean ± SE
             lines += ex.cell_table(spec, data["cells"])
         else:
-            lines += ["| " + " | ".join(ex._COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(ex._cell(r, c) for c in cols) + " |" for r in data["runs"]]
+            lines += ["| " + " | ".join(ex.COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(ex.column_text(r, c) for c in cols) + " |" for r in data["runs"]]
         lines.append("")
         for p in spec.plots:
             if (path.parent / p["file"]).is_file():
