@@ -7,6 +7,8 @@ What is pinned here (docs/deployment.md explains the commands):
 - TLS + SuperNode authentication: 2 registered keys train, a third, unregistered key is refused.
 - a SuperNode killed (SIGKILL) in the middle of round 1: the run still completes, and
   operator.jsonl names the lost node in that round's "dropped" list.
+- a SuperNode restarted between rounds (issue 27): its ledger file and ε log continue (steps = every
+  round it trained), and its `max-epsilon` floor of two rounds refuses round 3.
 
 Isolation: FLWR_HOME is a temporary folder (the user's ~/.flwr is never touched), every port is
 chosen at run time, and every process started here (with its children: flower-superexec,
@@ -30,8 +32,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fl_dplora.clients.node_policy import NodePolicy
+from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.write_ahead import read_operator
-from harness import kill_tree, read_metrics
+from harness import TINY_DEFAULTS, kill_tree, read_metrics, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +154,7 @@ class Deployment:
         lines.append(f'root-certificates = "{self.ca}"' if tls else "insecure = true")
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def start_superlink(self, tls_dir: Path | None = None) -> None:
+    def start_superlink(self, tls_dir: Path | None = None, **env: str) -> None:
         args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         if tls_dir is None:
@@ -160,7 +164,7 @@ class Deployment:
             args += ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(tls_dir / "server.crt"),
                      "--ssl-keyfile", str(tls_dir / "server.key"), "--enable-supernode-auth"]
         self.write_connection(tls=tls_dir is not None)
-        proc = self.start("superlink", args)
+        proc = self.start("superlink", args, **env)
         scheme = "https" if tls_dir else "http"
         ctx = ssl.create_default_context(cafile=str(self.ca)) if tls_dir else None
         deadline = time.monotonic() + 60
@@ -471,4 +475,134 @@ def test_secure_aggregation_with_a_real_superlink_and_three_supernodes(deploymen
     # every node ran all four SecAgg+ stages, each in its own flwr-clientapp process
     for name in names:
         assert dep.log(name).count("Start `flwr-clientapp` process") >= 4, dep.tail(name)
+    assert_clean_stop(dep)
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to a process and its descendants; a few passes, so that a child spawned during the
+    first one (flower-superexec starting a flwr-clientapp) is reached too."""
+    done: set[int] = set()
+    for _ in range(3):
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            if p.pid not in done:
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+                done.add(p.pid)
+        time.sleep(0.2)
+
+
+def _wait_log(dep: Deployment, name: str, pattern: str, run: subprocess.Popen, timeout: float = 120) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while not (m := re.search(pattern, dep.log(name))):
+        assert run.poll() is None, f"the run ended while waiting for {pattern!r} in {name}\n{dep.tail('flwr-run')}"
+        assert time.monotonic() < deadline, f"no {pattern!r} in {name} after {timeout} s\n{dep.tail(name)}"
+        time.sleep(0.2)
+    return m
+
+
+def test_a_restarted_supernode_continues_its_ledger_and_its_floor_stops_it(deployment: Deployment, tmp_path):
+    """Issue 27: SuperNode 0 (an ε log, max-epsilon = ε of two rounds) is stopped after its round-1
+    reply and restarted with the same node config before round 2. Its fresh flwr-clientapp and empty
+    context.state read the ledger file back: its ε log shows rounds 1 and 2 trained with steps 1 and 2
+    and round 3 refused for max-epsilon; the ledger holds charges for rounds 1 and 2 only.
+
+    Flower gives the restarted SuperNode a new node id (insecure mode: a fresh key pair, registered
+    again), so the server sees two nodes: the old id with the 1-step ledger of round 1, the new id
+    with the 2-step ledger the node reports (round 1 included: a new id never resets the node's own
+    ledger, which is keyed by its data and the run id, not by the Flower node id).
+
+    Between the rounds: node 1 is paused (SIGSTOP) once round 1 is sent, so round 1 cannot end before
+    node 0 is gone (SIGTERM: it deregisters at once) and back; min-available = 2 makes round 2 wait
+    for it. A paused node stays online for the SuperLink's heartbeat patience (> 30 s)."""
+    dep = deployment
+    run_cfg = {**TINY_DEFAULTS, "dp-mode": "sample", "num-server-rounds": 3, "local-steps": 1,
+               # q = 1 (a batch larger than each node's 8 examples), so the floor is known up front
+               "max-train-samples": 16, "batch-size": 32, "micro-batch-size": 4, "max-seq-len": 32,
+               "max-eval-samples": 2, "eval-every": 0, "accountant": "rdp", "noise-multiplier": 2.0,
+               "target-epsilon": 50.0, "fraction-train": 1.0, "min-available": 2, "round-timeout": 120.0}
+    cfg = tiny_config(**run_cfg)
+    log = tmp_path / "node0-epsilon.jsonl"
+    node0 = {"partition-id": 0, "num-partitions": 2, "epsilon-log": str(log)}
+    delta = NodePolicy.from_node_config({**node0, "max-epsilon": 1.0}).delta(cfg["delta"])  # the node's δ
+    eps = [PrivacyLedger([(2.0, 1.0, k)]).epsilon(delta, cfg["accountant"]) for k in (1, 2, 3)]
+    node0["max-epsilon"] = eps[1]  # two rounds of one step at q = 1
+    node0_config = " ".join(f"{k}={json.dumps(v)}" for k, v in node0.items())
+
+    dep.start_superlink(FLWR_LOG_LEVEL="DEBUG")  # its debug log shows when the ServerApp pulls a reply
+    dep.start_supernode("supernode-0", node0_config)
+    dep.start_supernode("supernode-1", "partition-id=1 num-partitions=2")
+    dep.wait_nodes(2, ["supernode-0", "supernode-1"])
+    old_id = re.search(r"SuperNode ID: (\d+)", dep.log("supernode-0")).group(1)
+    procs = dict(dep.procs)
+
+    out = tmp_path / "run-out"
+    t0 = time.monotonic()
+    run = dep.start_run(out, **run_cfg)
+    paused = False
+    try:
+        _wait_log(dep, "supernode-0", r"Receiving: train message", run)  # round 1 is out, to both nodes
+        _signal_tree(procs["supernode-1"].pid, signal.SIGSTOP)  # node 1 holds round 1 open
+        paused = True
+        _wait_log(dep, "supernode-0", r"Sent successfully", run)  # node 0's round-1 reply is at the SuperLink
+        assert [r["round"] for r in map(json.loads, log.read_text().splitlines())] == [1]
+        # ... and the ServerApp has pulled it (it polls every 3 s): Flower answers a message whose node has
+        # gone offline with "Node Unavailable", even when its reply is stored, if it was not pulled before
+        pushed = _wait_log(dep, "superlink", rf"Push replies from node_id={old_id}\b", run, timeout=30).end()
+        deadline = time.monotonic() + 30
+        while "Runtime.PullObject" not in dep.log("superlink")[pushed:]:  # node 1 is paused: node 0's reply
+            assert time.monotonic() < deadline, f"the ServerApp did not pull node 0's reply\n{dep.tail('superlink')}"
+            time.sleep(0.2)
+
+        victim = procs["supernode-0"]
+        tree = psutil.Process(victim.pid).children(recursive=True)
+        victim.send_signal(signal.SIGTERM)  # a graceful stop: the SuperNode deactivates and unregisters
+        victim.wait(timeout=30)
+        _, alive = psutil.wait_procs(tree, timeout=15)  # flower-superexec follows its parent
+        for p in alive:
+            kill_tree(p.pid, signal.SIGKILL, grace=5)
+
+        dep.start_supernode("supernode-0-restarted", node0_config)  # same node config, same data
+        new_id = _wait_log(dep, "supernode-0-restarted", r"SuperNode ID: (\d+)", run, timeout=90).group(1)
+        deadline = time.monotonic() + 60
+        while not ({new_id} <= (online := dep.online_nodes()) and old_id not in online):
+            assert time.monotonic() < deadline, f"online: {online}, old {old_id}, new {new_id}"
+            time.sleep(0.5)
+    finally:
+        if paused:
+            _signal_tree(procs["supernode-1"].pid, signal.SIGCONT)
+    dep.finish_run(run, timeout=240)
+    wall = time.monotonic() - t0
+
+    # the node's own ε log: rounds 1 and 2 trained (steps 1, 2 across the restart), round 3 refused
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    trained = [r for r in rows if "refused" not in r]
+    assert [(r["round"], r["steps"]) for r in trained] == [(1, 1), (2, 2)], rows
+    assert [r["epsilon"] for r in trained] == pytest.approx(eps[:2])
+    assert all(r["run-id"] == trained[0]["run-id"] for r in rows)
+    (refused,) = [r for r in rows if "refused" in r]
+    assert refused["round"] == 3 and "max-epsilon" in refused["refused"], refused
+    assert f"{eps[2]:.4g}" in refused["refused"]  # the third step, counted from the file
+    # its ledger: next to the ε log, keyed by the run id (and data), owner-only, one charge per round trained
+    path = NodePolicy.from_node_config(node0).ledger_path(int(trained[0]["run-id"]))
+    assert path.parent == log.parent and (path.stat().st_mode & 0o777) == 0o600
+    ledger = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["event"], r["round"]) for r in ledger] == [("charge", 1), ("charge", 2)], ledger
+
+    # what the server saw: two node ids for node 0's data, the new one refused round 3
+    _, summary = assert_outputs(out, rounds=3)
+    per_client = summary["privacy"]["per_client"]
+    assert per_client[old_id]["steps"] == 1 and per_client[old_id]["epsilon"] == pytest.approx(eps[0])
+    assert per_client[new_id]["steps"] == 2 and per_client[new_id]["epsilon"] == pytest.approx(eps[1])
+    r1, _, r3 = read_operator(out)[0]
+    assert r1["accepted"] == 2, r1  # node 0's round-1 reply counted, node 1's after its pause
+    assert any(d.startswith(f"node {new_id}:") and "max-epsilon" in d for d in r3["dropped"]), r3["dropped"]
+    assert not any(d.startswith(f"node {old_id}:") for r in read_operator(out)[0] for d in r["dropped"])
+    print(f"restart run: {wall:.1f} s from flwr run to finished")
     assert_clean_stop(dep)
