@@ -362,7 +362,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fl_dplora.audit import run_audit
+    from fl_dplora.tools.audit import run_audit
 
     for name in ("canaries", "references"):
         if getattr(args, name) < 8:

@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from fl_dplora import audit
+from fl_dplora.tools import audit
 from fl_dplora.write_ahead import read_operator
 from harness import run_in_process, tiny_config
 

@@ -16,9 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fl_dplora"
 WINGS = ("fl_dplora.tools", "fl_dplora.testing")  # not the runtime: may import it, never imported by it
-# front doors that dispatch to the tools (`fl-dplora bench`, `experiment`); audit.py is a tool that
-# still lives at the package root
-FRONT_DOORS = {"fl_dplora.cli", "fl_dplora.audit"}
+# the front door that dispatches to the tools (`fl-dplora bench`, `experiment`, `audit`)
+FRONT_DOORS = {"fl_dplora.cli"}
 
 
 def _modules() -> dict[str, Path]:
