@@ -53,7 +53,7 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
                                  "quantization": "none", "gradient-checkpointing": False,
                                  "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0, "secagg-dropout-rate": 0.0,
-                                 "max-new-tokens": 64, "report-to": "none"}
+                                 "max-new-tokens": 64, "report-to": "none", "frozen-dtype": "float32"}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -79,6 +79,7 @@ SCHEMA: dict[str, Key] = {
     "system-prompt": Key(str, "", help="auto = the chat template's own; empty = none; other text = that system turn"),
     "loss": Key(str, "answer-tokens", choices=("answer-tokens", "label-words"), help="label-words: softmax over label words (classification); answer-tokens: all answer tokens"),
     "prefix-cache": Key(str, "memory", choices=("off", "memory", "disk"), help="frozen blocks below lora-layers run once per example (disk: in ~/.cache/fl-dplora)"),
+    "frozen-dtype": Key(str, "float32", choices=("float32", "int8"), help="int8: the frozen blocks below lora-layers run int8 weights x per-token int8 activations (CPU VNNI; docs/performance.md)"),
     "label-head": Key(bool, False, help="classification: a DP linear probe on the final hidden state"),
     "head-rounds": Key(int, 0, min=0, help="label-head: rounds 1..N train only the head (LP), later ones LoRA and head (FT)"),
     "head-local-steps": Key(int, 16, min=1, help="optimizer steps per client in a head-only round"),
@@ -333,6 +334,11 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
     if cfg["dp-mode"] in ("client", "paper") and cfg["population"] < 1:
         problems.append(f"population: dp-mode {cfg['dp-mode']} divides each round's sum by fraction-train x population, "
                         "a public number: set it to the number of clients in the federation")
+    if cfg["frozen-dtype"] == "int8" and cfg["lora-layers"] == 0:
+        problems.append("frozen-dtype: int8 runs the frozen blocks below the LoRA layers; lora-layers = 0 adapts "
+                        "every block, so none would (set lora-layers >= 1)")
+    if cfg["frozen-dtype"] == "int8" and cfg["quantization"] != "none":
+        problems.append(f"frozen-dtype: int8 quantizes a float base; quantization = {cfg['quantization']} already did")
     if cfg["label-head"] and cfg["dp-mode"] == "paper":
         problems.append("label-head: not with dp-mode = paper (its separate A/B clipping has no part for a head)")
     problems += _secagg_checks(cfg)

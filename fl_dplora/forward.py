@@ -12,7 +12,9 @@ Why it costs no privacy: the cached state is a fixed function of one example and
 weights (computed in eval mode: a base model's own dropout, if it has any, no longer acts below the
 adapter; SmolLM2/LLaMA have none). The loss of an example, and so its per-example gradient, is the same function of the
 trainable LoRA values whether the bottom blocks ran now or before; clipping, noise, sampling and
-the accountant see the same mechanism. The cache is as private as the data it came from: it stays
+the accountant see the same mechanism. With `frozen-dtype = "int8"` the prefix runs int8 Linear layers
+(frozen_int8.py: per-token activation scales, so still a function of that one example), in the
+cache build and, with prefix-cache off, in every forward alike. The cache is as private as the data it came from: it stays
 on the node that holds that data (the server only caches its public evaluation set).
 """
 
@@ -38,6 +40,8 @@ from fl_dplora.data import Encoded, collate
 
 log = logging.getLogger(__name__)
 PREFIX_CACHE_MODES = ("off", "memory", "disk")
+FROZEN_DTYPES = ("float32", "int8")  # run-config frozen-dtype: how the frozen prefix computes (frozen_int8.py)
+FROZEN_DTYPE_ATTR = "fl_frozen_dtype"  # where get_peft_model records it on the model
 LABEL_HEAD_FLOOR = -1e4  # logit of a non-label token where a label head answers (finite: no NaN in softmax)
 LABEL_HEAD_ATTR = "fl_label_head"  # where label_head.install hangs the head on the (PEFT) model
 
@@ -46,6 +50,24 @@ def attached_label_head(model: nn.Module) -> nn.Module | None:
     """The label head attached to `model` (label_head.py), or None: looked up here so that this
     module needs nothing from label_head.py, which builds on it."""
     return getattr(model, LABEL_HEAD_ATTR, None)
+
+
+def frozen_dtype(model: nn.Module) -> str:
+    """How `model`'s frozen prefix computes: float32 (the weights' own dtype) or int8 (frozen_int8.py).
+    Set from the run config by get_peft_model, so the clients' cache build and the server's
+    evaluation features compute alike."""
+    return getattr(model, FROZEN_DTYPE_ATTR, "float32")
+
+
+def set_frozen_dtype(model: nn.Module, name: str) -> None:
+    """Record it on the base model: a PEFT wrapper forwards the lookup there, and code holding the
+    inner model sees the same value."""
+    if name not in FROZEN_DTYPES:
+        raise ValueError(f"frozen-dtype: unknown value {name!r}")
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setattr(inner, FROZEN_DTYPE_ATTR, name)
+    if inner is not model and FROZEN_DTYPE_ATTR in vars(model):
+        delattr(model, FROZEN_DTYPE_ATTR)
 
 
 # ------------------------------------------------------------------ model anatomy
@@ -126,6 +148,11 @@ def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     _, decoder, _ = decoder_and_head(model)
     if decoder is None:
         raise ValueError("this model's decoder blocks cannot be found (needed for the prefix cache and label-head)")
+    if "prefix_hidden" not in batch and frozen_dtype(model) != "float32" and prefix_start(model):
+        # prefix-cache off: the frozen prefix still computes in the frozen dtype, now, as the cache would
+        start = prefix_start(model)
+        batch = {**batch, "prefix_start": start,
+                 "prefix_hidden": prefix_states(model, batch["input_ids"], batch["attention_mask"], start)}
     if "prefix_hidden" in batch:
         start = int(batch["prefix_start"])
         if start != prefix_start(model):  # a cache built for another split point is never reused
@@ -287,18 +314,9 @@ def prefix_fingerprint(model: nn.Module, start: int) -> str:
     return memo[start][1]
 
 
-@torch.no_grad()
-def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, batch_size: int = 16,
-                   progress: bool = False, share_tokens: bool = True) -> list[torch.Tensor]:
-    """The hidden state entering blocks[start] for each example, [T_i, H] float32 on the CPU.
-
-    Examples are batched by length (little padding); padding never changes a real position's state
-    (causal attention, right padding), so each state equals the unbatched one up to float rounding.
-    Tokens all examples share are run once (shared_prefix.py), checked against the full forward.
-    """
-    from tqdm.auto import tqdm
-
-    decoder, _, blocks = decoder_blocks(model)
+def _capturing(decoder: nn.Module):
+    """(pre-hook for blocks[start], capture): capture(input_ids, attention_mask, **decoder_kwargs) runs
+    the decoder until the hook's block and returns the hidden state entering it."""
     captured: dict[str, torch.Tensor] = {}
 
     def grab(module, args, kwargs):
@@ -312,6 +330,61 @@ def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, bat
             pass
         return captured.pop("h")
 
+    return grab, capture
+
+
+@contextmanager
+def _prefix_in(model: nn.Module, start: int, dtype: str):
+    """blocks[:start] compute in `dtype`: int8 swaps in their quantized copies (frozen_int8.py) for
+    the duration; float32 leaves the model as it is."""
+    if dtype == "float32":
+        yield
+        return
+    if dtype != "int8":
+        raise ValueError(f"frozen-dtype: unknown value {dtype!r}")
+    from fl_dplora import frozen_int8
+
+    decoder, name, blocks = decoder_blocks(model)
+    copies = frozen_int8.int8_blocks(decoder, blocks, start, prefix_fingerprint(model, start))
+    setattr(decoder, name, nn.ModuleList([*copies, *list(blocks)[start:]]))
+    try:
+        yield
+    finally:
+        setattr(decoder, name, blocks)
+        frozen_int8.release(copies)
+
+
+@torch.no_grad()
+def prefix_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                  dtype: str | None = None) -> torch.Tensor:
+    """The state entering blocks[start] for one batch [B, T, H] (no grad, eval mode), in the frozen dtype."""
+    decoder, _, blocks = decoder_blocks(model)
+    grab, capture = _capturing(decoder)
+    was_training = model.training
+    model.eval()
+    handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with _prefix_in(model, start, dtype or frozen_dtype(model)):
+            return capture(input_ids, attention_mask)
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, batch_size: int = 16,
+                   progress: bool = False, share_tokens: bool = True, dtype: str | None = None) -> list[torch.Tensor]:
+    """The hidden state entering blocks[start] for each example, [T_i, H] float32 on the CPU.
+
+    Examples are batched by length (little padding); padding never changes a real position's state
+    (causal attention, right padding), so each state equals the unbatched one up to float rounding.
+    Tokens all examples share are run once (shared_prefix.py), checked against the full forward.
+    `dtype` (default: the model's frozen dtype, run-config frozen-dtype): float32 or int8.
+    """
+    from tqdm.auto import tqdm
+
+    decoder, _, blocks = decoder_blocks(model)
+    grab, capture = _capturing(decoder)
     device = next(iter(decoder.parameters())).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     out: list[torch.Tensor | None] = [None] * len(encoded)
@@ -319,17 +392,18 @@ def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, bat
     model.eval()  # a deterministic function of the example: no dropout
     handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        shared = None
-        for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
-                      disable=not progress):
-            idx = order[s : s + batch_size]
-            batch = collate([encoded[i] for i in idx], 0)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            if s == 0 and share_tokens:  # tokens every example shares (chat header, instruction) run once: shared_prefix.py
-                shared = shared_prefix.build(decoder, capture, [e.input_ids for e in encoded], device, (ids, mask))
-            hidden = (shared.run(capture, ids, mask) if shared is not None else capture(ids, mask)).float().cpu()
-            for j, i in enumerate(idx):
-                out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
+        with _prefix_in(model, start, dtype or frozen_dtype(model)):
+            shared = None
+            for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
+                          disable=not progress):
+                idx = order[s : s + batch_size]
+                batch = collate([encoded[i] for i in idx], 0)
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                if s == 0 and share_tokens:  # tokens every example shares (chat header, instruction) run once: shared_prefix.py
+                    shared = shared_prefix.build(decoder, capture, [e.input_ids for e in encoded], device, (ids, mask))
+                hidden = (shared.run(capture, ids, mask) if shared is not None else capture(ids, mask)).float().cpu()
+                for j, i in enumerate(idx):
+                    out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
     finally:
         handle.remove()
         model.train(was_training)
@@ -383,13 +457,15 @@ def attach_prefix(model: nn.Module, encoded: Sequence[Encoded], mode: str, progr
     start = prefix_start(model) if mode != "off" and encoded else 0
     if start == 0:
         return [replace(e, prefix=None, prefix_start=0) for e in encoded]
-    key = _data_key(prefix_fingerprint(model, start), encoded)
+    dtype = frozen_dtype(model)  # int8 states are other numbers: their own key (float32 keys as before)
+    fingerprint = prefix_fingerprint(model, start)
+    key = _data_key(fingerprint if dtype == "float32" else f"{fingerprint}:{dtype}", encoded)
     states = _MEMORY.get(key)
     path = _cache_dir() / f"{key}.pt"
     if states is None and mode == "disk" and path.is_file():
         states = _load_disk(path, encoded)
     if states is None:
-        states = compute_prefix(model, encoded, start, progress=progress)
+        states = compute_prefix(model, encoded, start, progress=progress, dtype=dtype)
         if mode == "disk":
             _save_disk(path, states)
     _MEMORY[key] = states

@@ -85,7 +85,8 @@ def _with_answer_states(model: nn.Module, data: Sequence[Encoded], pad_id: int) 
     key = None
     if found:  # every decoder weight, the token ids and where each answer starts
         starts = tuple(sum(1 for t in e.labels if t == -100) for e in data)
-        key = f"{forward._data_key(forward.prefix_fingerprint(model, len(found[2])), data)}:{hash(starts)}"
+        key = (f"{forward._data_key(forward.prefix_fingerprint(model, len(found[2])), data)}:{hash(starts)}"
+               f":{forward.frozen_dtype(model)}")
     states = _ANSWER_STATES.get(key) if key else None
     if states is None:
         states = label_head.first_answer_states(model, list(data), pad_id)

@@ -36,14 +36,32 @@ def test_bench_prefix_cache_quick(tmp_path):
     """In-process, without the client subprocesses: seconds."""
     res = _run(tmp_path, "--no-rss")
     assert res["benchmark"] == "prefix-cache"
-    assert set(res["median_seconds"]) == {"full-n1", "cached-n1", "build-n1", "build-n1-unshared", "forward", "decoder"}
-    assert set(res["ratio"]) == {"full-n1/cached-n1", "forward/build-n1", "decoder/build-n1", "build-n1-unshared/build-n1"}
+    assert set(res["median_seconds"]) == {"full-n1", "cached-n1", "build-n1", "build-n1-int8", "build-n1-unshared",
+                                          "forward", "decoder"}
+    assert set(res["ratio"]) == {"full-n1/cached-n1", "forward/build-n1", "decoder/build-n1", "build-n1-unshared/build-n1",
+                                 "build-n1/build-n1-int8"}
     for key in ("median_seconds", "ratio", "median_cpu_seconds", "examples_per_second", "speedup"):
         assert _positive(res[key]), key
     step = res["steps"]["n1"]
     assert step["prefix_start"] == 1 and step["examples_per_step"] > 0
     assert step["max_abs_loss_diff"] < 1e-4  # the cached forward scores the same loss as the full one
     assert res["peak_rss_mib"] == {} and res["cache_payload_mib"] is None
+
+
+def test_bench_prefix_cache_build_only_reports_float32_vs_int8(tmp_path, capsys):
+    """fp32 vs int8 build side by side: rates, the GEMM peaks of the same run, feature differences."""
+    res = _run(tmp_path, "--build-only", "--build-examples", "8")
+    assert set(res["median_seconds"]) == {"build-n1", "build-n1-int8"} and res["setup"]["build_only"]
+    r = res["int8"]
+    assert r["build_rate_ratio"] == pytest.approx(res["median_seconds"]["build-n1"] / res["median_seconds"]["build-n1-int8"])
+    for key in ("tokens_per_second", "model_gflops", "peak_gflops", "fraction_of_peak"):
+        assert _positive(r[key]), key
+    assert r["tokens"] >= r["tokens_run"] > 0 and r["examples"] == 8
+    for part in ("final_features", "prefix_states"):  # the tiny random model: close, not equal
+        assert 0.99 <= r[part]["cosine_min"] <= r[part]["cosine_mean"] < 1.0 + 1e-9, r[part]
+        assert 0 < r[part]["max_abs_diff"] < r[part]["max_abs_float32"]
+    out = capsys.readouterr().out
+    assert "int8 / float32 build rate" in out and "of its GEMM peak" in out
 
 
 @pytest.mark.slow

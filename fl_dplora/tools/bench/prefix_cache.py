@@ -13,18 +13,28 @@ Three measurements in one run (timing as in common.py: warm-up, interleaved repe
    the base model (adapters off) over the same examples in the same batches: `forward` (logits at
    every position, as model(...) returns them) and `decoder` (all blocks + final norm, no head);
    `build-nN-unshared` is the build without running the examples' shared tokens once (shared_prefix.py).
+   `build-nN-int8` is the same build with `frozen-dtype = int8` (frozen_int8.py); next to it the
+   fp32 and int8 GEMM peaks measured in the same run (1024^3 matmul / torch._int_mm, best of 5), each
+   build's model FLOP/s (Linear layers + attention scores of the tokens it runs, padding excluded) as
+   a fraction of them, and how far the int8 features are from the fp32 ones: cosine (per example)
+   and max |difference| of the states entering block N and of the final hidden state at each
+   example's first answer position (what the answer logits and the label head read).
+   `--build-only` times just the fp32 and int8 builds (no steps, no forward baselines, no RSS).
 3. memory: peak RSS of the real ClientApp in a fresh process (throughput.client_peak_rss: two DP rounds)
    whose shard is --cache-examples examples, prefix-cache memory vs off, next to the cache's own
    size (prompt+answer tokens x hidden x 4 bytes).
 
 JSON: median_seconds {variant: s}, ratio {"a/b": median a / median b}, examples_per_second,
 speedup {nN: cached/full examples/s}, peak_rss_mib {memory, off} (whole process), peak_round_rss_mib
-(training rounds only), held_rss_mib (after round 1), cache_payload_mib, setup, environment.
+(training rounds only), held_rss_mib (after round 1), cache_payload_mib, int8 {build_rate_ratio,
+tokens_per_second, model_gflops, peak_gflops, fraction_of_peak, final_features, prefix_states, ...},
+setup, environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,8 +108,9 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     return variants, info, reset, state
 
 
-def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int) -> tuple[list[Variant], int, int]:
-    """`build-nN` (compute_prefix) vs `forward` and `decoder` (no grad, adapters off), same batches."""
+def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int, build_only: bool = False):
+    """`build-nN` (compute_prefix) and `build-nN-int8` vs `forward` and `decoder` (no grad, adapters
+    off), same batches. Returns (variants, prefix start, hidden size, model)."""
     import torch
 
     from fl_dplora.data import collate
@@ -119,11 +130,89 @@ def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int) -> tuple[lis
                     module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         return run
 
-    build = Variant(f"build-n{n}", lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH))
+    build = Variant(f"build-n{n}", lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype="float32"))
+    int8 = Variant(f"build-n{n}-int8", lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype="int8"))
+    if build_only:
+        return [build, int8], start, int(model.config.hidden_size), model
     unshared = Variant(f"build-n{n}-unshared",
-                       lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH, share_tokens=False))
-    return ([build, unshared, Variant("forward", plain(model)), Variant("decoder", plain(decoder))], start,
-            int(model.config.hidden_size))
+                       lambda: compute_prefix(model, data, start, batch_size=BUILD_BATCH, share_tokens=False, dtype="float32"))
+    return ([build, int8, unshared, Variant("forward", plain(model)), Variant("decoder", plain(decoder))], start,
+            int(model.config.hidden_size), model)
+
+
+def gemm_peaks(size: int = 1024, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of a size^3 float32 matmul and of torch._int_mm on int8 (the int8 path's kernel), best of reps."""
+    import time
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+    ai = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g)
+    bi = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    flop = 2.0 * size**3
+    return {"float32": flop / best(lambda: a @ b) / 1e9, "int8": flop / best(lambda: torch._int_mm(ai, bi)) / 1e9}
+
+
+def prefix_flop(model, data, start: int) -> tuple[float, int, int]:
+    """(model FLOP of one build, tokens it runs, tokens of the examples): Linear layers of blocks[:start]
+    (2 x in x out per token) plus attention scores and values (4 x position x hidden per token and
+    block), over the tokens the build runs: the shared tokens once, then each example's own (no padding)."""
+    from fl_dplora import shared_prefix
+    from fl_dplora.forward import decoder_blocks
+    from fl_dplora.frozen_int8 import linear_weight
+
+    blocks = decoder_blocks(model)[2]
+    per_token = sum(2 * w.numel() for b in list(blocks)[:start] for m in b.modules()
+                    if (w := linear_weight(m)) is not None)
+    hidden = int(model.config.hidden_size)
+    ids = [e.input_ids for e in data]
+    shared = shared_prefix.common_prefix_length(ids)
+    shared = shared if shared >= shared_prefix.MIN_SHARED_TOKENS else 0
+    positions = list(range(shared)) + [p for seq in ids for p in range(shared, len(seq))]
+    flop = len(positions) * per_token + sum(4.0 * (p + 1) * hidden * start for p in positions)
+    return float(flop), len(positions), sum(len(x) for x in ids)
+
+
+def _cosines(a, b):
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
+    """How far the int8 prefix moves the features: the states entering blocks[start] (each example's
+    [T, H] flattened) and the final hidden state at its first answer position, fp32 vs int8."""
+    from dataclasses import replace
+
+    import torch
+
+    from fl_dplora.forward import compute_prefix
+    from fl_dplora.label_head import first_answer_states
+
+    states = {d: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype=d) for d in ("float32", "int8")}
+    final = {d: first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states[d])],
+                                    pad_id) for d in states}
+    flat = {d: [s.flatten() for s in states[d]] for d in states}
+    prefix_cos = torch.stack([_cosines(a, b) for a, b in zip(flat["float32"], flat["int8"])])
+    final_cos = _cosines(final["float32"], final["int8"])
+
+    def block(cos, a, b) -> dict[str, float]:
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                "max_abs_diff": float((a - b).abs().max()), "max_abs_float32": float(a.abs().max())}
+
+    return {"examples": len(data), "final_features": block(final_cos, final["float32"], final["int8"]),
+            "prefix_states": block(prefix_cos, torch.cat(flat["float32"]), torch.cat(flat["int8"]))}
 
 
 def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
@@ -140,7 +229,8 @@ def main(args: argparse.Namespace) -> int:
     quiet_transformers()
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
-    from fl_dplora.forward import clear_memory_cache
+    from fl_dplora.forward import clear_memory_cache, compute_prefix
+    from fl_dplora.frozen_int8 import matmul_path
     from fl_dplora.models import load_tokenizer
 
     apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
@@ -166,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
     med, med_cpu, samples, ratio, info = {}, {}, {}, {}, {}
     eps: dict[str, float] = {}
     try:
-        for n in layers:
+        for n in ([] if args.build_only else layers):
             variants, info[f"n{n}"], restore, state = _step_pair(resolve({**base, "lora-layers": n}), data[:shard_n], tok.pad_token_id, n)
             try:
                 times = time_interleaved(variants, reps, warmup)
@@ -179,29 +269,51 @@ def main(args: argparse.Namespace) -> int:
                 eps[v.name] = info[f"n{n}"]["examples_per_step"] / med[v.name]
             ratio.update(ratios(med, [(f"full-n{n}", f"cached-n{n}")]))
         n = layers[0]
-        build_vars, start, hidden = _build_variants(resolve({**base, "lora-layers": n}), data[:build_n], tok.pad_token_id, n)
+        build_vars, start, hidden, build_model = _build_variants(resolve({**base, "lora-layers": n}), data[:build_n],
+                                                                 tok.pad_token_id, n, args.build_only)
+        t0 = time.perf_counter()
+        compute_prefix(build_model, data[:1], start, dtype="int8")  # the int8 copies are made once per process
+        quantize_s = time.perf_counter() - t0
         times = time_interleaved(build_vars, reps, warmup)
         for v in build_vars:
             med[v.name], med_cpu[v.name] = median(times["wall"][v.name]), median(times["cpu"][v.name])
             samples[v.name], eps[v.name] = times["wall"][v.name], build_n / med[v.name]
-        ratio.update(ratios(med, [("forward", f"build-n{n}"), ("decoder", f"build-n{n}"),
-                                   (f"build-n{n}-unshared", f"build-n{n}")]))
+        pairs = [(f"build-n{n}", f"build-n{n}-int8")]
+        if not args.build_only:
+            pairs += [("forward", f"build-n{n}"), ("decoder", f"build-n{n}"), (f"build-n{n}-unshared", f"build-n{n}")]
+        ratio.update(ratios(med, pairs))
+        peaks = gemm_peaks(256 if args.quick else 1024)
+        flop, run_tokens, tokens = prefix_flop(build_model, data[:build_n], start)
+        int8 = int8_features(build_model, data[:build_n], start, tok.pad_token_id)
     finally:
         clear_memory_cache()
-    speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in layers}
-    print(format_table([[f"{n}", f"{info[f'n{n}']['prefix_start']}", f"{info[f'n{n}']['examples_per_step']}",
+    gflops = {d: flop / med[f"build-n{n}{sfx}"] / 1e9 for d, sfx in (("float32", ""), ("int8", "-int8"))}
+    int8.update({
+        "build_rate_ratio": ratio[f"build-n{n}/build-n{n}-int8"], "quantize_seconds": quantize_s,
+        "tokens": tokens, "tokens_run": run_tokens, "model_gflop": flop / 1e9,
+        "tokens_per_second": {d: tokens / med[f"build-n{n}{sfx}"] for d, sfx in (("float32", ""), ("int8", "-int8"))},
+        "model_gflops": gflops, "peak_gflops": peaks,
+        "fraction_of_peak": {"float32": gflops["float32"] / peaks["float32"], "int8": gflops["int8"] / peaks["int8"],
+                             "int8_of_float32_peak": gflops["int8"] / peaks["float32"]},
+        "kernel": f"{matmul_path()}: int8 weights per output channel x int8 activations per token"})
+    steps_run = [] if args.build_only else layers
+    speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in steps_run}
+    n = layers[0]
+    if steps_run:
+        print(format_table([[f"{n}", f"{info[f'n{n}']['prefix_start']}", f"{info[f'n{n}']['examples_per_step']}",
                    f"{eps[f'full-n{n}']:.2f}", f"{eps[f'cached-n{n}']:.2f}", f"{speedup[f'n{n}']:.2f}x",
                    f"{med_cpu[f'full-n{n}'] / med_cpu[f'cached-n{n}']:.2f}x", f"{info[f'n{n}']['max_abs_loss_diff']:.1e}"]
-                  for n in layers],
+                  for n in steps_run],
                  ["lora-layers N", "cached from block", "examples/step", "full ex/s", "cached ex/s",
                   "cached/full", "(CPU)", "max |loss diff|"]))
     print(f"\ncache build at N={n} (blocks 0..{start - 1}) vs plain no-grad forwards, {build_n} examples in batches of {BUILD_BATCH}")
     print(format_table([[v.name, f"{med[v.name]:.3f}", f"{eps[v.name]:.1f}", f"{med[v.name] / med[f'build-n{n}']:.2f}"]
                   for v in build_vars], ["variant", "median s", "examples/s", "s / build s"]))
+    _print_int8(int8, n, start)
     busy_note(env)
     rss: dict[str, Any] = {}
     payload = None
-    if not args.no_rss:
+    if not args.no_rss and not args.build_only:
         over = {**base, "lora-layers": n, "max-train-samples": cache_n}
         payload = _cache_payload_mib(resolve(over), hidden)
         for mode in ("memory", "off"):  # one client process each: its shard is the whole capped pool
@@ -224,14 +336,33 @@ def main(args: argparse.Namespace) -> int:
         "peak_round_rss_mib": {m: max(r["peak_rss_round1_kb"], r["peak_rss_round2_kb"]) / 1024
                                for m, r in rss.items() if r["hwm_reset_round1"] and r["hwm_reset_round2"]},
         "held_rss_mib": {m: r["rss_before_round2_kb"] / 1024 for m, r in rss.items()},
-        "cache_payload_mib": payload, "client_process": rss,
+        "cache_payload_mib": payload, "client_process": rss, "int8": int8,
         "setup": {"model": model_name, "task": args.task, "lora_rank": args.rank, "lora_targets": args.targets,
                   "lora_variant": cfg["lora-variant"], "layers": layers, "batch_size": batch, "shard": shard_n,
                   "max_seq_len": seq, "system_prompt": args.system_prompt, "noise_multiplier": 1.0,
-                  "build_examples": build_n, "build_layers": n, "cache_examples": cache_n, "reps": reps, "warmup": warmup},
+                  "build_examples": build_n, "build_layers": n, "cache_examples": cache_n, "reps": reps, "warmup": warmup,
+                  "build_only": bool(args.build_only)},
         "environment": env,
     }
     return write_result(result, args)
+
+
+def _print_int8(r: dict[str, Any], n: int, start: int) -> None:
+    print(f"\nfrozen prefix (blocks 0..{start - 1}) float32 vs int8: {r['tokens']} tokens "
+          f"({r['tokens_run']} run: shared tokens once), {r['model_gflop']:.1f} GFLOP per build; "
+          f"GEMM peak here {r['peak_gflops']['float32']:.0f} GFLOP/s fp32, {r['peak_gflops']['int8']:.0f} GOP/s int8")
+    rows = []
+    for d, sfx in (("float32", ""), ("int8", "-int8")):
+        rows.append([d, f"{r['tokens_per_second'][d]:.0f}", f"{r['model_gflops'][d]:.1f}",
+                     f"{100 * r['fraction_of_peak'][d]:.0f} %"])
+    print(format_table(rows, ["frozen-dtype", "tokens/s", "model GFLOP/s", "of its GEMM peak"]))
+    f, p = r["final_features"], r["prefix_states"]
+    print(f"int8 / float32 build rate: {r['build_rate_ratio']:.2f}x (int8 copies made in {r['quantize_seconds']:.2f} s, once; "
+          f"{r['kernel']})")
+    print(f"final features ({r['examples']} examples, first answer position): cosine mean {f['cosine_mean']:.5f} "
+          f"min {f['cosine_min']:.5f}, max |diff| {f['max_abs_diff']:.3g} (max |fp32| {f['max_abs_float32']:.3g})")
+    print(f"states entering block {start}: cosine mean {p['cosine_mean']:.5f} min {p['cosine_min']:.5f}, "
+          f"max |diff| {p['max_abs_diff']:.3g} (max |fp32| {p['max_abs_float32']:.3g})")
 
 
 def add_parser(bs) -> None:
@@ -246,5 +377,7 @@ def add_parser(bs) -> None:
     p.add_argument("--system-prompt", default="", help="run-config system-prompt (default: none)")
     p.add_argument("--variant", default=None, choices=("lora", "ffa"), help="lora-variant (default: the run config's)")
     p.add_argument("--no-rss", action="store_true", help="skip the client-process memory measurement")
+    p.add_argument("--build-only", action="store_true",
+                   help="only the float32 vs int8 prefix build (rates, GEMM peaks, feature differences)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per client process")
     p.set_defaults(func=main)

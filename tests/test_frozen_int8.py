@@ -1,0 +1,238 @@
+"""`frozen-dtype = "int8"` (frozen_int8.py): the frozen prefix with int8 weights and per-token int8
+activations.
+
+What must hold: the int8 features stay close to the float32 ones; an example's int8 state depends on
+that example alone (not on its batch, its padding or the shared-token shortcut: DP-SGD's per-example
+clipping relies on it); prefix-cache off computes what the cache computes; the server and the
+clients both compute the prefix in the run's frozen dtype; the key runs end to end through
+`fl-dplora simulate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from harness import run_in_process
+from test_prefix_cache import build, examples, isolated, pad_id  # noqa: F401 - fixture re-used
+
+from fl_dplora import forward
+from fl_dplora.config import ConfigError, resolve
+from fl_dplora.data import collate
+from fl_dplora.forward import attach_prefix, compute_prefix, frozen_dtype, per_example_loss, prefix_start, set_frozen_dtype
+from fl_dplora.frozen_int8 import Int8Linear, int8_copy
+from fl_dplora.label_head import first_answer_states
+
+TINY = ("llama", "gpt2")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+# ------------------------------------------------------------------ the layer
+def test_int8_linear_is_close_to_the_float_layer_and_each_row_is_its_own():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=g))
+    q = Int8Linear(lin)
+    x = torch.randn(3, 7, 64, generator=g)
+    x[0, 0] *= 50  # one token with a large scale: per-tensor scaling would coarsen every other row
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert (_cos(out.flatten(0, 1), ref.flatten(0, 1)) > 0.9995).all()
+        # a row's result is the same whatever else is in the batch (int32 accumulation is exact)
+        alone = torch.stack([q(x[i, j][None])[0] for i in range(3) for j in range(7)]).view_as(out)
+        assert torch.equal(alone, out)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        for name, out in (("q_proj", 48), ("k_proj", 16), ("v_proj", 16), ("o_proj", 32)):
+            setattr(self, name, torch.nn.Linear(32, out, bias=name == "k_proj"))
+            with torch.no_grad():
+                getattr(self, name).weight.copy_(torch.randn(out, 32, generator=g))
+
+    def forward(self, x):
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x), self.o_proj(x)], dim=-1)
+
+
+def test_layers_reading_one_input_run_as_one_matmul_with_the_same_numbers(monkeypatch):
+    from fl_dplora import frozen_int8
+
+    module = _Attention()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    fused = int8_copy(module)
+    assert fused.q_proj.fused is fused.k_proj.fused is fused.v_proj.fused is not fused.o_proj.fused
+    monkeypatch.setattr(frozen_int8, "FUSED_GROUPS", ())
+    alone = int8_copy(module)
+    assert alone.q_proj.fused is not alone.k_proj.fused
+    with torch.no_grad():
+        assert torch.equal(fused(x), alone(x))
+        assert float(_cos(fused(x).flatten(), module(x).flatten())) > 0.999
+
+
+def test_smoothing_factors_are_powers_of_two_and_keep_the_products():
+    from fl_dplora.frozen_int8 import _Fused, smoothing
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(32, 24, bias=False)
+    x = torch.randn(40, 32, generator=g)
+    x[:, 5] *= 40  # an outlier channel, as LLM activations have
+    s = smoothing(x.abs().amax(0), [lin.weight.detach()], 0.5)
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)
+    torch.testing.assert_close((x / s) @ (lin.weight.detach() * s).t(), lin(x).detach(), atol=1e-4, rtol=1e-4)
+    plain, smooth = _Fused([lin]), _Fused([lin], x.abs().amax(0))
+    with torch.no_grad():
+        ref = lin(x)
+        err = {name: float((f.output(x, 0) - ref).norm() / ref.norm()) for name, f in (("plain", plain), ("smooth", smooth))}
+    assert err["smooth"] < err["plain"], err  # the outlier channel no longer sets every token's int8 step
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_calibration_reads_fixed_public_tokens_only(which):
+    from fl_dplora.frozen_int8 import calibrate
+
+    _, model, _ = build(which)
+    decoder, _, blocks = forward.decoder_blocks(model)
+    first, again = calibrate(decoder, blocks, 1), calibrate(decoder, blocks, 1)
+    assert first and set(first) == set(again)
+    assert all(torch.equal(first[m], again[m]) and (first[m] > 0).all() for m in first)
+    assert all(any(m is x for x in blocks[0].modules()) for m in first)  # only the prefix's layers
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_int8_copy_swaps_every_linear_and_shares_the_other_tensors(which):
+    _, model, _ = build(which)
+    block = forward.decoder_blocks(model)[2][0]
+    twin = int8_copy(block)
+    assert not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
+    assert sum(isinstance(m, Int8Linear) for m in twin.modules()) >= 4
+    originals = {id(t) for t in block.parameters()}
+    assert {id(t) for t in twin.parameters()} <= originals  # norms etc. are the original tensors, not copies
+
+
+# ------------------------------------------------------------------ the features
+@pytest.mark.parametrize("which", TINY)
+def test_int8_features_are_close_to_float32(which):
+    """Cosine >= 0.99 on the tiny random models (hidden size 64: their random weights have no
+    outlier channels, so per-token int8 loses little; SmolLM2's numbers are in docs/performance.md)."""
+    _, model, _ = build(which)
+    start = prefix_start(model)
+    enc = examples(10)
+    states = {d: compute_prefix(model, enc, start, dtype=d) for d in ("float32", "int8")}
+    for a, b in zip(states["float32"], states["int8"]):
+        assert not torch.equal(a, b)  # int8 did run
+        assert float(_cos(a.flatten(), b.flatten())) >= 0.99
+    final = {d: first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(enc, states[d])],
+                                    pad_id()) for d in states}
+    assert (_cos(final["float32"], final["int8"]) >= 0.99).all()
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_an_examples_int8_state_does_not_depend_on_its_batch(which):
+    """Alone, batched with others (padding) or through the shared-token shortcut: the same state up to
+    float rounding. With one activation scale per tensor it would move with its batch companions."""
+    _, model, _ = build(which)
+    start = prefix_start(model)
+    enc = examples(10)
+    batched = compute_prefix(model, enc, start, batch_size=16, dtype="int8")
+    alone = [compute_prefix(model, [e], start, batch_size=1, share_tokens=False, dtype="int8")[0] for e in enc]
+    shuffled = compute_prefix(model, enc[::-1][:5] + examples(5, offset=300), start, batch_size=4, dtype="int8")
+    for a, b in [*zip(batched, alone), *zip(batched[::-1][:5], shuffled[:5])]:
+        _same_up_to_rounding(a, b)
+
+
+def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Float rounding in attention can, rarely, move an activation across an int8 rounding boundary:
+    one element one step off. A scale shared with the batch would move every element of the state."""
+    diff, scale = (a - b).abs(), a.abs().max()
+    assert float(diff.mean()) <= 1e-5 * float(scale), float(diff.mean() / scale)
+    assert float(diff.max()) <= 2e-2 * float(scale), float(diff.max() / scale)
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_prefix_cache_off_computes_what_the_int8_cache_computes(which):
+    _, model, _ = build(which)
+    set_frozen_dtype(model, "int8")
+    enc = examples(6)
+    with torch.no_grad():
+        cached = per_example_loss(model, collate(attach_prefix(model, enc, "memory"), pad_id()))
+        off = per_example_loss(model, collate(attach_prefix(model, enc, "off"), pad_id()))
+        set_frozen_dtype(model, "float32")
+        fp32 = per_example_loss(model, collate(attach_prefix(model, enc, "off"), pad_id()))
+    torch.testing.assert_close(off, cached, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(off, fp32)  # the off path did run the prefix in int8
+
+
+def test_int8_and_float32_states_are_cached_apart(monkeypatch):
+    _, model, _ = build("llama")
+    enc = examples(4)
+    calls: list[str] = []
+    original = forward.compute_prefix
+    monkeypatch.setattr(forward, "compute_prefix", lambda *a, **k: calls.append(k["dtype"]) or original(*a, **k))
+    for dtype in ("float32", "int8", "float32", "int8"):
+        set_frozen_dtype(model, dtype)
+        attach_prefix(model, enc, "memory")
+    assert calls == ["float32", "int8"]
+
+
+# ------------------------------------------------------------------ the run config
+def test_frozen_dtype_key_and_its_checks():
+    assert resolve()["frozen-dtype"] == "float32"
+    assert resolve({"frozen-dtype": "int8"})["frozen-dtype"] == "int8"
+    with pytest.raises(ConfigError, match=r"^frozen-dtype: unknown value 'int4'"):
+        resolve({"frozen-dtype": "int4"})
+    with pytest.raises(ConfigError, match=r"^frozen-dtype: int8 runs the frozen blocks below the LoRA layers"):
+        resolve({"frozen-dtype": "int8", "lora-layers": 0})
+
+
+def test_get_peft_model_sets_the_runs_frozen_dtype():
+    from fl_dplora.models import get_peft_model
+
+    cfg = resolve({"model": "tiny-random-llama", "lora-layers": 1})
+    assert frozen_dtype(get_peft_model({**cfg, "frozen-dtype": "int8"})) == "int8"
+    assert frozen_dtype(get_peft_model(cfg)) == "float32"  # the same cached model follows the config
+
+
+@pytest.mark.slow
+def test_server_and_clients_compute_the_prefix_in_the_runs_frozen_dtype(tmp_path, monkeypatch):
+    """In-process run (real ServerApp loop and ClientApp code): every prefix build, on the server (its
+    evaluation features) and on the clients (their training cache), runs in int8."""
+    seen: list[tuple[str, str]] = []
+    original = forward.compute_prefix
+
+    def spy(model, encoded, start, *args, **kwargs):
+        files = [f.filename for f in inspect.stack(0)[1:12]]
+        side = "client" if any("clients" in f for f in files) else "server" if any("server_app" in f or "evaluate" in f
+                                                                                  for f in files) else "?"
+        seen.append((side, kwargs.get("dtype") or frozen_dtype(model)))
+        return original(model, encoded, start, *args, **kwargs)
+
+    monkeypatch.setattr(forward, "compute_prefix", spy)
+    summary, _ = run_in_process(2, output_dir=tmp_path / "run", **{
+        "model": "tiny-random-llama", "task": "fin-sentiment", "lora-layers": 1, "frozen-dtype": "int8",
+        "prefix-cache": "memory", "num-server-rounds": 1, "dp-mode": "sample", "label-head": False})
+    assert summary["rounds"] == 1 and summary["config"]["frozen-dtype"] == "int8"
+    assert {side for side, _ in seen} >= {"client", "server"}, seen
+    assert {dtype for _, dtype in seen} == {"int8"}, seen
+
+
+@pytest.mark.slow
+def test_frozen_dtype_int8_runs_end_to_end_through_simulate(cli, tmp_path):
+    out = tmp_path / "int8"
+    res = cli(["simulate", "--num-clients", "2", "--num-cpus", "1", "--output-dir", str(out), "--run-config",
+               "model=tiny-random-llama task=fin-sentiment label-head=false frozen-dtype=int8 lora-layers=1 "
+               "dp-mode=sample num-server-rounds=1 local-steps=1 batch-size=8 micro-batch-size=4 "
+               "max-train-samples=40 max-eval-samples=8 max-seq-len=48"], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["config"]["frozen-dtype"] == "int8"
+    assert torch.isfinite(torch.tensor(summary["final_eval"]["loss"])) and summary["privacy"]["epsilon"] > 0
