@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fl_dplora"
 WINGS = ("fl_dplora.tools", "fl_dplora.testing")  # not the runtime: may import it, never imported by it
 # the front door that dispatches to the tools (`fl-dplora bench`, `experiment`, `audit`)
-FRONT_DOORS = {"fl_dplora.cli"}
+FRONT_DOORS = {"fl_dplora.cli.tools"}
 
 
 def _modules() -> dict[str, Path]:
