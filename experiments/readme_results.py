@@ -3,7 +3,7 @@
     python experiments/readme_results.py
 
 - docs/results.md, between the results markers: the tables of the committed results.json files;
-- README.md, between the config markers: the run-config table of the schema
+- docs/configuration.md, between the config markers: the run-config table of the schema
   (`fl_dplora.config.describe_keys(markdown=True)`, the same as `fl-dplora config --markdown`).
 """
 
@@ -20,6 +20,7 @@ from fl_dplora.config import describe_keys  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CONFIG_BEGIN, CONFIG_END = "<!-- config:begin -->", "<!-- config:end -->"
+CONFIG_PAGE = Path("docs") / "configuration.md"  # where the run-config table lives, relative to ROOT
 RESULTS_PAGE = Path("docs") / "results.md"  # where the results block lives, relative to ROOT
 LINK_PREFIX = "../"  # from docs/results.md back to the repository root
 ORDER = ["data-to-text", "dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
@@ -73,7 +74,7 @@ def replace(path: Path, begin: str, end: str, content: str) -> None:
 
 def main() -> None:
     replace(ROOT / RESULTS_PAGE, BEGIN, END, block())
-    replace(ROOT / "README.md", CONFIG_BEGIN, CONFIG_END, config_block())
+    replace(ROOT / CONFIG_PAGE, CONFIG_BEGIN, CONFIG_END, config_block())
 
 
 if __name__ == "__main__":
