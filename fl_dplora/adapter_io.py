@@ -78,8 +78,8 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
     from peft import PeftModel
 
     from fl_dplora import label_head
-    from fl_dplora.forward import label_first_tokens, set_frozen_dtype
-    from fl_dplora.models import device_for_training, load_base_model, tokenizer_for
+    from fl_dplora.forward import label_first_tokens
+    from fl_dplora.models import device_for_training, load_base_model, record_frozen_dtype, tokenizer_for
 
     base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
     try:
@@ -90,7 +90,7 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
             raise ConfigError(wrong) from None
         raise ConfigError(f"adapter: {folder} does not fit model {cfg['model']} "
                           f"({str(exc).strip().splitlines()[0][:200]}); pass the model it was trained on") from None
-    set_frozen_dtype(model, str(cfg.get("frozen-dtype", "float32")))  # the prefix computes as in training
+    record_frozen_dtype(model, cfg)  # the prefix computes as in training
     head = label_head.load(model, Path(folder))
     if head is not None and head.token_ids.tolist() != label_first_tokens(tokenizer_for(cfg), task.label_words):
         raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")

@@ -148,9 +148,8 @@ def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     _, decoder, _ = decoder_and_head(model)
     if decoder is None:
         raise ValueError("this model's decoder blocks cannot be found (needed for the prefix cache and label-head)")
-    if "prefix_hidden" not in batch and frozen_dtype(model) != "float32" and prefix_start(model):
+    if "prefix_hidden" not in batch and frozen_dtype(model) != "float32" and (start := prefix_start(model)):
         # prefix-cache off: the frozen prefix still computes in the frozen dtype, now, as the cache would
-        start = prefix_start(model)
         batch = {**batch, "prefix_start": start,
                  "prefix_hidden": prefix_states(model, batch["input_ids"], batch["attention_mask"], start)}
     if "prefix_hidden" in batch:
@@ -354,10 +353,11 @@ def _prefix_in(model: nn.Module, start: int, dtype: str):
         frozen_int8.release(copies)
 
 
-@torch.no_grad()
-def prefix_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-                  dtype: str | None = None) -> torch.Tensor:
-    """The state entering blocks[start] for one batch [B, T, H] (no grad, eval mode), in the frozen dtype."""
+@contextmanager
+def _capturing_prefix(model: nn.Module, start: int, dtype: str | None):
+    """(decoder, capture) with capture(ids, mask) returning the state entering blocks[start]: eval mode
+    (a deterministic function of the example: no dropout) and blocks[:start] in the frozen dtype for
+    the duration; the model is left as it was."""
     decoder, _, blocks = decoder_blocks(model)
     grab, capture = _capturing(decoder)
     was_training = model.training
@@ -365,10 +365,18 @@ def prefix_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with _prefix_in(model, start, dtype or frozen_dtype(model)):
-            return capture(input_ids, attention_mask)
+            yield decoder, capture
     finally:
         handle.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def prefix_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                  dtype: str | None = None) -> torch.Tensor:
+    """The state entering blocks[start] for one batch [B, T, H] (no grad, eval mode), in the frozen dtype."""
+    with _capturing_prefix(model, start, dtype) as (_, capture):
+        return capture(input_ids, attention_mask)
 
 
 @torch.no_grad()
@@ -383,30 +391,21 @@ def compute_prefix(model: nn.Module, encoded: Sequence[Encoded], start: int, bat
     """
     from tqdm.auto import tqdm
 
-    decoder, _, blocks = decoder_blocks(model)
-    grab, capture = _capturing(decoder)
-    device = next(iter(decoder.parameters())).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     out: list[torch.Tensor | None] = [None] * len(encoded)
-    was_training = model.training
-    model.eval()  # a deterministic function of the example: no dropout
-    handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with _prefix_in(model, start, dtype or frozen_dtype(model)):
-            shared = None
-            for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
-                          disable=not progress):
-                idx = order[s : s + batch_size]
-                batch = collate([encoded[i] for i in idx], 0)
-                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                if s == 0 and share_tokens:  # tokens every example shares (chat header, instruction) run once: shared_prefix.py
-                    shared = shared_prefix.build(decoder, capture, [e.input_ids for e in encoded], device, (ids, mask))
-                hidden = (shared.run(capture, ids, mask) if shared is not None else capture(ids, mask)).float().cpu()
-                for j, i in enumerate(idx):
-                    out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
-    finally:
-        handle.remove()
-        model.train(was_training)
+    with _capturing_prefix(model, start, dtype) as (decoder, capture):
+        device = next(iter(decoder.parameters())).device
+        shared = None
+        for s in tqdm(range(0, len(order), batch_size), desc="prefix cache", unit="batch", leave=False,
+                      disable=not progress):
+            idx = order[s : s + batch_size]
+            batch = collate([encoded[i] for i in idx], 0)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if s == 0 and share_tokens:  # tokens every example shares (chat header, instruction) run once: shared_prefix.py
+                shared = shared_prefix.build(decoder, capture, [e.input_ids for e in encoded], device, (ids, mask))
+            hidden = (shared.run(capture, ids, mask) if shared is not None else capture(ids, mask)).float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = hidden[j, : len(encoded[i].input_ids)].clone()
     return out  # type: ignore[return-value]
 
 

@@ -273,7 +273,7 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     device = device or device_for_training()
     key = lora_key(cfg, device)
     if _CACHE["key"] == key:
-        _set_frozen_dtype(_CACHE["peft"], cfg)
+        record_frozen_dtype(_CACHE["peft"], cfg)
         return _CACHE["peft"]
     base_id = _base_key(cfg, device)
     if _CACHE["peft"] is not None and _CACHE["base_id"] == base_id:
@@ -325,11 +325,11 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
                 param.requires_grad_(False)
     _CACHE.update(key=key, peft=peft_model,
                   init={n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n})
-    _set_frozen_dtype(peft_model, cfg)
+    record_frozen_dtype(peft_model, cfg)
     return peft_model
 
 
-def _set_frozen_dtype(model, cfg: Mapping[str, Any]) -> None:
+def record_frozen_dtype(model, cfg: Mapping[str, Any]) -> None:
     """frozen-dtype on the model: every prefix computation of this process (clients' cache build,
     server's evaluation features) reads it there (forward.frozen_dtype)."""
     from fl_dplora.forward import set_frozen_dtype

@@ -142,8 +142,6 @@ def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int, build_only: 
 
 def gemm_peaks(size: int = 1024, reps: int = 5) -> dict[str, float]:
     """GFLOP/s of a size^3 float32 matmul and of torch._int_mm on int8 (the int8 path's kernel), best of reps."""
-    import time
-
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -151,14 +149,8 @@ def gemm_peaks(size: int = 1024, reps: int = 5) -> dict[str, float]:
     ai = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g)
     bi = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=g)
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def best(fn) -> float:  # a peak: the fastest repetition, not the median
+        return min(time_interleaved([Variant("gemm", fn)], reps, warmup=1)["wall"]["gemm"])
 
     flop = 2.0 * size**3
     return {"float32": flop / best(lambda: a @ b) / 1e9, "int8": flop / best(lambda: torch._int_mm(ai, bi)) / 1e9}
