@@ -38,7 +38,7 @@ demo: install
 	@echo "fl-dplora demo: run, metrics.png and the exported adapter with its model card in $(DEMO); next: make run"
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"

@@ -17,8 +17,24 @@ TINY = ("model=tiny-random-llama task=fin-sentiment local-steps=1 batch-size=8 m
         "max-train-samples=40 max-eval-samples=8 max-seq-len=48 num-server-rounds=200 eval-every=1")
 
 
+def _group_members(pgid: int) -> list[int]:
+    import psutil
+
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
 @pytest.mark.slow
-def test_sigint_stops_simulate_cleanly_keeping_what_was_written(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["pid", "terminal-group"])
+def test_sigint_stops_simulate_cleanly_keeping_what_was_written(tmp_path, to_group):
+    # pid: `kill -INT`; terminal-group: what Ctrl-C in a terminal sends (the whole foreground group,
+    # Ray's workers included)
     out = tmp_path / "run"
     proc = subprocess.Popen([str(FL_DPLORA), "simulate", "--num-clients", "2", "--output-dir", str(out),
                              "--run-config", TINY], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -31,10 +47,21 @@ def test_sigint_stops_simulate_cleanly_keeping_what_was_written(tmp_path):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the command
+        if to_group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         t0 = time.time()
         stdout, stderr = proc.communicate(timeout=90)
         assert time.time() - t0 < 60
+        # Ray's local processes go with the driver (fate-sharing): nothing of the run is left behind
+        left = _group_members(proc.pid)
+        for _ in range(40):
+            if not left:
+                break
+            time.sleep(0.5)
+            left = _group_members(proc.pid)
+        assert not left, f"processes left behind: {left}"
     finally:
         kill_tree(proc.pid, group=True)
     assert proc.returncode == 130, stderr[-3000:]

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,35 +122,67 @@ def _exit_on_interrupt(out_dir: Path, rounds: int):
     The ServerApp runs in a thread of Flower's engine that a KeyboardInterrupt never reaches: it
     would wait for the round's replies (round-timeout) and keep the process alive. Everything the
     run wrote stays (metrics.jsonl, the last checkpoint, the write-ahead log, each written with a
-    rename or an append), so `--resume DIR` continues it. Ray is shut down first (bounded)."""
+    rename or an append), so `--resume DIR` continues it. Ray is not shut down here: Flower's
+    worker threads keep calling Ray, and a call after `ray.shutdown()` makes Ray's core worker exit
+    the process with status 1 from C++ (seen in CI), so the exit code would depend on a race.
+    Ray's raylet and GCS share the driver's fate, but its dashboard and runtime-env agents were
+    seen to outlive it (> 25 s): a forked child waits for this process to exit, then kills every
+    descendant it had."""
     import signal
-    import threading
 
     def stop(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
         metrics = out_dir / "metrics.jsonl"
         done = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
         resumable = (out_dir / "checkpoint.json").is_file() or (out_dir / "checkpoint.pt").is_file()
-
-        def shutdown_ray() -> None:
-            try:
-                import ray
-
-                if ray.is_initialized():
-                    ray.shutdown()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-
-        t = threading.Thread(target=shutdown_ray, daemon=True)
-        t.start()
-        t.join(timeout=15)
+        _reap_descendants_after_exit()
         sys.stdout.flush()
         print(f"fl-dplora: error: interrupted after {done} of {rounds} rounds; what was written stays in {out_dir}"
               + (f" (fl-dplora simulate --resume {out_dir} continues it)" if resumable else ""),
-              file=sys.stderr, flush=True)  # the last line, after whatever Ray says while it stops
+              file=sys.stderr, flush=True)
         os._exit(130)
 
     return signal.signal(signal.SIGINT, stop)  # the handler before: put back when the run ends
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, from /proc (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = entry.read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "(comm)": state, ppid
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _reap_descendants_after_exit() -> None:
+    """Fork a child that SIGKILLs this process's descendants once this process has exited."""
+    import signal
+
+    parent, victims = os.getpid(), _descendants(os.getpid())
+    if not victims or os.fork() != 0:
+        return
+    try:  # the child: only system calls (the parent has threads); it holds no pipe of the caller's
+        for fd in (0, 1, 2):
+            os.close(fd)
+        deadline = time.monotonic() + 60
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    finally:
+        os._exit(0)
 
 
 def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, num_clients: int | None = None,
