@@ -151,7 +151,7 @@ def test_stage_config_uses_the_head_keys_in_head_rounds_only():
                    "head-local-steps": 7, "local-steps": 3, "batch-size": 16, "micro-batch-size": 8})
     assert (stage_config(cfg, 2, 50)["batch-size"], stage_config(cfg, 2, 50)["local-steps"]) == (50, 7)
     assert (stage_config(cfg, 3, 50)["batch-size"], stage_config(cfg, 3, 50)["local-steps"]) == (16, 3)
-    from fl_dplora.clients.local_update import sample_schedule
+    from fl_dplora.clients.node_privacy import sample_schedule
 
     assert sample_schedule(cfg, 50) == ((1.0, 14), (16 / 50, 3))
     only_head = resolve({**{k: cfg[k] for k in ("task", "loss", "label-head", "head-local-steps")}, "head-rounds": 9, "num-server-rounds": 3})

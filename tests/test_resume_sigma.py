@@ -46,7 +46,7 @@ def test_calibrate_remaining_fits_what_is_charged_and_reaches_the_plan():
 
 
 def test_sample_schedule_from_a_round_counts_the_stages_left():
-    from fl_dplora.clients.local_update import sample_schedule
+    from fl_dplora.clients.node_privacy import sample_schedule
 
     cfg = tiny_config(**{"label-head": True, "loss": "label-words", "head-rounds": 2, "num-server-rounds": 3,
                          "head-batch-size": 0, "head-local-steps": 7, "local-steps": 3, "batch-size": 16})

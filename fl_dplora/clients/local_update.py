@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -21,7 +20,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fl_dplora import label_head, protocol
 from fl_dplora.clients.node_ledger import STATE_KEY as NODE_LEDGER_KEY
 from fl_dplora.clients.node_ledger import NodeLedger
-from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
+from fl_dplora.clients.node_policy import NodePolicy
+from fl_dplora.clients.node_privacy import (
+    client_sigma, compare_instruction_sigma, data_file_epsilon, dp_sample_sigma, enforce, refuse, secagg_setup,
+)
 from fl_dplora.clients.secagg_mod import fitres_reply
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import audit_canaries, client_examples, encode_all, load_local_file, load_task, task_for_node
@@ -29,7 +31,7 @@ from fl_dplora.forward import attach_prefix, label_token_ids
 from fl_dplora.models import (
     adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
 )
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, calibrate_schedule
+from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.privacy.sample_rate import basis as sample_basis
@@ -86,44 +88,6 @@ def _client_seed_parts(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % (2**31)))
 
 
-def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
-    """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client whose public size
-    (sample_rate.basis) is n, if it takes part in every round: head-only rounds, then the LoRA rounds."""
-    rounds = int(cfg["num-server-rounds"])
-    head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
-    stages = []
-    for start, count in ((1, head), (head + 1, rounds - head)):
-        lo = max(start, first)
-        if start + count - lo > 0:
-            st = stage_config(cfg, lo, n)
-            stages.append((min(1.0, int(st["batch-size"]) / n), (start + count - lo) * int(st["local-steps"])))
-    return tuple(stages)
-
-
-def _dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: PrivacyLedger, server_round: int) -> float:
-    # n: the node's public size (sample_rate.basis); ledger.adjacency: the relation it is calibrated for
-    """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
-    node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
-    handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
-    if cfg["noise-multiplier"] > 0:
-        return float(cfg["noise-multiplier"])
-    plan, left = sample_schedule(cfg, n), sample_schedule(cfg, n, server_round)
-    extra = ledger.total_steps - sum(k for _, k in plan) + sum(k for _, k in left)
-    if "sigma" in state and extra <= int(state.get("sigma-extra", 0)):
-        return float(state["sigma"])
-    args = (cfg["target-epsilon"], cfg["delta"])
-    sigma = calibrate_schedule(*args, plan, cfg["accountant"], adjacency=ledger.adjacency)  # worst case for this client: it takes part in every round
-    if extra > 0 and left:
-        at_least = PrivacyLedger(((sigma, q, k) for q, k in plan), ledger.adjacency).epsilon(cfg["delta"], cfg["accountant"])
-        try:
-            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg["accountant"], at_least,
-                                        adjacency=ledger.adjacency)
-        except ConfigError:  # nothing left to spend: the budget check below refuses the round
-            pass
-    state["sigma"], state["sigma-extra"] = sigma, max(0, extra)
-    return sigma
-
-
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg = config_from_message(msg)
@@ -131,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     mode = for_config(cfg)
     policy = NodePolicy.from_node_config(context.node_config)
     log_row = {"run-id": int(context.run_id), "round": server_round, "dp-mode": mode.name, "unit": mode.unit}
-    _enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
+    enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
     task = run_task(cfg, msg, context.node_config)
     card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
     # the node's own rows are read (and checked: columns, labels) before any model is loaded
@@ -190,9 +154,9 @@ def train(msg: Message, context: Context) -> Message:
     node_delta = policy.delta(cfg["delta"])
     this_run = PrivacyLedger()  # what this run will have charged after this attempt, for the data-file check
     if mode.client_level:
-        log_row.update(_compare_instruction_sigma(mode, msg, node_sigma))
+        log_row.update(compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
-        sigma = _dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
+        sigma = dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
         log_row["adjacency"] = sizes.adjacency
         projected = PrivacyLedger.from_record(ledger.to_record())
         projected.step(sigma, q, int(stage["local-steps"]))
@@ -209,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
         charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
         log_row["steps"] = projected.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
-        charge = mode.round_event(_client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row))
+        charge = mode.round_event(client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row))
         rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
         log_row["rounds-charged"] = rounds
         if policy.active:
@@ -229,13 +193,13 @@ def train(msg: Message, context: Context) -> Message:
         charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
     if mode.secure:  # the SecAgg+ round this update goes into is the one the node's noise share is for
         dim = sum(params[k].numel() for k in keys)
-        why = mode.secagg_setup_refusal(_secagg_setup(msg, context), dim, node_sigma)
+        why = mode.secagg_setup_refusal(secagg_setup(msg, context), dim, node_sigma)
         if why:
-            _enforce(policy, log_row, lambda: _refuse(why))
+            enforce(policy, log_row, lambda: refuse(why))
     seen_now = node_ledger.attempt_sigmas(mode.unit, charge[0]) if "epsilon-against-server" in log_row else []
-    data_file = _data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row,
-                                   seen_now)
-    _enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
+    data_file = data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row,
+                                  seen_now)
+    enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
         node_ledger.charge(server_round, mode.unit, *charge,
                            server_sees=bool(mode.client_level and (mode.local_noise or mode.distributed_noise)))
@@ -292,63 +256,6 @@ def gradient_canaries(cfg: Mapping[str, Any], context: Context, trained_keys: li
             for canary in planted["gradients"].get(str(int(context.node_config["partition-id"])), [])]
 
 
-def _secagg_setup(msg: Message, context: Context) -> Mapping[str, Any] | None:
-    """What this node's SecAgg+ mod was set up with for this round (threshold, grid), or None when the
-    train message did not come through the mod (client_app.secagg_when_asked engages it)."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
-
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return None
-    state = context.state.config_records.get(RECORD_KEY_STATE)
-    return dict(state) if state is not None else None
-
-
-def _refuse(why: str) -> None:
-    raise NodeRefusal(f"node policy: {why}")
-
-
-def _data_file_epsilon(policy: NodePolicy, run_id: int, this_run: PrivacyLedger, delta: float, accountant: str,
-                       log_row: dict[str, Any], seen_now: list[float]) -> tuple[float, int] | None:
-    """(ε of every run on this node's data file composed, runs) once this attempt is charged: the other
-    runs' ledgers next to the ε log and this run's events, in one composition (the same records
-    each time); with local or distributed noise in any of them, also every attempt the server saw
-    with the node's own noise alone, composed against the server (the larger is checked). None: no
-    floor, no file ledger or no other run."""
-    prior = policy.prior_runs(run_id) if policy.max_epsilon is not None else None
-    if prior is None or prior[1] == 0:
-        return None
-    ledger, runs, seen = prior
-    adjacency = "replace-one" if "replace-one" in (ledger.adjacency, this_run.adjacency) else "add-remove"
-    total = PrivacyLedger([*ledger.history, *this_run.history], adjacency).epsilon(delta, accountant)
-    log_row.update({"epsilon-data-file": total, "runs-on-data-file": runs + 1})
-    sigmas = [*seen, *seen_now]
-    if sigmas:  # ClientDP.epsilon_against_server's composition: rate 1, σ/2 per attempt
-        against = PrivacyLedger([(s / 2.0, 1.0, 1) for s in sigmas]).epsilon(delta, accountant)
-        log_row["epsilon-against-server-data-file"] = against
-        total = max(total, against)
-    return total, runs + 1
-
-
-def _client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: float, log_row: dict[str, Any]) -> float:
-    """The σ this node charges a client-level attempt at: the run's, or after a rerun attempt in its
-    own ledger, recalibrated from that ledger for the rounds left (the server does so from its own).
-    Local noise keeps the config's σ, the noise the node adds and the server tops up to its own
-    (modes.ClientDP.aggregate): its ε against the server is composed from these charges."""
-    if mode.local_noise:
-        return planned
-    rate = float(mode.cfg["fraction-train"])
-    history = node_ledger.client_history(mode.unit, server_round, planned, rate)
-    if sum(k for *_, k in history) <= server_round - 1:
-        return planned
-    last = [s for _, s, _ in node_ledger.charges(mode.unit)][-1:]
-    again = mode.remaining_noise_multipliers(history, int(mode.cfg["num-server-rounds"]) - server_round + 1,
-                                             last[0] if last else None)
-    if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
-        return planned
-    log_row["sigma-recalibrated"] = again[1]
-    return again[1]
-
-
 def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
     """The ledger the server saved for this node (after a resume): by its Flower node id, else (a
     simulation restarted with new node ids) by its partition label. Only ever adopted if it extends
@@ -359,30 +266,6 @@ def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
     saved = json.loads(str(handed_back))
     return saved.get(str(context.node_id)) or saved.get(f"{protocol.LABEL_KEY_PREFIX}{_client_seed_parts(context)}")
 
-
-def _compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str, Any]:
-    """The node's own σ for its ε log row, and the instruction's σ when it differs: the node never
-    adds the server's σ (a server that sent 0 would receive clipped updates with no noise); a lower
-    one is logged as a warning, on the operator's console and in the node's ε log."""
-    row: dict[str, Any] = {"sigma": node_sigma}
-    instructed = msg.content["config"].get(protocol.SIGMA)
-    if instructed is None or math.isclose(float(instructed), node_sigma, rel_tol=1e-9, abs_tol=1e-12):
-        return row
-    row["instruction-sigma"] = float(instructed)
-    if (mode.local_noise or mode.distributed_noise) and float(instructed) < node_sigma:
-        row["warning"] = (f"the server's instruction asks for noise multiplier {float(instructed):.6g}, below this "
-                          f"node's own {node_sigma:.6g} for the run's config: this node adds its own")
-        log.warning("node policy: %s", row["warning"])
-    return row
-
-
-def _enforce(policy: NodePolicy, log_row: dict[str, Any], check) -> None:
-    """Run one of the node's policy checks; a refusal goes to the node's own log, then to the server."""
-    try:
-        check()
-    except NodeRefusal as exc:
-        policy.record({**log_row, "refused": str(exc)})
-        raise
 
 
 def _label_ids(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:

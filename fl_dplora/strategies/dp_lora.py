@@ -1,7 +1,7 @@
 """The server strategy: sample clients, validate replies, aggregate LoRA updates the dp-mode's way.
 
 Clients send updates (local adapter minus global), so every mode is "global += aggregate(updates)";
-the run's dp-mode object (privacy/modes.py) says how: FedAvg weights, a uniform mean, or (client-level
+the run's dp-mode object (privacy/modes/) says how: FedAvg weights, a uniform mean, or (client-level
 modes) Poisson client sampling, clipping, noise of a fixed variance and a public divisor.
 A reply that fails validation (keys, shapes, dtype, finiteness) is dropped and logged by node id.
 """

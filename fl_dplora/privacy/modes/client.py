@@ -1,11 +1,8 @@
-"""One object per dp-mode: what it protects, against whom, how it calibrates, transforms, aggregates,
-accounts and what it releases (the pattern of Opacus' accountant registry).
+"""dp-mode `client`: client-level DP (DP-FedAvg), with central, local or (under SecAgg+)
+distributed noise.
 
-The ClientApp, the strategy and the ServerApp ask the run's mode (`for_config(cfg)`) instead of
-branching on the `dp-mode` string; a new mode is one new class registered here, plus its tests.
-
-Client-level modes never let the number of clients that took part shape a release (neighbouring
-runs differ by one client): the sum of updates is divided by the public expected count
+A client-level release never lets the number of clients that took part shape it (neighbouring runs
+differ by one client): the sum of updates is divided by the public expected count
 `fraction-train x population`, and its noise has the same variance whatever the number m of good
 replies (central: one draw of σC on the sum; local: each client's σC plus the server's top-up to the
 variance of the full population, so σ²C²·population whatever m).
@@ -15,179 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm
-from fl_dplora.privacy.secagg_quantization import SecAggPlan, plan, refusal_probability, round_to_grid
-
-Update = dict[str, torch.Tensor]
-
-
-class DPMode:
-    name: ClassVar[str] = ""
-    unit: ClassVar[str | None] = None  # the protected unit: "example", "client" or None
-    trusted: ClassVar[str] = ""  # who must be trusted for the stated ε
-    example_level: ClassVar[bool] = False  # clients run DP-SGD and keep per-example ledgers
-    client_level: ClassVar[bool] = False  # the server samples clients (Poisson) and keeps the ledger
-    local_noise: ClassVar[bool] = False  # each client noises its own update before it leaves
-    releases_raw_counts: ClassVar[bool] = False  # replies may carry shard sizes and losses
-
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.cfg = cfg
-        self.c = float(cfg["max-grad-norm"])
-        # secure aggregation (Flower's SecAgg+): the server unmasks only the sum of the round's updates
-        self.secure = bool(cfg.get("secure-aggregation", False))
-        self.distributed_noise = self.secure and cfg.get("client-noise") == "distributed"
-
-    # ------------------------------------------------------------ calibration and accounting
-    def noise_multipliers(self) -> tuple[float, float]:
-        """(σ applied to the noise std σC, σ the accountant sees); client-level modes only."""
-        return 0.0, 0.0
-
-    def round_event(self, accountant_sigma: float) -> tuple[float, float, int] | None:
-        """The server ledger's (σ, q, steps) event for one round, charged before the round is sent."""
-        return None
-
-    # ------------------------------------------------------------ client side
-    def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
-        """What the client sends instead of its raw update (clipped and/or noised)."""
-        return delta
-
-    def reply_weight(self, metrics: Mapping[str, Any]) -> float:
-        return 1.0
-
-    # ------------------------------------------------------------ server side
-    def accept(self, update: Update) -> Update:
-        """The server's transform of one validated reply."""
-        return update
-
-    def reject_reason(self, update: Update, sigma: float) -> str:
-        """Why a well-formed reply cannot come from an honest client of this mode ("" = it can)."""
-        return ""
-
-    def drops_outliers(self) -> bool:
-        """Replies without a bound the server enforces are screened by norm against the round median."""
-        return True
-
-    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], zeros: Update, min_replies: int,
-                  sigma: float, generator: torch.Generator | None) -> Update | None:
-        """The round's step for the global adapter, or None (too few good replies: keep the global)."""
-        if len(updates) < max(1, min_replies):
-            return None
-        total = sum(weights)
-        return {k: sum(w * u[k] for w, u in zip(weights, updates)) / total for k in zeros}
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.name, "unit": self.unit, "trusted": self.trusted}
-
-    def reference_note(self) -> str:
-        return ""
-
-    # ------------------------------------------------------------ secure aggregation
-    def secagg_threshold(self) -> int:
-        """Flower's reconstruction threshold: the fewest surviving clients whose masked updates can
-        be unmasked (and, with distributed noise, the fewest whose noise shares make the full σC')."""
-        if int(self.cfg["secagg-threshold"]) > 0:
-            return int(self.cfg["secagg-threshold"])
-        expected = float(self.cfg["fraction-train"]) * int(self.cfg["population"])
-        return max(2, math.ceil(2 * expected / 3))
-
-    def secagg_needed(self) -> int:
-        """The fewest sampled clients that survive every SecAgg+ stage with which a round is unmasked:
-        the threshold, and `min-available` (the strategy refuses a round below either)."""
-        return max(2, self.secagg_threshold(), int(self.cfg["min-available"]))
-
-    def secagg_refusal_probability(self) -> float:
-        """Per round: P(the other population - 1 clients alone fall short of `secagg_needed`), each
-        sampled with fraction-train and surviving with 1 - secagg-dropout-rate (secagg_quantization)."""
-        return refusal_probability(int(self.cfg["population"]), float(self.cfg["fraction-train"]), self.secagg_needed(),
-                                   float(self.cfg.get("secagg-dropout-rate", 0.0)))
-
-    def secagg_plan(self, dim: int, sigma: float) -> SecAggPlan:
-        """The SecAgg+ grid for updates of `dim` values (secagg_quantization.py), public config only."""
-        return plan(self.c, dim, int(self.cfg["population"]), int(self.cfg["num-server-rounds"]),
-                    sigma if self.distributed_noise else 0.0, self.secagg_threshold())
-
-    def secagg_setup_refusal(self, setup: Mapping[str, Any] | None, dim: int, sigma: float) -> str:
-        """Why a node will not hand its update to this SecAgg+ round ("" = it will), from what its
-        SecAgg+ mod was set up with (`setup`: the mod's state; None: the message did not come through
-        the mod, so the update would leave unmasked). A distributed noise share is σC'/√t for the run's
-        public threshold t: the mod must refuse to take part in unmasking fewer than t clients (else a
-        server that sends a larger t in the config than it runs the protocol with gets a sum with less
-        than σC'), and quantize on the grid this node computes from the run's config."""
-        if not setup or not int(setup.get("threshold", 0)):
-            return "secure-aggregation: this train message does not come through SecAgg+; the update would leave unmasked"
-        t = self.secagg_threshold()
-        if int(setup["threshold"]) < t:
-            return (f"secure-aggregation: the SecAgg+ reconstruction threshold {int(setup['threshold'])} is below the "
-                    f"run's secagg-threshold {t}, which this node's noise share is computed from")
-        grid = self.secagg_plan(dim, sigma)
-        theirs = (float(setup.get("clipping_range", 0.0)), int(setup.get("target_range", 0)), int(setup.get("mod_range", 0)))
-        mine = (grid.clipping_range, grid.quantization_range, grid.modulus_range)
-        if theirs != mine:
-            return (f"secure-aggregation: the SecAgg+ grid (clipping, quantization, modulus) {theirs} is not this "
-                    f"node's {mine} for the run's config")
-        return ""
-
-    def secure_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
-        """What a client hands to SecAgg+: its update clipped to C here (the server never sees it to
-        clip), rounded onto the grid, plus (distributed noise) its share N(0, (σC')²/threshold)."""
-        keys = list(delta)
-        clipped = dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
-        grid = self.secagg_plan(sum(t.numel() for t in clipped.values()), sigma)
-        out = {}
-        for k, t in clipped.items():
-            v = round_to_grid(t, grid.step, generator)
-            if grid.noise_std_per_client > 0:  # rounding the noise separately keeps it independent of the data
-                v = v + round_to_grid(gaussian_like(t.double(), grid.noise_std_per_client, generator), grid.step, generator)
-            out[k] = v
-        return out
-
-    def secagg_describe(self, dim: int, sigma: float, epsilon: float) -> dict[str, Any]:
-        """Public facts of the secure sum for the privacy block: grid, bounds, what δ does not cover."""
-        out: dict[str, Any] = {"threshold": self.secagg_threshold(), "shares": int(self.cfg["secagg-shares"]) or "all sampled",
-                               **self.secagg_plan(dim, sigma).describe()}
-        if self.unit == "client":
-            out["needed"] = self.secagg_needed()
-            out["dropout_rate"] = float(self.cfg.get("secagg-dropout-rate", 0.0))
-            out["refusal_probability_per_round"] = self.secagg_refusal_probability()
-            out["delta_extra"] = self.secagg_delta_extra(sigma, dim, epsilon)
-        return out
-
-    def aggregate_secure_sum(self, total: Update | None, survivors: int, sigma: float, dim: int,
-                             generator: torch.Generator | None) -> Update | None:
-        """The round's step from the unmasked sum of `survivors` updates (None: the round was refused)."""
-        if total is None or survivors < 1:
-            return None
-        return {k: v / survivors for k, v in total.items()}
-
-
-class NoDP(DPMode):
-    """FedAvg weighted by each client's example count; nothing is protected."""
-
-    name = "none"
-    trusted = "everyone (no DP)"
-    releases_raw_counts = True
-
-    def reply_weight(self, metrics: Mapping[str, Any]) -> float:
-        return float(metrics.get("num-examples", 1))
-
-    def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
-        # secure aggregation: a uniform mean of updates clipped to C (the grid needs a bound)
-        return self.secure_update(delta, 0.0, generator) if self.secure else delta
-
-
-class ExampleDP(DPMode):
-    """DP-SGD on each client (per-example clipping, Poisson sampling, noise): every release of a
-    client, its update included, is DP for each of its examples, against the server too. The server
-    averages the replies uniformly (example counts are private)."""
-
-    name = "sample"
-    unit = "example"
-    trusted = "nobody (noise added on each client)"
-    example_level = True
+from fl_dplora.privacy.modes.base import DPMode, Update
 
 
 class ClientDP(DPMode):
@@ -376,48 +206,3 @@ class ClientDP(DPMode):
                      else "each client (+ server top-up)" if self.local_noise else "server sum")
         return {**super().describe(), "population": self.population, "divisor": self.divisor,
                 "noise_placement": placement, "secure_aggregation": self.secure}
-
-
-class PaperDP(ClientDP):
-    """DP-LoRA (Liu et al.): each client clips ΔA and ΔB to C separately and adds N(0, σ²C²) to each
-    before upload. The pair has sensitivity √2·C (C with FFA, where only ΔB travels)."""
-
-    name = "paper"
-
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        super().__init__(cfg)
-        self.local_noise = True
-        self.trusted = "nobody for each update (local DP per client); the server for participation"
-
-    def _sensitivity(self) -> float:
-        return 1.0 if self.cfg["lora-variant"] == "ffa" else math.sqrt(2.0)
-
-    def _clip_norm(self) -> float:
-        return self.c * self._sensitivity()
-
-    def reference_note(self) -> str:
-        from fl_dplora.privacy.accounting import paper_noise_multiplier
-
-        sigma = paper_noise_multiplier(self.cfg["target-epsilon"], self.cfg["delta"])
-        return f"paper's per-step formula (no composition, for reference only): sigma >= {sigma:.3f}"
-
-    def _clip(self, delta: Update) -> Update:
-        out: Update = {}
-        for part in ("lora_A", "lora_B"):
-            keys = [k for k in delta if part in k]
-            if keys:
-                out.update(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
-        if len(out) != len(delta):  # a third part would add to the sensitivity the accountant assumed
-            raise ValueError(f"dp-mode paper: update holds values outside lora_A/lora_B: {sorted(set(delta) - set(out))[:2]}")
-        return out
-
-
-MODES: dict[str, type[DPMode]] = {cls.name: cls for cls in (NoDP, ExampleDP, ClientDP, PaperDP)}
-
-
-def for_config(cfg: Mapping[str, Any]) -> DPMode:
-    return MODES[cfg["dp-mode"]](cfg)
-
-
-def client_level_modes() -> tuple[str, ...]:
-    return tuple(name for name, cls in MODES.items() if cls.client_level)
