@@ -20,7 +20,7 @@ from typing import Any
 
 from fl_dplora.config import ConfigError, resolve_output_dir
 
-# what a run writes into its output dir (checkpoint.py, write_ahead.py, server_app.py)
+# what a run writes into its output dir (checkpoint.py, write_ahead.py, server/)
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.json", "rounds.wal", "operator.jsonl",
              "adapter", "adapters", "metrics.png", "tensorboard")  # the last two: tracking.py
 LEFTOVERS = ("summary.json.tmp", "checkpoint.pt.tmp", "checkpoint.json.tmp", "metrics.tmp.png")  # a crash's half-written files

@@ -18,7 +18,7 @@ return a replacement message; `after(node_id, msg, reply)` may return a replacem
 `grid.exchanges`.
 
 `run_in_process(num_clients, **overrides)` resolves a run config (kebab-case keys, or the same
-names with underscores) and runs `fl_dplora.server_app.run_server` on such a grid:
+names with underscores) and runs `fl_dplora.server.loop.run_server` on such a grid:
 
     summary, out_dir = run_in_process(3, num_server_rounds=2, dp_mode="none")
 
@@ -115,7 +115,7 @@ def run_in_process(
     `defaults` (TINY_DEFAULTS when None; `{}` = pyproject's, as the CLI uses). Pass `grid` to inject
     faults or inspect `grid.exchanges` afterwards. The output dir defaults to a fresh temp dir.
     """
-    from fl_dplora.server_app import run_server
+    from fl_dplora.server.loop import run_server
 
     if output_dir is None:
         output_dir = tempfile.mkdtemp(prefix="fl-dplora-test-")

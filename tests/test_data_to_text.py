@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 from fl_dplora import evaluate as evaluate_module
-from fl_dplora import server_app
+from fl_dplora.server import evaluation as server_evaluation
 from fl_dplora.data import load_local_file, load_task, partition_indices, with_references
 from fl_dplora.evaluate import corpus_bleu, rouge_l, rouge_l_best
 from fl_dplora.task_card import E2E_DEV_MRS
@@ -111,13 +111,13 @@ def test_the_test_part_is_scored_once_after_the_last_round(monkeypatch):
     task = load_task("data-to-text", 42)
     test_prompts = {e.prompt for e in task.test}
     calls = []
-    real = server_app.evaluate
+    real = server_evaluation.evaluate
 
     def spy(model, tokenizer, t, examples, *args, **kwargs):
         calls.append({e.prompt for e in examples})
         return real(model, tokenizer, t, examples, *args, **kwargs)
 
-    monkeypatch.setattr(server_app, "evaluate", spy)  # every round's scoring
+    monkeypatch.setattr(server_evaluation, "evaluate", spy)  # every round's scoring
     monkeypatch.setattr(evaluate_module, "evaluate", spy)  # the test part's (evaluate.score_test_part)
     summary, out = run_in_process(2, num_server_rounds=2, **{k.replace("-", "_"): v for k, v in D2T.items()})
     assert len(calls) == 3  # round 1, round 2, then the test part

@@ -211,7 +211,7 @@ def test_server_and_clients_compute_the_prefix_in_the_runs_frozen_dtype(tmp_path
 
     def spy(model, encoded, start, *args, **kwargs):
         files = [f.filename for f in inspect.stack(0)[1:12]]
-        side = "client" if any("clients" in f for f in files) else "server" if any("server_app" in f or "evaluate" in f
+        side = "client" if any("clients" in f for f in files) else "server" if any("fl_dplora/server/" in f or "evaluate" in f
                                                                                   for f in files) else "?"
         seen.append((side, kwargs.get("dtype") or frozen_dtype(model)))
         return original(model, encoded, start, *args, **kwargs)

@@ -183,7 +183,7 @@ def test_no_statistics_prompt_is_ever_in_the_scored_set(tmp_path, monkeypatch):
     ones and the server encodes no prompt for them."""
     import pandas as pd
 
-    from fl_dplora import server_app
+    from fl_dplora.server import evaluation as server_evaluation
     from fl_dplora.data import DATA_DIR
 
     cfg = resolve({"task": "fin-sentiment", "max-eval-samples": 0})
@@ -199,12 +199,12 @@ def test_no_statistics_prompt_is_ever_in_the_scored_set(tmp_path, monkeypatch):
     assert not {e.prompt for e in head_stat_examples(part)} & {e.prompt for e in eval_examples(part)}
     # the server's setup: nothing scored reaches the statistics
     encoded = []
-    real_encode = server_app.encode_all
-    monkeypatch.setattr(server_app, "encode_all", lambda tok, ex, *a: encoded.extend(ex) or real_encode(tok, ex, *a))
+    real_encode = server_evaluation.encode_all
+    monkeypatch.setattr(server_evaluation, "encode_all", lambda tok, ex, *a: encoded.extend(ex) or real_encode(tok, ex, *a))
     run_cfg, model, *_ = setup()
     run_cfg = {**run_cfg, "max-eval-samples": 0}
     tok = load_tokenizer(run_cfg["model"])
-    stats = server_app._setup_label_head(model, tok, load_task("fin-sentiment"), run_cfg)
+    stats = server_evaluation.setup_label_head(model, tok, load_task("fin-sentiment"), run_cfg)
     assert not {e.prompt for e in encoded} & scored
     mean, scale = label_head.stats_from_config(stats)
     assert torch.equal(mean, torch.zeros(model.config.hidden_size)) and torch.equal(scale, torch.ones_like(mean))

@@ -117,8 +117,8 @@ def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
 
 def test_the_import_graph_is_read():
     """A guard for the tests below: the walk sees the package and its known edges."""
-    assert "fl_dplora.server_app" in GRAPH and "fl_dplora.tools.bench.cli" in GRAPH
-    assert "fl_dplora.protocol" in GRAPH["fl_dplora.server_app"]
+    assert "fl_dplora.server.loop" in GRAPH and "fl_dplora.tools.bench.cli" in GRAPH
+    assert "fl_dplora.protocol" in GRAPH["fl_dplora.server.loop"]
     assert "fl_dplora.tools.bench.common" in GRAPH["fl_dplora.tools.bench.secagg"]
     assert "fl_dplora.testing.inprocess_grid" in GRAPH["fl_dplora.tools.bench.secagg"]  # inside a function
     assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]

@@ -36,20 +36,20 @@ def _run_counting_block0(tmp_path, name: str, **extra):
     calls: list[int] = []
     handle = block0.register_forward_hook(lambda *a: calls.append(1))
     rounds: list[int] = []
-    import fl_dplora.server_app as server_app
+    import fl_dplora.server.loop as server_loop
 
-    original = server_app._evaluate_global
+    original = server_loop.evaluate_global
 
     def evaluate_and_mark(*args, **kwargs):  # called once per round, after the clients trained
         out = original(*args, **kwargs)
         rounds.append(len(calls))
         return out
 
-    server_app._evaluate_global = evaluate_and_mark
+    server_loop.evaluate_global = evaluate_and_mark
     try:
         summary, out = run_in_process(3, output_dir=tmp_path / name, defaults=tfns_recipe_defaults(), **{**RECIPE, **extra})
     finally:
-        server_app._evaluate_global = original
+        server_loop.evaluate_global = original
         handle.remove()
     per_round = [b - a for a, b in zip([0] + rounds[:-1], rounds)]
     return summary, read_metrics(out), per_round

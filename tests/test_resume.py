@@ -56,7 +56,8 @@ import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import conftest  # offline Hugging Face, as in the tests
 from harness import run_in_process
-from fl_dplora import checkpoint, server_app
+from fl_dplora import checkpoint
+from fl_dplora.server import outputs
 
 out_dir, how, overrides = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 
@@ -72,12 +73,12 @@ if how == "after-save-2":
             die()
     checkpoint.save = save
 elif how == "after-row-3":
-    real_round = server_app.RunWriter.round
+    real_round = outputs.RunWriter.round
     def round_(self, row):
         real_round(self, row)
         if row["round"] == 3:
             die()
-    server_app.RunWriter.round = round_
+    outputs.RunWriter.round = round_
 run_in_process(int(sys.argv[5]), output_dir=out_dir, **overrides)
 print("NOT KILLED")
 """

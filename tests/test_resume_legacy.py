@@ -1,6 +1,6 @@
 """Resuming from a checkpoint written before newer run-config keys existed.
 
-`_check_resume_config` counts a key that the saved config lacks as its LEGACY_VALUES value (what
+`check_resume_config` counts a key that the saved config lacks as its LEGACY_VALUES value (what
 runs computed before the key existed); a missing key without such a value still differs. Unit
 tests only: no model, no Flower run.
 """
@@ -11,7 +11,7 @@ import pytest
 
 from fl_dplora import config
 from fl_dplora.config import LEGACY_VALUES, ConfigError, resolve
-from fl_dplora.server_app import _check_resume_config
+from fl_dplora.server.run_state import check_resume_config
 
 OLD_KEYS = ("dtype", "quantization", "gradient-checkpointing")
 
@@ -30,18 +30,18 @@ def _saved_without(cfg, keys):
 def test_missing_keys_at_legacy_values_resume():
     cfg = _current()
     assert all(cfg[k] == LEGACY_VALUES[k] for k in OLD_KEYS)
-    _check_resume_config(_saved_without(cfg, OLD_KEYS), cfg)
+    check_resume_config(_saved_without(cfg, OLD_KEYS), cfg)
     # every key LEGACY_VALUES knows, missing at once (a checkpoint from before all of them)
     at_legacy = [k for k in LEGACY_VALUES if k in cfg and cfg[k] == LEGACY_VALUES[k]]
     assert set(OLD_KEYS) <= set(at_legacy)
-    _check_resume_config(_saved_without(cfg, at_legacy), cfg)
+    check_resume_config(_saved_without(cfg, at_legacy), cfg)
 
 
 def test_missing_key_at_other_value_is_refused():
     cfg = _current(dtype="bfloat16")
     saved = _saved_without(cfg, OLD_KEYS)
     with pytest.raises(ConfigError) as err:
-        _check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg)
     lines = str(err.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith("dtype: 'bfloat16' differs from the checkpoint's 'auto'")
 
@@ -50,7 +50,7 @@ def test_missing_key_without_legacy_value_is_refused():
     cfg = _current()
     assert "seed" not in LEGACY_VALUES
     with pytest.raises(ConfigError) as err:
-        _check_resume_config(_saved_without(cfg, ("seed", *OLD_KEYS)), cfg)
+        check_resume_config(_saved_without(cfg, ("seed", *OLD_KEYS)), cfg)
     lines = str(err.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"seed: {cfg['seed']!r} differs from the checkpoint's None")
 
@@ -59,11 +59,11 @@ def test_differing_key_present_in_both_is_refused():
     cfg = _current()
     saved = dict(cfg, **{"num-server-rounds": cfg["num-server-rounds"] + 1})
     with pytest.raises(ConfigError, match=r"^num-server-rounds: "):
-        _check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg)
     # a key present in the checkpoint is compared as saved, even at a LEGACY_VALUES value
     saved = dict(cfg, dtype="float32")
     with pytest.raises(ConfigError, match=r"^dtype: 'auto' differs from the checkpoint's 'float32'"):
-        _check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg)
 
 
 def test_legacy_values_read_at_call_time(monkeypatch):
@@ -71,9 +71,9 @@ def test_legacy_values_read_at_call_time(monkeypatch):
     cfg = _current()
     saved = _saved_without(cfg, ("seed",))
     with pytest.raises(ConfigError, match=r"^seed: "):
-        _check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg)
     monkeypatch.setitem(config.LEGACY_VALUES, "seed", cfg["seed"])
-    _check_resume_config(saved, cfg)
+    check_resume_config(saved, cfg)
     monkeypatch.setattr(config, "LEGACY_VALUES", {**config.LEGACY_VALUES, "seed": cfg["seed"] + 1})
     with pytest.raises(ConfigError, match=r"^seed: "):
-        _check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg)

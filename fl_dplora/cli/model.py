@@ -63,7 +63,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
     from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
     from fl_dplora.evaluate import evaluate, score_test_part
     from fl_dplora.models import get_peft_model, tokenizer_for, reset_adapter
-    from fl_dplora.server_app import preflight
+    from fl_dplora.server.start import preflight
 
     preflight(cfg)
     t0 = time.time()

@@ -40,7 +40,7 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
         overrides["overwrite"] = True
     cfg = resolve(overrides, base=base)  # before the heavy imports below: a typo fails in well under a second
     from fl_dplora.data import looks_like_path, partition_indices
-    from fl_dplora.server_app import preflight
+    from fl_dplora.server.start import preflight
 
     # Paths mean the user's current directory here, whatever directory the workers start in.
     cfg["output-dir"] = str(resolve_output_dir(cfg))
@@ -57,9 +57,9 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     check_output_dir(cfg)  # a folder holding a run: refused now, nothing touched (the ServerApp checks again)
     if cfg["resume"]:  # no/damaged checkpoint or another config: refuse now, not after Ray has started
         from fl_dplora import checkpoint
-        from fl_dplora.server_app import _check_resume_config
+        from fl_dplora.server.run_state import check_resume_config
 
-        _check_resume_config(checkpoint.load(Path(cfg["output-dir"]))["config"], cfg)
+        check_resume_config(checkpoint.load(Path(cfg["output-dir"]))["config"], cfg)
     if num_clients is not None:
         if num_clients < 1:
             raise ConfigError(f"num-clients: must be >= 1, got {num_clients}")
@@ -93,7 +93,7 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     from flwr.simulation import run_simulation
 
     from fl_dplora.clients.client_app import app as client_app
-    from fl_dplora.server_app import build_server_app
+    from fl_dplora.server.app import build_server_app
 
     init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
     if ray_address:

@@ -1,0 +1,105 @@
+"""What a run carries from round to round, what its checkpoint holds, and resuming from one.
+
+The checkpoint (checkpoint.py) is written every `checkpoint-every` rounds; the write-ahead log
+(write_ahead.py) covers the rounds begun after it, so a resume charges them before round one more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_dplora import checkpoint
+from fl_dplora.config import ConfigError
+from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.server.ledgers import Charge, charge_unaccounted, run_epsilon, take_reported_ledger
+from fl_dplora.write_ahead import WriteAhead
+
+log = logging.getLogger("fl_dplora")
+
+
+@dataclass
+class RunState:
+    """Everything a round changes (and a checkpoint restores)."""
+
+    server_sigma: float  # the noise the strategy adds (client-level modes)
+    accountant_sigma: float  # the noise the accountant sees
+    server_ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    client_eps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # what the server knows of each node's ledger, keyed by the node's Flower node id (ledgers.py)
+    client_ledgers: dict[str, dict[str, list]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    last_eval: dict[str, float] = field(default_factory=dict)  # rows between evaluations repeat the last one
+    epsilon: float = 0.0
+    rounds_done: int = 0
+    resumed: bool = False
+
+
+def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """Resuming with other settings would not be the same run: name every key that differs.
+
+    A key that the checkpoint lacks (written before the key existed) counts as its LEGACY_VALUES
+    value, the one that computes what runs did before; a missing key without one still differs.
+    """
+    from fl_dplora import config  # read LEGACY_VALUES now: keys may be added to it
+
+    ignore = {"resume", "overwrite", "output-dir", "round-timeout", "save-every"}
+    missing = object()  # a key the checkpoint lacks and LEGACY_VALUES does not know: differs from anything
+    was = {k: saved[k] if k in saved else config.LEGACY_VALUES.get(k, missing) for k in cfg}
+    diff = [k for k in cfg if k not in ignore and was[k] != cfg[k]]
+    if diff:
+        raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's "
+                                     f"{None if was[k] is missing else was[k]!r}; resume with the same config"
+                                     for k in diff))
+
+
+def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhead, mode, cfg, out_dir: Path) -> None:
+    """Restore `state` and the strategy from a checkpoint, then charge the rounds begun after it."""
+    strategy.load_state_dict(resumed["strategy"])
+    state.resumed = True
+    state.server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
+    state.client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
+    state.client_ledgers, state.totals = resumed["client_ledgers"], resumed["totals"]
+    state.last_eval = dict(resumed.get("last_eval", {}))
+    state.rounds_done = rounds_done = int(resumed["round"])
+    charged = charge_unaccounted(wal.unaccounted(rounds_done), mode, state.accountant_sigma, state.server_ledger,
+                                 state.client_ledgers, state.client_eps, cfg)
+    state.epsilon = run_epsilon(mode, state.server_ledger, state.client_ledgers, cfg)
+    rounds = int(cfg["num-server-rounds"])
+    if mode.client_level and state.server_ledger.total_steps > rounds_done:  # a crash charged a lost attempt
+        history = state.server_ledger.history
+        again = mode.remaining_noise_multipliers(history, rounds - rounds_done, history[-1][0])
+        if again is not None and again[1] != state.accountant_sigma:  # None: σ fixed, or nothing left to spend
+            log.info("resume: %d attempts charged; noise multiplier %.4f -> %.4f so that the last %d round(s) fit "
+                     "target-epsilon %g", state.server_ledger.total_steps, state.server_sigma, again[0],
+                     rounds - rounds_done, cfg["target-epsilon"])
+            (state.server_sigma, state.accountant_sigma), strategy.server_sigma = again, again[0]
+    log.info("resuming %s after round %d (epsilon so far %.4g, %d begun round(s) after the checkpoint charged)",
+             out_dir, rounds_done, state.epsilon, charged)
+
+
+def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: int, attempt: str, wal: WriteAhead,
+                  cfg) -> None:
+    """After the replies: the round's charge, the ledgers the nodes reported, and the write-ahead row
+    that says the round's replies are in."""
+    if charge.event is not None:
+        state.server_ledger, state.epsilon = charge.ledger, charge.epsilon
+    if mode.example_level:
+        for m in client_metrics:
+            if "epsilon" in m:
+                take_reported_ledger(m, rnd, state.client_ledgers, state.client_eps, wal, cfg)
+        state.epsilon = run_epsilon(mode, state.server_ledger, state.client_ledgers, cfg)
+    wal.replied(attempt, rnd, state.client_ledgers if mode.example_level else {})
+
+
+def save_checkpoint(out_dir: Path, rnd: int, cfg, strategy, state: RunState) -> None:
+    checkpoint.save(out_dir, {
+        "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
+        "server_ledger": state.server_ledger.to_record(),
+        "client_eps": {str(k): v for k, v in state.client_eps.items()},
+        "client_ledgers": state.client_ledgers, "totals": state.totals, "epsilon": float(state.epsilon),
+        "last_eval": dict(state.last_eval),
+    })
