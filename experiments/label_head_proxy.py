@@ -22,8 +22,10 @@ FEATURES = "label_head_features.pt"
 def build_features():
     from fl_dplora.config import resolve
     from fl_dplora.data import Example, client_examples, collate, encode_all, eval_examples, load_task
-    from fl_dplora.forward import _top_blocks_only, attach_prefix, decoder_and_head, decoder_blocks, label_first_tokens
-    from fl_dplora.models import get_peft_model, load_tokenizer
+    from fl_dplora.forward import _top_blocks_only, label_first_tokens
+    from fl_dplora.frozen_prefix import attach_prefix, decoder_and_head, decoder_blocks
+    from fl_dplora.model_loading import load_tokenizer
+    from fl_dplora.models import get_peft_model
     cfg = resolve({"prefix-cache": "disk", "secure-rng": False})
     model = get_peft_model(cfg); tok = load_tokenizer(cfg["model"]); model.eval()
     dec, name, blocks = decoder_blocks(model)

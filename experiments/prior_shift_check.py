@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from fl_dplora import label_head
     from fl_dplora.data import eval_examples, head_stat_examples, load_local_file, load_task
     from fl_dplora.evaluate import evaluate
-    from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
+    from fl_dplora.model_loading import load_tokenizer
+    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
 
     summary = json.loads((args.run_dir / "summary.json").read_text())
     cfg = resolve({k: v for k, v in summary["config"].items() if k != "audit-canaries"})

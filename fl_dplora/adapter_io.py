@@ -35,7 +35,7 @@ HUB_DATASETS = {
 }
 
 
-# The bundled GGUF (models.SMOLLM2_GGUF) is a Q4_1 quantization of this hub model: its loadable base.
+# The bundled GGUF (model_loading.SMOLLM2_GGUF) is a Q4_1 quantization of this hub model: its loadable base.
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -79,7 +79,8 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
 
     from fl_dplora import label_head
     from fl_dplora.forward import label_first_tokens
-    from fl_dplora.models import device_for_training, load_base_model, record_frozen_dtype, tokenizer_for
+    from fl_dplora.model_loading import device_for_training, load_base_model, tokenizer_for
+    from fl_dplora.models import record_frozen_dtype
 
     base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
     try:
@@ -127,7 +128,7 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
 def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     """What an adapter's `base_model_name_or_path` should say for the run's `model`, and why
     `AutoPeftModelForCausalLM` cannot load that base by itself (None when it can)."""
-    from fl_dplora.models import SMOLLM2_GGUF, TINY_ALIASES
+    from fl_dplora.model_loading import SMOLLM2_GGUF, TINY_ALIASES
 
     name = cfg["model"]
     path = Path(os.path.expanduser(name))
@@ -199,7 +200,7 @@ def _arg(value: str, placeholder: str) -> str:
 def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, Any]:
     """The Hub's front matter for the card: licence (the base model's, where fl-dplora knows it, else
     `other`) and the training data's Hub dataset id (built-in tasks, or a hub dataset given as task)."""
-    from fl_dplora.models import TINY_ALIASES
+    from fl_dplora.model_loading import TINY_ALIASES
 
     licence = "apache-2.0" if base == SMOLLM2_HUB_ID or cfg["model"] in TINY_ALIASES else "other"
     task = str(cfg["task"])
@@ -285,7 +286,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     LoRA B matrices are all still at their zero init is refused unless `allow_untrained`."""
     from fl_dplora import label_head
     from fl_dplora.data import load_task
-    from fl_dplora.models import tokenizer_for
+    from fl_dplora.model_loading import tokenizer_for
 
     summary = read_summary(run_dir)
     cfg = run_config(run_dir, overrides, summary)

@@ -316,7 +316,7 @@ def _answer_suffix(tokenizer) -> str:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 on prompt and padding
-    prefix: torch.Tensor | None = None  # [T, H] state entering block `prefix_start` (forward.attach_prefix)
+    prefix: torch.Tensor | None = None  # [T, H] state entering block `prefix_start` (frozen_prefix.attach_prefix)
     prefix_start: int = 0
     answer_hidden: torch.Tensor | None = None  # [H] final state at the first answer position (label-head rounds)
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fl_dplora.data import Example, TaskData, collate, encode_example, render_prompt
-from fl_dplora.forward import answer_logits, attach_prefix, first_answer_positions, label_first_tokens
+from fl_dplora.forward import answer_logits, first_answer_positions, label_first_tokens
+from fl_dplora.frozen_prefix import attach_prefix
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:

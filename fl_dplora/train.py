@@ -1,7 +1,7 @@
 """The local training step, shared by every dp-mode, client, benchmark and experiment.
 
 `local_train` runs `local-steps` optimizer steps on one client's shard (examples may carry their
-cached frozen-prefix states, see forward.py: then each step runs only the adapted top blocks):
+cached frozen-prefix states, see frozen_prefix.py: then each step runs only the adapted top blocks):
 - dp-mode none/client/paper: a uniformly shuffled batch, mean loss, plain gradient.
 - dp-mode sample: DP-SGD. Each logical batch is Poisson-sampled with rate q = batch-size / size,
   processed in micro-batches (memory bounded by micro-batch-size), per-example gradients clipped
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fl_dplora.data import Encoded, collate
-from fl_dplora.forward import answer_logits, decoder_and_head, per_example_loss  # noqa: F401 - re-exported
+from fl_dplora.forward import answer_logits, per_example_loss  # noqa: F401 - re-exported
 from fl_dplora.privacy.mechanisms import gaussian_like
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 
@@ -79,14 +79,14 @@ def _with_answer_states(model: nn.Module, data: Sequence[Encoded], pad_id: int) 
     head-only rounds of a run, where LoRA stays at its init, compute them once per client."""
     from dataclasses import replace
 
-    from fl_dplora import forward, label_head
+    from fl_dplora import frozen_prefix, label_head
 
-    found = forward.decoder_blocks(model)
+    found = frozen_prefix.decoder_blocks(model)
     key = None
     if found:  # every decoder weight, the token ids and where each answer starts
         starts = tuple(sum(1 for t in e.labels if t == -100) for e in data)
-        key = (f"{forward._data_key(forward.prefix_fingerprint(model, len(found[2])), data)}:{hash(starts)}"
-               f":{forward.frozen_dtype(model)}")
+        key = (f"{frozen_prefix.data_key(frozen_prefix.prefix_fingerprint(model, len(found[2])), data)}:{hash(starts)}"
+               f":{frozen_prefix.frozen_dtype(model)}")
     states = _ANSWER_STATES.get(key) if key else None
     if states is None:
         states = label_head.first_answer_states(model, list(data), pad_id)

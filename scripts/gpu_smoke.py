@@ -310,7 +310,7 @@ def convert_gguf(dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fl_dplora.models import load_tokenizer, smollm2_gguf_path
+    from fl_dplora.model_loading import load_tokenizer, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)

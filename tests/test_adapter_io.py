@@ -69,7 +69,7 @@ def test_predict_answers_as_the_evaluation_scores(finished_run, capsys):
     from fl_dplora import adapter_io
     from fl_dplora.data import eval_examples, load_task
     from fl_dplora.evaluate import evaluate
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     summary, out = finished_run
     cfg = adapter_io.run_config(out)
@@ -94,7 +94,7 @@ def test_predict_answers_as_the_evaluation_scores(finished_run, capsys):
 def test_export_adapter_with_a_model_card_that_states_the_privacy(finished_run, tmp_path, capsys):
     from peft import PeftModel
 
-    from fl_dplora.models import load_base_model
+    from fl_dplora.model_loading import load_base_model
 
     summary, out = finished_run
     code, _, err = _run_main(["export", str(out), "--output", str(tmp_path / "adapter")], capsys)
@@ -122,7 +122,7 @@ def test_merged_export_loads_with_transformers_alone_and_computes_base_plus_adap
 
     from fl_dplora import adapter_io
     from fl_dplora.data import collate, encode_example, eval_examples, load_task
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     summary, out = finished_run
     code, _, err = _run_main(["export", str(out), "--output", str(tmp_path / "merged"), "--merge"], capsys)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from fl_dplora.write_ahead import read_operator
 from fl_dplora.data import client_examples, load_task
-from fl_dplora.models import adapter_parameters, get_peft_model, load_base_model
+from fl_dplora.model_loading import load_base_model
+from fl_dplora.models import adapter_parameters, get_peft_model
 from fl_dplora.transport import wire_bytes
 from harness import InProcessGrid, run_in_process, tiny_config, wire_copy
 

@@ -22,7 +22,7 @@ from fl_dplora.data import (
     load_task,
     partition_indices,
 )
-from fl_dplora.models import load_tokenizer
+from fl_dplora.model_loading import load_tokenizer
 
 MED_INSTRUCTION = "Answer the biomedical research question with one word: yes, no or maybe."  # the card's, pinned
 

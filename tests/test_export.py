@@ -72,7 +72,7 @@ def test_untrained_means_every_lora_B_is_zero(tmp_path):
 
 
 def _bundled_gguf() -> str:
-    from fl_dplora.models import smollm2_gguf_path
+    from fl_dplora.model_loading import smollm2_gguf_path
 
     return str(smollm2_gguf_path())
 
@@ -137,7 +137,7 @@ def test_a_head_only_run_is_untrained_and_its_card_leads_with_the_head(tmp_path,
 def test_auto_peft_loads_an_export_on_a_local_base_alone(tmp_path, capsys, monkeypatch):
     from peft import AutoPeftModelForCausalLM
 
-    from fl_dplora.models import load_base_model, load_tokenizer
+    from fl_dplora.model_loading import load_base_model, load_tokenizer
 
     base = tmp_path / "tiny-llama"  # a tiny random LLaMA as a local transformers folder, with a tokenizer
     load_base_model("tiny-random-llama", seed=3).save_pretrained(str(base))

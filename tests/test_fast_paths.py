@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from fl_dplora.config import resolve
 from fl_dplora.data import collate, encode_all, load_task
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
-from fl_dplora.train import decoder_and_head, per_example_loss
+from fl_dplora.model_loading import load_tokenizer
+from fl_dplora.models import adapter_parameters, get_peft_model
+from fl_dplora.frozen_prefix import decoder_and_head
+from fl_dplora.train import per_example_loss
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
 
 

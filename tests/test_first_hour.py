@@ -39,9 +39,9 @@ def test_run_config_repeats_and_takes_a_toml_file_in_every_command(command, tmp_
 
 
 def test_a_typo_in_an_earlier_run_config_is_reported(capsys, monkeypatch):
-    import fl_dplora.models as models
+    import fl_dplora.model_loading as model_loading
 
-    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(model_loading, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["evaluate", "--run-config", "lora-rnak=4", "--run-config", f"{TINY} max-eval-samples=2"]) == 2
     assert one_error_line(capsys).startswith("lora-rnak: unknown run-config key (did you mean 'lora-rank'?)")
 
@@ -68,9 +68,9 @@ def test_export_to_a_place_that_cannot_be_a_folder_is_one_line(fake_run, tmp_pat
 
 
 def test_evaluate_output_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
-    import fl_dplora.models as models
+    import fl_dplora.model_loading as model_loading
 
-    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(model_loading, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     blocker = tmp_path / "a-file.txt"
     blocker.write_text("")
     assert main(["evaluate", "--run-config", TINY, "--output", str(blocker / "eval.json")]) == 2
@@ -112,9 +112,9 @@ def write_eval_file(path: Path, labels: list[str]) -> Path:
 
 @pytest.mark.parametrize("problem", ["blank-label", "unknown-label", "missing-file", "wrong-columns"])
 def test_a_bad_eval_file_is_found_before_the_model_loads(tmp_path, capsys, monkeypatch, problem):
-    import fl_dplora.models as models
+    import fl_dplora.model_loading as model_loading
 
-    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(model_loading, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     f = tmp_path / "test.csv"
     if problem == "blank-label":
         write_eval_file(f, ["positive", "", "negative"])
@@ -218,10 +218,10 @@ def trained_adapter(tmp_path_factory) -> Path:
 
 
 def no_smollm2(monkeypatch):
-    import fl_dplora.models as models
+    import fl_dplora.model_loading as model_loading
 
-    real = models.load_base_model
-    monkeypatch.setattr(models, "load_base_model", lambda name, *a, **k: pytest.fail("SmolLM2 was loaded")
+    real = model_loading.load_base_model
+    monkeypatch.setattr(model_loading, "load_base_model", lambda name, *a, **k: pytest.fail("SmolLM2 was loaded")
                         if name == "smollm2-135m" else real(name, *a, **k))
 
 

@@ -19,10 +19,11 @@ import torch
 from harness import run_in_process
 from test_prefix_cache import build, examples, isolated, pad_id  # noqa: F401 - fixture re-used
 
-from fl_dplora import forward
+from fl_dplora import frozen_prefix
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import collate
-from fl_dplora.forward import attach_prefix, compute_prefix, frozen_dtype, per_example_loss, prefix_start, set_frozen_dtype
+from fl_dplora.forward import per_example_loss
+from fl_dplora.frozen_prefix import attach_prefix, compute_prefix, frozen_dtype, prefix_start, set_frozen_dtype
 from fl_dplora.frozen_int8 import Int8Linear, int8_copy
 from fl_dplora.label_head import first_answer_states
 
@@ -101,7 +102,7 @@ def test_calibration_reads_fixed_public_tokens_only(which):
     from fl_dplora.frozen_int8 import calibrate
 
     _, model, _ = build(which)
-    decoder, _, blocks = forward.decoder_blocks(model)
+    decoder, _, blocks = frozen_prefix.decoder_blocks(model)
     first, again = calibrate(decoder, blocks, 1), calibrate(decoder, blocks, 1)
     assert first and set(first) == set(again)
     assert all(torch.equal(first[m], again[m]) and (first[m] > 0).all() for m in first)
@@ -111,7 +112,7 @@ def test_calibration_reads_fixed_public_tokens_only(which):
 @pytest.mark.parametrize("which", TINY)
 def test_int8_copy_swaps_every_linear_and_shares_the_other_tensors(which):
     _, model, _ = build(which)
-    block = forward.decoder_blocks(model)[2][0]
+    block = frozen_prefix.decoder_blocks(model)[2][0]
     twin = int8_copy(block)
     assert not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
     assert sum(isinstance(m, Int8Linear) for m in twin.modules()) >= 4
@@ -176,8 +177,8 @@ def test_int8_and_float32_states_are_cached_apart(monkeypatch):
     _, model, _ = build("llama")
     enc = examples(4)
     calls: list[str] = []
-    original = forward.compute_prefix
-    monkeypatch.setattr(forward, "compute_prefix", lambda *a, **k: calls.append(k["dtype"]) or original(*a, **k))
+    original = frozen_prefix.compute_prefix
+    monkeypatch.setattr(frozen_prefix, "compute_prefix", lambda *a, **k: calls.append(k["dtype"]) or original(*a, **k))
     for dtype in ("float32", "int8", "float32", "int8"):
         set_frozen_dtype(model, dtype)
         attach_prefix(model, enc, "memory")
@@ -207,7 +208,7 @@ def test_server_and_clients_compute_the_prefix_in_the_runs_frozen_dtype(tmp_path
     """In-process run (real ServerApp loop and ClientApp code): every prefix build, on the server (its
     evaluation features) and on the clients (their training cache), runs in int8."""
     seen: list[tuple[str, str]] = []
-    original = forward.compute_prefix
+    original = frozen_prefix.compute_prefix
 
     def spy(model, encoded, start, *args, **kwargs):
         files = [f.filename for f in inspect.stack(0)[1:12]]
@@ -216,7 +217,7 @@ def test_server_and_clients_compute_the_prefix_in_the_runs_frozen_dtype(tmp_path
         seen.append((side, kwargs.get("dtype") or frozen_dtype(model)))
         return original(model, encoded, start, *args, **kwargs)
 
-    monkeypatch.setattr(forward, "compute_prefix", spy)
+    monkeypatch.setattr(frozen_prefix, "compute_prefix", spy)
     summary, _ = run_in_process(2, output_dir=tmp_path / "run", **{
         "model": "tiny-random-llama", "task": "fin-sentiment", "lora-layers": 1, "frozen-dtype": "int8",
         "prefix-cache": "memory", "num-server-rounds": 1, "dp-mode": "sample", "label-head": False})

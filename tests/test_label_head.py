@@ -14,11 +14,12 @@ import torch
 from harness import run_in_process
 
 from fl_dplora.write_ahead import read_operator
-from fl_dplora import forward, label_head, models
+from fl_dplora import forward, frozen_prefix, label_head, models
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import collate, encode_all, eval_examples, head_stat_examples, load_task
 from fl_dplora.forward import answer_logits, first_answer_positions, label_token_ids, per_example_loss
-from fl_dplora.models import get_peft_model, load_tokenizer
+from fl_dplora.model_loading import load_tokenizer
+from fl_dplora.models import get_peft_model
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_schedule
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 from fl_dplora.train import DPSGD, local_train, make_optimizer, stage_config
@@ -32,9 +33,9 @@ def fresh_model(monkeypatch, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     models._CACHE.update(base_id=None, key=None, peft=None)
-    forward.clear_memory_cache()
+    frozen_prefix.clear_memory_cache()
     yield
-    forward.clear_memory_cache()
+    frozen_prefix.clear_memory_cache()
     models._CACHE.update(base_id=None, key=None, peft=None)
     torch.set_num_threads(threads)
 

@@ -1,4 +1,4 @@
-"""Base models, the LoRA wrapper and the process cache (fl_dplora.models)."""
+"""Base models (fl_dplora.model_loading), the LoRA wrapper and the process cache (fl_dplora.models)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_dplora import models
+from fl_dplora import model_loading
 from fl_dplora.config import ConfigError
-from fl_dplora.models import (
-    adapter_parameters,
-    check_model_name,
-    full_model_stats,
-    get_peft_model,
-    load_base_model,
-    load_tokenizer,
-    reset_adapter,
-)
+from fl_dplora.model_loading import check_model_name, load_base_model, load_tokenizer
+from fl_dplora.models import adapter_parameters, full_model_stats, get_peft_model, reset_adapter
 from harness import tiny_config
 
 LLAMA = {"model": "tiny-random-llama"}
@@ -125,7 +118,7 @@ def test_new_rank_rewraps_the_loaded_base_instead_of_reloading(monkeypatch):
     def no_reload(*args, **kwargs):
         raise AssertionError("the base model was loaded again")
 
-    monkeypatch.setattr(models, "load_base_model", no_reload)
+    monkeypatch.setattr(model_loading, "load_base_model", no_reload)
     cfg4 = tiny_config(**LLAMA, lora_rank=4)
     m4 = get_peft_model(cfg4)
     assert m4 is not m8

@@ -14,7 +14,8 @@ import torch
 from fl_dplora import models
 from fl_dplora.config import resolve
 from fl_dplora.data import collate, encode_all, load_task
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
+from fl_dplora.model_loading import load_tokenizer
+from fl_dplora.models import adapter_parameters, get_peft_model
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 from fl_dplora.train import per_example_loss
 

@@ -12,7 +12,7 @@ import torch
 from harness import run_in_process
 from test_prefix_cache import MODELS, build, examples, isolated, pad_id  # noqa: F401 - fixture re-used
 
-from fl_dplora import models
+from fl_dplora import model_loading, models
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import collate
 from fl_dplora.forward import per_example_loss
@@ -186,40 +186,40 @@ def test_quantization_is_refused_in_one_line_without_cuda(cli, monkeypatch, no_r
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="^quantization: 8bit .*needs a CUDA GPU"):
-        models.check_runtime(cfg)
+        model_loading.check_runtime(cfg)
     # CUDA but no package: says what to install
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="^quantization: 8bit needs the bitsandbytes package: pip install bitsandbytes"):
-        models.check_runtime(cfg)
+        model_loading.check_runtime(cfg)
     # CUDA and the package: a GGUF base cannot be quantized on load by transformers
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else None)
     with pytest.raises(ConfigError, match="^quantization: transformers cannot quantize a GGUF file on load"):
-        models.check_runtime(cfg)
+        model_loading.check_runtime(cfg)
 
 
 def test_a_virtual_client_uses_a_gpu_only_when_ray_gave_it_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(models, "_ray_gpu_ids", lambda: [])  # --num-gpus 0: every GPU visible, none assigned
-    assert models.device_for_training() == torch.device("cpu")
-    monkeypatch.setattr(models, "_ray_gpu_ids", lambda: ["0"])  # a (fraction of a) GPU assigned
-    assert models.device_for_training().type == "cuda"
-    monkeypatch.setattr(models, "_ray_gpu_ids", lambda: None)  # not a Ray worker: SuperNode, CLI, driver
-    assert models.device_for_training().type == "cuda"
-    assert models.server_device(resolve({"server-device": "cpu"})) == torch.device("cpu")
+    monkeypatch.setattr(model_loading, "_ray_gpu_ids", lambda: [])  # --num-gpus 0: every GPU visible, none assigned
+    assert model_loading.device_for_training() == torch.device("cpu")
+    monkeypatch.setattr(model_loading, "_ray_gpu_ids", lambda: ["0"])  # a (fraction of a) GPU assigned
+    assert model_loading.device_for_training().type == "cuda"
+    monkeypatch.setattr(model_loading, "_ray_gpu_ids", lambda: None)  # not a Ray worker: SuperNode, CLI, driver
+    assert model_loading.device_for_training().type == "cuda"
+    assert model_loading.server_device(resolve({"server-device": "cpu"})) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert models.device_for_training() == torch.device("cpu")
+    assert model_loading.device_for_training() == torch.device("cpu")
     with pytest.raises(ConfigError, match="^server-device: cuda:1 but this machine has no CUDA GPU"):
-        models.server_device(resolve({"server-device": "cuda:1"}))
+        model_loading.server_device(resolve({"server-device": "cuda:1"}))
     with pytest.raises(ConfigError, match="^server-device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
         resolve({"server-device": "gpu"})
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_a_bf16_gpu(monkeypatch):
-    assert models.torch_dtype(resolve({}), torch.device("cpu")) == torch.float32
+    assert model_loading.torch_dtype(resolve({}), torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert models.torch_dtype(resolve({}), torch.device("cuda")) == torch.bfloat16
-    assert models.torch_dtype(resolve({"dtype": "float16"}), torch.device("cpu")) == torch.float16
+    assert model_loading.torch_dtype(resolve({}), torch.device("cuda")) == torch.bfloat16
+    assert model_loading.torch_dtype(resolve({"dtype": "float16"}), torch.device("cpu")) == torch.float16
 
 
 def test_an_offline_hub_id_missing_from_the_cache_fails_before_ray(cli, no_ray):
@@ -247,12 +247,12 @@ def test_ray_worker_without_gpus_stays_on_cpu_and_the_accelerator_variable_is_no
     fake.get_gpu_ids = lambda: list(assigned)
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert models.device_for_training() == torch.device("cpu")  # --num-gpus 0
+    assert model_loading.device_for_training() == torch.device("cpu")  # --num-gpus 0
     assigned.append(0)
-    assert models.device_for_training().type == "cuda"  # --num-gpus 0.25: a share of GPU 0
+    assert model_loading.device_for_training().type == "cuda"  # --num-gpus 0.25: a share of GPU 0
     fake.get_runtime_context = lambda: types.SimpleNamespace(worker=types.SimpleNamespace(mode=0))  # the driver
     assigned.clear()
-    assert models.device_for_training().type == "cuda"
+    assert model_loading.device_for_training().type == "cuda"
 
 
 class _DeviceCheckingModel(torch.nn.Module):
@@ -271,7 +271,7 @@ class _DeviceCheckingModel(torch.nn.Module):
 def test_generation_and_scoring_put_inputs_on_the_models_device(monkeypatch):
     from fl_dplora import evaluate as ev
     from fl_dplora.data import Example, load_task
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     tok = load_tokenizer("tiny-random-llama")
     model = _DeviceCheckingModel()

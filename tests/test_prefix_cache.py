@@ -1,6 +1,6 @@
 """The frozen-prefix cache gives the numbers of the full forward pass, and is never reused stale.
 
-With LoRA on the last N blocks only, `forward.attach_prefix` computes the state entering the first
+With LoRA on the last N blocks only, `frozen_prefix.attach_prefix` computes the state entering the first
 adapted block once per example; a batch carrying it runs only the top blocks. If that were off
 (padding leaking into the cached states, the cached state fed to the wrong block, a stale cache
 after the weights, the data or the truncation changed), training would silently optimise a
@@ -16,20 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fl_dplora import forward, models
+from fl_dplora import frozen_prefix, model_loading, models
 from fl_dplora.config import resolve
 from fl_dplora.data import Encoded, collate, encode_all, encode_example, load_task, render_prompt
-from fl_dplora.forward import (
-    answer_logits,
-    attach_prefix,
-    clear_memory_cache,
-    decoder_blocks,
-    first_answer_positions,
-    label_token_ids,
-    per_example_loss,
-    prefix_start,
-)
-from fl_dplora.models import get_peft_model, load_tokenizer
+from fl_dplora.forward import answer_logits, first_answer_positions, label_token_ids, per_example_loss
+from fl_dplora.frozen_prefix import attach_prefix, clear_memory_cache, decoder_blocks, prefix_start
+from fl_dplora.model_loading import load_tokenizer
+from fl_dplora.models import get_peft_model
 from fl_dplora.privacy.per_sample import LoRAGradSampler
 from fl_dplora.train import DPSGD, local_train, make_optimizer
 
@@ -41,7 +34,7 @@ ATOL = 1e-5
 def isolated(monkeypatch, tmp_path):
     """One thread (tiny models, busy machine); a fresh process model and prefix cache per test
     (these tests randomise B and modify weights); never the user's ~/.cache for prefix files."""
-    for name in models.TINY_ALIASES:  # converted once, from the usual tokenizer cache, before the env moves
+    for name in model_loading.TINY_ALIASES:  # converted once, from the usual tokenizer cache, before the env moves
         load_tokenizer(name)
     monkeypatch.setenv("FL_DPLORA_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
@@ -164,8 +157,8 @@ def test_cached_forward_skips_the_prefix_blocks(which):
 # ------------------------------------------------------------------ 3. never stale
 @pytest.fixture
 def compute_calls(monkeypatch):
-    """Counts forward.compute_prefix calls; `calls.forbid = True` makes a call fail the test."""
-    real = forward.compute_prefix
+    """Counts frozen_prefix.compute_prefix calls; `calls.forbid = True` makes a call fail the test."""
+    real = frozen_prefix.compute_prefix
     calls = SimpleNamespace(n=0, forbid=False)
 
     def counted(*args, **kwargs):
@@ -174,7 +167,7 @@ def compute_calls(monkeypatch):
         calls.n += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(forward, "compute_prefix", counted)
+    monkeypatch.setattr(frozen_prefix, "compute_prefix", counted)
     return calls
 
 

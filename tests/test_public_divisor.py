@@ -79,7 +79,8 @@ def test_basis_picks_the_public_size_and_its_adjacency():
 def test_local_train_divides_by_the_public_expected_batch_not_by_n():
     """q = 1 (batch >= size): the noiseless DP-SGD step is the clipped sum over the public size."""
     from fl_dplora.data import encode_all, load_task
-    from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer, reset_adapter
+    from fl_dplora.model_loading import load_tokenizer
+    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
     from fl_dplora.train import DPSGD, local_train
 
     cfg = tiny_config(**{"batch-size": 64, "micro-batch-size": 8, "local-steps": 1, "optimizer": "sgd",

@@ -14,7 +14,7 @@ import torch
 from harness import read_metrics, run_in_process
 
 from fl_dplora.config import defaults, tfns_recipe_defaults
-from fl_dplora.forward import clear_memory_cache, decoder_blocks
+from fl_dplora.frozen_prefix import clear_memory_cache, decoder_blocks
 from fl_dplora.models import get_peft_model
 
 pytestmark = pytest.mark.slow

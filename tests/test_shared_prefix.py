@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_dplora import forward, shared_prefix
-from fl_dplora.forward import _PrefixDone, _hidden_arg, compute_prefix, decoder_blocks
+from fl_dplora import frozen_prefix, shared_prefix
+from fl_dplora.frozen_prefix import _PrefixDone, _hidden_arg, compute_prefix, decoder_blocks
 from tests.test_prefix_cache import build, examples, isolated  # noqa: F401 - fixture
 
 
@@ -72,7 +72,7 @@ def test_a_continuation_that_disagrees_is_refused(monkeypatch):
     monkeypatch.setattr(shared_prefix.SharedPrefix, "run", lambda self, *a: real_run(self, *a) + 0.01)
     built = []
     real_build = shared_prefix.build
-    monkeypatch.setattr(forward.shared_prefix, "build", lambda *a: built.append(real_build(*a)) or built[-1])
+    monkeypatch.setattr(frozen_prefix.shared_prefix, "build", lambda *a: built.append(real_build(*a)) or built[-1])
     start = len(decoder_blocks(model)[2]) - 1
     states = compute_prefix(model, enc, start, batch_size=4)
     assert built == [None]

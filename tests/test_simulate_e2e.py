@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from fl_dplora.write_ahead import read_operator
 from fl_dplora.config import SCHEMA, parse_overrides
-from fl_dplora.models import adapter_parameters, get_peft_model, load_base_model, load_tokenizer, reset_adapter
+from fl_dplora.model_loading import load_base_model, load_tokenizer
+from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
 from fl_dplora.privacy.accounting import PrivacyLedger
 from harness import FL_DPLORA, REPO, run_cli, run_in_process
 

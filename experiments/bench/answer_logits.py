@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from fl_dplora.config import resolve
 from fl_dplora.data import client_examples, collate, encode_all
-from fl_dplora.models import adapter_parameters, get_peft_model, load_tokenizer
+from fl_dplora.model_loading import load_tokenizer
+from fl_dplora.models import adapter_parameters, get_peft_model
 from fl_dplora.train import per_example_loss
 
 

@@ -32,7 +32,8 @@ def one_variant(ckpt: bool, reps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
-    from fl_dplora.models import get_peft_model, load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
+    from fl_dplora.models import get_peft_model
     from fl_dplora.train import DPSGD, local_train, make_optimizer
 
     cfg = resolve({"model": "smollm2-135m", "lora-layers": 0, "lora-targets": "q_proj,v_proj", "lora-variant": "lora",

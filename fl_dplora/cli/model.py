@@ -62,7 +62,8 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
     from fl_dplora.adapter_io import load_adapted_model
     from fl_dplora.data import eval_examples, load_local_file, load_task, with_references
     from fl_dplora.evaluate import evaluate, score_test_part
-    from fl_dplora.models import get_peft_model, tokenizer_for, reset_adapter
+    from fl_dplora.model_loading import tokenizer_for
+    from fl_dplora.models import get_peft_model, reset_adapter
     from fl_dplora.server.start import preflight
 
     preflight(cfg)
@@ -106,7 +107,7 @@ def predict_texts(cfg: dict[str, Any], adapter: Path, texts: list[str], model: A
     """`fl-dplora predict` (and `Run.predict`): one answer per text; `model`: the adapter already loaded."""
     from fl_dplora.adapter_io import answer, load_adapted_model
     from fl_dplora.data import load_task
-    from fl_dplora.models import tokenizer_for
+    from fl_dplora.model_loading import tokenizer_for
 
     task = load_task(cfg["task"], int(cfg["seed"]))
     model = model if model is not None else load_adapted_model(cfg, adapter, task)

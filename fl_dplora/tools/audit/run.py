@@ -71,7 +71,8 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
               canary_kind: str = "gradient", log=print) -> dict[str, Any]:
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
     from fl_dplora.data import client_examples, eval_examples, unused_train_examples
-    from fl_dplora.models import adapter_parameters, get_peft_model, tokenizer_for, reset_adapter
+    from fl_dplora.model_loading import tokenizer_for
+    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
     from fl_dplora.models import load_adapter_weights
 
     from fl_dplora import label_head

@@ -25,7 +25,7 @@ class LocalStep:
 def fixed_batch(cfg: dict[str, Any], n: int):
     """The first `n` training examples of the task, tokenized: the one batch every variant sees."""
     from fl_dplora.data import encode_all, load_task
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     task = load_task(cfg["task"], int(cfg["seed"]))
     tok = load_tokenizer(cfg["model"])

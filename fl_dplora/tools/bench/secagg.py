@@ -62,7 +62,7 @@ def model_config(name: str):
 
     from transformers import AutoConfig
 
-    from fl_dplora.models import TINY_ALIASES, smollm2_gguf_path, tiny_config
+    from fl_dplora.model_loading import TINY_ALIASES, smollm2_gguf_path, tiny_config
 
     if name in TINY_ALIASES:  # the vocabulary size changes no adapter shape
         return tiny_config(name, 49152), f"{name}: models.tiny_config"
