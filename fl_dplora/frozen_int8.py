@@ -9,9 +9,20 @@ every other tensor with the original:
 - activations: int8, symmetric, one scale per token (max |x| / 127 over that token's features),
   computed on the fly; layers that read the same input (q/k/v, gate/up) quantize it once and run
   as one matmul over their concatenated weights;
-- outlier channels: SmoothQuant (Xiao et al. 2023) moves them into the weights, x / s and w * s with
-  s = max|x|^0.5 / max|w|^0.5 per input channel (a power of two), max|x| measured once on fixed
-  random token ids (seed 0): public, the same on every node;
+- outlier channels, where a layer reads the residual stream (q/k/v, gate/up of LLaMA-style blocks):
+  the prefix's residual stream is rotated by a fixed orthogonal matrix R (QuaRot, Ashkboos et al.
+  2024; seeded, public, the same on every node): the state entering block 0 is multiplied by R,
+  every weight that reads the stream (after its RMSNorm gain is folded into it) by R on its input
+  side, every weight that writes it (o_proj, down_proj) by R^T on its output side, and the state
+  leaving the last prefix block by R^T. RMSNorm is invariant under R, so in float this is the same
+  function; but R spreads a few outlier channels (SmolLM2's massive activations) over all of
+  them, so the per-token int8 scale no longer comes from one channel;
+- outlier channels elsewhere (o_proj, down_proj inputs; every layer of other blocks, e.g. GPT-2):
+  SmoothQuant (Xiao et al. 2023) moves them into the weights, x / s and w * s with
+  s = max|x|^a / max|w|^(1 - a) per input channel (a power of two; a = 0.5, 0.3 for down_proj, the
+  best of 0.2-0.5 measured on SmolLM2, docs/performance.md), max|x| measured once on fixed random
+  token ids (seed 0): public, the same on every node; in a rotated block down_proj's x / s is done
+  by up_proj's output rows (the same int8 weights, powers of two), not by an extra pass;
 - products: exact int32 sums by `torch._int_mm` (oneDNN's int8 matmul, AVX-512 VNNI here; the
   kernel torchao's int8 dynamic quantization calls on CPU), then rescaled to float32.
 
@@ -86,11 +97,19 @@ class _Fused:
     output column is the same number a separate layer computes (int32 sums are exact).
     `input_max` (per input channel, from calibration) turns on the SmoothQuant factors."""
 
-    def __init__(self, layers: Sequence[nn.Module], input_max: torch.Tensor | None = None):
-        weights = [linear_weight(m).detach().float() for m in layers]
+    def __init__(self, layers: Sequence[nn.Module], input_max: torch.Tensor | None = None,
+                 weights: Sequence[torch.Tensor] | None = None, alpha: float | None = None,
+                 smoothed_upstream: torch.Tensor | None = None):
+        if weights is None:  # `weights`: the layers' [out, in] weights as this copy computes them (rotated)
+            weights = [linear_weight(m).detach().float() for m in layers]
+        else:
+            weights = [w.detach().float() for w in weights]
         self.inv_smooth = None
-        if input_max is not None and SMOOTH_ALPHA is not None:
-            s = smoothing(input_max.to(weights[0].device), weights, SMOOTH_ALPHA)
+        alpha = SMOOTH_ALPHA if alpha is None else alpha
+        if smoothed_upstream is not None:  # the input arrives divided by these factors already (see int8_copy)
+            weights = [w * smoothed_upstream for w in weights]
+        elif input_max is not None and alpha is not None:
+            s = smoothing(input_max.to(weights[0].device), weights, alpha)
             weights = [w * s for w in weights]
             self.inv_smooth = 1.0 / s
         parts = [_quantize_weight(w) for w in weights]
@@ -143,6 +162,9 @@ class Int8Linear(nn.Module):
 
 
 SMOOTH_ALPHA: float | None = 0.5  # SmoothQuant's migration strength (see smoothing); None = off
+SMOOTH_ALPHA_BY_LAYER: dict[str, float] = {"down_proj": 0.3}  # layer name (e.g. "down_proj") -> its own alpha
+ROTATE: bool = True  # rotate the residual stream of LLaMA-style prefixes (see rotation); False = smoothing only
+ROTATION_SEED = 0
 CALIBRATION_TOKENS = (8, 64)  # fixed random token ids (seed 0) the activation maxima come from: public
 
 # Layers of one module that read the same input, by name (LLaMA-style blocks); others run alone.
@@ -160,25 +182,104 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     return module.weight.t() if isinstance(module, Conv1D) else None
 
 
-def int8_copy(block: nn.Module, input_max: dict[nn.Module, torch.Tensor] | None = None) -> nn.Module:
+# LLaMA-style block: (norm, the layers that read its output) and the layers that write the residual stream
+READS_STREAM = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+WRITES_STREAM = ("self_attn.o_proj", "mlp.down_proj")
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x) (not Gemma's (1 + weight))
+
+
+def rotation(n: int, seed: int = ROTATION_SEED) -> torch.Tensor:
+    """A fixed random orthogonal [n, n] float64 matrix (QR of a seeded Gaussian, signs fixed): public,
+    the same on every node."""
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def rotatable(block: nn.Module) -> bool:
+    """A LLaMA-style block (RMSNorm gains, q/k/v and gate/up read the normed stream, o_proj and down_proj
+    write it without a bias): rotating its residual stream is exact in float."""
+    modules = dict(block.named_modules())
+    for norm, readers in READS_STREAM:
+        n = modules.get(norm)
+        if type(n).__name__ not in RMS_NORMS or not isinstance(getattr(n, "weight", None), torch.Tensor):
+            return False
+        if any(not isinstance(modules.get(r), nn.Linear) for r in readers):
+            return False
+    return all(isinstance(m := modules.get(w), nn.Linear) and m.bias is None for w in WRITES_STREAM)
+
+
+class _UnitRMSNorm(nn.Module):
+    """RMSNorm without its gain (folded into the layers that read it): x / rms(x), as the original computes it."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _rotated_weights(block: nn.Module, rot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{layer name: its [out, in] weight in the rotated stream}: readers W diag(gain) R, writers R^T W."""
+    modules = dict(block.named_modules())
+    out = {}
+    for norm, readers in READS_STREAM:
+        gain = modules[norm].weight.detach().double()
+        for name in readers:
+            out[name] = (modules[name].weight.detach().double() * gain) @ rot
+    for name in WRITES_STREAM:
+        out[name] = rot.t() @ modules[name].weight.detach().double()
+    return {k: v.float() for k, v in out.items()}
+
+
+def int8_copy(block: nn.Module, input_max: dict[nn.Module, torch.Tensor] | None = None,
+              rot: torch.Tensor | None = None) -> nn.Module:
     """`block` with each Linear replaced by an Int8Linear; every other tensor is the original's (shared).
-    `input_max`: per-input-channel maxima of each original Linear's input (calibrate), for smoothing."""
+    `input_max`: per-input-channel maxima of each original Linear's input (calibrate), for smoothing.
+    `rot` (rotatable blocks only): the copy reads and writes the residual stream rotated by `rot` (its
+    norms lose their gains, folded into the readers' weights); the caller rotates the stream in and out."""
     keep = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
     twin = copy.deepcopy(block, keep)
     originals = dict(block.named_modules())
+    rotated: dict[str, torch.Tensor] = {}
+    upstream: dict[str, torch.Tensor] = {}
+    if rot is not None:
+        rotated = _rotated_weights(block, rot)
+        down_max = (input_max or {}).get(originals["mlp.down_proj"])
+        alpha = SMOOTH_ALPHA_BY_LAYER.get("down_proj", SMOOTH_ALPHA)
+        if down_max is not None and alpha is not None:
+            # down_proj's smoothing, x / s, done by up_proj: its output rows divided by s (powers of two:
+            # the same int8 weights, the same products), so down_proj's input needs no extra pass
+            s = smoothing(down_max.to(rotated["mlp.down_proj"].device), [rotated["mlp.down_proj"]], alpha)
+            rotated["mlp.up_proj"] = rotated["mlp.up_proj"] / s[:, None]
+            upstream["mlp.down_proj"] = s
+        for norm, _ in READS_STREAM:  # the gain is in the readers' weights now
+            setattr(twin, norm, _UnitRMSNorm(getattr(block, norm)))
     for prefix, parent in list(twin.named_modules()):
         children = {name: child for name, child in parent.named_children() if linear_weight(child) is not None}
 
-        def stats(name: str) -> torch.Tensor | None:
-            return (input_max or {}).get(originals.get(f"{prefix}.{name}" if prefix else name))
+        def full(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        def fused(names: Sequence[str]) -> _Fused:
+            layers = [children[n] for n in names]
+            stats = (input_max or {}).get(originals.get(full(names[0])))
+            alpha = SMOOTH_ALPHA_BY_LAYER.get(names[0])
+            if full(names[0]) in rotated:  # readers of the rotated stream: R has spread the outliers, no smoothing
+                reads = full(names[0]) not in WRITES_STREAM
+                return _Fused(layers, None if reads else stats, [rotated[full(n)] for n in names], alpha,
+                              upstream.get(full(names[0])))
+            return _Fused(layers, stats, alpha=alpha)
 
         for group in FUSED_GROUPS:
             if all(name in children for name in group):
-                fused = _Fused([children[name] for name in group], stats(group[0]))
+                shared = fused(group)
                 for i, name in enumerate(group):
-                    setattr(parent, name, Int8Linear(children.pop(name), fused, i))
+                    setattr(parent, name, Int8Linear(children.pop(name), shared, i))
         for name, child in children.items():
-            setattr(parent, name, Int8Linear(child, _Fused([child], stats(name))))
+            setattr(parent, name, Int8Linear(child, fused([name])))
     return twin.eval().requires_grad_(False)
 
 
@@ -228,10 +329,37 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder's bl
 
 def int8_blocks(decoder: nn.Module, blocks: nn.ModuleList, start: int, fingerprint: str) -> list[nn.Module]:
     """int8 copies of blocks[:start], made once per process and per prefix weights (`fingerprint`)."""
+    key = (start, fingerprint, SMOOTH_ALPHA, tuple(sorted(SMOOTH_ALPHA_BY_LAYER.items())), ROTATE)
     hit = _COPIES.get(blocks)
-    if hit is not None and hit[0] == (start, fingerprint, SMOOTH_ALPHA):
+    if hit is not None and hit[0] == key:
         return hit[1]
+    prefix = list(blocks)[:start]
     maxima = calibrate(decoder, blocks, start) if SMOOTH_ALPHA is not None else None
-    copies = [int8_copy(b, maxima) for b in list(blocks)[:start]]
-    _COPIES[blocks] = ((start, fingerprint, SMOOTH_ALPHA), copies)
+    rot = None
+    if ROTATE and all(rotatable(b) for b in prefix):
+        q_proj = prefix[0].self_attn.q_proj
+        rot = rotation(q_proj.in_features).to(q_proj.weight.device)
+    copies = [int8_copy(b, maxima, rot) for b in prefix]
+    if rot is not None:
+        _rotate_stream(copies[0], copies[-1], rot)
+    _COPIES[blocks] = (key, copies)
     return copies
+
+
+def _rotate_stream(first: nn.Module, last: nn.Module, rot: torch.Tensor) -> None:
+    """The state entering `first` times R, the state leaving `last` times R^T (float32 matmuls)."""
+    into, back = rot.float(), rot.t().float().contiguous()
+
+    def times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return x @ (m if m.dtype == x.dtype else m.to(x.dtype))
+
+    def enter(module, args, kwargs):
+        if args:
+            return (times(args[0], into), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": times(kwargs["hidden_states"], into)}
+
+    def leave(module, args, kwargs, output):
+        return times(output, back) if isinstance(output, torch.Tensor) else (times(output[0], back), *output[1:])
+
+    first.register_forward_pre_hook(enter, with_kwargs=True)
+    last.register_forward_hook(leave, with_kwargs=True)

@@ -237,3 +237,79 @@ def test_frozen_dtype_int8_runs_end_to_end_through_simulate(cli, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["config"]["frozen-dtype"] == "int8"
     assert torch.isfinite(torch.tensor(summary["final_eval"]["loss"])) and summary["privacy"]["epsilon"] > 0
+
+
+# ------------------------------------------------------------------ the rotated residual stream
+def test_rotated_weights_compute_the_same_block_in_float():
+    """QuaRot's folding is exact in float: a LLaMA block whose readers are W diag(gain) R, writers R^T W and
+    norms without gains maps x R to block(x) R (what the int8 copy quantizes is the same function)."""
+    import copy
+
+    from fl_dplora.frozen_int8 import _rotated_weights, rotatable, rotation
+
+    _, model, _ = build("llama")
+    block = frozen_prefix.decoder_blocks(model)[2][0]
+    assert rotatable(block)
+    rot = rotation(block.self_attn.q_proj.in_features)
+    torch.testing.assert_close(rot.t() @ rot, torch.eye(rot.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        for name, w in _rotated_weights(block, rot).items():
+            twin.get_submodule(name).weight.copy_(w)
+        twin.input_layernorm.weight.fill_(1.0)
+        twin.post_attention_layernorm.weight.fill_(1.0)
+    decoder = frozen_prefix.decoder_blocks(model)[0]
+    x = torch.randn(2, 7, rot.shape[0], generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(7)[None].expand(2, 7)
+    emb = decoder.rotary_emb(x, pos)
+    with torch.no_grad():
+        ref = block(x, position_embeddings=emb, position_ids=pos)
+        out = twin(x @ rot.float(), position_embeddings=emb, position_ids=pos) @ rot.t().float()
+    ref, out = (t[0] if isinstance(t, tuple) else t for t in (ref, out))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_llama_prefixes_run_rotated_and_others_smoothed(which):
+    """LLaMA-style prefixes: the int8 copies read the rotated stream (norms without gains, no smoothing on
+    q/k/v and gate/up, smoothing kept on o_proj and, folded into up_proj, down_proj); GPT-2 (LayerNorm):
+    smoothing only."""
+    from fl_dplora import frozen_int8
+
+    _, model, _ = build(which)
+    decoder, _, blocks = frozen_prefix.decoder_blocks(model)
+    start = prefix_start(model)
+    copies = frozen_int8.int8_blocks(decoder, blocks, start, "test")
+    if which == "gpt2":
+        assert not any(frozen_int8.rotatable(b) for b in blocks)
+        assert all(m.fused.inv_smooth is not None for c in copies for m in c.modules() if isinstance(m, Int8Linear))
+        return
+    for c in copies:
+        assert isinstance(c.input_layernorm, frozen_int8._UnitRMSNorm)
+        assert isinstance(c.post_attention_layernorm, frozen_int8._UnitRMSNorm)
+        assert c.self_attn.q_proj.fused.inv_smooth is None and c.mlp.gate_proj.fused.inv_smooth is None
+        assert c.self_attn.o_proj.fused.inv_smooth is not None  # smoothed at run time
+        assert c.mlp.down_proj.fused.inv_smooth is None  # smoothed by up_proj's rows
+    assert copies[0]._forward_pre_hooks and copies[-1]._forward_hooks  # the stream is rotated in and out
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in blocks)  # the model itself is untouched
+
+
+def test_rotation_beats_smoothing_alone_on_outlier_channels(monkeypatch):
+    """With outlier channels in the residual stream (massive activations, as SmolLM2 has) the rotated
+    int8 prefix is closer to float32 than smoothing alone: the rule the default takes."""
+    from fl_dplora import frozen_int8
+
+    _, model, _ = build("llama")
+    decoder, _, _ = frozen_prefix.decoder_blocks(model)
+    with torch.no_grad():
+        decoder.get_input_embeddings().weight[:, 3] *= 60
+        decoder.get_input_embeddings().weight[:, 17] *= 30
+    start = prefix_start(model)
+    enc = examples(10)
+    ref = compute_prefix(model, enc, start, dtype="float32")
+    err = {}
+    for rotate in (False, True):
+        monkeypatch.setattr(frozen_int8, "ROTATE", rotate)
+        states = compute_prefix(model, enc, start, dtype="int8")
+        err[rotate] = float(torch.cat([1 - _cos(a, b) for a, b in zip(ref, states)]).mean())
+    assert err[True] < err[False], err
