@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_dplora.frozen_prefix import decoder_and_head, decoder_blocks, frozen_dtype, prefix_start, prefix_states
-# re-exported: server_app.py, clients/local_update.py and tools/bench/prefix_cache.py import them from here
-from fl_dplora.frozen_prefix import attach_prefix, clear_memory_cache, compute_prefix  # noqa: F401
 
 LABEL_HEAD_FLOOR = -1e4  # logit of a non-label token where a label head answers (finite: no NaN in softmax)
 LABEL_HEAD_ATTR = "fl_label_head"  # where label_head.install hangs the head on the (PEFT) model

@@ -1,6 +1,6 @@
 """`frozen-dtype = "int8"`: the frozen blocks below the LoRA layers with int8 weights and activations.
 
-The frozen prefix (blocks 0..start-1, forward.py) is most of a run's arithmetic: the prefix-cache
+The frozen prefix (blocks 0..start-1, frozen_prefix.py) is most of a run's arithmetic: the prefix-cache
 build of every training example, and the server's evaluation features. With int8 each nn.Linear
 of those blocks (GPT-2's Conv1D too) runs in an `Int8Linear` of a copy of the block that shares
 every other tensor with the original:

@@ -18,10 +18,6 @@ from torch import nn
 from fl_dplora import model_loading
 from fl_dplora.config import ConfigError, lora_targets
 from fl_dplora.model_loading import TINY_ALIASES, device_for_training, tiny_config
-# re-exported: server_app.py, clients/local_update.py and tools/bench/prefix_cache.py import them from here
-from fl_dplora.model_loading import (  # noqa: F401
-    check_model_name, check_runtime, load_tokenizer, server_device, tokenizer_for,
-)
 
 
 def _base_key(cfg: Mapping[str, Any], device: torch.device) -> tuple:

@@ -27,10 +27,10 @@ from fl_dplora.clients.node_privacy import (
 from fl_dplora.clients.secagg_mod import fitres_reply
 from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import audit_canaries, client_examples, encode_all, load_local_file, load_task, task_for_node
-from fl_dplora.forward import attach_prefix, label_token_ids
-from fl_dplora.models import (
-    adapter_parameters, get_peft_model, load_adapter_weights, load_tokenizer, reset_adapter, round_keys, tokenizer_for,
-)
+from fl_dplora.forward import label_token_ids
+from fl_dplora.frozen_prefix import attach_prefix
+from fl_dplora.model_loading import load_tokenizer, tokenizer_for
+from fl_dplora.models import adapter_parameters, get_peft_model, load_adapter_weights, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import for_config
@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         reset_adapter(model)  # LoRA is still at its seed-shared init in the head-only rounds
     load_adapter_weights({k: params[k] for k in keys}, global_weights)
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
-    # the frozen blocks below the adapter run once per example, not once per step (forward.py)
+    # the frozen blocks below the adapter run once per example, not once per step (frozen_prefix.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
     n = len(data)
     trained_keys = [k for k in keys if params[k].requires_grad]

@@ -11,7 +11,8 @@ from fl_dplora import label_head
 from fl_dplora.config import ConfigError
 from fl_dplora.data import encode_all, head_stat_examples
 from fl_dplora.evaluate import evaluate, score_test_part
-from fl_dplora.forward import attach_prefix, label_token_ids
+from fl_dplora.forward import label_token_ids
+from fl_dplora.frozen_prefix import attach_prefix
 from fl_dplora.models import load_adapter_weights
 
 log = logging.getLogger("fl_dplora")

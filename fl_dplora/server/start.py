@@ -15,10 +15,8 @@ from flwr.serverapp import Grid
 from fl_dplora import checkpoint, protocol
 from fl_dplora.config import SERVER_ONLY_KEYS
 from fl_dplora.data import check_task, eval_examples, load_task
-from fl_dplora.models import (
-    adapter_parameters, check_lora_targets, check_model_name, check_runtime, full_model_stats, get_peft_model,
-    reset_adapter, server_device, tokenizer_for,
-)
+from fl_dplora.model_loading import check_model_name, check_runtime, server_device, tokenizer_for
+from fl_dplora.models import adapter_parameters, check_lora_targets, full_model_stats, get_peft_model, reset_adapter
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.run_dir import claim_output_dir
 from fl_dplora.server.evaluation import setup_label_head

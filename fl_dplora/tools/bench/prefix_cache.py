@@ -1,4 +1,4 @@
-"""`fl-dplora bench prefix-cache`: what the frozen-prefix cache (forward.py) buys a DP client.
+"""`fl-dplora bench prefix-cache`: what the frozen-prefix cache (frozen_prefix.py) buys a DP client.
 
     fl-dplora bench prefix-cache [--quick] [--json FILE] [--layers 2,4,8] [--batch-size 32] [--no-rss]
 
@@ -64,7 +64,7 @@ BUILD_BATCH = 16  # compute_prefix's default batch; the forward baselines use th
 def _model(cfg: dict[str, Any]):
     """The process's PEFT model for cfg and its prefix start (switching lora-layers re-wraps the same base)."""
     from fl_dplora.config import ConfigError
-    from fl_dplora.forward import decoder_blocks, prefix_start
+    from fl_dplora.frozen_prefix import decoder_blocks, prefix_start
     from fl_dplora.models import get_peft_model
 
     model = get_peft_model(cfg)
@@ -83,7 +83,8 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     import torch
 
     from fl_dplora.data import collate
-    from fl_dplora.forward import attach_prefix, per_example_loss
+    from fl_dplora.forward import per_example_loss
+    from fl_dplora.frozen_prefix import attach_prefix
     from fl_dplora.models import adapter_parameters
     from fl_dplora.train import DPSGD
 
@@ -114,7 +115,7 @@ def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int, build_only: 
     import torch
 
     from fl_dplora.data import collate
-    from fl_dplora.forward import compute_prefix, decoder_and_head
+    from fl_dplora.frozen_prefix import compute_prefix, decoder_and_head
 
     model, start = _model(cfg)
     decoder = decoder_and_head(model)[1]
@@ -161,7 +162,7 @@ def prefix_flop(model, data, start: int) -> tuple[float, int, int]:
     (2 x in x out per token) plus attention scores and values (4 x position x hidden per token and
     block), over the tokens the build runs: the shared tokens once, then each example's own (no padding)."""
     from fl_dplora import shared_prefix
-    from fl_dplora.forward import decoder_blocks
+    from fl_dplora.frozen_prefix import decoder_blocks
     from fl_dplora.frozen_int8 import linear_weight
 
     blocks = decoder_blocks(model)[2]
@@ -189,7 +190,7 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
 
     import torch
 
-    from fl_dplora.forward import compute_prefix
+    from fl_dplora.frozen_prefix import compute_prefix
     from fl_dplora.label_head import first_answer_states
 
     states = {d: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype=d) for d in ("float32", "int8")}
@@ -210,7 +211,7 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
 def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
     """Bytes of the states the client caches for its shard (float32, one per token), in MiB."""
     from fl_dplora.data import client_examples, encode_all
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     enc = encode_all(load_tokenizer(cfg["model"]), client_examples(cfg, 0, 1), int(cfg["max-seq-len"]), cfg["system-prompt"])
     return sum(len(e.input_ids) for e in enc) * hidden * 4 / 2**20
@@ -221,9 +222,9 @@ def main(args: argparse.Namespace) -> int:
     quiet_transformers()
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
-    from fl_dplora.forward import clear_memory_cache, compute_prefix
+    from fl_dplora.frozen_prefix import clear_memory_cache, compute_prefix
     from fl_dplora.frozen_int8 import matmul_path
-    from fl_dplora.models import load_tokenizer
+    from fl_dplora.model_loading import load_tokenizer
 
     apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
     model_name = args.model or "smollm2-135m"
