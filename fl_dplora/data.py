@@ -246,14 +246,17 @@ def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: i
 @lru_cache(maxsize=4)
 def audit_canaries(path: str) -> dict[str, Any] | None:
     """The canary file of `fl-dplora audit`: {"data-clients": N, "examples": {partition: [[prompt, answer], ...]},
-    "gradients": {partition: [canary, ...]}}, a gradient canary a list of [adapter key, flat index, value]
-    (train.GradientCanary)."""
+    "gradients": {partition: [canary, ...]}, "observe": {partition: [[adapter key, flat index], ...]},
+    "observations": FILE}, a gradient canary a list of [adapter key, flat index, value]
+    (train.GradientCanary); `observe` names every canary's coordinate (planted or not), whose gradient
+    the partition appends to FILE after each round (the audit's white-box view)."""
     if not path:
         return None
     try:
         raw = json.loads(Path(path).read_text())
         return {"data-clients": int(raw["data-clients"]), "examples": dict(raw.get("examples", {})),
-                "gradients": dict(raw.get("gradients", {}))}
+                "gradients": dict(raw.get("gradients", {})), "observe": dict(raw.get("observe", {})),
+                "observations": str(raw.get("observations", ""))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"audit-canaries: cannot read {path}: {exc}") from None
 

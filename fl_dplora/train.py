@@ -16,7 +16,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,6 +124,7 @@ class TrainStats:
     mean_loss: float
     seconds: float
     sample_rate: float
+    observed: list[list[float | None]] = field(default_factory=list)  # per step, the audit's coordinates
 
 
 def _micro_batches(indices: list[int], size: int):
@@ -148,12 +149,16 @@ def local_train(
     label_token_ids: torch.Tensor | None = None,
     public_size: int | None = None,
     canaries: Sequence[GradientCanary] = (),
+    observe: Sequence[tuple[int, int]] = (),
 ) -> TrainStats:
     """Run cfg['local-steps'] optimizer steps. The one training loop of the project.
 
     `public_size`: the size DP-SGD's q and divisor come from (sample_rate.basis); None = the
     shard's n (benchmarks and tests; a node always passes its basis).
-    `canaries`: audit gradient canaries, examples n.. of the shard (empty outside an audit)."""
+    `canaries`: audit gradient canaries, examples n.. of the shard (empty outside an audit).
+    `observe`: (position in `params`, flat index) of every audit canary's coordinate, planted or not
+    (position -1: not trained this round); each step's gradient there, after the noise and the
+    divisor (what DP-SGD's accounting assumes released), goes into TrainStats.observed."""
     from tqdm.auto import tqdm
 
     steps, batch_size, micro = int(cfg["local-steps"]), int(cfg["batch-size"]), int(cfg["micro-batch-size"])
@@ -172,6 +177,7 @@ def local_train(
     model.train()
     t0 = time.perf_counter()
     losses, seen = [], 0
+    observed: list[list[float | None]] = []
     order: list[int] = []
     sampler = LoRAGradSampler(model, params) if dp else None
     bar = tqdm(range(steps), desc="local steps", leave=False, disable=not progress, unit="step")
@@ -219,6 +225,8 @@ def local_train(
                     p.grad = (s + noise) / divisor
                 else:
                     p.grad = s
+            if observe:  # fl-dplora audit (white box): the step's released gradient at each canary's coordinate
+                observed.append([float(params[pos].grad.view(-1)[flat]) if pos >= 0 else None for pos, flat in observe])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if progress and losses:
@@ -227,4 +235,4 @@ def local_train(
         if sampler:
             sampler.__exit__(None, None, None)
         model.eval()
-    return TrainStats(steps, seen, float(sum(losses) / max(1, len(losses))), time.perf_counter() - t0, q)
+    return TrainStats(steps, seen, float(sum(losses) / max(1, len(losses))), time.perf_counter() - t0, q, observed)

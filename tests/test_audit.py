@@ -171,6 +171,44 @@ def _gradient_audit(tmp_path, canary_kind="gradient", **overrides):
     return result
 
 
+def test_step_scores_sum_client_zeros_gradient_at_each_coordinate_times_the_sign():
+    from fl_dplora.tools.audit.canaries import step_scores
+
+    canaries = [["a", 3, 10.0], ["b", 0, -10.0]]
+    rows = [{"partition": 0, "round": 1, "steps": [[0.5, -0.25], [0.1, None]]},  # None: not trained that step
+            {"partition": 1, "round": 1, "steps": [[9.0, 9.0]]},  # another client's: not the audited one
+            {"partition": 0, "round": 2, "steps": [[-0.1, -0.5]]}]
+    assert step_scores(canaries, rows) == pytest.approx([0.5, 0.75])
+    assert step_scores(canaries, [rows[1]]) is None
+
+
+def test_local_train_reports_the_noised_gradient_at_observed_coordinates():
+    """What the audit's white-box view records is the step's gradient after the noise and the divisor
+    (the released value DP-SGD accounts for), at planted and unplanted coordinates alike."""
+    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
+    from fl_dplora.train import DPSGD, GradientCanary, local_train, make_optimizer
+
+    cfg = tiny_config(**{"optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 2, "batch-size": 4,
+                         "micro-batch-size": 4, "max-grad-norm": 0.5})
+    model = get_peft_model(cfg)
+    reset_adapter(model)
+    params = adapter_parameters(model, cfg)
+    keys = [k for k in params if params[k].requires_grad]
+    trainable = [params[k] for k in keys]
+    before = [p.detach().clone() for p in trainable]
+    opt = make_optimizer(trainable, cfg)
+    stats = local_train(model, trainable, [], cfg, optimizer=opt, dp=DPSGD(2.0, 0.5, torch.Generator().manual_seed(1)),
+                        sampling_generator=torch.Generator().manual_seed(0), public_size=1,
+                        canaries=[GradientCanary(((0, 3, 100.0),))], observe=[(0, 3), (1, 5), (-1, 0)])
+    assert len(stats.observed) == 2 and all(row[2] is None for row in stats.observed)
+    moved = [before[0].view(-1)[3] - trainable[0].detach().view(-1)[3], before[1].view(-1)[5] - trainable[1].detach().view(-1)[5]]
+    # SGD at lr 1: the coordinates moved by exactly the sum of the recorded gradients
+    assert sum(row[0] for row in stats.observed) == pytest.approx(float(moved[0]), abs=1e-5)
+    assert sum(row[1] for row in stats.observed) == pytest.approx(float(moved[1]), abs=1e-5)
+    assert abs(stats.observed[0][1]) > 0.05  # noise of std sigma x C = 1 there: not an un-noised zero
+    reset_adapter(model)
+
+
 @pytest.mark.slow
 def test_gradient_audit_without_dp_has_power(tmp_path):
     r = _gradient_audit(tmp_path, dp_mode="none")
@@ -180,6 +218,8 @@ def test_gradient_audit_without_dp_has_power(tmp_path):
     assert saved["epsilon_lower_bound"] == r["epsilon_lower_bound"] and "gradient" in (tmp_path / "audit.md").read_text()
     planted = json.loads((tmp_path / "canaries.json").read_text())["gradients"]["0"]
     assert len(planted) == r["one_run"]["included"]
+    views = {v["view"]: v["epsilon_lower_bound"] for v in r["one_run_views"]}
+    assert views["every step (white box)"] >= 1.0 and views["final adapter"] >= 1.0, views
 
 
 @pytest.mark.slow
@@ -194,6 +234,8 @@ def test_gradient_audit_of_a_dp_run_stays_below_its_claim(tmp_path):
     r = _gradient_audit(tmp_path, dp_mode="sample", target_epsilon=1.0, secure_rng=False)
     assert 0.9 < r["epsilon_claimed"] <= 1.0
     assert r["epsilon_lower_bound"] <= r["epsilon_claimed"] and not r["flagged"]
+    assert [v["view"] for v in r["one_run_views"]] == ["final adapter", "every step (white box)"]
+    assert all(v["epsilon_lower_bound"] <= r["epsilon_claimed"] for v in r["one_run_views"])
 
 
 @pytest.mark.slow

@@ -122,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     n = len(data)
     trained_keys = [k for k in keys if params[k].requires_grad]
     canaries = gradient_canaries(cfg, context, trained_keys)  # fl-dplora audit only
+    observe = observed_coordinates(cfg, context, trained_keys)  # fl-dplora audit only
 
     state = context.state.get(STATE_KEY) or ConfigRecord()
     # the node's own ledger (node_ledger.py): a file next to its ε log, else context.state
@@ -215,8 +216,10 @@ def train(msg: Message, context: Context) -> Message:
         model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
         step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
         pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids, public_size=sizes.size,
-        canaries=canaries,
+        canaries=canaries, observe=observe,
     )
+    if observe:
+        record_observations(cfg, part, server_round, stats.observed)
     with torch.no_grad():
         delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
 
@@ -254,6 +257,26 @@ def gradient_canaries(cfg: Mapping[str, Any], context: Context, trained_keys: li
     pos = {k: i for i, k in enumerate(trained_keys)}
     return [GradientCanary(tuple((pos[k], int(i), float(v)) for k, i, v in canary if k in pos))
             for canary in planted["gradients"].get(str(int(context.node_config["partition-id"])), [])]
+
+
+def observed_coordinates(cfg: Mapping[str, Any], context: Context, trained_keys: list[str]) -> list[tuple[int, int]]:
+    """The coordinates of every canary `fl-dplora audit` drew for this simulated partition, planted or
+    not: (position among the tensors trained this round, -1 if it does not train; flat index)."""
+    planted = audit_canaries(str(cfg.get("audit-canaries", "")))
+    if not planted or context.node_config.get("data-path") or "partition-id" not in context.node_config:
+        return []
+    pos = {k: i for i, k in enumerate(trained_keys)}
+    return [(pos.get(k, -1), int(i)) for k, i in planted["observe"].get(str(int(context.node_config["partition-id"])), [])]
+
+
+def record_observations(cfg: Mapping[str, Any], partition: int, server_round: int, steps: list) -> None:
+    """Append this round's per-step gradients at the canary coordinates to the audit's file. Audit
+    only (simulation, the auditor's own machine): it holds the noised gradients DP-SGD's accounting
+    already treats as released, so a DP run's audit bound must stay below its claim with them."""
+    path = audit_canaries(str(cfg["audit-canaries"]))["observations"]
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"partition": partition, "round": server_round, "steps": steps}) + "\n")
 
 
 def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:

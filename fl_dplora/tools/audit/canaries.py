@@ -9,7 +9,13 @@ Canaries (`canary_kind`):
   shuffled batches otherwise). The score is how far the final adapter moved that coordinate against
   the canary's gradient from its seed-shared init: −sign × (final − init). A run without DP moves
   it by every step the canary took part in, which the audit sees; under DP-SGD the same
-  coordinate carries the step's Gaussian noise, so the bound stays below ε. This is the worst
+  coordinate carries the step's Gaussian noise, so the bound stays below ε.
+  With example-level canaries the audit also scores white box, as Steinke et al. do: client 0 records
+  its gradient at every canary's coordinate in every step (after the noise: what DP-SGD's accounting
+  treats as released), and the score is sign × the sum over steps (`step_scores`). This is the view
+  that has power under Adam: AdamW moves every coordinate by ~lr per step whatever its gradient, so
+  in the final adapter a canary's push (a few lr) drowns in the data's own movement (measured on the
+  default job: bound 0.25 without DP), while in the gradient it is 10 C / B against the data's mean. This is the worst
   case the DP analysis covers (an example whose clipped gradient points where nothing else does),
   and the test a DP claim must pass; what a text example leaks is below it.
 - "text" (black box, the earlier audit): a random passphrase answered to a fixed question, or with
@@ -128,7 +134,10 @@ class GradientPlan:
         else:
             for j, c in enumerate(inc):
                 gradients[str(self.data_clients + j)] = [c] * self.repeats
-        return {"data-clients": self.data_clients, "examples": {}, "gradients": gradients}
+        # example unit: client 0 reports its gradient at every canary's coordinate, planted or not, each
+        # step (the white-box view DP-SGD's accounting covers); a whole-client canary is seen in the final adapter only
+        observe = {"0": [[key, index] for key, index, _ in self.canaries]} if self.unit == "example" else {}
+        return {"data-clients": self.data_clients, "examples": {}, "gradients": gradients, "observe": observe}
 
 
 CANARY_NORM = 10.0  # a canary's gradient, in units of max-grad-norm: DP-SGD clips it to C like any example's; without DP it is 10 C (100 C broke a no-DP SGD run)
@@ -157,6 +166,17 @@ def make_gradient_plan(dp_mode: str, data_clients: int, sizes: Mapping[str, int]
         c[2] = rng.choice((1, -1)) * float(norm)
     included = [rng.random() < 0.5 for _ in range(num_canaries)]
     return GradientPlan(canaries, included, repeats, *_placement(dp_mode, data_clients, included))
+
+
+def step_scores(canaries: Sequence[Sequence], rows: Sequence[Mapping[str, Any]]) -> list[float] | None:
+    """Each canary's gradient summed over every step client 0 took (`rows`: its observation records),
+    times the canary's sign: a planted canary adds sign x C (clipped) to its coordinate in each step
+    that sampled it. None when no step was observed."""
+    steps = [step for row in rows if int(row["partition"]) == 0 for step in row["steps"]]
+    if not steps:
+        return None
+    return [math.copysign(1.0, float(value)) * sum(float(step[i] or 0.0) for step in steps)
+            for i, (_, _, value) in enumerate(canaries)]
 
 
 def gradient_scores(canaries: Sequence[Sequence], init: Mapping[str, torch.Tensor],

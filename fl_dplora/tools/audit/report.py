@@ -26,8 +26,10 @@ def markdown(r: Mapping[str, Any]) -> str:
         f"# Privacy audit (dp-mode {r['dp_mode']}, canary = one {r['canary_unit']}, {r.get('canary_kind', 'passphrase')})", "",
         "| measure | value |", "|---|---|",
         f"| claimed epsilon (delta {r['delta']:g}) | {claimed} |",
-        f"| one-run lower bound on epsilon (95 %) | {r['epsilon_lower_bound']:.3f} ({o['correct']}/{o['guesses']} right guesses, "
+        f"| one-run lower bound on epsilon ({r['one_run']['confidence'] * 100:g} %) | {r['epsilon_lower_bound']:.3f} ({o['correct']}/{o['guesses']} right guesses, "
         f"{o['included']}/{o['canaries']} canaries included) |",
+        *[f"| ... seen in the {v['view']} ({r['one_run']['confidence'] * 100:g} % each) | {v['epsilon_lower_bound']:.3f} "
+          f"({v['correct']}/{v['guesses']}) |" for v in r.get("one_run_views", []) if len(r["one_run_views"]) > 1],
         *exposure_rows,
         f"| membership inference AUC (loss threshold) | {r['mia_auc']:.3f} |",
         f"| MIA TPR at 1 % FPR | {r['mia_tpr_at_1pct_fpr']:.3f} |",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fl_dplora.data import Example, collate, encode_example
 from fl_dplora.tools.audit.bound import auc, exposure, one_run_audit, tpr_at_fpr
 from fl_dplora.tools.audit.canaries import (QUESTION, GradientPlan, Plan, candidate_space_bits, gradient_scores,
-                                            make_gradient_plan, make_label_flip_plan, make_plan)
+                                            make_gradient_plan, make_label_flip_plan, make_plan, step_scores)
 from fl_dplora.tools.audit.report import average, histograms, markdown
 
 
@@ -103,7 +103,9 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     else:
         plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
     canary_path = out_dir / "canaries.json"
-    canary_path.write_text(json.dumps(plan.canary_file(), indent=1))
+    observations = out_dir / "observed_steps.jsonl"  # client 0's gradients at the canary coordinates (white box)
+    observations.unlink(missing_ok=True)
+    canary_path.write_text(json.dumps({**plan.canary_file(), "observations": str(observations)}, indent=1))
     (out_dir / "audit_plan.json").write_text(json.dumps({"canary_kind": canary_kind, **asdict(plan)}, indent=1))
     # Client-level canaries: the declared population counts every canary client that could take part,
     # so the divisor (q x population) is the same whether a canary was included or not.
@@ -148,8 +150,12 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     final_refs = sequence_nll(model, tokenizer, references, max_len, **score)
     mem_loss = sequence_nll(model, tokenizer, members, max_len, mean=True, **score)
     out_loss = sequence_nll(model, tokenizer, held_out, max_len, mean=True, **score)
-    if gradient:  # white box: the final adapter's coordinates against their init
+    stepwise = None
+    if gradient:  # the final adapter's coordinates against their init; and every step's gradient (white box)
         scores = gradient_scores(plan.canaries, init_values, {k: params[k].detach().cpu() for k in init_values})
+        if observations.exists():
+            rows = [json.loads(line) for line in observations.read_text().splitlines() if line.strip()]
+            stepwise = step_scores(plan.canaries, rows)
     else:  # black box: how much training lowered each canary's loss
         scores = [b - f for b, f in zip(base_canary, final_canary)]
     reset_adapter(model)
@@ -161,7 +167,13 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     exp_in = [exposure(final_canary[i], final_refs) for i in inc] if ranked else []
     exp_out = [exposure(final_canary[i], final_refs) for i in exc] if ranked else []
     eps_claimed, delta = _claimed_epsilon(summary, plan)
-    one_run = one_run_audit(scores, plan.included, delta)
+    # two views of the same canaries: each bound at 97.5 % (Bonferroni), the larger one reported
+    confidence = 0.975 if stepwise is not None else 0.95
+    final_view = {**one_run_audit(scores, plan.included, delta, confidence), "view": "final adapter"}
+    views = [final_view]
+    if stepwise is not None:
+        views.append({**one_run_audit(stepwise, plan.included, delta, confidence), "view": "every step (white box)"})
+    one_run = max(views, key=lambda v: v["epsilon_lower_bound"])
     mia_pos, mia_neg = [-x for x in mem_loss], [-x for x in out_loss]
     cal_pos = [b - f for b, f in zip(base_mem, mem_loss)]  # reference-model attack: loss drop base -> final
     cal_neg = [b - f for b, f in zip(base_out, out_loss)]
@@ -176,8 +188,11 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
         "epsilon_lower_bound": one_run["epsilon_lower_bound"],
         "epsilon_claimed": eps_claimed if math.isfinite(eps_claimed) else None, "delta": delta,
         "flagged": one_run["epsilon_lower_bound"] > eps_claimed,
-        "one_run": {**one_run, "canaries": num_canaries, "included": len(inc), "confidence": 0.95},
+        "one_run": {**one_run, "canaries": num_canaries, "included": len(inc), "confidence": confidence},
+        "one_run_views": views,
         "score_mean_included": average([scores[i] for i in inc]), "score_mean_excluded": average([scores[i] for i in exc]),
+        "step_score_mean_included": None if stepwise is None else average([stepwise[i] for i in inc]),
+        "step_score_mean_excluded": None if stepwise is None else average([stepwise[i] for i in exc]),
         "canary_unit": plan.unit, "repeats": repeats, "references": len(references),
         "mia_members": len(members), "mia_non_members": len(held_out),
         "dp_mode": cfg["dp-mode"], "run_dir": str(run_cfg["output-dir"]),
@@ -185,7 +200,10 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "audit.md").write_text(markdown(result))
-    histograms(out_dir / "audit.png", mia_pos, mia_neg, [scores[i] for i in inc], [scores[i] for i in exc],
-                "score = −sign × (final − init) at the canary's coordinate" if gradient else "score = loss drop base → final (nats)")
+    shown = stepwise if stepwise is not None and one_run is views[-1] else scores
+    axis = ("score = sign × Σ over client 0's steps of the gradient at the canary's coordinate" if shown is stepwise
+            else "score = −sign × (final − init) at the canary's coordinate" if gradient
+            else "score = loss drop base → final (nats)")
+    histograms(out_dir / "audit.png", mia_pos, mia_neg, [shown[i] for i in inc], [shown[i] for i in exc], axis)
     return result
 
