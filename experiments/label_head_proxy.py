@@ -22,7 +22,7 @@ FEATURES = "label_head_features.pt"
 def build_features():
     from fl_dplora.config import resolve
     from fl_dplora.data import Example, client_examples, collate, encode_all, eval_examples, load_task
-    from fl_dplora.forward import _top_blocks_only, label_first_tokens
+    from fl_dplora.forward import top_blocks_only, label_first_tokens
     from fl_dplora.frozen_prefix import attach_prefix, decoder_and_head, decoder_blocks
     from fl_dplora.model_loading import load_tokenizer
     from fl_dplora.models import get_peft_model
@@ -41,7 +41,7 @@ def build_features():
                 b = collate(part, tok.pad_token_id)
                 pos = (b["labels"][:, 1:] != -100).int().argmax(1)  # first answer position (predicting)
                 with torch.no_grad():
-                    with _top_blocks_only(dec, name, blocks, 26, b["prefix_hidden"]):
+                    with top_blocks_only(dec, name, blocks, 26, b["prefix_hidden"]):
                         h = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
                 r = torch.arange(len(part))
                 out["final"].append(h[r, pos]); out["in26"].append(b["prefix_hidden"][r, pos])

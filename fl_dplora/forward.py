@@ -27,9 +27,10 @@ def attached_label_head(model: nn.Module) -> nn.Module | None:
 
 # ------------------------------------------------------------------ the forward pass
 @contextmanager
-def _top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start: int, hidden: torch.Tensor):
+def top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start: int, hidden: torch.Tensor):
     """Run the decoder's own forward (masks, rotary, final norm) over blocks[start:] only, with
-    `hidden` as the input of blocks[start] (what the skipped blocks computed when it was cached)."""
+    `hidden` as the input of blocks[start] (what the skipped blocks computed when it was cached).
+    final_hidden's cached path; public for code that feeds its own cached states (experiments)."""
 
     def feed(module, args, kwargs):
         if args:
@@ -62,7 +63,7 @@ def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
         found = decoder_blocks(model)
         param = next(iter(decoder.parameters()))
         cached = batch["prefix_hidden"].to(device=param.device, dtype=param.dtype)
-        with _top_blocks_only(*found, start, cached):
+        with top_blocks_only(*found, start, cached):
             return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 

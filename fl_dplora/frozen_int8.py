@@ -91,11 +91,12 @@ def smoothing(input_max: torch.Tensor, weights: Sequence[torch.Tensor], alpha: f
     return torch.exp2(torch.log2(s.clamp(1e-4, 1e4)).round())
 
 
-class _Fused:
+class FusedLinears:
     """Linear layers that read the same input (q/k/v, gate/up): one quantization of the input and one
     int8 matmul over their concatenated weights; each layer's call returns its own columns. Every
     output column is the same number a separate layer computes (int32 sums are exact).
-    `input_max` (per input channel, from calibration) turns on the SmoothQuant factors."""
+    `input_max` (per input channel, from calibration) turns on the SmoothQuant factors.
+    Shared by the Int8Linear layers of one group (their `fused`)."""
 
     def __init__(self, layers: Sequence[nn.Module], input_max: torch.Tensor | None = None,
                  weights: Sequence[torch.Tensor] | None = None, alpha: float | None = None,
@@ -145,13 +146,13 @@ class _Fused:
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 per output channel and x int8 per token (int32 accumulation); with
-    `fused`, one of several layers that read the same input (see _Fused)."""
+    `fused`, one of several layers that read the same input (see FusedLinears)."""
 
-    def __init__(self, layer: nn.Module, fused: _Fused | None = None, index: int = 0):
+    def __init__(self, layer: nn.Module, fused: FusedLinears | None = None, index: int = 0):
         super().__init__()
         weight = linear_weight(layer)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.fused = fused if fused is not None else _Fused([layer])
+        self.fused = fused if fused is not None else FusedLinears([layer])
         self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +210,9 @@ def rotatable(block: nn.Module) -> bool:
     return all(isinstance(m := modules.get(w), nn.Linear) and m.bias is None for w in WRITES_STREAM)
 
 
-class _UnitRMSNorm(nn.Module):
-    """RMSNorm without its gain (folded into the layers that read it): x / rms(x), as the original computes it."""
+class UnitRMSNorm(nn.Module):
+    """RMSNorm without its gain (folded into the layers that read it): x / rms(x), as the original computes it.
+    What a rotated int8 copy (int8_copy with `rot`) has in place of each RMSNorm that feeds the stream's readers."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -221,8 +223,9 @@ class _UnitRMSNorm(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def _rotated_weights(block: nn.Module, rot: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{layer name: its [out, in] weight in the rotated stream}: readers W diag(gain) R, writers R^T W."""
+def rotated_weights(block: nn.Module, rot: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{layer name: its [out, in] weight in the rotated stream}: readers W diag(gain) R, writers R^T W.
+    The weights int8_copy quantizes for a rotatable block (QuaRot's folding, exact in float)."""
     modules = dict(block.named_modules())
     out = {}
     for norm, readers in READS_STREAM:
@@ -246,7 +249,7 @@ def int8_copy(block: nn.Module, input_max: dict[nn.Module, torch.Tensor] | None 
     rotated: dict[str, torch.Tensor] = {}
     upstream: dict[str, torch.Tensor] = {}
     if rot is not None:
-        rotated = _rotated_weights(block, rot)
+        rotated = rotated_weights(block, rot)
         down_max = (input_max or {}).get(originals["mlp.down_proj"])
         alpha = SMOOTH_ALPHA_BY_LAYER.get("down_proj", SMOOTH_ALPHA)
         if down_max is not None and alpha is not None:
@@ -256,22 +259,22 @@ def int8_copy(block: nn.Module, input_max: dict[nn.Module, torch.Tensor] | None 
             rotated["mlp.up_proj"] = rotated["mlp.up_proj"] / s[:, None]
             upstream["mlp.down_proj"] = s
         for norm, _ in READS_STREAM:  # the gain is in the readers' weights now
-            setattr(twin, norm, _UnitRMSNorm(getattr(block, norm)))
+            setattr(twin, norm, UnitRMSNorm(getattr(block, norm)))
     for prefix, parent in list(twin.named_modules()):
         children = {name: child for name, child in parent.named_children() if linear_weight(child) is not None}
 
         def full(name: str) -> str:
             return f"{prefix}.{name}" if prefix else name
 
-        def fused(names: Sequence[str]) -> _Fused:
+        def fused(names: Sequence[str]) -> FusedLinears:
             layers = [children[n] for n in names]
             stats = (input_max or {}).get(originals.get(full(names[0])))
             alpha = SMOOTH_ALPHA_BY_LAYER.get(names[0])
             if full(names[0]) in rotated:  # readers of the rotated stream: R has spread the outliers, no smoothing
                 reads = full(names[0]) not in WRITES_STREAM
-                return _Fused(layers, None if reads else stats, [rotated[full(n)] for n in names], alpha,
+                return FusedLinears(layers, None if reads else stats, [rotated[full(n)] for n in names], alpha,
                               upstream.get(full(names[0])))
-            return _Fused(layers, stats, alpha=alpha)
+            return FusedLinears(layers, stats, alpha=alpha)
 
         for group in FUSED_GROUPS:
             if all(name in children for name in group):

@@ -71,6 +71,12 @@ def check_lora_targets(cfg: Mapping[str, Any]) -> None:
 _CACHE: dict[str, Any] = {"base_id": None, "key": None, "peft": None, "init": None}
 
 
+def forget_cached_model() -> None:
+    """Empty the process-wide model cache: the next get_peft_model loads the base model afresh. For
+    code (tests) that converts or trains the cached model and must not leak that into what runs next."""
+    _CACHE.update(base_id=None, key=None, peft=None)
+
+
 def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     """The process-wide PEFT model for this config (built once, reused across rounds and clients),
     on `device` (default: the device this process was given, see device_for_training).

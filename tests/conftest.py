@@ -33,7 +33,7 @@ def _fresh_model_cache():
     or trains the cached model (`.double()`, a run's final adapter) cannot leak into the next one."""
     models = sys.modules.get("fl_dplora.models")
     if models is not None:
-        models._CACHE.update(base_id=None, key=None, peft=None)
+        models.forget_cached_model()
     yield
 
 

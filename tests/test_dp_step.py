@@ -34,7 +34,7 @@ Q = BATCH / N_EXAMPLES
 @pytest.fixture(scope="module")
 def setup():
     """A float64 tiny LLaMA with every LoRA target, random B, and 12 examples of different lengths."""
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     cfg = resolve({
         "model": "tiny-random-llama", "lora-targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "lora-rank": 8, "local-steps": 1, "batch-size": BATCH, "micro-batch-size": MICRO,
@@ -53,7 +53,7 @@ def setup():
     data = encode_all(tok, load_task("general-instruct", 42).train[:N_EXAMPLES], 64)
     assert len({len(e.input_ids) for e in data}) > 3
     yield cfg, model, params, init, data, tok.pad_token_id
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
 
 
 def sampling_seed_with_batch() -> tuple[int, list[int]]:

@@ -56,11 +56,11 @@ def lora_run(tmp_path_factory):
 
 
 def _fresh_A(cfg) -> dict[str, torch.Tensor]:
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     try:
         return _lora_A(get_peft_model(cfg))
     finally:
-        models._CACHE.update(base_id=None, key=None, peft=None)
+        models.forget_cached_model()
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -81,7 +81,7 @@ def test_layers_reading_one_input_run_as_one_matmul_with_the_same_numbers(monkey
 
 
 def test_smoothing_factors_are_powers_of_two_and_keep_the_products():
-    from fl_dplora.frozen_int8 import _Fused, smoothing
+    from fl_dplora.frozen_int8 import FusedLinears, smoothing
 
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(32, 24, bias=False)
@@ -90,7 +90,7 @@ def test_smoothing_factors_are_powers_of_two_and_keep_the_products():
     s = smoothing(x.abs().amax(0), [lin.weight.detach()], 0.5)
     assert torch.equal(torch.exp2(torch.log2(s).round()), s)
     torch.testing.assert_close((x / s) @ (lin.weight.detach() * s).t(), lin(x).detach(), atol=1e-4, rtol=1e-4)
-    plain, smooth = _Fused([lin]), _Fused([lin], x.abs().amax(0))
+    plain, smooth = FusedLinears([lin]), FusedLinears([lin], x.abs().amax(0))
     with torch.no_grad():
         ref = lin(x)
         err = {name: float((f.output(x, 0) - ref).norm() / ref.norm()) for name, f in (("plain", plain), ("smooth", smooth))}
@@ -240,12 +240,12 @@ def test_frozen_dtype_int8_runs_end_to_end_through_simulate(cli, tmp_path):
 
 
 # ------------------------------------------------------------------ the rotated residual stream
-def test_rotated_weights_compute_the_same_block_in_float():
+def testrotated_weights_compute_the_same_block_in_float():
     """QuaRot's folding is exact in float: a LLaMA block whose readers are W diag(gain) R, writers R^T W and
     norms without gains maps x R to block(x) R (what the int8 copy quantizes is the same function)."""
     import copy
 
-    from fl_dplora.frozen_int8 import _rotated_weights, rotatable, rotation
+    from fl_dplora.frozen_int8 import rotated_weights, rotatable, rotation
 
     _, model, _ = build("llama")
     block = frozen_prefix.decoder_blocks(model)[2][0]
@@ -254,7 +254,7 @@ def test_rotated_weights_compute_the_same_block_in_float():
     torch.testing.assert_close(rot.t() @ rot, torch.eye(rot.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
     twin = copy.deepcopy(block)
     with torch.no_grad():
-        for name, w in _rotated_weights(block, rot).items():
+        for name, w in rotated_weights(block, rot).items():
             twin.get_submodule(name).weight.copy_(w)
         twin.input_layernorm.weight.fill_(1.0)
         twin.post_attention_layernorm.weight.fill_(1.0)
@@ -285,8 +285,8 @@ def test_llama_prefixes_run_rotated_and_others_smoothed(which):
         assert all(m.fused.inv_smooth is not None for c in copies for m in c.modules() if isinstance(m, Int8Linear))
         return
     for c in copies:
-        assert isinstance(c.input_layernorm, frozen_int8._UnitRMSNorm)
-        assert isinstance(c.post_attention_layernorm, frozen_int8._UnitRMSNorm)
+        assert isinstance(c.input_layernorm, frozen_int8.UnitRMSNorm)
+        assert isinstance(c.post_attention_layernorm, frozen_int8.UnitRMSNorm)
         assert c.self_attn.q_proj.fused.inv_smooth is None and c.mlp.gate_proj.fused.inv_smooth is None
         assert c.self_attn.o_proj.fused.inv_smooth is not None  # smoothed at run time
         assert c.mlp.down_proj.fused.inv_smooth is None  # smoothed by up_proj's rows

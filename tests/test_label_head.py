@@ -32,11 +32,11 @@ def fresh_model(monkeypatch, tmp_path):
     monkeypatch.setenv("FL_DPLORA_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     frozen_prefix.clear_memory_cache()
     yield
     frozen_prefix.clear_memory_cache()
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     torch.set_num_threads(threads)
 
 
@@ -75,13 +75,15 @@ def test_head_scores_the_label_words_at_the_first_answer_position_only():
     assert not torch.allclose(logits[first][:, ids], plain[first][:, ids])
 
 
-def test_fast_path_gives_the_full_paths_losses_and_per_example_gradients():
+def test_fast_path_gives_the_full_paths_losses_and_per_example_gradients(monkeypatch):
     _, model, enc, ids, pad = setup()
     head = label_head.get(model)
     full_batch = collate(enc, pad)
     states = label_head.first_answer_states(model, enc, pad)
     fast_batch = {**full_batch, "answer_hidden": states}
-    assert forward._label_head_loss(model, fast_batch, ids) is not None  # the fast path is taken
+    with monkeypatch.context() as m:  # the fast path is taken: no decoder pass
+        m.setattr(forward, "answer_logits", lambda *a: pytest.fail("the full path ran"))
+        per_example_loss(model, fast_batch, ids)
 
     def per_example(batch):
         with LoRAGradSampler(model, [head.proj.weight]) as sampler:

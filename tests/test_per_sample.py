@@ -28,9 +28,9 @@ REL_TOL = 1e-5
 @pytest.fixture
 def fresh_model_cache():
     """These tests turn the process-wide PEFT model to float64 and randomise B: never leak that."""
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     yield
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
 
 
 def build(which: str):

@@ -41,7 +41,7 @@ def test_gradient_checkpointing_keeps_per_example_gradients_exact(which):
     enc = examples(6)
     results = {}
     for ckpt in (False, True):
-        models._CACHE.update(base_id=None, key=None, peft=None)
+        models.forget_cached_model()
         cfg, model, params = build(which, lora_layers=0, **{"gradient-checkpointing": ckpt})
         _no_dropout(model)
         model.train()  # transformers checkpoints only in training mode
@@ -72,7 +72,7 @@ def test_checkpointing_gives_the_same_per_example_gradients_for_every_target(whi
     enc = examples(5)
     results, pending_seen = {}, []
     for ckpt in (False, True):
-        models._CACHE.update(base_id=None, key=None, peft=None)
+        models.forget_cached_model()
         cfg, model, params = build(which, lora_layers=0, **{"gradient-checkpointing": ckpt, "lora-variant": variant,
                                                             "lora-targets": ALL_TARGETS[which]})
         if ckpt and reentrant:
@@ -134,10 +134,10 @@ def test_bfloat16_base_keeps_lora_gradients_and_noise_in_float32(which, monkeypa
     from fl_dplora.train import DPSGD, local_train, make_optimizer
 
     enc = examples(6)
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     _, ref_model, ref_params = build(which, lora_layers=0)
     _, g32 = _per_example(ref_model, ref_params, enc)
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     cfg, model, params = build(which, lora_layers=0, dtype="bfloat16")
     frozen = [p for n, p in model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point]
     assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}

@@ -39,11 +39,11 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("FL_DPLORA_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     clear_memory_cache()
     yield
     clear_memory_cache()
-    models._CACHE.update(base_id=None, key=None, peft=None)
+    models.forget_cached_model()
     torch.set_num_threads(threads)
 
 

@@ -14,8 +14,12 @@ import pytest
 import torch
 
 from fl_dplora import frozen_prefix, shared_prefix
-from fl_dplora.frozen_prefix import _PrefixDone, _hidden_arg, compute_prefix, decoder_blocks
+from fl_dplora.frozen_prefix import compute_prefix, decoder_blocks
 from tests.test_prefix_cache import build, examples, isolated  # noqa: F401 - fixture
+
+
+class Grabbed(Exception):
+    """Stops the plain forward once the state entering blocks[start] is taken."""
 
 
 def alone(model, e, start: int) -> torch.Tensor:
@@ -24,14 +28,14 @@ def alone(model, e, start: int) -> torch.Tensor:
     got = {}
 
     def grab(module, args, kwargs):
-        got["h"] = _hidden_arg(args, kwargs)
-        raise _PrefixDone
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        raise Grabbed
 
     handle = blocks[start].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             decoder(input_ids=torch.tensor([e.input_ids]))
-    except _PrefixDone:
+    except Grabbed:
         pass
     finally:
         handle.remove()
