@@ -120,7 +120,7 @@ def test_the_import_graph_is_read():
     assert "fl_dplora.server.loop" in GRAPH and "fl_dplora.tools.bench.cli" in GRAPH
     assert "fl_dplora.protocol" in GRAPH["fl_dplora.server.loop"]
     assert "fl_dplora.tools.bench.common" in GRAPH["fl_dplora.tools.bench.secagg"]
-    assert "fl_dplora.testing.inprocess_grid" in GRAPH["fl_dplora.tools.bench.secagg"]  # inside a function
+    assert "fl_dplora.testing.inprocess_grid" in GRAPH["fl_dplora.tools.bench.secagg_round"]  # inside a function
     assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
 
 
