@@ -166,7 +166,7 @@ def _gradient_audit(tmp_path, canary_kind="gradient", **overrides):
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=64, mia_samples=30,
                              canary_kind=canary_kind, log=lambda *a: None)
-    print({k: result[k] for k in ("canary_kind", "epsilon_lower_bound", "epsilon_claimed", "one_run",
+    print({k: result[k] for k in ("canary_kind", "epsilon_lower_bound", "epsilon_claimed", "one_run", "one_run_views",
                                   "score_mean_included", "score_mean_excluded")})
     return result
 

@@ -100,6 +100,18 @@ def test_nodes_sharing_one_log_keep_one_ledger_per_data_file(tmp_path, monkeypat
     assert ledger_path(tmp_path / "n.jsonl", 7).name == "n.run-7.ledger.jsonl"  # no data key: the run's alone
 
 
+def test_a_floor_without_an_epsilon_log_still_keeps_a_durable_ledger(tmp_path, monkeypatch):
+    """max-epsilon alone (no epsilon-log, no data-path): the ledger goes to the default log's folder,
+    so a restarted node does not start its floor from zero; without a floor nothing is written."""
+    monkeypatch.setenv("FL_DPLORA_HOME", str(tmp_path / "home"))
+    floor = NodePolicy.from_node_config({"partition-id": 3, "max-epsilon": 4.0})
+    assert floor.log_path == tmp_path / "home" / "node-epsilon.jsonl"
+    NodeLedger.open(floor.ledger_path(9)).charge(1, "example", 1.0, 0.5, 4)
+    restarted = NodePolicy.from_node_config({"partition-id": 3, "max-epsilon": 4.0})
+    assert NodeLedger.open(restarted.ledger_path(9)).example_ledger().total_steps == 4
+    assert NodePolicy.from_node_config({"partition-id": 3}).ledger_path(9) is None
+
+
 # ---------------------------------------------------------------- (a) a node restarted between rounds
 def test_a_restarted_node_continues_its_ledger_and_its_floor_stops_it(tmp_path):
     cfg = tiny_config(**SMALL, **{"dp-mode": "sample", "num-server-rounds": 3})

@@ -81,6 +81,38 @@ def test_a_finished_runs_spent_events_and_the_other_runs_on_the_same_file(tmp_pa
     assert spent_b.history == [(1.5, 0.5, 1), (1.2, 0.5, 2)]  # two attempts and the skipped round 2
 
 
+def test_a_runs_spending_is_stated_per_protected_unit(tmp_path):
+    """Per-unit budgets: a client-level run bounds one example only as a replacement of the node's
+    whole clipped update (σ/2, no credit for the server's sampling); an example-level run bounds no
+    whole-node participation at all."""
+    client_run = NodeLedger.open(tmp_path / "a.ledger.jsonl")
+    client_run.charge(1, "client", 1.5, 0.5, 1)
+    client_run.charge(3, "client", 1.2, 0.5, 1)  # round 2 skipped: counted at the smallest σ
+    assert client_run.spent_for("client").history == client_run.spent().history == [(1.5, 0.5, 1), (1.2, 0.5, 2)]
+    assert client_run.spent_for("example").history == [(0.75, 1.0, 1), (0.6, 1.0, 2)]
+    example_run = NodeLedger.open(tmp_path / "b.ledger.jsonl")
+    example_run.charge(1, "example", 2.0, 0.1, 4, "replace-one")
+    assert example_run.spent_for("example").history == [(2.0, 0.1, 4)]
+    assert example_run.spent_for("client") is None
+
+
+def test_a_client_level_run_after_an_example_level_one_on_the_same_file_is_refused(tmp_path):
+    """A node with a floor trained its file under example-level DP-SGD; a client-level run on the same
+    file is refused before any data is touched, in one line (old code: composed the two as one)."""
+    data = _node_file(tmp_path / "node.csv")
+    log = tmp_path / "node.jsonl"
+    node = {"data-path": str(data), "epsilon-log": str(log), "max-epsilon": 40.0}
+    run_in_process(1, output_dir=tmp_path / "run1", grid=InProcessGrid(1, node_configs=[node], seed=5, run_id=1),
+                   **{**RUN, "num-server-rounds": 1})
+    client = {**RUN, "num-server-rounds": 1, "dp-mode": "client", "fraction-train": 1.0}
+    with pytest.raises(RuntimeError, match="protected single examples only"):
+        run_in_process(1, output_dir=tmp_path / "run2", grid=InProcessGrid(1, node_configs=[node], seed=5, run_id=2),
+                       **client)
+    rows = _rows(log)
+    assert [(r["run-id"], "refused" in r) for r in rows] == [(1, False), (2, True)]
+    assert rows[1]["epsilon-data-file"] is None and "max-epsilon 40 cannot hold over its 2 runs" in rows[1]["refused"]
+
+
 # ---------------------------------------------------------------- a second run on the same file
 def test_a_new_run_on_the_same_file_does_not_reset_the_nodes_budget(tmp_path):
     """Run 1 trains 2 rounds; the floor is what 3 rounds cost. Run 2 (a new run id, the same file and

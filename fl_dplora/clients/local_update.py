@@ -199,7 +199,7 @@ def train(msg: Message, context: Context) -> Message:
             enforce(policy, log_row, lambda: refuse(why))
     seen_now = node_ledger.attempt_sigmas(mode.unit, charge[0]) if "epsilon-against-server" in log_row else []
     data_file = data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row,
-                                  seen_now)
+                                  seen_now, mode.unit or "example")
     enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
         node_ledger.charge(server_round, mode.unit, *charge,

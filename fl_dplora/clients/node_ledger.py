@@ -181,6 +181,23 @@ class NodeLedger:
                     ledger.step(*event)
         return ledger
 
+    def spent_for(self, unit: str) -> PrivacyLedger | None:
+        """What this run spent, stated for the unit `unit` protects (per-unit budgets). For "example":
+        its example-level events, and each client-level event at σ/2 and rate 1: one example changed
+        moves the node's clipped update by up to 2C (a replacement of the whole update), and the
+        server's sampling of nodes is not counted. For a client-level unit: its events, or None when
+        this run protected single examples, which bounds nothing about a whole node's participation."""
+        ledger = self.example_ledger()
+        if unit != "example":
+            return None if ledger.history else self.spent()
+        for other in dict.fromkeys(x.get("unit") for x in self.lines if x["event"] == "charge"):
+            charges = self.charges(other) if other != "example" else []
+            if charges:
+                top = max(r for r, _, _ in charges)
+                for sigma, _, k in self.client_history(other, top + 1, charges[-1][1], charges[-1][2]):
+                    ledger.step(sigma / 2.0, 1.0, k)
+        return ledger
+
     def server_sees_sigmas(self) -> list[float]:
         """σ of every attempt whose own noise alone stood between the data and the server (any unit)."""
         return [float(x["sigma"]) for x in self.lines if x["event"] == "charge" and x.get("server-sees")]

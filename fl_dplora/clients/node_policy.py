@@ -117,7 +117,8 @@ class NodePolicy:
         log = node.get("epsilon-log")
         if log:
             log_path = Path(os.path.expanduser(str(log)))
-        elif node.get("data-path"):
+        elif node.get("data-path") or max_eps is not None:
+            # a floor needs a ledger that survives a restart: without one a restarted node starts from zero
             log_path = default_log()
         else:
             log_path = None
@@ -150,18 +151,21 @@ class NodePolicy:
         """The δ this node states its ε at: the run's, never above its own `max-delta`."""
         return float(run_delta) if self.max_delta is None else min(float(run_delta), self.max_delta)
 
-    def prior_runs(self, run_id: int) -> tuple[PrivacyLedger, int, list[float]] | None:
-        """What every other run on this node's data file charged, composed, how many runs, and the σ of
-        their attempts the server saw with the node's own noise alone; None when the node keeps no
-        file ledger or has no data file of its own."""
+    def prior_runs(self, run_id: int, unit: str = "example") -> tuple[PrivacyLedger | None, int, list[float]] | None:
+        """What every other run on this node's data file charged, composed for the unit this run
+        protects (NodeLedger.spent_for; None: a run there bounds nothing for that unit), how many
+        runs, and the σ of their attempts the server saw with the node's own noise alone; None when
+        the node keeps no file ledger or has no data file of its own."""
         from fl_dplora.clients.node_ledger import NodeLedger, other_runs
 
         if self.log_path is None or not self.own_file:
             return None
         runs = [NodeLedger.open(p) for p in other_runs(self.log_path, run_id, self.data_key)]
-        ledgers = [r.spent() for r in runs]
-        adjacency = "replace-one" if any(x.adjacency == "replace-one" for x in ledgers) else "add-remove"
+        ledgers = [r.spent_for(unit) for r in runs]
         seen = [s for r in runs for s in r.server_sees_sigmas()]
+        if any(x is None for x in ledgers):
+            return None, len(ledgers), seen
+        adjacency = "replace-one" if any(x.adjacency == "replace-one" for x in ledgers) else "add-remove"
         return PrivacyLedger([e for x in ledgers for e in x.history], adjacency), len(ledgers), seen
 
     def check_round(self, epsilon_after: float, against_server: float | None = None,
@@ -178,6 +182,10 @@ class NodePolicy:
             raise NodeRefusal(f"node policy: this round would raise this node's epsilon against the server (its own "
                               f"noise, no amplification by the server's sampling) to {against_server:.4g} > "
                               f"max-epsilon {self.max_epsilon:g}")
+        if data_file is not None and math.isinf(data_file[0]):
+            raise NodeRefusal(f"node policy: an earlier run on this node's data file protected single examples only, "
+                              f"which bounds no whole-node (client-level) epsilon: max-epsilon {self.max_epsilon:g} "
+                              f"cannot hold over its {data_file[1]} runs")
         if data_file is not None and data_file[0] > self.max_epsilon * (1 + 1e-9):
             raise NodeRefusal(f"node policy: this round would raise the epsilon of this node's data file over its "
                               f"{data_file[1]} runs to {data_file[0]:.4g} > max-epsilon {self.max_epsilon:g}")

@@ -79,19 +79,23 @@ def refuse(why: str) -> None:
 
 
 def data_file_epsilon(policy: NodePolicy, run_id: int, this_run: PrivacyLedger, delta: float, accountant: str,
-                      log_row: dict[str, Any], seen_now: list[float]) -> tuple[float, int] | None:
+                      log_row: dict[str, Any], seen_now: list[float], unit: str = "example") -> tuple[float, int] | None:
     """(ε of every run on this node's data file composed, runs) once this attempt is charged: the other
-    runs' ledgers next to the ε log and this run's events, in one composition (the same records
-    each time); with local or distributed noise in any of them, also every attempt the server saw
-    with the node's own noise alone, composed against the server (the larger is checked). None: no
-    floor, no file ledger or no other run."""
-    prior = policy.prior_runs(run_id) if policy.max_epsilon is not None else None
+    runs' ledgers next to the ε log, stated for the unit this run protects (`unit`; per-unit budgets,
+    NodeLedger.spent_for: inf when an earlier run bounds nothing for it), and this run's events, in
+    one composition (the same records each time); with local or distributed noise in any of them,
+    also every attempt the server saw with the node's own noise alone, composed against the server
+    (the larger is checked). None: no floor, no file ledger or no other run."""
+    prior = policy.prior_runs(run_id, unit) if policy.max_epsilon is not None else None
     if prior is None or prior[1] == 0:
         return None
     ledger, runs, seen = prior
-    adjacency = "replace-one" if "replace-one" in (ledger.adjacency, this_run.adjacency) else "add-remove"
-    total = PrivacyLedger([*ledger.history, *this_run.history], adjacency).epsilon(delta, accountant)
-    log_row.update({"epsilon-data-file": total, "runs-on-data-file": runs + 1})
+    if ledger is None:
+        total = math.inf
+    else:
+        adjacency = "replace-one" if "replace-one" in (ledger.adjacency, this_run.adjacency) else "add-remove"
+        total = PrivacyLedger([*ledger.history, *this_run.history], adjacency).epsilon(delta, accountant)
+    log_row.update({"epsilon-data-file": total if math.isfinite(total) else None, "runs-on-data-file": runs + 1})
     sigmas = [*seen, *seen_now]
     if sigmas:  # ClientDP.epsilon_against_server's composition: rate 1, σ/2 per attempt
         against = PrivacyLedger([(s / 2.0, 1.0, 1) for s in sigmas]).epsilon(delta, accountant)

@@ -201,7 +201,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     (out_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "audit.md").write_text(markdown(result))
     shown = stepwise if stepwise is not None and one_run is views[-1] else scores
-    axis = ("score = sign × Σ over client 0's steps of the gradient at the canary's coordinate" if shown is stepwise
+    axis = ("score = sign × Σ over steps of client 0's gradient there" if shown is stepwise
             else "score = −sign × (final − init) at the canary's coordinate" if gradient
             else "score = loss drop base → final (nats)")
     histograms(out_dir / "audit.png", mia_pos, mia_neg, [shown[i] for i in inc], [shown[i] for i in exc], axis)
