@@ -10,6 +10,7 @@ ledger charges) pick σ for the rounds left from their own ledgers: all R rounds
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from harness import InProcessGrid, read_metrics, run_in_process, tiny_config
@@ -17,6 +18,7 @@ from harness import InProcessGrid, read_metrics, run_in_process, tiny_config
 from fl_dplora import protocol
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, calibrate_remaining, epsilon_for
 from fl_dplora.privacy.modes import for_config
+from fl_dplora.transport import from_array_record
 
 ROUNDS, TARGET = 3, 8.0
 # calibrated σ (noise-multiplier 0), OS-entropy noise, every node in every round; q = 4/8 in sample mode
@@ -72,12 +74,18 @@ def test_local_noise_top_up_keeps_the_sum_at_the_servers_sigma():
     assert std == pytest.approx(sigma * mode.c * 2.0, rel=0.01)  # σ·C·√population
 
 
-@pytest.mark.parametrize("mode", ["sample", "client"])
-def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode, tmp_path):
-    run = {**RUN, "dp-mode": mode}
-    # node 0 keeps a durable ledger and a floor equal to the target; node 1 keeps its ledger in memory
+@pytest.mark.parametrize("mode,extra", [("sample", {}), ("client", {}), ("client", {"client-noise": "local"}),
+                                        ("paper", {})])
+def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode, extra, tmp_path):
+    run = {**RUN, "dp-mode": mode, **extra}
+    # node 0 keeps a durable ledger and a floor equal to the target; node 1 keeps its ledger in memory.
+    # Local noise: the floor binds on the node's ε against the server (its own noise at rate 1, σ/2), above
+    # the target from round 1, so it is the uninterrupted run's (R attempts at the config's σ)
+    node_mode = for_config(tiny_config(**run, population=2))
+    local, (s0, s0_accounted) = node_mode.local_noise, node_mode.noise_multipliers()
+    floor = node_mode.epsilon_against_server([s0_accounted] * ROUNDS) if local else TARGET
     configs = [{"partition-id": 0, "num-partitions": 2, "epsilon-log": str(tmp_path / "node0.jsonl"),
-                "max-epsilon": TARGET}, {"partition-id": 1, "num-partitions": 2}]
+                "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 2}]
     baseline, _ = run_in_process(2, output_dir=tmp_path / "base", grid=InProcessGrid(2, seed=5), **run)
 
     grid = None
@@ -127,3 +135,13 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
     rows = [json.loads(x) for x in (tmp_path / "node0.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "refused" not in r] == [1, 2, 2, 3] and not any("refused" in r for r in rows)
     assert max(r["epsilon"] for r in rows) <= TARGET * (1 + 1e-9)
+    if local:  # the noise node 0 adds after the resume is the σ it charges, recalibrated and larger
+        assert max(r["epsilon-against-server"] for r in rows) <= floor * (1 + 1e-9)
+        assert [r.get("sigma-recalibrated", 0.0) > s0_accounted for r in rows] == [False, False, True, True]
+        c, added = float(node_mode.c), s0 / s0_accounted * rows[-1]["sigma-recalibrated"]  # σ applied
+        for ex in (e for e in fresh.exchanges if e.node_id == fresh.node_id_of(0)
+                   and e.instruction.metadata.message_type == "train"):
+            update = from_array_record(ex.reply.content["arrays"], node_mode.cfg["transfer-dtype"])
+            d = sum(t.numel() for t in update.values())
+            norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
+            assert abs(norm - added * c * math.sqrt(d)) <= 0.05 * added * c * math.sqrt(d) + math.sqrt(2) * c

@@ -174,7 +174,10 @@ def train(msg: Message, context: Context) -> Message:
         charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
         log_row["steps"] = projected.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
-        charge = mode.round_event(client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row))
+        charged = client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row)
+        if mode.local_noise:  # the noise it adds is the σ it charges (recalibrated after a rerun: client_sigma)
+            node_sigma = node_sigma / node_accountant_sigma * charged
+        charge = mode.round_event(charged)
         rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
         log_row["rounds-charged"] = rounds
         if policy.active:

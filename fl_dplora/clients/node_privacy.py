@@ -107,10 +107,13 @@ def data_file_epsilon(policy: NodePolicy, run_id: int, this_run: PrivacyLedger, 
 def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: float, log_row: dict[str, Any]) -> float:
     """The σ this node charges a client-level attempt at: the run's, or after a rerun attempt in its
     own ledger, recalibrated from that ledger for the rounds left (the server does so from its own).
-    Local noise keeps the config's σ, the noise the node adds and the server tops up to its own
-    (modes.ClientDP.aggregate): its ε against the server is composed from these charges."""
-    if mode.local_noise:
-        return planned
+    Local noise: also the σ of the noise the node adds (local_update scales its σ by it), so its ε
+    against the server is composed from these charges, and after a rerun it is the larger of the run's
+    recalibration and the one that keeps that ε within the uninterrupted plan's
+    (modes.ClientDP.remaining_against_server). The server never takes a node's word for its noise: it
+    tops each reply up to its own σ as if the node had added the config's (modes.ClientDP.aggregate),
+    so the sum carries at least the server's σ, and only widens its norm screen to the largest σ an
+    honest node can compute (run_state.resume)."""
     rate = float(mode.cfg["fraction-train"])
     history = node_ledger.client_history(mode.unit, server_round, planned, rate)
     if sum(k for *_, k in history) <= server_round - 1:
@@ -120,8 +123,14 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
                                              last[0] if last else None)
     if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
         return planned
-    log_row["sigma-recalibrated"] = again[1]
-    return again[1]
+    sigma = again[1]
+    if mode.local_noise:
+        seen = mode.remaining_against_server([s for _, s, _ in node_ledger.charges(mode.unit)],
+                                             int(mode.cfg["num-server-rounds"]) - server_round + 1,
+                                             last[0] if last else None)
+        sigma = max(sigma, seen[1]) if seen is not None else sigma  # None: nothing left (the check refuses)
+    log_row["sigma-recalibrated"] = sigma
+    return sigma
 
 
 def compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str, Any]:

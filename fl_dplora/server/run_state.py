@@ -77,6 +77,11 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
                      "target-epsilon %g", state.server_ledger.total_steps, state.server_sigma, again[0],
                      rounds - rounds_done, cfg["target-epsilon"])
             (state.server_sigma, state.accountant_sigma), strategy.server_sigma = again, again[0]
+        # local noise: a node that began every attempt adds up to this σ (node_privacy.client_sigma); the
+        # norm screen admits it, the top-up still assumes the config's σ (modes.ClientDP.aggregate)
+        seen = mode.remaining_against_server([s for s, _, k in history for _ in range(k)], rounds - rounds_done)
+        if seen is not None:
+            strategy.reply_sigma = max(strategy.server_sigma, seen[0])
     log.info("resuming %s after round %d (epsilon so far %.4g, %d begun round(s) after the checkpoint charged)",
              out_dir, rounds_done, state.epsilon, charged)
 

@@ -53,6 +53,7 @@ class DPLoRAFedAvg(FedAvg):
         self.mode = for_config(cfg)
         self.global_weights = {k: v.detach().clone().float() for k, v in global_weights.items()}
         self.server_sigma = server_sigma
+        self.reply_sigma = 0.0  # local noise after a resume: the most an honest node adds (run_state.resume)
         secure = bool(cfg["secure-rng"])
         # secure: client sampling from the OS CSPRNG, which has no state a checkpoint could leak
         self._rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]))
@@ -162,7 +163,7 @@ class DPLoRAFedAvg(FedAvg):
             if not msg.has_error():
                 self.stats.bytes_up += wire_bytes(msg.content)
             update, metrics, reason = self.validate(msg)
-            if update is not None and (bound := self.mode.reject_reason(update, self.server_sigma)):
+            if update is not None and (bound := self.mode.reject_reason(update, max(self.server_sigma, self.reply_sigma))):
                 update, reason = None, bound
             answered.add(msg.metadata.reply_to_message_id)
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)

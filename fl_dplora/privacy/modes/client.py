@@ -82,6 +82,28 @@ class ClientDP(DPMode):
             return None
         return factor * sigma, sigma
 
+    def remaining_against_server(self, attempts: Sequence[float], rounds_left: int,
+                                 keep: float | None = None) -> tuple[float, float] | None:
+        """Local noise after a rerun: (σ applied, σ accounted) for the last `rounds_left` rounds such that
+        every attempt (`attempts`' accounted σ's, then these), composed against the server as
+        epsilon_against_server does (rate 1, σ/2), stays within the uninterrupted plan's R attempts at the
+        config's σ; `keep` while it fits. Composing Gaussians at rate 1 depends only on Σ 1/σ², so the
+        order holds at every δ (the node's own too). None: not local noise, σ fixed, or nothing left."""
+        from fl_dplora.config import ConfigError
+        from fl_dplora.privacy.accounting import calibrate_remaining
+        cfg, factor = self.cfg, self._sensitivity()
+        if not self.local_noise or cfg["noise-multiplier"] > 0 or rounds_left < 1:
+            return None
+        plan = self.epsilon_against_server([self.noise_multipliers()[1]] * int(cfg["num-server-rounds"]))
+        if keep is not None and self.epsilon_against_server([*attempts, *[keep] * rounds_left]) <= plan:
+            return factor * keep, keep
+        try:
+            half = calibrate_remaining(plan, cfg["delta"], tuple((float(s) / 2.0, 1.0, 1) for s in attempts),
+                                       ((1.0, int(rounds_left)),), cfg["accountant"])
+        except ConfigError:
+            return None
+        return factor * 2.0 * half, 2.0 * half
+
     def round_event(self, accountant_sigma: float) -> tuple[float, float, int]:
         return accountant_sigma, float(self.cfg["fraction-train"]), 1
 
