@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections import namedtuple
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -33,7 +34,7 @@ from fl_dplora.model_loading import load_tokenizer, tokenizer_for
 from fl_dplora.models import adapter_parameters, get_peft_model, load_adapter_weights, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.mechanisms import make_generator
-from fl_dplora.privacy.modes import for_config
+from fl_dplora.privacy.modes import DPMode, for_config
 from fl_dplora.privacy.sample_rate import basis as sample_basis
 from fl_dplora.train import DPSGD, GradientCanary, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
@@ -89,6 +90,8 @@ def _client_seed_parts(context: Context) -> int:
 
 
 def train(msg: Message, context: Context) -> Message:
+    """The node's reply to a train instruction: the round's update (clipped and noised as the run's
+    dp-mode says), or only the budget-exhausted flag when another round would pass the node's budget."""
     t0 = time.perf_counter()
     cfg = config_from_message(msg)
     server_round = int(msg.content["config"][protocol.ROUND])
@@ -96,6 +99,26 @@ def train(msg: Message, context: Context) -> Message:
     policy = NodePolicy.from_node_config(context.node_config)
     log_row = {"run-id": int(context.run_id), "round": server_round, "dp-mode": mode.name, "unit": mode.unit}
     enforce(policy, log_row, lambda: policy.check_run(cfg, mode.unit))  # before any data is read
+    loaded = _load_model_and_shard(msg, context, cfg, server_round)
+    privacy = _calibrate_and_charge(msg, context, cfg, server_round, mode, policy, log_row, loaded)
+    if isinstance(privacy, Message):  # out of budget: no data touched, only the flag goes back
+        return privacy
+    stats, delta = _train_update(cfg, context, server_round, mode, loaded, privacy)
+    return _build_reply(msg, context, cfg, mode, policy, log_row, loaded, privacy, stats, delta, t0)
+
+
+# the round's model (global adapter loaded, label head as the run says) and this node's shard
+_Loaded = namedtuple("_Loaded", "model tokenizer label_ids params keys global_weights head_only progress data "
+                                "trained_keys canaries observe")
+# what the node's privacy step settled for the round: its ledger (this round charged, if the mode charges), the
+# public size basis, the stage, q, the DP-SGD step (example level), the generators, its σ and δ, ε after the round
+_Privacy = namedtuple("_Privacy", "node_ledger sizes stage q dp sampling_gen noise_gen node_sigma node_delta "
+                                  "epsilon_after")
+
+
+def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], server_round: int) -> _Loaded:
+    """The node's shard (read and checked before any model loads), the process model with the round's
+    global adapter and label head, and the shard's frozen-prefix states."""
     task = run_task(cfg, msg, context.node_config)
     card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
     # the node's own rows are read (and checked: columns, labels) before any model is loaded
@@ -119,17 +142,25 @@ def train(msg: Message, context: Context) -> Message:
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
     # the frozen blocks below the adapter run once per example, not once per step (frozen_prefix.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
-    n = len(data)
     trained_keys = [k for k in keys if params[k].requires_grad]
     canaries = gradient_canaries(cfg, context, trained_keys)  # fl-dplora audit only
     observe = observed_coordinates(cfg, context, trained_keys)  # fl-dplora audit only
+    return _Loaded(model, tokenizer, label_ids, params, keys, global_weights, head_only, progress, data,
+                   trained_keys, canaries, observe)
 
+
+def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], server_round: int, mode: DPMode,
+                          policy: NodePolicy, log_row: dict[str, Any], loaded: _Loaded) -> _Privacy | Message:
+    """The node's own σ and accounting for the round, its policy's checks, and the charge written to its
+    ledger before its data is touched; the budget-exhausted reply instead when the round would pass
+    target-epsilon."""
     state = context.state.get(STATE_KEY) or ConfigRecord()
     # the node's own ledger (node_ledger.py): a file next to its ε log, else context.state
     node_ledger = NodeLedger.open(policy.ledger_path(int(context.run_id)), str(state.get(NODE_LEDGER_KEY, "")))
     # DP-SGD's q and divisor from a public size, and the adjacency that is honest for it (sample_rate.py)
     # (an audit's canary-only client, client-level modes, counts its canaries)
-    sizes = sample_basis(n or len(canaries), policy.shard_size, bool(context.node_config.get("data-path")))
+    sizes = sample_basis(len(loaded.data) or len(loaded.canaries), policy.shard_size,
+                         bool(context.node_config.get("data-path")))
     if mode.example_level:  # a resumed run: the server's saved ledger, if it holds more than the node's
         node_ledger.adopt(_handed_back(msg, context), sizes.adjacency)
     ledger = node_ledger.example_ledger(sizes.adjacency)
@@ -147,7 +178,6 @@ def train(msg: Message, context: Context) -> Message:
     noise_gen = None if secure else make_generator(int(cfg["seed"]), part, server_round, 2)
 
     dp = None
-    metrics: dict[str, Any] = {"partition-id": part}
     # every σ this node adds (local or distributed noise) is its own, from the run's public config,
     # the same calibration the server runs; the instruction's σ is only compared with it
     node_sigma, node_accountant_sigma = mode.noise_multipliers()
@@ -166,9 +196,9 @@ def train(msg: Message, context: Context) -> Message:
         if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
             # Out of budget: no data is touched, nothing is sent but the flag.
             record = ledger.to_record()  # the unchanged ledger, reported like after a training round
-            metrics.update({protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-                            "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
-                            "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
+            metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
+                       "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
+                       "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
         charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
@@ -196,7 +226,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
     if mode.secure:  # the SecAgg+ round this update goes into is the one the node's noise share is for
-        dim = sum(params[k].numel() for k in keys)
+        dim = sum(loaded.params[k].numel() for k in loaded.keys)
         why = mode.secagg_setup_refusal(secagg_setup(msg, context), dim, node_sigma)
         if why:
             enforce(policy, log_row, lambda: refuse(why))
@@ -210,39 +240,56 @@ def train(msg: Message, context: Context) -> Message:
         if node_ledger.path is None:
             state[NODE_LEDGER_KEY] = node_ledger.to_json()
         context.state[STATE_KEY] = state
+    return _Privacy(node_ledger, sizes, stage, q, dp, sampling_gen, noise_gen, node_sigma, node_delta, epsilon_after)
 
-    trainable = [params[k] for k in trained_keys]
-    head = label_head.get(model)
+
+def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
+                  privacy: _Privacy) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(local_train's stats, the update): the local steps on the shard from the global adapter, then the
+    mode's client-side clip and noise of the difference."""
+    params, keys = loaded.params, loaded.keys
+    trainable = [params[k] for k in loaded.trained_keys]
+    head = label_head.get(loaded.model)
     optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
-    steps = int(stage["local-steps"])
+    steps = int(privacy.stage["local-steps"])
     stats = local_train(
-        model, trainable, data, stage, optimizer=optimizer, dp=dp, sampling_generator=sampling_gen,
-        step_offset=(server_round - 1) * steps, total_steps=int(cfg["num-server-rounds"]) * steps,
-        pad_id=tokenizer.pad_token_id, progress=progress, label_token_ids=label_ids, public_size=sizes.size,
-        canaries=canaries, observe=observe,
+        loaded.model, trainable, loaded.data, privacy.stage, optimizer=optimizer, dp=privacy.dp,
+        sampling_generator=privacy.sampling_gen, step_offset=(server_round - 1) * steps,
+        total_steps=int(cfg["num-server-rounds"]) * steps, pad_id=loaded.tokenizer.pad_token_id,
+        progress=loaded.progress, label_token_ids=loaded.label_ids, public_size=privacy.sizes.size,
+        canaries=loaded.canaries, observe=loaded.observe,
     )
-    if observe:
-        record_observations(cfg, part, server_round, stats.observed)
+    if loaded.observe:
+        record_observations(cfg, _client_seed_parts(context), server_round, stats.observed)
     with torch.no_grad():
-        delta = {k: (params[k].detach() - global_weights[k]) for k in keys}
+        delta = {k: (params[k].detach() - loaded.global_weights[k]) for k in keys}
 
     # client-level modes clip here (and add local noise, or a distributed share, of the node's own σ):
     # the raw norm never leaves the client
-    delta = mode.client_update(delta, node_sigma, noise_gen)
+    return stats, mode.client_update(delta, privacy.node_sigma, privacy.noise_gen)
 
+
+def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMode, policy: NodePolicy,
+                 log_row: dict[str, Any], loaded: _Loaded, privacy: _Privacy, stats, delta: dict[str, torch.Tensor],
+                 t0: float) -> Message:
+    """The update and the metrics the mode lets out (ε after the round, expected or raw counts), as a
+    plain ArrayRecord or the SecAgg+ mod's FitRes; the round's row goes to the node's ε log."""
+    metrics: dict[str, Any] = {"partition-id": _client_seed_parts(context)}
     if mode.example_level:
-        ledger = node_ledger.example_ledger(sizes.adjacency)  # with this round's charge
+        ledger = privacy.node_ledger.example_ledger(privacy.sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
-        metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": dp.noise_multiplier,
-                        "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
-    policy.record({**log_row, "epsilon": epsilon_after, "delta": node_delta if mode.unit else None,
+        metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": privacy.dp.noise_multiplier,
+                        "sample-rate": privacy.q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
+    policy.record({**log_row, "epsilon": privacy.epsilon_after, "delta": privacy.node_delta if mode.unit else None,
                    "accountant": cfg["accountant"] if mode.unit else None})
     # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
     # counts (a public constant, never the shard size, which a whole-shard head batch would be).
     if mode.releases_raw_counts:
-        metrics.update({"num-examples": n, "train_loss": stats.mean_loss, "compute-seconds": time.perf_counter() - t0})
+        metrics.update({"num-examples": len(loaded.data), "train_loss": stats.mean_loss,
+                        "compute-seconds": time.perf_counter() - t0})
     else:
-        metrics["num-examples"] = steps * int(cfg["head-batch-size"] if head_only else cfg["batch-size"])
+        steps = int(privacy.stage["local-steps"])
+        metrics["num-examples"] = steps * int(cfg["head-batch-size"] if loaded.head_only else cfg["batch-size"])
     if mode.secure:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
