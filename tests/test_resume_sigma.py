@@ -145,3 +145,47 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
             d = sum(t.numel() for t in update.values())
             norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
             assert abs(norm - added * c * math.sqrt(d)) <= 0.05 * added * c * math.sqrt(d) + math.sqrt(2) * c
+
+
+def test_distributed_noise_resume_after_a_crash_runs_every_round_within_the_target(tmp_path):
+    """client-noise=distributed under SecAgg+: after the resume the server announces one recalibrated σ for
+    every share and the SecAgg+ grid; each node's own recalibration (node 0's from its durable ledger) is no
+    larger, so no node refuses, all R rounds run, and ε lies between the uninterrupted run's and the target."""
+    run = {**RUN, "dp-mode": "client", "secure-aggregation": True, "client-noise": "distributed", "population": 3,
+           "secagg-threshold": 2}
+    node_mode = for_config(tiny_config(**run))
+    s0 = node_mode.noise_multipliers()[1]
+    floor = node_mode.epsilon_against_server([s0] * ROUNDS)  # node 0's floor: the uninterrupted run's
+    configs = [{"partition-id": 0, "num-partitions": 3, "epsilon-log": str(tmp_path / "node0.jsonl"),
+                "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 3}, {"partition-id": 2, "num-partitions": 3}]
+    baseline, _ = run_in_process(3, output_dir=tmp_path / "base", grid=InProcessGrid(3, seed=5), **run)
+    grid = None
+
+    def crash(nid, msg, reply):  # the SecAgg+ masked-vector stage carries the round's instruction
+        config = msg.content.config_records.get("config")
+        if nid == grid.node_id_of(0) and config is not None and int(config[protocol.ROUND]) == 2:
+            raise Crash("server killed after node 0 trained round 2")
+        return reply
+
+    grid = InProcessGrid(3, node_configs=configs, after=crash, seed=5)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_in_process(3, output_dir=out, grid=grid, **run)
+    fresh = InProcessGrid(3, node_configs=configs, seed=5)
+    resumed, _ = run_in_process(3, output_dir=out, grid=fresh, resume=True, **run)
+
+    assert resumed["rounds"] == ROUNDS and [r["round"] for r in read_metrics(out)] == list(range(1, ROUNDS + 1))
+    assert all(ex.reply is not None and not ex.reply.has_error() for ex in fresh.exchanges)  # no node refused
+    p, b = resumed["privacy"], baseline["privacy"]
+    assert b["epsilon"] <= p["epsilon"] <= TARGET * (1 + 1e-6) and p["steps"] == ROUNDS + 1
+    # one σ for every share and the grid, no lower than the σ the accountant charges after the resume
+    sent = {float(c[protocol.SIGMA]) for ex in fresh.exchanges if (c := ex.instruction.content.config_records.get("config"))}
+    assert sent == {p["noise_multiplier"]} and p["noise_multiplier"] >= p["accountant_noise_multiplier"]
+    assert p["accountant_noise_multiplier"] > b["accountant_noise_multiplier"]
+    rows = [json.loads(x) for x in (tmp_path / "node0.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if "refused" not in r] == [1, 2, 2, 3] and not any("refused" in r for r in rows)
+    assert max(r["epsilon"] for r in rows) <= TARGET * (1 + 1e-9)
+    assert max(r["epsilon-against-server"] for r in rows) <= floor * (1 + 1e-9)
+    # node 0 recalibrated from its own ledger after the rerun, to the σ the server announced
+    assert [r.get("sigma-recalibrated", 0.0) > s0 for r in rows] == [False, False, True, True]
+    assert rows[-1]["sigma-recalibrated"] == pytest.approx(p["noise_multiplier"], rel=1e-6)

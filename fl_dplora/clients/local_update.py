@@ -24,6 +24,7 @@ from fl_dplora.clients.node_ledger import NodeLedger
 from fl_dplora.clients.node_policy import NodePolicy
 from fl_dplora.clients.node_privacy import (
     client_sigma, compare_instruction_sigma, data_file_epsilon, dp_sample_sigma, enforce, refuse, secagg_setup,
+    share_sigma,
 )
 from fl_dplora.clients.secagg_mod import fitres_reply
 from fl_dplora.config import ConfigError, resolve
@@ -207,6 +208,8 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         charged = client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row)
         if mode.local_noise:  # the noise it adds is the σ it charges (recalibrated after a rerun: client_sigma)
             node_sigma = node_sigma / node_accountant_sigma * charged
+        elif mode.distributed_noise:  # its share: the round's one σ, never below what it charges (node_privacy)
+            node_sigma = share_sigma(policy, msg, node_sigma / node_accountant_sigma * charged, log_row)
         charge = mode.round_event(charged)
         rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
         log_row["rounds-charged"] = rounds

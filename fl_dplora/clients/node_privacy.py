@@ -113,7 +113,8 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
     (modes.ClientDP.remaining_against_server). The server never takes a node's word for its noise: it
     tops each reply up to its own σ as if the node had added the config's (modes.ClientDP.aggregate),
     so the sum carries at least the server's σ, and only widens its norm screen to the largest σ an
-    honest node can compute (run_state.resume)."""
+    honest node can compute (run_state.resume). Distributed noise: the same two rules give the node's
+    own floor for its share (share_sigma)."""
     rate = float(mode.cfg["fraction-train"])
     history = node_ledger.client_history(mode.unit, server_round, planned, rate)
     if sum(k for *_, k in history) <= server_round - 1:
@@ -124,13 +125,25 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
     if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
         return planned
     sigma = again[1]
-    if mode.local_noise:
+    if mode.local_noise or mode.distributed_noise:
         seen = mode.remaining_against_server([s for _, s, _ in node_ledger.charges(mode.unit)],
                                              int(mode.cfg["num-server-rounds"]) - server_round + 1,
                                              last[0] if last else None)
         sigma = max(sigma, seen[1]) if seen is not None else sigma  # None: nothing left (the check refuses)
     log_row["sigma-recalibrated"] = sigma
     return sigma
+
+
+def share_sigma(policy: NodePolicy, msg: Message, own: float, log_row: dict[str, Any]) -> float:
+    """Distributed noise: the σ of this node's share. Every share and the SecAgg+ grid need one σ, the
+    instruction's (after a resume the server's recalibration, run_state.resume); the node never adds less
+    than its own (client_sigma), and refuses a round announced below it (1e-6: two bisections' rounding)."""
+    instructed = float(msg.content["config"].get(protocol.SIGMA, own))
+    if instructed < own * (1 - 1e-6):
+        enforce(policy, log_row, lambda: refuse(
+            f"distributed noise: the round's noise multiplier {instructed:.6g} is below this node's own {own:.6g} "
+            "for the run's config and its ledger; its share would not carry the noise it charges"))
+    return max(own, instructed)
 
 
 def compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str, Any]:

@@ -65,11 +65,12 @@ class ClientDP(DPMode):
         """(σ applied, σ accounted) for the last `rounds_left` rounds after a resume whose charges (`charged`,
         a crashed attempt too) exceed the rounds done: all fit the target, at no less than the plan's ε; `keep`
         (the σ last charged) stays while they fit at it, so node and server keep the σ chosen at the resume.
-        None: σ stays (fixed; distributed noise: all nodes' SecAgg+ grid needs one σ; or nothing left)."""
+        Distributed noise: the server announces one σ for every share and the SecAgg+ grid (run_state.resume,
+        node_privacy.share_sigma). None: σ stays (fixed, or nothing left)."""
         from fl_dplora.config import ConfigError
         from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, epsilon_for
         cfg, factor, q = self.cfg, self._sensitivity(), float(self.cfg["fraction-train"])
-        if cfg["noise-multiplier"] > 0 or self.distributed_noise or rounds_left < 1:
+        if cfg["noise-multiplier"] > 0 or rounds_left < 1:
             return None
         if keep is not None and PrivacyLedger([*charged, (keep, q, rounds_left)]).epsilon(
                 cfg["delta"], cfg["accountant"]) <= cfg["target-epsilon"]:
@@ -84,15 +85,15 @@ class ClientDP(DPMode):
 
     def remaining_against_server(self, attempts: Sequence[float], rounds_left: int,
                                  keep: float | None = None) -> tuple[float, float] | None:
-        """Local noise after a rerun: (σ applied, σ accounted) for the last `rounds_left` rounds such that
-        every attempt (`attempts`' accounted σ's, then these), composed against the server as
+        """Local or distributed noise after a rerun: (σ applied, σ accounted) for the last `rounds_left`
+        rounds such that every attempt (`attempts`' accounted σ's, then these), composed against the server as
         epsilon_against_server does (rate 1, σ/2), stays within the uninterrupted plan's R attempts at the
         config's σ; `keep` while it fits. Composing Gaussians at rate 1 depends only on Σ 1/σ², so the
-        order holds at every δ (the node's own too). None: not local noise, σ fixed, or nothing left."""
+        order holds at every δ (the node's own too). None: neither, σ fixed, or nothing left."""
         from fl_dplora.config import ConfigError
         from fl_dplora.privacy.accounting import calibrate_remaining
         cfg, factor = self.cfg, self._sensitivity()
-        if not self.local_noise or cfg["noise-multiplier"] > 0 or rounds_left < 1:
+        if not (self.local_noise or self.distributed_noise) or cfg["noise-multiplier"] > 0 or rounds_left < 1:
             return None
         plan = self.epsilon_against_server([self.noise_multipliers()[1]] * int(cfg["num-server-rounds"]))
         if keep is not None and self.epsilon_against_server([*attempts, *[keep] * rounds_left]) <= plan:
