@@ -181,3 +181,24 @@ def test_local_noise_is_checked_against_the_server_at_rate_one(tmp_path):
     assert bad.has_error() and "against the server" in bad.error.reason
     # the run-level epsilon of the lying config alone would have let it through
     assert _eps([for_config(lie).round_event(s_lie)], lie) < floor
+
+
+def test_a_distributed_noise_share_never_goes_below_the_nodes_own_sigma(tmp_path):
+    """SecAgg+ distributed noise: every share and the grid use the round's one σ, but a node never adds
+    less than its own (config and ledger): a larger announced σ is used, a lower one is refused in one
+    line and logged in the node's ε log (issue 27: the server cannot lower a node's noise)."""
+    from types import SimpleNamespace
+
+    from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
+    from fl_dplora.clients.node_privacy import share_sigma
+
+    log = tmp_path / "n.jsonl"
+    policy = NodePolicy.from_node_config({"epsilon-log": str(log)})
+    msg = lambda sigma: SimpleNamespace(content={"config": {protocol.SIGMA: sigma}})  # what share_sigma reads
+    assert share_sigma(policy, msg(1.5), 1.2, {}) == 1.5  # announced above its own (after a resume): used
+    assert share_sigma(policy, msg(1.2 * (1 - 1e-8)), 1.2, {}) == 1.2  # bisection rounding: its own
+    for lowered in (0.0, 1.0):
+        with pytest.raises(NodeRefusal, match="below this node's own"):
+            share_sigma(policy, msg(lowered), 1.2, {"round": 1})
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 2 and all("below this node's own" in r["refused"] for r in rows)
