@@ -144,8 +144,7 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
     # the frozen blocks below the adapter run once per example, not once per step (frozen_prefix.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
     trained_keys = [k for k in keys if params[k].requires_grad]
-    canaries = gradient_canaries(cfg, context, trained_keys)  # fl-dplora audit only
-    observe = observed_coordinates(cfg, context, trained_keys)  # fl-dplora audit only
+    canaries, observe = audit_canaries_here(cfg, context, trained_keys)  # fl-dplora audit only
     return _Loaded(model, tokenizer, label_ids, params, keys, global_weights, head_only, progress, data,
                    trained_keys, canaries, observe)
 
@@ -299,27 +298,22 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     return Message(content, reply_to=msg)
 
 
-def gradient_canaries(cfg: Mapping[str, Any], context: Context, trained_keys: list[str]) -> list[GradientCanary]:
-    """The gradient canaries `fl-dplora audit` planted in this simulated partition (none outside an
-    audit): examples whose per-example gradient is a fixed vector (train.GradientCanary), placed by the
-    position of their tensor among those trained this round; a tensor that does not train this round
-    (a head-only round) takes no entry, the canary is still sampled."""
+def audit_canaries_here(cfg: Mapping[str, Any], context: Context,
+                        trained_keys: list[str]) -> tuple[list[GradientCanary], list[tuple[int, int]]]:
+    """What `fl-dplora audit` put in this simulated partition (nothing outside an audit): the gradient
+    canaries planted in it, examples whose per-example gradient is a fixed vector (train.GradientCanary),
+    and the coordinates of every canary drawn for it, planted or not, whose gradient it records
+    (local_train's `observe`). Both are placed by the position of their tensor among those trained this
+    round; a tensor that does not train this round (a head-only round) gives a canary no entry (it is
+    still sampled) and an observed coordinate position -1."""
     planted = audit_canaries(str(cfg.get("audit-canaries", "")))
     if not planted or context.node_config.get("data-path") or "partition-id" not in context.node_config:
-        return []
+        return [], []
     pos = {k: i for i, k in enumerate(trained_keys)}
-    return [GradientCanary(tuple((pos[k], int(i), float(v)) for k, i, v in canary if k in pos))
-            for canary in planted["gradients"].get(str(int(context.node_config["partition-id"])), [])]
-
-
-def observed_coordinates(cfg: Mapping[str, Any], context: Context, trained_keys: list[str]) -> list[tuple[int, int]]:
-    """The coordinates of every canary `fl-dplora audit` drew for this simulated partition, planted or
-    not: (position among the tensors trained this round, -1 if it does not train; flat index)."""
-    planted = audit_canaries(str(cfg.get("audit-canaries", "")))
-    if not planted or context.node_config.get("data-path") or "partition-id" not in context.node_config:
-        return []
-    pos = {k: i for i, k in enumerate(trained_keys)}
-    return [(pos.get(k, -1), int(i)) for k, i in planted["observe"].get(str(int(context.node_config["partition-id"])), [])]
+    part = str(int(context.node_config["partition-id"]))
+    canaries = [GradientCanary(tuple((pos[k], int(i), float(v)) for k, i, v in canary if k in pos))
+                for canary in planted["gradients"].get(part, [])]
+    return canaries, [(pos.get(k, -1), int(i)) for k, i in planted["observe"].get(part, [])]
 
 
 def record_observations(cfg: Mapping[str, Any], partition: int, server_round: int, steps: list) -> None:

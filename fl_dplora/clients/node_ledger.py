@@ -173,13 +173,20 @@ class NodeLedger:
         client-level unit every attempt and every round before the last it skipped, as client_history
         bounds them; replace-one when the example ledger is (sample_rate.py)."""
         ledger = self.example_ledger()
+        for event in self._client_level_events():
+            ledger.step(*event)
+        return ledger
+
+    def _client_level_events(self) -> list[tuple[float, float, int]]:
+        """Every client-level unit's attempts and the rounds before its last attempt it skipped, as
+        client_history bounds them."""
+        events = []
         for unit in dict.fromkeys(x.get("unit") for x in self.lines if x["event"] == "charge"):
             charges = self.charges(unit) if unit != "example" else []
             if charges:
                 top = max(r for r, _, _ in charges)
-                for event in self.client_history(unit, top + 1, charges[-1][1], charges[-1][2]):
-                    ledger.step(*event)
-        return ledger
+                events += self.client_history(unit, top + 1, charges[-1][1], charges[-1][2])
+        return events
 
     def spent_for(self, unit: str) -> PrivacyLedger | None:
         """What this run spent, stated for the unit `unit` protects (per-unit budgets). For "example":
@@ -190,12 +197,8 @@ class NodeLedger:
         ledger = self.example_ledger()
         if unit != "example":
             return None if ledger.history else self.spent()
-        for other in dict.fromkeys(x.get("unit") for x in self.lines if x["event"] == "charge"):
-            charges = self.charges(other) if other != "example" else []
-            if charges:
-                top = max(r for r, _, _ in charges)
-                for sigma, _, k in self.client_history(other, top + 1, charges[-1][1], charges[-1][2]):
-                    ledger.step(sigma / 2.0, 1.0, k)
+        for sigma, _, k in self._client_level_events():
+            ledger.step(sigma / 2.0, 1.0, k)
         return ledger
 
     def server_sees_sigmas(self) -> list[float]:
