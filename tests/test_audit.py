@@ -129,25 +129,34 @@ def test_gradient_scores_read_the_move_against_the_canary():
     assert audit.gradient_scores([["w", 1, 100.0], ["w", 3, -100.0], ["w", 0, 1]], init, final) == [0.5, 0.25, 0.0]
 
 
-def test_a_gradient_canary_goes_through_the_dp_sgd_step():
-    """local_train: a canary is sampled like an example and adds exactly its vector x C to the clipped
-    sum (no noise, SGD, lr 1, q = 1: the step moves its coordinate by C / divisor)."""
+def _sgd_adapter(local_steps: int):
+    """A tiny model's fresh adapter under SGD at lr 1 with no momentum (a step moves a coordinate by
+    exactly its gradient): (cfg, model, the trained keys, their tensors)."""
     from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
-    from fl_dplora.train import DPSGD, GradientCanary, local_train, make_optimizer
 
-    cfg = tiny_config(**{"optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 1, "batch-size": 4,
-                         "micro-batch-size": 4, "max-grad-norm": 0.5})
+    cfg = tiny_config(**{"optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": local_steps,
+                         "batch-size": 4, "micro-batch-size": 4, "max-grad-norm": 0.5})
     model = get_peft_model(cfg)
     reset_adapter(model)
     params = adapter_parameters(model, cfg)
     keys = [k for k in params if params[k].requires_grad]
+    return cfg, model, keys, [params[k] for k in keys]
+
+
+def test_a_gradient_canary_goes_through_the_dp_sgd_step():
+    """local_train: a canary is sampled like an example and adds exactly its vector x C to the clipped
+    sum (no noise, SGD, lr 1, q = 1: the step moves its coordinate by C / divisor)."""
+    from fl_dplora.models import reset_adapter
+    from fl_dplora.train import DPSGD, GradientCanary, local_train, make_optimizer
+
+    cfg, model, keys, trainable = _sgd_adapter(local_steps=1)
     a = keys.index(next(k for k in keys if "lora_A" in k))
-    before = params[keys[a]].detach().clone()
-    opt = make_optimizer([params[k] for k in keys], cfg)
+    before = trainable[a].detach().clone()
+    opt = make_optimizer(trainable, cfg)
     canary = GradientCanary(((a, 3, 100.0),))  # clipped to C like every per-example gradient
-    local_train(model, [params[k] for k in keys], [], cfg, optimizer=opt, dp=DPSGD(0.0, 0.5, None),
+    local_train(model, trainable, [], cfg, optimizer=opt, dp=DPSGD(0.0, 0.5, None),
                 sampling_generator=torch.Generator().manual_seed(0), public_size=1, canaries=[canary])
-    moved = params[keys[a]].detach() - before
+    moved = trainable[a].detach() - before
     assert moved.view(-1)[3].item() == pytest.approx(-0.5)  # -lr x C x 1 / (q x size = 1)
     assert moved.abs().sum().item() == pytest.approx(0.5)  # nothing else moved (no real example, no noise)
     reset_adapter(model)
@@ -185,16 +194,10 @@ def test_step_scores_sum_client_zeros_gradient_at_each_coordinate_times_the_sign
 def test_local_train_reports_the_noised_gradient_at_observed_coordinates():
     """What the audit's white-box view records is the step's gradient after the noise and the divisor
     (the released value DP-SGD accounts for), at planted and unplanted coordinates alike."""
-    from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
+    from fl_dplora.models import reset_adapter
     from fl_dplora.train import DPSGD, GradientCanary, local_train, make_optimizer
 
-    cfg = tiny_config(**{"optimizer": "sgd", "momentum": 0.0, "learning-rate": 1.0, "local-steps": 2, "batch-size": 4,
-                         "micro-batch-size": 4, "max-grad-norm": 0.5})
-    model = get_peft_model(cfg)
-    reset_adapter(model)
-    params = adapter_parameters(model, cfg)
-    keys = [k for k in params if params[k].requires_grad]
-    trainable = [params[k] for k in keys]
+    cfg, model, _, trainable = _sgd_adapter(local_steps=2)
     before = [p.detach().clone() for p in trainable]
     opt = make_optimizer(trainable, cfg)
     stats = local_train(model, trainable, [], cfg, optimizer=opt, dp=DPSGD(2.0, 0.5, torch.Generator().manual_seed(1)),

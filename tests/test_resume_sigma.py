@@ -35,6 +35,28 @@ def _round(msg) -> int:
     return int(msg.content["config"][protocol.ROUND])
 
 
+def _crash_in_round_2_then_resume(tmp_path, nodes: int, configs: list[dict], run: dict):
+    """Run until node 0 has trained round 2, kill the server there (Crash), then resume on restarted
+    nodes (same ids, empty context.state): (the resumed summary, the crashed grid, the restarted grid,
+    the run dir, the round of the checkpoint the crash left)."""
+    grid = None
+
+    def crash(nid, msg, reply):  # a SecAgg+ stage without a config record carries no round
+        config = msg.content.config_records.get("config")
+        if nid == grid.node_id_of(0) and config is not None and int(config[protocol.ROUND]) == 2:
+            raise Crash("server killed after node 0 trained round 2")
+        return reply
+
+    grid = InProcessGrid(nodes, node_configs=configs, after=crash, seed=5)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_in_process(nodes, output_dir=out, grid=grid, **run)
+    checkpoint_round = json.loads((out / "checkpoint.json").read_text())["round"]
+    fresh = InProcessGrid(nodes, node_configs=configs, seed=5)
+    resumed, _ = run_in_process(nodes, output_dir=out, grid=fresh, resume=True, **run)
+    return resumed, grid, fresh, out, checkpoint_round
+
+
 def test_calibrate_remaining_fits_what_is_charged_and_reaches_the_plan():
     s0 = calibrate_noise_multiplier(TARGET, 1e-5, 0.5, ROUNDS, "rdp")
     plan = epsilon_for(s0, 0.5, ROUNDS, 1e-5, "rdp")
@@ -88,20 +110,8 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
                 "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 2}]
     baseline, _ = run_in_process(2, output_dir=tmp_path / "base", grid=InProcessGrid(2, seed=5), **run)
 
-    grid = None
-
-    def crash(nid, msg, reply):
-        if nid == grid.node_id_of(0) and _round(msg) == 2:
-            raise Crash("server killed after node 0 trained round 2")
-        return reply
-
-    grid = InProcessGrid(2, node_configs=configs, after=crash, seed=5)
-    out = tmp_path / "run"
-    with pytest.raises(Crash):
-        run_in_process(2, output_dir=out, grid=grid, **run)
-    assert json.loads((out / "checkpoint.json").read_text())["round"] == 1
-    fresh = InProcessGrid(2, node_configs=configs, seed=5)  # restarted nodes: same ids, empty context.state
-    resumed, _ = run_in_process(2, output_dir=out, grid=fresh, resume=True, **run)
+    resumed, grid, fresh, out, checkpoint_round = _crash_in_round_2_then_resume(tmp_path, 2, configs, run)
+    assert checkpoint_round == 1
 
     # every round ran, and every node trained in every round after the resume (no refusal)
     assert resumed["rounds"] == ROUNDS and [r["round"] for r in read_metrics(out)] == list(range(1, ROUNDS + 1))
@@ -159,20 +169,7 @@ def test_distributed_noise_resume_after_a_crash_runs_every_round_within_the_targ
     configs = [{"partition-id": 0, "num-partitions": 3, "epsilon-log": str(tmp_path / "node0.jsonl"),
                 "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 3}, {"partition-id": 2, "num-partitions": 3}]
     baseline, _ = run_in_process(3, output_dir=tmp_path / "base", grid=InProcessGrid(3, seed=5), **run)
-    grid = None
-
-    def crash(nid, msg, reply):  # the SecAgg+ masked-vector stage carries the round's instruction
-        config = msg.content.config_records.get("config")
-        if nid == grid.node_id_of(0) and config is not None and int(config[protocol.ROUND]) == 2:
-            raise Crash("server killed after node 0 trained round 2")
-        return reply
-
-    grid = InProcessGrid(3, node_configs=configs, after=crash, seed=5)
-    out = tmp_path / "run"
-    with pytest.raises(Crash):
-        run_in_process(3, output_dir=out, grid=grid, **run)
-    fresh = InProcessGrid(3, node_configs=configs, seed=5)
-    resumed, _ = run_in_process(3, output_dir=out, grid=fresh, resume=True, **run)
+    resumed, _, fresh, out, _ = _crash_in_round_2_then_resume(tmp_path, 3, configs, run)
 
     assert resumed["rounds"] == ROUNDS and [r["round"] for r in read_metrics(out)] == list(range(1, ROUNDS + 1))
     assert all(ex.reply is not None and not ex.reply.has_error() for ex in fresh.exchanges)  # no node refused
