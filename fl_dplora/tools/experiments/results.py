@@ -1,5 +1,6 @@
 """An experiment's results: results.json, results.md (the spec's table; with `aggregate`, cells as
-mean and standard error; generation tasks: paired BLEU tests and generated texts) and the plots."""
+mean and standard error; paired tests on the test part: BLEU for generation, McNemar for classification;
+generated texts) and the plots."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.config import LEGACY_VALUES, NON_COMPUTING_KEYS, SERVER_ONLY_KEYS, ConfigError, resolve
+from fl_dplora.tools.experiments.paired import accuracy_of, discordant_counts, exact_mcnemar
 from fl_dplora.tools.experiments.spec import SPEC_BASE, Experiment, results_root
 
 COLUMNS = {
@@ -25,6 +27,9 @@ COLUMNS = {
     "majority_rate": ("majority", "{:.1%}"), "bleu": ("dev BLEU", "{:.2f}"), "rouge_l": ("dev ROUGE-L", "{:.4f}"),
     "test_bleu": ("test BLEU", "{:.2f}"), "test_bleu_se": ("±SE (bootstrap)", "{:.2f}"),
     "test_rouge_l_se": ("±SE", "{:.4f}"), "test_rouge_l": ("test ROUGE-L", "{:.4f}"), "test_loss": ("test loss", "{:.3f}"),
+    "test_accuracy": ("test accuracy", "{:.1%}"), "test_accuracy_se": ("±SE (binomial)", "{:.1%}"),
+    "test_macro_f1": ("test macro-F1", "{:.3f}"), "test_majority_rate": ("test majority", "{:.1%}"),
+    "test_inputs": ("test inputs", "{:,}"),
 }
 DEFAULT_TABLE = ["id", "dp_mode", "target_epsilon", "epsilon", "accuracy", "macro_f1", "eval_loss", "wall_seconds"]
 
@@ -33,6 +38,8 @@ def column_text(rec: Mapping[str, Any], col: str) -> str:
     v = rec.get(col)
     if v is None:
         return "∞" if col in ("target_epsilon", "epsilon") and rec.get("kind") == "train" else "–"
+    if isinstance(v, (list, tuple, dict)):  # test_predictions etc.: thousands of entries, results.json has them
+        return f"({len(v):,} values)"
     try:
         return COLUMNS.get(col, (col, "{}"))[1].format(v)
     except (ValueError, TypeError):
@@ -43,7 +50,7 @@ def column_text(rec: Mapping[str, Any], col: str) -> str:
 # What a cell reports as mean and standard error over its runs; what identifies it (kept where all its
 # runs agree, None where they do not).
 CELL_METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity", "epsilon", "noise_multiplier", "majority_rate",
-                "bleu", "rouge_l", "test_bleu", "test_rouge_l", "test_loss")
+                "bleu", "rouge_l", "test_bleu", "test_rouge_l", "test_loss", "test_accuracy", "test_macro_f1")
 _CELL_FIELDS = ("series", "kind", "task", "dp_mode", "lora_variant", "lora_rank", "partitioner", "dirichlet_alpha",
                 "target_epsilon", "seed", "delta", "num_clients", "rounds", "eval_examples", "examples_processed",
                 "trainable_params", "bytes_up_total", "bytes_up_per_client_round", "pct_full_model")
@@ -140,6 +147,7 @@ def markdown(exp: Experiment, records: list[dict[str, Any]], command: str) -> st
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(column_text(r, c) for c in cols) + " |" for r in records]
     lines += _paired_bleu_tests(records)
+    lines += _paired_accuracy_tests(records)
     lines += _generated_texts(records)
     if exp.notes:
         lines += ["", exp.notes.strip()]
@@ -175,10 +183,77 @@ def _paired_bleu_tests(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"  # a 1,600-example test gives p far below 0.001
+
+
+def _pairable(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Both runs scored the same test examples: equally many predictions, the same labels in the same order."""
+    return a is not None and b is not None and len(a["test_predictions"]) == len(b["test_predictions"]) \
+        and a.get("test_labels") == b.get("test_labels")
+
+
+def _paired_accuracy_tests(records: list[dict[str, Any]]) -> list[str]:
+    """Classification tasks: each trained run's test accuracy against the zero-shot base model and against
+    the run of its seed in the reference series (the spec's first trained series), by exact McNemar on
+    the same test examples; then per pair of series, one McNemar test over their seeds' pooled decisions."""
+    runs = [r for r in records if r.get("test_predictions") and r.get("test_labels")]
+    base = next((r for r in runs if r["kind"] == "zero-shot"), None)
+    trained = [r for r in runs if r["kind"] == "train"]
+    if not trained:
+        return []
+    series = list(dict.fromkeys(r["series"] for r in records if r["kind"] == "train"))
+    ref = series[0]
+    # each series' run of each seed; a seed with several runs in a series (another matrix key) is ambiguous: unpaired
+    by_seed: dict[str, dict[Any, list[dict[str, Any]]]] = {}
+    for r in trained:
+        by_seed.setdefault(r["series"], {}).setdefault(r["seed"], []).append(r)
+
+    def partner(name: str, seed: Any) -> dict[str, Any] | None:
+        found = by_seed.get(name, {}).get(seed, [])
+        return found[0] if len(found) == 1 else None
+
+    def diff_p(r: Mapping[str, Any], other: Mapping[str, Any] | None) -> list[str]:
+        if not _pairable(r, other):
+            return ["–", "–"]
+        d = accuracy_of(r["test_predictions"], r["test_labels"]) - accuracy_of(other["test_predictions"], other["test_labels"])
+        b, c = discordant_counts(r["test_predictions"], other["test_predictions"], r["test_labels"])
+        return [f"{100 * d:+.1f} pp", _p_text(exact_mcnemar(b, c))]
+
+    lines = ["", "## Paired tests on the test part (accuracy difference, exact McNemar)", "",
+             f"| run | test accuracy | vs zero-shot | p | vs {ref} (same seed) | p |", "|---|---|---|---|---|---|"]
+    for r in trained:
+        vs_ref = ["–", "–"] if r["series"] == ref else diff_p(r, partner(ref, r["seed"]))
+        cells = [r["id"], f"{accuracy_of(r['test_predictions'], r['test_labels']):.1%}", *diff_p(r, base), *vs_ref]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    # pooled: series A's seeds against series B's same seeds, one test over every paired decision
+    pooled = []
+    for i, a in enumerate(series):
+        for b_name in series[i + 1:]:
+            pairs = [(x, y) for seed in by_seed.get(a, {})
+                     if _pairable(x := partner(a, seed), y := partner(b_name, seed))]
+            if not pairs:
+                continue
+            b = c = n = 0
+            for x, y in pairs:
+                db, dc = discordant_counts(x["test_predictions"], y["test_predictions"], x["test_labels"])
+                b, c, n = b + db, c + dc, n + len(x["test_labels"])
+            seeds = ", ".join(str(x["seed"]) for x, _ in pairs)
+            pooled.append(f"| {a} vs {b_name} | {seeds} | {n:,} | {b:,} | {c:,} | {100 * (b - c) / n:+.1f} pp | "
+                          f"{_p_text(exact_mcnemar(b, c))} |")
+    if pooled:
+        lines += ["", "Pooled over seeds (b: only A right, c: only B right). The seeds share the test inputs, so the "
+                  "pooled decisions are not independent: read p as optimistic.", "",
+                  "| A vs B | seeds | decisions | b | c | A − B | p |", "|---|---|---|---|---|---|---|", *pooled]
+    return lines
+
+
 def _generated_texts(records: list[dict[str, Any]]) -> list[str]:
     """Generation tasks: each run's texts for the same first test inputs (people judge generation by
     reading it), grouped by input."""
-    runs = [r for r in records if r.get("test_samples")]
+    # classification samples ('predicted', 'label') are not generated texts
+    runs = [r for r in records if r.get("test_samples") and all("generated" in x for x in r["test_samples"])]
     if not runs:
         return []
     lines = ["", "## Generated texts (test part, the same first inputs in every run)"]

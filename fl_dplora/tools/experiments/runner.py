@@ -165,6 +165,8 @@ def _short(rec: Mapping[str, Any]) -> str:
     parts = []
     if rec.get("accuracy") is not None:
         parts.append(f"acc {rec['accuracy']:.3f}")
+    if rec.get("test_accuracy") is not None:
+        parts.append(f"test acc {rec['test_accuracy']:.3f}")
     if rec.get("bleu") is not None:
         parts.append(f"bleu {rec['bleu']:.2f}")
     if rec.get("eval_loss") is not None:
@@ -172,6 +174,14 @@ def _short(rec: Mapping[str, Any]) -> str:
     if rec.get("epsilon") is not None:
         parts.append(f"eps {rec['epsilon']:.2f}")
     return ", ".join(parts)
+
+
+# record key <- test_eval key of a classification task's test part
+_CLASSIFICATION_TEST = {
+    "test_accuracy": "accuracy", "test_accuracy_se": "accuracy_se", "test_macro_f1": "macro_f1",
+    "test_majority_rate": "majority_rate", "test_loss": "loss", "test_inputs": "num_inputs",
+    "test_samples": "samples", "test_predictions": "predictions", "test_labels": "labels",
+}
 
 
 def record(run: RunSpec) -> dict[str, Any]:
@@ -193,8 +203,10 @@ def record(run: RunSpec) -> dict[str, Any]:
         "bleu": fe.get("bleu"), "rouge_l": fe.get("rouge_l"),  # generation, on the dev part / eval set
         "wall_seconds": round(float(s.get("experiment_wall_seconds", s.get("wall_seconds", 0.0))), 1),
     }
-    test = s.get("test_eval")  # data-to-text: the test part, scored once at the end of the run
-    if test:
+    test = s.get("test_eval")  # the task's test part, scored once at the end of the run
+    if test and "accuracy" in test:  # classification: per-example predictions, for paired (McNemar) tests
+        rec.update({k: test[t] for k, t in _CLASSIFICATION_TEST.items() if t in test})  # older summaries lack some
+    elif test:  # generation
         rec.update({"test_bleu": test.get("bleu"), "test_bleu_se": test.get("bleu_se"), "test_rouge_l": test.get("rouge_l"),
                     "test_rouge_l_se": test.get("rouge_l_se"), "test_loss": test.get("loss"),
                     "test_inputs": test.get("num_inputs"), "test_samples": test.get("samples", []),
