@@ -26,6 +26,7 @@ DATA_LICENCES = {  # the built-in tasks' data (fl_dplora/data_files/*/SOURCE.md)
     "general-instruct": "CC BY-SA 3.0 (databricks-dolly-15k)",
     "data-to-text": "CC BY-SA 4.0 (E2E NLG, github.com/tuetschek/e2e-dataset)",
 }
+DATA_LICENCES["fin-sentiment-v1"] = DATA_LICENCES["fin-sentiment"]
 # the Hugging Face Hub ids of the built-in tasks' data: a model card's `datasets:` metadata
 HUB_DATASETS = {
     "fin-sentiment": "zeroshot/twitter-financial-news-sentiment",
@@ -33,6 +34,7 @@ HUB_DATASETS = {
     "general-instruct": "databricks/databricks-dolly-15k",
     "data-to-text": "tuetschek/e2e_nlg",
 }
+HUB_DATASETS["fin-sentiment-v1"] = HUB_DATASETS["fin-sentiment"]
 
 
 # The bundled GGUF (model_loading.SMOLLM2_GGUF) is a Q4_1 quantization of this hub model: its loadable base.

@@ -36,7 +36,7 @@ class Key:
     help: str = ""
 
 
-TASKS = ("fin-sentiment", "medical-qa", "general-instruct", "data-to-text")
+TASKS = ("fin-sentiment", "medical-qa", "general-instruct", "data-to-text", "fin-sentiment-v1")
 DP_MODES = ("none", "sample", "client", "paper")
 
 # Where the server writes and how it waits: they stay on the server (clients, other organisations'
@@ -53,7 +53,8 @@ LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens
                                  "revision": "", "trust-remote-code": False, "dtype": "auto",
                                  "quantization": "none", "gradient-checkpointing": False,
                                  "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0, "secagg-dropout-rate": 0.0,
-                                 "max-new-tokens": 64, "report-to": "none", "frozen-dtype": "float32"}
+                                 "max-new-tokens": 64, "report-to": "none", "frozen-dtype": "float32",
+                                 "max-test-samples": 0}
 NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
 
 SCHEMA: dict[str, Key] = {
@@ -107,6 +108,7 @@ SCHEMA: dict[str, Key] = {
     "dirichlet-alpha": Key(float, 0.5, min=0.0, min_exclusive=True, help="label skew (smaller = more skewed)"),
     "max-train-samples": Key(int, 2000, min=0, help="cap on the training pool before partitioning (0 = all)"),
     "max-eval-samples": Key(int, 100, min=0, help="central eval examples (0 = all)"),
+    "max-test-samples": Key(int, 0, min=0, help="test part (data-to-text, fin-sentiment) scored once at the end: the first N (0 = all)"),
     "max-new-tokens": Key(int, 48, min=1, help="generation: greedy tokens per input (BLEU, ROUGE-L)"),
     "eval-every": Key(int, 0, min=0, help="central evaluation every N rounds (0 = only at the end)"),
     "transfer-dtype": Key(str, "float32", choices=("float32", "bfloat16", "float16"), help="adapter dtype on the wire (after noise)"),
@@ -133,9 +135,11 @@ def defaults() -> dict[str, Any]:
 
 # The defaults before the DP-LoRA data-to-text job became the default (2026-12): the TFNS label-head
 # recipe (the fin-sentiment preset) with per-round evaluation. Experiment specs resolve on top of it,
-# so a spec that leaves a key out still computes, and hashes, what its committed results did.
+# so a spec that leaves a key out still computes, and hashes, what its committed results did (on the
+# earlier TFNS protocol, fin-sentiment-v1, which had no test part).
 def tfns_recipe_defaults() -> dict[str, Any]:
-    return {**defaults(), **load_preset("fin-sentiment"), "max-new-tokens": 64, "eval-every": 1}
+    return {**defaults(), **load_preset("fin-sentiment"), "max-new-tokens": 64, "eval-every": 1,
+            "task": "fin-sentiment-v1"}
 
 
 def allowed_values(spec: Key) -> str:

@@ -166,17 +166,27 @@ TEST_SAMPLES = 5  # generated texts kept with a test-part score: the same first 
 
 
 def score_test_part(model, tokenizer, task: TaskData, cfg) -> dict | None:
-    """The task's test part (data-to-text), scored once with the final adapter (or the base model for
-    zero-shot): reported, never used to choose anything. The first five generations are kept, next to
-    their input and references, for people to read."""
-    if not task.test:
+    """The task's test part (data-to-text, fin-sentiment), scored once with the final adapter (or the base
+    model for zero-shot): reported, never used to choose anything. Every prediction stays (paired tests
+    between runs need them: the same inputs, in the same order, in every run); the first five, next to
+    their input and answer, are for people to read. `max-test-samples` > 0 keeps the first N inputs."""
+    n = int(cfg.get("max-test-samples", 0))
+    examples = task.test[:n] if n > 0 else task.test
+    if not examples:
         return None
-    result = evaluate(model, tokenizer, task, task.test, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
+    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
                       system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], with_predictions=True)
-    texts = result["generations"]  # every test generation stays: paired comparisons between runs need them
-    result["num_inputs"] = len(task.test)
+    result["num_inputs"] = len(examples)
+    if task.kind == "classification":
+        result.pop("probabilities", None)
+        acc = result["accuracy"]
+        result["accuracy_se"] = math.sqrt(acc * (1.0 - acc) / len(examples))
+        result["labels"] = [ex.label for ex in examples]
+        result["samples"] = [{"input": ex.prompt, "predicted": task.label_words[p], "label": task.label_words[ex.label]}
+                             for ex, p in zip(examples[:TEST_SAMPLES], result["predictions"])]
+        return result
     result["samples"] = [{"input": ex.prompt, "generated": t, "references": list(ex.references)}
-                         for ex, t in zip(task.test[:TEST_SAMPLES], texts)]
+                         for ex, t in zip(examples[:TEST_SAMPLES], result["generations"])]
     return result
 
 

@@ -37,7 +37,7 @@ from fl_dplora.config import ConfigError
 CARD_KEYS = {"name", "kind", "label-words", "labels", "instruction", "prompt-template", "text-column",
              "label-column", "instruction-column", "response-column", "context-column", "train-file",
              "eval-file", "loader", "licence"}
-LOADERS = ("pubmedqa", "dolly", "e2e")  # bundled data whose rows need reading code (nested JSON, fixed splits)
+LOADERS = ("pubmedqa", "dolly", "e2e", "tfns")  # bundled data whose rows need reading code (nested JSON, fixed splits)
 DEFAULT_TEMPLATE = "{instruction}\n\n{text}"
 GENERIC_INSTRUCTION = "Classify the text. Answer with one of: {labels}."
 
@@ -285,12 +285,40 @@ def e2e_rows(base: Path) -> tuple[list[dict], list[dict], list[dict]]:
     return train, [r for r in held if r["mr"] in dev], [r for r in held if r["mr"] not in dev]
 
 
+TFNS_TEST_TWEETS = 1600  # of sent_valid.csv's 2,388: one SE ~1.0 point at 80 %; the other 788 are the dev part
+TFNS_V1_SCORED, TFNS_V1_HEAD_ROWS = 300, 320  # what the earlier protocol (task fin-sentiment-v1) looked at
+
+
+def tfns_split(n_valid: int) -> tuple[list[int], list[int]]:
+    """Row indices of sent_valid.csv: (dev part, test part), both in file order. Fixed (seed 0, never the
+    run's). Every tweet the earlier protocol used for a choice stays in the dev part: the 300 it scored
+    (the seed-0 permutation's first 300, a superset of every smaller max-eval-samples subset) and the
+    head-statistic prompts, the first unscored rows of the file (all inside its first 320 rows)."""
+    import torch
+
+    order = torch.randperm(n_valid, generator=torch.Generator().manual_seed(0)).tolist()
+    dev = set(order[:TFNS_V1_SCORED]) | set(range(min(TFNS_V1_HEAD_ROWS, n_valid)))
+    room = max(0, n_valid - TFNS_TEST_TWEETS - len(dev))
+    dev |= set([i for i in order if i not in dev][:room])
+    return sorted(dev), [i for i in range(n_valid) if i not in dev]
+
+
+def tfns_rows(base: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """TFNS: clients' pool = sent_train.csv; sent_valid.csv split into a public dev part (monitoring,
+    head statistics, recipe choices) and a test part of 1,600 tweets scored once at the end of a run."""
+    valid = read_rows(base / "sent_valid.csv")
+    dev, test = tfns_split(len(valid))
+    return read_rows(base / "sent_train.csv"), [valid[i] for i in dev], [valid[i] for i in test]
+
+
 def loader_rows(card: TaskCard) -> tuple[list[dict], list[dict], list[dict]]:
     """(train rows, eval rows, test rows) of a bundled format, read from the card's folder. The test
-    rows (only E2E has them) are scored once, at the end of a run; eval rows every round."""
+    rows (E2E and TFNS have them) are scored once, at the end of a run; eval rows every round."""
     base = Path(card.data_dir)
     if card.loader == "e2e":
         return e2e_rows(base)
+    if card.loader == "tfns":
+        return tfns_rows(base)
     if card.loader == "pubmedqa":
         with gzip.open(base / "ori_pqal.json.gz", "rt") as f:
             pqal = json.load(f)

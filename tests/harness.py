@@ -65,6 +65,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "max-seq-len": 64,
     "max-train-samples": 120,
     "max-eval-samples": 16,
+    "max-test-samples": 16,  # the test part (1,600 TFNS tweets, 215 E2E MRs) is scored at the end of every run
     "dp-mode": "none",
     "secure-rng": False,
     "checkpoint-every": 0,

@@ -32,11 +32,11 @@ _partition = partition_indices.__wrapped__  # bypass the process cache: determin
 # ----------------------------------------------------------------------------- built-in tasks
 def test_fin_sentiment_has_the_official_split_sizes_and_class_counts():
     t = load_task("fin-sentiment", 42)
-    assert (len(t.train), len(t.eval)) == (9543, 2388)
+    assert (len(t.train), len(t.eval), len(t.test)) == (9543, 788, 1600)  # sent_valid.csv = dev + test part
     assert t.kind == "classification"
     assert t.label_words == ["negative", "positive", "neutral"]
     assert Counter(e.answer for e in t.train) == {"negative": 1442, "positive": 1923, "neutral": 6178}
-    assert Counter(e.answer for e in t.eval) == {"negative": 347, "positive": 475, "neutral": 1566}
+    assert Counter(e.answer for e in t.eval + t.test) == {"negative": 347, "positive": 475, "neutral": 1566}
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_eval_subset_is_fixed_and_does_not_depend_on_the_run_seed():
     a = eval_examples({**base, "seed": 1})
     b = eval_examples({**base, "seed": 2})
     assert len(a) == 50 and [e.prompt for e in a] == [e.prompt for e in b]
-    assert len(eval_examples({**base, "seed": 1, "max-eval-samples": 0})) == 2388
+    assert len(eval_examples({**base, "seed": 1, "max-eval-samples": 0})) == 788  # the whole dev part
 
 
 # ----------------------------------------------------------------------------- partitioning

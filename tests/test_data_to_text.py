@@ -15,7 +15,7 @@ from fl_dplora.evaluate import corpus_bleu, rouge_l, rouge_l_best
 from fl_dplora.task_card import E2E_DEV_MRS
 from harness import run_in_process
 
-D2T = {"task": "data-to-text", "max-new-tokens": 4, "max-eval-samples": 6, "max-train-samples": 80}
+D2T = {"task": "data-to-text", "max-new-tokens": 4, "max-eval-samples": 6, "max-train-samples": 80, "max-test-samples": 0}
 
 
 def test_the_clients_pool_is_the_devset_and_the_server_splits_part_a_by_mr():

@@ -313,7 +313,7 @@ def test_seeds_aggregate_into_cells_with_mean_and_standard_error(tmp_path, monke
     assert two["majority_rate_mean"] == pytest.approx(0.6)  # the older summary (no majority_rate) is left out
     assert (two["n"], two["seed"], two["ids"]) == (3, [42, 1, 2], ["rank2-seed42", "rank2-seed1", "rank2-seed2"])
     assert (two["series"], two["lora_rank"], two["target_epsilon"], two["dp_mode"], two["task"]) == \
-        ("LoRA", 2, 8.0, "sample", "fin-sentiment")
+        ("LoRA", 2, 8.0, "sample", "fin-sentiment-v1")  # the specs' base: the earlier protocol
     # n < 2: a mean, no standard error
     assert (four["n"], four["seed"], four["lora_rank"]) == (1, [1], 4)
     assert four["accuracy_mean"] == 0.7 and four["accuracy_se"] is None and four["macro_f1_se"] is None

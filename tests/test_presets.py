@@ -54,13 +54,16 @@ def test_pyproject_declares_exactly_the_packaged_defaults():
 
 def test_the_default_job_is_dp_lora_on_data_to_text():
     """The default trains LoRA A and B under DP-SGD (no label head) with the data-to-text preset's
-    recipe; the TFNS label-head job is the fin-sentiment preset, and experiments keep it as their base."""
+    recipe; the TFNS label-head job is the fin-sentiment preset, and experiments keep it as their base
+    on the earlier TFNS protocol (fin-sentiment-v1) that their committed results were computed with."""
     cfg = defaults()
     assert cfg == resolve(base=load_preset("data-to-text"))
     assert (cfg["task"], cfg["label-head"], cfg["lora-variant"], cfg["dp-mode"]) == ("data-to-text", False, "lora", "sample")
     assert cfg["target-epsilon"] <= 8.0 and cfg["delta"] == 1e-5 and cfg["accountant"] == "prv"
     tfns = tfns_recipe_defaults()
-    assert (tfns["task"], tfns["label-head"], tfns["head-rounds"], tfns["eval-every"]) == ("fin-sentiment", True, 4, 1)
+    assert (tfns["task"], tfns["label-head"], tfns["head-rounds"], tfns["eval-every"]) == ("fin-sentiment-v1", True, 4, 1)
+    preset = {**resolve(base=load_preset("fin-sentiment")), "max-new-tokens": 64, "eval-every": 1}
+    assert preset["task"] == "fin-sentiment" and {**tfns, "task": "fin-sentiment"} == preset
 
 
 # ----------------------------------------------------------------------------- packaged presets

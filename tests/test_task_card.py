@@ -27,7 +27,8 @@ def demo(tmp_path_factory):
 def test_builtin_tasks_are_their_cards():
     fin = load_task("fin-sentiment")
     rows = pd.read_csv(DATA_DIR / "tfns" / "sent_train.csv")
-    assert fin.card.name == "fin-sentiment" and fin.card.train_file.endswith("sent_train.csv")
+    assert fin.card.name == "fin-sentiment" and fin.card.loader == "tfns"
+    assert load_task("fin-sentiment-v1").card.train_file.endswith("sent_train.csv")
     for i in (0, 17, 9000):  # the card's template and index labels give the prompts the runs trained on
         assert fin.train[i].prompt == f"{fin.instruction}\n\n{rows.text[i]}"
         assert fin.train[i].answer == fin.label_words[int(rows.label[i])]

@@ -48,14 +48,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print("fl-dplora: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if test is not None:
         print("fl-dplora: test part: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in test.items() if k not in ("samples", "generations")))
+                                                   for k, v in test.items() if k not in ("samples", "generations", "predictions", "labels")))
     return 0
 
 
 def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str | None = None,
                      model: Any = None) -> dict[str, Any]:
     """`fl-dplora evaluate` (and `Run.evaluate`): score `adapter` (None: the base model, zero-shot) on
-    the task's evaluation split (and a data-to-text task's test part), or on every row of `eval_file`.
+    the task's evaluation split (and the test part of data-to-text or fin-sentiment), or on every row of `eval_file`.
     `model`: that adapter already loaded (it is not loaded again)."""
     import time
 
@@ -84,7 +84,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
     test = None if eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
-    if test is not None:  # data-to-text: the test part too, as a run reports it at its end
+    if test is not None:  # the test part too, as a run reports it at its end
         summary["test_eval"] = test
         summary["wall_seconds"] = time.time() - t0
     return summary

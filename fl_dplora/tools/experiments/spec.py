@@ -23,6 +23,10 @@ _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
 # what a spec's [config] sits on: the recipe its committed results were computed with (config.py)
 SPEC_BASE = tfns_recipe_defaults()
 _PLOT_KINDS = ("line", "rounds", "bar")
+# A task's name in the cache key: the earlier TFNS protocol was called fin-sentiment when its results
+# were computed (they stay matched), and the task now called fin-sentiment (dev/test split) must never
+# hit one of them.
+_TASK_IN_HASH = {"fin-sentiment-v1": "fin-sentiment", "fin-sentiment": "fin-sentiment/dev-test-split"}
 
 
 @dataclass
@@ -39,6 +43,8 @@ class RunSpec:
         keep = {k: v for k, v in sorted(self.config.items())  # only what the run computes
                 if k not in SERVER_ONLY_KEYS | NON_COMPUTING_KEYS and LEGACY_VALUES.get(k, object()) != v
                 and not (k == "population" and v in (0, self.num_clients))}  # = "clients" below
+        if "task" in keep:
+            keep["task"] = _TASK_IN_HASH.get(keep["task"], keep["task"])
         blob = json.dumps({"v": CACHE_VERSION, "kind": self.kind, "clients": self.num_clients, "config": keep},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
