@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         examples = load_local_file(str(args.csv), task)
         source = str(args.csv)
     else:
-        # neither scored by the server nor read (unlabelled) for a label head's feature statistics
+        # neither scored by the server nor read (unlabelled) for a label head's feature statistics: the
+        # test part where the task has one (fin-sentiment), else the eval rows outside the server's use
         server = {(e.prompt, e.label) for e in eval_examples(cfg) + head_stat_examples(cfg)}
-        pool = [e for e in task.eval if (e.prompt, e.label) not in server]
+        pool = task.test or [e for e in task.eval if (e.prompt, e.label) not in server]
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(pool), generator=g).tolist()
         examples, taken = [], {c: 0 for c in range(len(task.label_words))}
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             if taken[pool[i].label] < args.per_class:
                 taken[pool[i].label] += 1
                 examples.append(pool[i])
-        source = f"TFNS validation, {args.per_class} per class, outside the server's eval subset"
+        source = (f"TFNS test part, {args.per_class} per class" if task.test else
+                  f"TFNS validation, {args.per_class} per class, outside the server's eval subset")
     model = get_peft_model(cfg)
     tok = load_tokenizer(cfg["model"])
     score = dict(system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])

@@ -88,7 +88,9 @@ def test_local_noise_does_not_shrink_the_clipped_update(name):
     updates = [mode.accept(mode.client_update(dict(signal), sigma, gen)) for _ in range(POPULATION)]
     assert all(mode.reject_reason(u, sigma) == "" for u in updates)  # honest replies pass the norm screen
     out = mode.aggregate(updates, [1.0] * POPULATION, {k: torch.zeros_like(v) for k, v in signal.items()}, 1, sigma, gen)
-    clipped = mode._clip(dict(signal))
+    # clipped by hand (max-grad-norm 0.5): client clips the whole update, paper each of A and B to 0.5
+    parts = [[k for k in signal]] if name == "client" else [[k] for k in signal]
+    clipped = {k: signal[k] * min(1.0, 0.5 / float(torch.cat([signal[j] for j in p]).norm())) for p in parts for k in p}
     direction = torch.cat([clipped[k] for k in signal])
     got = float(torch.cat([out[k] for k in signal]) @ direction / direction.norm() ** 2)
     # the mean of 5 clipped updates is the clipped update: projection 1 (old: ~1 / (sigma sqrt(d)) ~ 0.05)
