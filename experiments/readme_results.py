@@ -46,6 +46,8 @@ def block() -> str:
         else:
             lines += ["| " + " | ".join(ex.COLUMNS.get(c, (c,))[0] for c in cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(ex.column_text(r, c) for c in cols) + " |" for r in data["runs"]]
+        # classification test parts: tweet-by-tweet comparisons (its headings one level below this block's)
+        lines += [f"##{x}" if x.startswith("## ") else x for x in ex.paired_accuracy_tests(data["runs"])]
         lines.append("")
         for p in spec.plots:
             if (path.parent / p["file"]).is_file():

@@ -9,7 +9,7 @@ from scipy.stats import binomtest
 
 from fl_dplora.tools import experiments as ex
 from fl_dplora.tools.experiments.paired import discordant_counts, mcnemar_p_value
-from fl_dplora.tools.experiments.results import _generated_texts, _paired_accuracy_tests, column_text
+from fl_dplora.tools.experiments.results import _generated_texts, column_text, paired_accuracy_tests
 from test_experiments import _fake_run, spec_dir  # noqa: F401  (spec_dir: a fixture)
 
 LABELS = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
@@ -57,7 +57,7 @@ def test_paired_accuracy_section_compares_each_run_with_zero_shot_and_the_refere
         _rec("zero-shot", "zero-shot", 42, zero, kind="zero-shot"),
         {"id": "old", "series": "dp", "seed": 7, "kind": "train"},  # an older summary: no predictions, no row
     ]
-    lines = _paired_accuracy_tests(records)
+    lines = paired_accuracy_tests(records)
     assert lines[1] == "## Paired tests on the test part (accuracy difference, exact McNemar)"
     assert "| run | test accuracy | vs zero-shot | p | vs ref (same seed) | p |" in lines
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and "-seed" in line.split(" | ")[0]}
@@ -78,7 +78,7 @@ def test_paired_accuracy_section_compares_each_run_with_zero_shot_and_the_refere
     pooled = binomtest(b42, b42, 0.5).pvalue  # seed 1: the same predictions, no discordant pair
     assert c42 == 0 and f"| ref vs dp | 42, 1 | 20 | {b42} | 0 | +{100 * b42 / 20:.1f} pp | {pooled:.3f} |" in lines
     # no classification predictions (a generation experiment): no section
-    assert _paired_accuracy_tests([{**r, "test_predictions": None} for r in records]) == []
+    assert paired_accuracy_tests([{**r, "test_predictions": None} for r in records]) == []
 
 
 def test_record_keeps_a_classification_test_part_flat(spec_dir):  # noqa: F811

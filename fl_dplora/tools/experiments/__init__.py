@@ -13,8 +13,8 @@ also gets `cells` there: the runs that differ only in those keys, as mean and st
 """
 
 from fl_dplora.tools.experiments.results import (
-    CELL_METRICS, COLUMNS, DEFAULT_TABLE, aggregate_cells, cell_columns, cell_table, column_text, markdown, mean_se, plot,
-    report,
+    CELL_METRICS, COLUMNS, DEFAULT_TABLE, aggregate_cells, cell_columns, cell_table, column_text, markdown, mean_se,
+    paired_accuracy_tests, plot, report,
 )
 from fl_dplora.tools.experiments.runner import (
     command, compare_summaries, execute, is_done, record, run_dir, verify,
@@ -26,6 +26,6 @@ from fl_dplora.tools.experiments.spec import (
 __all__ = [
     "CACHE_VERSION", "CELL_METRICS", "COLUMNS", "DEFAULT_TABLE", "SPEC_BASE", "Experiment", "RunSpec", "aggregate_cells",
     "available", "cell_columns", "cell_table", "column_text", "command", "compare_summaries", "execute",
-    "experiments_dir", "is_done", "load_spec", "markdown", "mean_se", "plot", "record", "report", "results_root",
+    "experiments_dir", "is_done", "load_spec", "markdown", "mean_se", "paired_accuracy_tests", "plot", "record", "report", "results_root",
     "run_dir", "verify",
 ]

@@ -147,7 +147,7 @@ def markdown(exp: Experiment, records: list[dict[str, Any]], command: str) -> st
              "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(column_text(r, c) for c in cols) + " |" for r in records]
     lines += _paired_bleu_tests(records)
-    lines += _paired_accuracy_tests(records)
+    lines += paired_accuracy_tests(records)
     lines += _generated_texts(records)
     if exp.notes:
         lines += ["", exp.notes.strip()]
@@ -193,7 +193,7 @@ def _pairable(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
         and a.get("test_labels") == b.get("test_labels")
 
 
-def _paired_accuracy_tests(records: list[dict[str, Any]]) -> list[str]:
+def paired_accuracy_tests(records: list[dict[str, Any]]) -> list[str]:
     """Classification tasks: each trained run's test accuracy against the zero-shot base model and against
     the run of its seed in the reference series (the spec's first trained series), by exact McNemar on
     the same test examples; then per pair of series, one McNemar test over their seeds' pooled decisions."""
