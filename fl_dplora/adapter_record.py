@@ -18,7 +18,7 @@ from fl_dplora.config import SCHEMA, ConfigError, resolve
 
 RECORD = "fl_dplora.json"
 # where or how a run was executed, not what its adapter is
-RUN_ONLY = ("output-dir", "resume", "overwrite", "audit-canaries")
+RUN_ONLY = ("output-dir", "resume", "overwrite")
 
 
 def write(folder: str | Path, cfg: Mapping[str, Any], base_model: str) -> None:

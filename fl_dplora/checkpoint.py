@@ -22,6 +22,10 @@ from fl_dplora.config import ConfigError
 
 CKPT = "checkpoint.pt"
 META = "checkpoint.json"
+# Keys a checkpoint's config may carry from before they left the run config, with the one value a run
+# that continues without them computed the same at. audit-canaries: `fl-dplora audit`'s canaries now
+# reach only the canary clients, in their node config (issue 29); every other run saved it empty.
+RETIRED_KEYS = {"audit-canaries": ""}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -59,4 +63,18 @@ def load(out_dir: Path) -> dict[str, Any]:
             f"resume: {path} is truncated or corrupt ({len(data)} bytes, expected {meta.get('bytes')}; "
             "sha256 mismatch); refusing to resume"
         )
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return migrate(torch.load(io.BytesIO(data), weights_only=True))
+
+
+def migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before a RETIRED_KEYS key left the run config: the key dropped at its
+    retired value; at another value (an audit's own run, whose canaries a resume would not plant) the
+    resume is refused in one line."""
+    config = state.get("config")
+    if isinstance(config, dict):
+        for key, value in RETIRED_KEYS.items():
+            if key in config and config[key] != value:
+                raise ConfigError(f"resume: the checkpoint is of an `fl-dplora audit` run ({key} = {config[key]!r}); "
+                                  "an audit is not resumed: run fl-dplora audit again")
+            config.pop(key, None)
+    return state

@@ -122,7 +122,6 @@ SCHEMA: dict[str, Key] = {
     "resume": Key(bool, False, help="continue the interrupted run in output-dir"),
     "overwrite": Key(bool, False, help="replace a run in output-dir"),
     "output-dir": Key(str, "", help="empty = ~/fl-dplora/runs/<timestamp>"),
-    "audit-canaries": Key(str, "", help="set by fl-dplora audit"),
 }
 
 

@@ -230,12 +230,15 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
         raise ConfigError(f"partitioner: {str(exc).splitlines()[0]}") from exc
 
 
-def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> list[Example]:
+def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: int,
+                    canaries: Mapping[str, Any] | None = None) -> list[Example]:
+    """Partition `partition_id` of `num_partitions` of the task's training data. `canaries`: what
+    `fl-dplora audit` planted on this node (`audit_canaries`, from its node config): the real data is
+    then split among the audit's data clients, and a canary client holds its canaries only."""
     data = load_task(cfg["task"], int(cfg["seed"]))
-    canaries = audit_canaries(cfg.get("audit-canaries", ""))
     if canaries:  # privacy audit: the real data is split among the data clients; canary clients hold canaries only
         num_partitions = int(canaries["data-clients"])
-        extra = [Example(p, a) for p, a in canaries["examples"].get(str(partition_id), [])]
+        extra = [Example(p, a) for p, a in canaries["examples"]]
         if partition_id >= num_partitions:
             return extra
     else:
@@ -248,20 +251,21 @@ def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: i
 
 @lru_cache(maxsize=4)
 def audit_canaries(path: str) -> dict[str, Any] | None:
-    """The canary file of `fl-dplora audit`: {"data-clients": N, "examples": {partition: [[prompt, answer], ...]},
-    "gradients": {partition: [canary, ...]}, "observe": {partition: [[adapter key, flat index], ...]},
-    "observations": FILE}, a gradient canary a list of [adapter key, flat index, value]
-    (train.GradientCanary); `observe` names every canary's coordinate (planted or not), whose gradient
-    the partition appends to FILE after each round (the audit's white-box view)."""
+    """One simulated node's canary file, named by its node config `audit-canaries` (written by
+    `fl-dplora audit`, never part of the run config): {"data-clients": N, "examples": [[prompt, answer], ...],
+    "gradients": [canary, ...], "observe": [[adapter key, flat index], ...], "observations": FILE}, a
+    gradient canary a list of [adapter key, flat index, value] (train.GradientCanary); `observe` names
+    every canary's coordinate (planted or not), whose gradient the node appends to FILE after each
+    round (the audit's white-box view). None without a file (every run but an audit's)."""
     if not path:
         return None
     try:
         raw = json.loads(Path(path).read_text())
-        return {"data-clients": int(raw["data-clients"]), "examples": dict(raw.get("examples", {})),
-                "gradients": dict(raw.get("gradients", {})), "observe": dict(raw.get("observe", {})),
+        return {"data-clients": int(raw["data-clients"]), "examples": list(raw.get("examples", [])),
+                "gradients": list(raw.get("gradients", [])), "observe": list(raw.get("observe", [])),
                 "observations": str(raw.get("observations", ""))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"audit-canaries: cannot read {path}: {exc}") from None
+        raise ConfigError(f"node-config audit-canaries: cannot read {path}: {exc}") from None
 
 
 def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:

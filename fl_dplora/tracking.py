@@ -67,21 +67,20 @@ class Tracker:
         self.title = f"{Path(str(cfg['model'])).name} on {Path(str(cfg['task'])).name}, dp-mode {cfg['dp-mode']}"
         self._sink: Any = None
         check_report_to(cfg)
-        config = {k: v for k, v in cfg.items() if k != "audit-canaries"}
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self._sink = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
-            self._sink.add_text("run-config", "\n".join(f"    {k} = {json.dumps(v)}" for k, v in config.items()))
+            self._sink.add_text("run-config", "\n".join(f"    {k} = {json.dumps(v)}" for k, v in cfg.items()))
         elif self.kind == "wandb":
             import wandb
 
-            self._sink = wandb.init(project="fl-dplora", name=self.out_dir.name, dir=str(self.out_dir), config=config)
+            self._sink = wandb.init(project="fl-dplora", name=self.out_dir.name, dir=str(self.out_dir), config=dict(cfg))
         elif self.kind == "mlflow":
             import mlflow
 
             self._sink = mlflow.start_run(run_name=self.out_dir.name)
-            mlflow.log_params(config)
+            mlflow.log_params(dict(cfg))
         if self.kind != "none":
             log.info("report-to %s: each round's released metrics and epsilon%s", self.kind,
                      f" in {self.out_dir / 'tensorboard'}" if self.kind == "tensorboard" else "")

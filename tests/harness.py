@@ -108,13 +108,15 @@ def run_in_process(
     output_dir: str | Path | None = None,
     grid: InProcessGrid | None = None,
     defaults: Mapping[str, Any] | None = None,
+    node_configs: list[Mapping[str, Any]] | None = None,
     **overrides: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Run the real server loop with `num_clients` in-process clients; return (summary, output dir).
 
     `overrides` are run-config keys (`dp_mode="sample"` or `**{"dp-mode": "sample"}`) on top of
     `defaults` (TINY_DEFAULTS when None; `{}` = pyproject's, as the CLI uses). Pass `grid` to inject
-    faults or inspect `grid.exchanges` afterwards. The output dir defaults to a fresh temp dir.
+    faults or inspect `grid.exchanges` afterwards, or `node_configs` (one per node) for the grid's nodes.
+    The output dir defaults to a fresh temp dir.
     """
     from fl_dplora.server.loop import run_server
 
@@ -122,7 +124,7 @@ def run_in_process(
         output_dir = tempfile.mkdtemp(prefix="fl-dplora-test-")
     overrides = {"population": num_clients, **overrides}  # declared like `simulate --num-clients` does
     cfg = tiny_config(defaults, **overrides, **{"output-dir": str(output_dir)})
-    grid = grid if grid is not None else InProcessGrid(num_clients, seed=int(cfg["seed"]))
+    grid = grid if grid is not None else InProcessGrid(num_clients, node_configs=node_configs, seed=int(cfg["seed"]))
     summary = run_server(grid, cfg)
     return summary, Path(cfg["output-dir"])
 

@@ -170,8 +170,8 @@ GRADIENT = {"max-train-samples": 60, "batch-size": 16, "micro-batch-size": 16, "
 def _gradient_audit(tmp_path, canary_kind="gradient", **overrides):
     cfg = tiny_config(**{**GRADIENT, **overrides})
 
-    def train(run_cfg, n):
-        return run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+    def train(run_cfg, nodes):
+        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=64, mia_samples=30,
                              canary_kind=canary_kind, log=lambda *a: None)
@@ -255,8 +255,8 @@ def test_gradient_audit_flags_a_run_that_claims_dp_but_adds_no_noise(tmp_path, m
 def _audit(tmp_path, **overrides):
     cfg = tiny_config(None, **{**MEMORISABLE, **overrides})
 
-    def train(run_cfg, n):
-        return run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+    def train(run_cfg, nodes):
+        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=128, mia_samples=60,
                              canary_kind="text", log=lambda *a: None)
@@ -347,7 +347,8 @@ def test_label_head_audit_sees_memorised_flips_without_dp_and_stays_below_the_cl
 
     def run(sub, **over):
         cfg = tiny_config(**{**head, **over, "output-dir": str(tmp_path / sub / "run")})
-        train = lambda run_cfg, n: run_in_process(n, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]  # noqa: E731
+        train = lambda run_cfg, nodes: run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg,  # noqa: E731
+                                                      output_dir=run_cfg["output-dir"])[0]
         return audit.run_audit(cfg, 3, tmp_path / sub, train, num_canaries=64, mia_samples=30, canary_kind="text",
                                log=lambda *a: None)
 

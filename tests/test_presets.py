@@ -43,8 +43,8 @@ def _pyproject_config() -> dict:
 # ----------------------------------------------------------------------------- one source of defaults
 def test_pyproject_declares_exactly_the_packaged_defaults():
     """`flwr run .` reads pyproject's table, `fl-dplora simulate` and a wheel the package's: equal,
-    key by key (audit-canaries is set by `fl-dplora audit` alone)."""
-    packaged = {k: v for k, v in defaults().items() if k != "audit-canaries"}
+    key by key."""
+    packaged = defaults()
     declared = _pyproject_config()
     assert set(declared) == set(packaged), set(declared) ^ set(packaged)
     assert resolve(base=declared) == defaults()

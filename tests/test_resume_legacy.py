@@ -77,3 +77,19 @@ def test_legacy_values_read_at_call_time(monkeypatch):
     monkeypatch.setattr(config, "LEGACY_VALUES", {**config.LEGACY_VALUES, "seed": cfg["seed"] + 1})
     with pytest.raises(ConfigError, match=r"^seed: "):
         check_resume_config(saved, cfg)
+
+
+def test_a_checkpoint_from_when_audit_canaries_was_a_run_config_key(tmp_path):
+    """Checkpoints written before issue 29 carry `audit-canaries` (empty in every run but an audit's):
+    loaded without it, so the run resumes; an audit's own run (a canary file there) is refused in one line."""
+    from fl_dplora import checkpoint
+
+    cfg = _current()
+    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg, "audit-canaries": ""}})
+    saved = checkpoint.load(tmp_path)["config"]
+    assert saved == cfg
+    check_resume_config(saved, cfg)
+    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg, "audit-canaries": "/runs/audit/canaries.json"}})
+    with pytest.raises(ConfigError) as err:
+        checkpoint.load(tmp_path)
+    assert len(str(err.value).splitlines()) == 1 and "fl-dplora audit" in str(err.value)

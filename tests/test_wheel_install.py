@@ -147,7 +147,7 @@ def test_the_installed_package_is_the_wheel_and_not_the_tree(installed, probe):
 
 def test_the_wheel_resolves_pyprojects_defaults(probe):
     declared = _pyproject_config()
-    packaged = {k: v for k, v in probe["defaults"].items() if k != "audit-canaries"}  # set by `fl-dplora audit` alone
+    packaged = probe["defaults"]
     assert set(packaged) == set(declared), set(packaged) ^ set(declared)
     assert {k: packaged[k] for k in declared} == declared
     from fl_dplora.config import resolve

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,19 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
 
 
 def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None,
-             exit_on_interrupt: bool = False) -> dict:
-    """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`."""
+             exit_on_interrupt: bool = False, node_configs: Sequence[Mapping[str, Any]] | None = None) -> dict:
+    """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`.
+    `node_configs`: one node config per simulated node (by partition-id), what a SuperNode's
+    `--node-config` would set; the engine itself sets only partition-id and num-partitions."""
     from flwr.simulation import run_simulation
 
     from fl_dplora.clients.client_app import app as client_app
     from fl_dplora.server.app import build_server_app
+
+    if node_configs is not None:
+        if len(node_configs) != num_clients:
+            raise ValueError("node_configs: one mapping per simulated node")
+        client_app = _with_node_configs(client_app, node_configs)
 
     init_args: dict[str, Any] = {"include_dashboard": False, "num_cpus": os.cpu_count() or 2}
     if ray_address:
@@ -114,6 +121,19 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     if not summary_path.is_file():
         raise RuntimeError(f"the run did not finish (no {summary_path}); see the log above")
     return json.loads(summary_path.read_text())
+
+
+def _with_node_configs(app, node_configs: Sequence[Mapping[str, Any]]):
+    """`app` on simulated nodes that carry node configs of their own: node `partition-id`'s entry is
+    merged into its context's node config before each message reaches the app."""
+    from flwr.clientapp import ClientApp
+
+    class NodeConfigApp(ClientApp):
+        def __call__(self, message, context):
+            context.node_config.update(node_configs[int(context.node_config["partition-id"])])
+            return app(message, context)
+
+    return NodeConfigApp()
 
 
 def _exit_on_interrupt(out_dir: Path, rounds: int):

@@ -61,8 +61,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     cfg = prepare_config(args.run_config, str(out / "run"), args.num_clients, overwrite=args.overwrite)
 
-    def train(run_cfg: dict[str, Any], num_clients: int) -> dict[str, Any]:
-        return simulate(run_cfg, num_clients, args.num_cpus, args.num_gpus, args.ray_address)
+    def train(run_cfg: dict[str, Any], node_configs: list[dict[str, Any]]) -> dict[str, Any]:
+        return simulate(run_cfg, len(node_configs), args.num_cpus, args.num_gpus, args.ray_address,
+                        node_configs=node_configs)
 
     r = run_audit(cfg, args.num_clients, out, train, num_canaries=args.canaries, repeats=args.repeats,
                   num_references=args.references, audit_seed=args.audit_seed, canary_kind=args.canary_kind)

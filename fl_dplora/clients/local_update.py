@@ -64,13 +64,12 @@ def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
 def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
                    partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = "",
                    system_prompt: str = "auto", card_json: str = "", own_card: str = ""):
-    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train,
-           "audit-canaries": canaries}
+    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train}
     if data_path:  # a real organisation's own file, read with the run's card (and the node's own, if any)
         run = task_for_node(card_json, seed) if card_json else load_task(task, seed)
         examples = load_local_file(data_path, run, own_card=own_card)
     else:
-        examples = client_examples(cfg, partition_id, num_partitions)
+        examples = client_examples(cfg, partition_id, num_partitions, audit_canaries(canaries))
     return encode_all(load_tokenizer(model), examples, max_len, system_prompt)
 
 
@@ -82,7 +81,7 @@ def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
     return _encoded_shard(
         cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
         cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
-        cfg["audit-canaries"], cfg["system-prompt"], card_json, str(node.get("task-card", "")),
+        str(node.get("audit-canaries", "")), cfg["system-prompt"], card_json, str(node.get("task-card", "")),
     )
 
 
@@ -144,7 +143,7 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
     # the frozen blocks below the adapter run once per example, not once per step (frozen_prefix.py)
     data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
     trained_keys = [k for k in keys if params[k].requires_grad]
-    canaries, observe = audit_canaries_here(cfg, context, trained_keys)  # fl-dplora audit only
+    canaries, observe = audit_canaries_here(context, trained_keys)  # fl-dplora audit only
     return _Loaded(model, tokenizer, label_ids, params, keys, global_weights, head_only, progress, data,
                    trained_keys, canaries, observe)
 
@@ -262,7 +261,7 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
         canaries=loaded.canaries, observe=loaded.observe,
     )
     if loaded.observe:
-        record_observations(cfg, _client_seed_parts(context), server_round, stats.observed)
+        record_observations(context, server_round, stats.observed)
     with torch.no_grad():
         delta = {k: (params[k].detach() - loaded.global_weights[k]) for k in keys}
 
@@ -298,32 +297,33 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     return Message(content, reply_to=msg)
 
 
-def audit_canaries_here(cfg: Mapping[str, Any], context: Context,
+def audit_canaries_here(context: Context,
                         trained_keys: list[str]) -> tuple[list[GradientCanary], list[tuple[int, int]]]:
-    """What `fl-dplora audit` put in this simulated partition (nothing outside an audit): the gradient
-    canaries planted in it, examples whose per-example gradient is a fixed vector (train.GradientCanary),
-    and the coordinates of every canary drawn for it, planted or not, whose gradient it records
-    (local_train's `observe`). Both are placed by the position of their tensor among those trained this
-    round; a tensor that does not train this round (a head-only round) gives a canary no entry (it is
-    still sampled) and an observed coordinate position -1."""
-    planted = audit_canaries(str(cfg.get("audit-canaries", "")))
-    if not planted or context.node_config.get("data-path") or "partition-id" not in context.node_config:
+    """What `fl-dplora audit` planted on this simulated node (its node config `audit-canaries`; nothing
+    outside an audit): the gradient canaries, examples whose per-example gradient is a fixed vector
+    (train.GradientCanary), and the coordinates of every canary drawn for it, planted or not, whose
+    gradient it records (local_train's `observe`). Both are placed by the position of their tensor among
+    those trained this round; a tensor that does not train this round (a head-only round) gives a canary
+    no entry (it is still sampled) and an observed coordinate position -1."""
+    node = context.node_config
+    planted = audit_canaries(str(node.get("audit-canaries", "")))
+    if not planted or node.get("data-path") or "partition-id" not in node:
         return [], []
     pos = {k: i for i, k in enumerate(trained_keys)}
-    part = str(int(context.node_config["partition-id"]))
     canaries = [GradientCanary(tuple((pos[k], int(i), float(v)) for k, i, v in canary if k in pos))
-                for canary in planted["gradients"].get(part, [])]
-    return canaries, [(pos.get(k, -1), int(i)) for k, i in planted["observe"].get(part, [])]
+                for canary in planted["gradients"]]
+    return canaries, [(pos.get(k, -1), int(i)) for k, i in planted["observe"]]
 
 
-def record_observations(cfg: Mapping[str, Any], partition: int, server_round: int, steps: list) -> None:
-    """Append this round's per-step gradients at the canary coordinates to the audit's file. Audit
-    only (simulation, the auditor's own machine): it holds the noised gradients DP-SGD's accounting
-    already treats as released, so a DP run's audit bound must stay below its claim with them."""
-    path = audit_canaries(str(cfg["audit-canaries"]))["observations"]
+def record_observations(context: Context, server_round: int, steps: list) -> None:
+    """Append this round's per-step gradients at the canary coordinates to the file the node's canary
+    file names. Audit only (simulation, the auditor's own machine): it holds the noised gradients
+    DP-SGD's accounting already treats as released, so a DP run's audit bound must stay below its claim
+    with them."""
+    path = audit_canaries(str(context.node_config["audit-canaries"]))["observations"]
     if path:
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"partition": partition, "round": server_round, "steps": steps}) + "\n")
+            fh.write(json.dumps({"partition": _client_seed_parts(context), "round": server_round, "steps": steps}) + "\n")
 
 
 def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:

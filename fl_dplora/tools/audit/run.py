@@ -62,8 +62,27 @@ def _claimed_epsilon(summary: Mapping[str, Any], plan: Plan) -> tuple[float, flo
     return eps, delta
 
 
-TrainFn = Callable[[dict[str, Any], int], dict[str, Any]]
+# train(run config, one node config per node) -> the run's summary: the same apps on as many nodes
+TrainFn = Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]]
 CANARY_KINDS = ("gradient", "text")
+
+
+def _node_configs(planted: Mapping[str, Any], num_clients: int, folder: Path) -> list[dict[str, Any]]:
+    """One node config per simulated node: its partition and, as `audit-canaries`, its own canary file
+    (what is planted on it, the coordinates it observes and where it writes them, how many data clients
+    share the real data). The run config, which every node and the released summary see, carries none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("partition-*.json"):
+        old.unlink()
+    nodes = []
+    for p in range(num_clients):
+        part, path = str(p), folder / f"partition-{p}.json"
+        observe = planted.get("observe", {}).get(part, [])
+        path.write_text(json.dumps({"data-clients": planted["data-clients"], "examples": planted["examples"].get(part, []),
+                                    "gradients": planted.get("gradients", {}).get(part, []), "observe": observe,
+                                    "observations": planted["observations"] if observe else ""}, indent=1))
+        nodes.append({"partition-id": p, "num-partitions": num_clients, "audit-canaries": str(path)})
+    return nodes
 
 
 def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: TrainFn, *, num_canaries: int = 256,
@@ -105,16 +124,18 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     canary_path = out_dir / "canaries.json"
     observations = out_dir / "observed_steps.jsonl"  # client 0's gradients at the canary coordinates (white box)
     observations.unlink(missing_ok=True)
-    canary_path.write_text(json.dumps({**plan.canary_file(), "observations": str(observations)}, indent=1))
+    planted = {**plan.canary_file(), "observations": str(observations)}
+    canary_path.write_text(json.dumps(planted, indent=1))  # the auditor's record of every node's part
     (out_dir / "audit_plan.json").write_text(json.dumps({"canary_kind": canary_kind, **asdict(plan)}, indent=1))
     # Client-level canaries: the declared population counts every canary client that could take part,
     # so the divisor (q x population) is the same whether a canary was included or not.
     population = data_clients + (len(plan.canaries) if plan.unit == "client" else 0)
-    run_cfg = {**cfg, "audit-canaries": str(canary_path), "output-dir": str(out_dir / "run"), "population": population}
+    run_cfg = {**cfg, "output-dir": str(out_dir / "run"), "population": population}
+    node_configs = _node_configs(planted, plan.num_clients, out_dir / "nodes")  # the canaries travel as node data
     kind = {"gradient": "Dirac gradients on the LoRA factors", "text": "mislabelled held-out texts" if flip else "passphrases"}
     log(f"audit: {sum(plan.included)}/{num_canaries} canaries ({kind[canary_kind]}) planted as "
         f"{'client 0 examples' if plan.unit == 'example' else 'extra clients'} (x{repeats}), {plan.num_clients} clients; training ...")
-    summary = train(run_cfg, plan.num_clients)
+    summary = train(run_cfg, node_configs)
 
     model = get_peft_model(run_cfg)
     tokenizer = tokenizer_for(run_cfg)
@@ -127,7 +148,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     score = {"system_prompt": run_cfg["system-prompt"]}  # encoded exactly as the run trained on them
     canaries = [] if gradient else plan.examples()
     references = [] if gradient else [Example(QUESTION, r) for r in plan.references]
-    members = client_examples({**run_cfg, "audit-canaries": ""}, 0, data_clients)[:mia_samples]
+    members = client_examples(run_cfg, 0, data_clients)[:mia_samples]
     if not flip:  # non-members from the same pool as the members when the run left some out, else the eval split
         held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
 
