@@ -69,7 +69,9 @@ def load(out_dir: Path) -> dict[str, Any]:
 def migrate(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint written before a RETIRED_KEYS key left the run config: the key dropped at its
     retired value; at another value (an audit's own run, whose canaries a resume would not plant) the
-    resume is refused in one line."""
+    resume is refused in one line. A fin-sentiment run from before the dev/test split is named by the
+    task it ran, fin-sentiment-v1 (resuming it as today's fin-sentiment would change its head statistics,
+    monitored tweets and test part)."""
     config = state.get("config")
     if isinstance(config, dict):
         for key, value in RETIRED_KEYS.items():
@@ -77,4 +79,8 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"resume: the checkpoint is of an `fl-dplora audit` run ({key} = {config[key]!r}); "
                                   "an audit is not resumed: run fl-dplora audit again")
             config.pop(key, None)
+        # written before fin-sentiment gained its dev/test split (the same change added max-test-samples):
+        # the run was on the earlier protocol, which is now called fin-sentiment-v1
+        if config.get("task") == "fin-sentiment" and "max-test-samples" not in config:
+            config["task"] = "fin-sentiment-v1"
     return state

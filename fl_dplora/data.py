@@ -49,7 +49,7 @@ class TaskData:
     label_words: list[str] = field(default_factory=list)
     instruction: str = ""  # classification prompt prefix; reused for a SuperNode's own file
     card: TaskCard | None = None  # how rows become examples (label words, prompt, columns)
-    test: list[Example] = field(default_factory=list)  # scored once, at the end of a run (data-to-text)
+    test: list[Example] = field(default_factory=list)  # scored once, at the end of a run (data-to-text, fin-sentiment)
 
 
 # ------------------------------------------------------------------ tasks (every one through a task card)

@@ -93,3 +93,22 @@ def test_a_checkpoint_from_when_audit_canaries_was_a_run_config_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         checkpoint.load(tmp_path)
     assert len(str(err.value).splitlines()) == 1 and "fl-dplora audit" in str(err.value)
+
+
+def test_a_fin_sentiment_checkpoint_from_before_the_dev_test_split_resumes_only_as_v1(tmp_path):
+    """A fin-sentiment checkpoint without max-test-samples ran the earlier protocol: it is named
+    fin-sentiment-v1, so resuming it as today's fin-sentiment (other head statistics, monitored tweets
+    and a test part) is refused, and resuming it as fin-sentiment-v1 goes on."""
+    from fl_dplora import checkpoint
+
+    old = _saved_without(_current(task="fin-sentiment"), ["max-test-samples"])
+    checkpoint.save(tmp_path, {"round": 2, "config": old})
+    saved = checkpoint.load(tmp_path)["config"]
+    assert saved["task"] == "fin-sentiment-v1"
+    with pytest.raises(ConfigError) as err:
+        check_resume_config(saved, _current(task="fin-sentiment"))
+    assert len(str(err.value).splitlines()) == 1 and "task" in str(err.value)
+    check_resume_config(saved, _current(task="fin-sentiment-v1"))
+    new = _current(task="fin-sentiment")  # written after the split: kept as it is
+    checkpoint.save(tmp_path, {"round": 2, "config": new})
+    assert checkpoint.load(tmp_path)["config"] == new

@@ -71,3 +71,22 @@ def test_the_test_part_is_scored_once_after_the_last_round_with_every_prediction
 def test_the_earlier_protocol_reports_no_test_part():
     summary, _ = run_in_process(2, task="fin-sentiment-v1", num_server_rounds=1)
     assert "test_eval" not in summary and summary["final_eval"]["num_examples"] == 16
+
+
+def test_the_untouched_test_tweets_are_rescored_from_the_committed_predictions():
+    # 397 test tweets were scored by the earlier protocol's prior-shift check; the rest are rescored
+    import importlib.util
+
+    from harness import REPO
+
+    spec = importlib.util.spec_from_file_location("tfns_untouched", REPO / "experiments" / "tfns_untouched.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    drawn = mod.prior_shift_draw()
+    task = load_task("fin-sentiment", 42)
+    assert len(drawn) == 450 and not drawn & {e.prompt for e in task.train}
+    assert len(drawn & {e.prompt for e in task.test}) == 397
+    import json
+
+    committed = json.loads((REPO / "experiments" / "results" / "tfns-test" / "untouched.json").read_text())
+    assert json.loads(json.dumps(mod.untouched())) == committed  # the same floats, through the same JSON
