@@ -23,7 +23,7 @@ CONFIG_BEGIN, CONFIG_END = "<!-- config:begin -->", "<!-- config:end -->"
 CONFIG_PAGE = Path("docs") / "configuration.md"  # where the run-config table lives, relative to ROOT
 RESULTS_PAGE = Path("docs") / "results.md"  # where the results block lives, relative to ROOT
 LINK_PREFIX = "../"  # from docs/results.md back to the repository root
-ORDER = ["data-to-text", "tfns-test", "dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
+ORDER = ["data-to-text", "data-to-text-lr", "tfns-test", "dp-recipe", "epsilon-sweep", "comm-vs-rank", "non-iid", "mode-compare", "seed-check"]
 
 
 def block() -> str:
