@@ -148,8 +148,8 @@ def _run(tmp_path, mode: str, offline: int, **extra):
 
 
 def _public(summary: dict) -> dict:
-    """The summary less its DP outputs (the adapter's evaluation) and its config."""
-    return {k: v for k, v in summary.items() if k not in ("final_eval", "config")}
+    """The summary less its DP outputs (the adapter's evaluations: the dev part's and the test part's) and its config."""
+    return {k: v for k, v in summary.items() if k not in ("final_eval", "test_eval", "config")}
 
 
 @pytest.mark.parametrize("mode,extra", [("client", {}), ("client", {"client-noise": "local"}), ("sample", {})])
