@@ -11,6 +11,7 @@ and rouge-score's ROUGE-L F1 against the best reference (Porter stemming).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fl_dplora.data import Example, TaskData, collate, encode_example, render_prompt
-from fl_dplora.forward import answer_logits, first_answer_positions, label_first_tokens
-from fl_dplora.frozen_prefix import attach_prefix
+from fl_dplora.forward import answer_logits, answer_states, first_answer_positions, label_first_tokens
+from fl_dplora.frozen_prefix import attach_prefix, features_key
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -107,14 +108,18 @@ def bleu_bootstrap_se(hypotheses: Sequence[str], references: Sequence[Sequence[s
     return float(torch.tensor(draws, dtype=torch.float64).std())
 
 
+_EVAL_STATES: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # per process, like the prefix cache
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_len: int,
              batch_size: int = 16, max_new_tokens: int = 0, system_prompt: str = "auto",
-             prefix_cache: str = "off", with_predictions: bool = False) -> dict[str, float]:
+             prefix_cache: str = "off", with_predictions: bool = False, keep_states: bool = False) -> dict[str, float]:
     """Loss/perplexity on the answer tokens; accuracy, macro-F1 and the majority rate for classification;
     BLEU and ROUGE-L of greedy generations for generation when `max_new_tokens` > 0.
     `with_predictions` adds each example's predicted label index and label probabilities (classification)
-    or generated text (generation)."""
+    or generated text (generation). `keep_states`: keep the answer states of these examples for the
+    next call (a set scored every round); a call with unchanged decoder weights then reuses them."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -122,16 +127,28 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
     label_first = label_first_tokens(tokenizer, task.label_words) if task.kind == "classification" else []
     distinct_first = len(set(label_first)) == len(label_first)
 
+    # the answer states of a round that changed no decoder weight (a head-only round) are the last
+    # round's: its evaluation is the heads' matmul (the key hashes every weight below the heads)
+    key = features_key(model, encoded) if keep_states else None
+    key = key and f"{key}:{batch_size}"
+    cached = _EVAL_STATES.get(key) if key else None
+    states = []
     total_loss, total_tokens, scored, trues = 0.0, 0, [], []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-        logits, targets, rows = answer_logits(model, batch)
+        if key:
+            states.append(cached[len(states)] if cached else answer_states(model, batch))
+        logits, targets, rows = answer_logits(model, batch, states[-1] if key else None)
         total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
         total_tokens += int(targets.numel())
         if task.kind == "classification" and distinct_first:
             scored.append(logits[first_answer_positions(rows)][:, label_first].float().cpu())
             trues += [ex.label for ex in examples[start : start + batch_size]]
+    if key and not cached:
+        _EVAL_STATES[key] = states
+        while len(_EVAL_STATES) > 2:  # the monitored set (the test part is scored once)
+            _EVAL_STATES.popitem(last=False)
     if task.kind == "classification" and not distinct_first and examples:
         scored = [_score_full_labels(model, tokenizer, task, examples, max_len, batch_size, system_prompt)]
         trues = [e.label for e in examples]

@@ -68,7 +68,27 @@ def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
     return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 
-def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols [B, A], valid [B, A]): each example's answer positions in hidden[:, :-1], left-aligned."""
+    mask = labels[:, 1:] != -100
+    counts = mask.sum(1)
+    width = max(1, int(counts.max()))
+    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
+    return cols, valid
+
+
+def answer_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, A, H]: the final hidden states at each example's answer positions (answer_columns' order,
+    zeros where an example has fewer). Everything answer_logits computes above its heads."""
+    hidden = final_hidden(model, batch)
+    cols, valid = answer_columns(batch["labels"])
+    gathered = hidden[:, :-1].gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    return gathered * valid[..., None].to(gathered.dtype)
+
+
+def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                  states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits only where the next token is an answer token: (logits [N,V], targets [N], example [N]).
 
     The vocabulary projection is the largest matmul of a small LM; skipping it on prompt tokens
@@ -84,17 +104,12 @@ def answer_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return logits[rows, cols], labels[rows, cols + 1], rows
-    hidden = final_hidden(model, batch)
-    # Gather each example's answer positions into [B, A, H] (left-aligned, zero-padded) rather than a
+    # Each example's answer positions gathered into [B, A, H] (left-aligned, zero-padded) rather than a
     # flat [N, H]: a LoRA on the head then still sees one batch row per example, which per-example
     # gradients need. Row-major order of the valid entries = the order of nonzero() (rows, then columns).
-    mask = labels[:, 1:] != -100
-    counts = mask.sum(1)
-    width = max(1, int(counts.max()))
-    cols = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
-    gathered = hidden[:, :-1].gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
-    gathered = gathered * valid[..., None].to(gathered.dtype)
+    # `states`: answer_states(model, batch) computed earlier with the same weights (evaluate's cache).
+    cols, valid = answer_columns(labels)
+    gathered = answer_states(model, batch) if states is None else states
     logits = head(gathered)[valid]
     targets = labels[:, 1:].gather(1, cols)[valid]
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(cols)[valid]
@@ -161,9 +176,11 @@ def _label_head_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
     probe = attached_label_head(model)
     if probe is None or label_token_ids is None or "answer_hidden" not in batch:
         return None
-    labels = batch["labels"]
-    pos = first_answer_index(labels)
-    first = labels[:, 1:].gather(1, pos[:, None])[:, 0]
+    if "answer_token" in batch:  # local_train's head-only rows: each example's first answer token
+        first = batch["answer_token"]
+    else:
+        labels = batch["labels"]
+        first = labels[:, 1:].gather(1, first_answer_index(labels)[:, None])[:, 0]
     ids = label_token_ids.to(first.device)
     match = first[:, None] == ids[None, :]
     if not bool(match.any(1).all()) or probe.token_ids.tolist() != ids.tolist():

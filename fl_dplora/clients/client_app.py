@@ -8,8 +8,8 @@ Flower's `context.state`, so a thousand virtual clients cost a thousand small re
 With secure aggregation, Flower's SecAgg+ mod wraps the train function and sends only masked vectors.
 
 This module stays light (no torch): on a SuperNode every message starts a fresh flwr-clientapp
-process, and the SecAgg+ key, share and unmask stages need only the mod (local_update.py is the
-heavy half, imported by the handlers below).
+process, and the SecAgg+ key, share and unmask stages need only the mod (local_update.py and
+evaluate_handler.py are the heavy halves, imported by the handlers below).
 """
 
 from __future__ import annotations
@@ -31,6 +31,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    from fl_dplora.clients.local_update import evaluate_global as local_evaluate
+    from fl_dplora.clients.evaluate_handler import evaluate_global as local_evaluate
 
     return local_evaluate(msg, context)

@@ -125,7 +125,7 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
     shard = shard_for(cfg, context, card_json)
     model = get_peft_model(cfg)
     tokenizer = tokenizer_for(cfg)
-    label_ids = _label_ids(cfg, tokenizer, task)
+    label_ids = label_ids_for(cfg, tokenizer, task)
     if cfg["label-head"]:
         label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
@@ -188,20 +188,14 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     if mode.example_level:
         sigma = dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
         log_row["adjacency"] = sizes.adjacency
-        projected = PrivacyLedger.from_record(ledger.to_record())
-        projected.step(sigma, q, int(stage["local-steps"]))
-        this_run = projected
-        epsilon_after = projected.epsilon(node_delta, cfg["accountant"])
+        this_run = PrivacyLedger.from_record(ledger.to_record())  # projected: with this round's steps
+        this_run.step(sigma, q, int(stage["local-steps"]))
+        epsilon_after = this_run.epsilon(node_delta, cfg["accountant"])
         if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
-            # Out of budget: no data is touched, nothing is sent but the flag.
-            record = ledger.to_record()  # the unchanged ledger, reported like after a training round
-            metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-                       "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
-                       "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            return _budget_exhausted(msg, cfg, ledger, sigma, q, part)  # no data touched, only the flag
         dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
         charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
-        log_row["steps"] = projected.total_steps
+        log_row["steps"] = this_run.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
         charged = client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row)
         if mode.local_noise:  # the noise it adds is the σ it charges (recalibrated after a rerun: client_sigma)
@@ -209,19 +203,9 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         elif mode.distributed_noise:  # its share: the round's one σ, never below what it charges (node_privacy)
             node_sigma = share_sigma(policy, msg, node_sigma / node_accountant_sigma * charged, log_row)
         charge = mode.round_event(charged)
-        rounds = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
-        log_row["rounds-charged"] = rounds
+        log_row["rounds-charged"] = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
         if policy.active:
-            run_ledger = PrivacyLedger()
-            for event in node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]):
-                run_ledger.step(*event)
-            this_run = run_ledger
-            epsilon_after = run_ledger.epsilon(node_delta, cfg["accountant"])
-            # local or distributed noise: this node's own noise is all that stands between its data and
-            # the server, which chooses who takes part (the fraction-train it sends buys nothing there)
-            against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
-            if against is not None:
-                log_row["epsilon-against-server"] = against
+            this_run, epsilon_after = _client_level_after(mode, node_ledger, server_round, charge, node_delta, cfg, log_row)
         else:
             epsilon_after = float("nan")  # not computed (no policy)
     else:
@@ -242,6 +226,32 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
             state[NODE_LEDGER_KEY] = node_ledger.to_json()
         context.state[STATE_KEY] = state
     return _Privacy(node_ledger, sizes, stage, q, dp, sampling_gen, noise_gen, node_sigma, node_delta, epsilon_after)
+
+
+def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, sigma: float, q: float,
+                      part: int) -> Message:
+    """The reply of a node whose next round would pass target-epsilon: the flag and its unchanged
+    ledger, reported like after a training round; nothing else is sent and no data was touched."""
+    record = ledger.to_record()
+    metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
+               "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
+               "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int, charge, node_delta: float,
+                        cfg: dict[str, Any], log_row: dict[str, Any]) -> tuple[PrivacyLedger, float]:
+    """(the run's client-level ledger after this attempt, its ε): counted from the node's own attempts.
+    With local or distributed noise, the node's own noise is all that stands between its data and the
+    server, which chooses who takes part (the fraction-train it sends buys nothing there): that ε goes
+    into the log row too."""
+    run_ledger = PrivacyLedger()
+    for event in node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]):
+        run_ledger.step(*event)
+    against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
+    if against is not None:
+        log_row["epsilon-against-server"] = against
+    return run_ledger, run_ledger.epsilon(node_delta, cfg["accountant"])
 
 
 def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
@@ -338,57 +348,8 @@ def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
 
 
 
-def _label_ids(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
+def label_ids_for(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
     """The label words' first tokens when the run trains with loss = label-words on a classification task."""
     if cfg["loss"] != "label-words":
         return None
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None
-
-
-def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
-    """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
-    the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
-    task = run_task(cfg, msg, node)
-    if node.get("eval-path"):
-        return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path",
-                                     own_card=str(node.get("task-card", "")))
-    if node.get("data-path"):
-        raise ConfigError("federated evaluation: this node has no eval-path in its node config")
-    part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
-    return task, task.eval[part::parts]
-
-
-def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the global adapter (and head) on this node's held-out data with the server's scorer.
-    The reply holds plain metrics of private data (the server keeps them in the operator log), so it
-    goes through the node's policy first: a node that declines (NodePolicy.evaluation_refusal) reads
-    nothing and returns only the flag and why. The majority rate (the file's class prior) never leaves."""
-    from fl_dplora.evaluate import evaluate
-
-    cfg = config_from_message(msg)
-    refusal = NodePolicy.from_node_config(context.node_config).evaluation_refusal(context.node_config)
-    if refusal is not None:
-        log.info("federated evaluation declined: %s", refusal)
-        return Message(RecordDict({"metrics": MetricRecord({protocol.EVAL_DECLINED: 1}),
-                                   protocol.EVAL_DECLINED_REASON: ConfigRecord({"reason": refusal})}), reply_to=msg)
-    task, examples = local_eval_examples(cfg, msg, context.node_config)
-    if not examples:
-        raise ConfigError("federated evaluation: this node's held-out data is empty")
-    model = get_peft_model(cfg)
-    tokenizer = tokenizer_for(cfg)
-    if cfg["label-head"]:
-        label_head.install(model, _label_ids(cfg, tokenizer, task).tolist(), *label_head.stats_from_config(msg.content["config"]))
-    else:
-        label_head.remove(model)
-    params = adapter_parameters(model, cfg)
-    weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
-    if set(weights) != set(params):
-        raise ValueError("global adapter keys do not match this client's LoRA config")
-    load_adapter_weights(params, weights)
-    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
-                      prefix_cache=cfg["prefix-cache"])
-    metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
-               **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
-    for key in protocol.NEVER_FROM_NODE:
-        metrics.pop(key, None)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -49,7 +49,7 @@ def setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str
 def evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
     load_adapter_weights(params, strategy.global_weights)
     return evaluate(model, tokenizer, task, evals, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
-                    system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
+                    system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], keep_states=True)
 
 
 def score_test(model, params, strategy, tokenizer, task, cfg) -> dict[str, Any] | None:
