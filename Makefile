@@ -40,8 +40,11 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 tests
 
+# The quick loop (under 5 min on 2 cores): the unit, integration and tools layers without the `slow`
+# tests; the e2e layer (real CLI, subprocesses, Ray, deployments) runs in `make test` (docs/architecture.md).
+FAST_LAYERS := tests/unit tests/integration tests/tools
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(FAST_LAYERS) -m "not slow"
 
 # Every experiment under experiments/ (finished runs are cached: rerunning continues a sweep).
 EXPERIMENTS ?= dp-recipe epsilon-sweep comm-vs-rank mode-compare non-iid seed-check

@@ -128,7 +128,7 @@ SCHEMA: dict[str, Key] = {
 def defaults() -> dict[str, Any]:
     """The default run config: SCHEMA's defaults, shipped with the package (a wheel runs the same
     recipe as the source tree). pyproject's `[tool.flwr.app.config]`, which `flwr run .` reads, is
-    checked equal to it key by key (tests/test_presets.py)."""
+    checked equal to it key by key (tests/e2e/test_presets.py)."""
     return {k: v.default for k, v in SCHEMA.items()}
 
 

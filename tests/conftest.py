@@ -1,4 +1,7 @@
-"""Shared test setup: offline Hugging Face, quiet tokenizers, `harness` importable, CLI runner."""
+"""Shared test setup: offline Hugging Face, quiet tokenizers, `harness` importable, CLI runner.
+
+It sits in tests/, above the four layers (unit/, integration/, e2e/, tools/), so it applies to all of
+them; pyproject's `pythonpath` also puts tests/ and each layer on sys.path."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:  # `from harness import run_in_process` in any test file
+if str(TESTS_DIR) not in sys.path:  # `from harness import run_in_process` in any layer's test file
     sys.path.insert(0, str(TESTS_DIR))
 
 # No network here: never let a library try the hub (a wrong id must fail fast, not hang).

@@ -70,7 +70,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "secure-rng": False,
     "checkpoint-every": 0,
     # the plain LoRA setup the tests were written for (pyproject's defaults carry the DP recipe;
-    # tests/test_recipe_e2e.py runs that recipe itself)
+    # tests/integration/test_recipe_e2e.py runs that recipe itself)
     "lora-variant": "lora",
     "lora-layers": 0,
     "lora-targets": "q_proj,v_proj",

@@ -1,2 +1,2 @@
 """Test support shipped with the package: an in-process Flower grid (tests and `fl-dplora bench secagg`).
-No runtime module imports from here (tests/test_layout.py)."""
+No runtime module imports from here (tests/tools/test_layout.py)."""

@@ -22,7 +22,7 @@ from typing import Any
 def p_value_dp(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """P[>= v right guesses out of r] for an (eps, delta)-DP run (Steinke et al. 2023, Thm 3.3/Alg. 3).
 
-    Written here from the paper's published p-value function (tests/test_audit.py checks it against a
+    Written here from the paper's published p-value function (tests/tools/test_audit.py checks it against a
     direct transcription of that loop and against closed forms): the maintained implementation,
     jax_privacy.auditing, needs JAX, which this PyTorch project does not otherwise install."""
     import numpy as np

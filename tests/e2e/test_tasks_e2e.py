@@ -1,7 +1,7 @@
 """Every built-in task and a user CSV of each kind run end to end through `fl-dplora simulate` (the
 Flower simulation engine, Ray), then `fl-dplora evaluate` and `fl-dplora export` on the run.
 
-(fin-sentiment runs the same way in tests/test_simulate_e2e.py.) The runs are tiny-random-llama, one
+(fin-sentiment runs the same way in tests/e2e/test_simulate_e2e.py.) The runs are tiny-random-llama, one
 round; two simulations at a time (Ray's start-up is mostly waiting)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from harness import FL_DPLORA, REPO, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 30-85 s a test (or its module fixture) in CI
 
 TINY = ("model=tiny-random-llama num-server-rounds=1 local-steps=2 batch-size=8 micro-batch-size=8 "
         "max-seq-len=64 max-train-samples=40 max-eval-samples=4 max-new-tokens=4 lora-variant=lora "

@@ -37,9 +37,9 @@ from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.write_ahead import read_operator
 from harness import TINY_DEFAULTS, kill_tree, read_metrics, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 30-85 s a test (or its module fixture) in CI
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FLWR = str(BIN / "flwr")
 
@@ -449,7 +449,7 @@ def test_secure_aggregation_with_a_real_superlink_and_three_supernodes(deploymen
     LoRA and label head. Flower's secaggplus_mod keeps each node's protocol state (keys, shares, seeds)
     in the SuperNode's context.state across the four stage messages of a round, each handled by a fresh
     flwr-clientapp process: the run completes only if that state outlives every one of those processes.
-    (Two rounds through the same mod: tests/test_simulate_e2e.py.)"""
+    (Two rounds through the same mod: tests/e2e/test_simulate_e2e.py.)"""
     dep = deployment
     dep.start_superlink()
     names = dep.start_partition_nodes(3)

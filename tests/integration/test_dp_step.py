@@ -25,7 +25,7 @@ from fl_dplora.models import adapter_parameters, get_peft_model
 from fl_dplora.privacy.mechanisms import gaussian_like, make_generator, secure_standard_normal
 from fl_dplora.train import DPSGD, local_train, per_example_loss
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: harness
 
 N_EXAMPLES, BATCH, MICRO, LR = 12, 4, 2, 0.5
 Q = BATCH / N_EXAMPLES

@@ -23,7 +23,7 @@ import pytest
 from harness import kill_tree
 from test_deployment_e2e import REPO, SMALL, Deployment, free_port, run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 30-85 s a test (or its module fixture) in CI
 
 README = (REPO / "README.md").read_text()
 EXAMPLE_OUT = "/abs/path/run1"

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from harness import kill_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 30-85 s a test (or its module fixture) in CI
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

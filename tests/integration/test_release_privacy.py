@@ -25,7 +25,7 @@ import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: harness
 from harness import InProcessGrid, read_metrics, run_in_process  # noqa: E402
 
 from fl_dplora.config import resolve  # noqa: E402
@@ -205,7 +205,7 @@ def test_checkpoint_is_owner_only_and_secure_runs_keep_no_sampling_state(tmp_pat
 
 
 def test_no_dp_mode_string_branches_outside_the_modes_module():
-    root = Path(__file__).resolve().parent.parent / "fl_dplora"
+    root = Path(__file__).resolve().parents[2] / "fl_dplora"
     # a comparison of something named *mode* (cfg["dp-mode"], dp_mode, mode) with a mode's name
     branch = re.compile(r"""mode["'\]\)]*\s*(==|!=|\bin\b)\s*\(?\s*["'](none|sample|client|paper)["']""")
     modes = root / "privacy" / "modes"  # one module per mode: each may name its own

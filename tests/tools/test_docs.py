@@ -11,7 +11,7 @@ import pytest
 
 from fl_dplora.cli import build_parser
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_BYTES = 12_000
 

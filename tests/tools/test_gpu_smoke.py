@@ -16,7 +16,7 @@ import pytest
 from fl_dplora.cli import build_parser
 from fl_dplora.config import parse_overrides, resolve
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_smoke.py"
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fl_dplora import frozen_prefix, shared_prefix
 from fl_dplora.frozen_prefix import compute_prefix, decoder_blocks
-from tests.test_prefix_cache import build, examples, isolated  # noqa: F401 - fixture
+from test_prefix_cache import build, examples, isolated  # noqa: F401 - fixture
 
 
 class Grabbed(Exception):

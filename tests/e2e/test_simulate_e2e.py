@@ -27,7 +27,7 @@ from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
 from fl_dplora.privacy.accounting import PrivacyLedger
 from harness import FL_DPLORA, REPO, run_cli, run_in_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 30-85 s a test (or its module fixture) in CI
 
 NUM_CLIENTS = 3
 RUN_CONFIG = ("model=tiny-random-llama num-server-rounds=2 local-steps=2 batch-size=8 micro-batch-size=4 "

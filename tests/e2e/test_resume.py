@@ -37,7 +37,7 @@ from test_privacy_modes import independent_epsilon
 
 from fl_dplora.write_ahead import read_operator
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]  # tests/: conftest and harness for the child
 NUM_CLIENTS = 3
 ROUNDS = 4
 # Fixed sigma and the RDP accountant keep accounting cheap; fraction-train < 1 so sampling matters.

@@ -21,7 +21,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: harness
 from harness import InProcessGrid, read_metrics, run_in_process  # noqa: E402
 
 from fl_dplora.data import partition_indices  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from fl_dplora.tools import experiments as ex
 from fl_dplora.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The run config both test specs share (each adds its dp-mode below it).
 TINY_CONFIG = """model = "tiny-random-llama"
@@ -114,6 +114,7 @@ def test_unknown_experiment_lists_the_available_ones(spec_dir, cli):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 85 s in CI
 def test_experiment_runs_caches_and_reports(spec_dir, cli):
     env = {**os.environ, "FL_DPLORA_EXPERIMENTS": str(spec_dir)}
     first = cli(["experiment", "tiny"], env=env, timeout=900)

@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: harness
 from harness import InProcessGrid, run_in_process  # noqa: E402
 
 from fl_dplora.write_ahead import read_operator
 from fl_dplora import models  # noqa: E402
 from fl_dplora.models import get_peft_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # q_proj and o_proj are 64x64 in the tiny LLaMA: A (r x 64) and B (64 x r) have the same size,
 # so sending only B must halve the upload.
 COMMON = dict(max_train_samples=60, batch_size=4, micro_batch_size=4, max_seq_len=48, local_steps=1,

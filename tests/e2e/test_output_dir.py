@@ -3,7 +3,7 @@
 Refused in one line with "use --resume DIR or --overwrite", exit non-zero, nothing touched: by
 `fl-dplora simulate` before Ray starts, and by the ServerApp itself (`run_server`, what `flwr run`
 reaches). `--overwrite` (run-config `overwrite = true`) deletes the earlier run's files first, and only
-those; a resume into its own folder is unaffected (tests/test_resume.py).
+those; a resume into its own folder is unaffected (tests/e2e/test_resume.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 RESULTS = (REPO / "docs" / "results.md").read_text()
 

@@ -23,6 +23,7 @@ def test_the_demo_preset_is_the_tiny_model_with_dp_on():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 69 s in CI
 def test_make_demo_trains_evaluates_predicts_and_exports(tmp_path):
     demo = tmp_path / "demo"
     t0 = time.time()

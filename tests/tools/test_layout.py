@@ -4,7 +4,9 @@
   nothing from the tools wing (fl_dplora/tools/) or the testing namespace (fl_dplora/testing/);
 - no import circle anywhere in the package (imports inside functions count too);
 - the tools and the testing namespace import no other module's private `_name`;
-- docs/architecture.md names every module of the package.
+- docs/architecture.md names every module of the package;
+- the tests sit in their layers (tests/unit, integration, e2e, tools; docs/architecture.md#tests-in-four-layers),
+  never directly in tests/, and every test file a page or a module names by its path exists.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "fl_dplora"
 WINGS = ("fl_dplora.tools", "fl_dplora.testing")  # not the runtime: may import it, never imported by it
 # the front door that dispatches to the tools (`fl-dplora bench`, `experiment`, `audit`)
@@ -150,3 +152,48 @@ def test_architecture_doc_names_every_module():
     modules = {str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.name != "__init__.py"}
     missing = sorted(modules - named)
     assert not missing, f"docs/architecture.md does not name: {', '.join(missing)}"
+
+
+# --- the tests' own layout ---------------------------------------------------------------------------
+
+TESTS = REPO / "tests"
+LAYERS = ("unit", "integration", "e2e", "tools")
+
+
+def _is_test_file(path: Path) -> bool:
+    return path.suffix == ".py" and (path.name.startswith("test_") or path.stem.endswith("_test"))
+
+
+def stray_test_files(tests: Path) -> list[str]:
+    """Test files outside tests/<layer>/: directly in tests/ (where only what every layer shares
+    lives: conftest.py, harness.py), or in a folder that is no layer."""
+    return sorted(str(p.relative_to(tests.parent)) for p in tests.rglob("*.py")
+                  if _is_test_file(p) and p.relative_to(tests).parts[0] not in LAYERS)
+
+
+def test_every_test_file_sits_in_a_layer():
+    stray = stray_test_files(TESTS)
+    assert not stray, (f"move these into one of tests/{{{','.join(LAYERS)}}}/ (docs/architecture.md, "
+                       "section 'Tests in four layers'): " + ", ".join(stray))
+    assert all(any((TESTS / layer).glob("test_*.py")) for layer in LAYERS)
+
+
+def test_the_layer_check_catches_a_stray_file(tmp_path):
+    tests = tmp_path / "tests"
+    for name in ("conftest.py", "harness.py", "unit/test_ok.py", "test_flat.py", "misc/test_lost.py", "helper.py"):
+        (tests / name).parent.mkdir(parents=True, exist_ok=True)
+        (tests / name).write_text("")
+    assert stray_test_files(tests) == [f"tests/{name}" for name in ("misc/test_lost.py", "test_flat.py")]
+
+
+def test_every_test_path_named_in_the_repo_exists():
+    """`tests/<layer>/test_x.py` in the README, docs/, the package, experiments/ (not its results),
+    the Makefile, CI and the tests themselves names a file that is there (a moved test leaves none behind)."""
+    sources = [REPO / "README.md", REPO / "Makefile", REPO / ".ci" / "run", REPO / "pyproject.toml",
+               *(REPO / "docs").glob("*.md"), *PACKAGE.rglob("*.py"), *TESTS.rglob("*.py"),
+               *(p for p in (REPO / "experiments").rglob("*") if p.suffix in {".md", ".py", ".toml"}
+                 and "results" not in p.relative_to(REPO / "experiments").parts)]
+    missing = sorted({f"{p.relative_to(REPO)}: {m}" for p in sources if p.is_file()
+                      for m in re.findall(r"\btests/[\w/]+\.py\b", p.read_text(errors="replace"))
+                      if not (REPO / m).is_file()})
+    assert not missing, "no such test file:\n" + "\n".join(missing)
