@@ -281,7 +281,7 @@ def test_generation_and_scoring_put_inputs_on_the_models_device(monkeypatch):
     class Seen(Exception):
         pass
 
-    def fake_answer_logits(m, batch):
+    def fake_answer_logits(m, batch, states=None):
         assert {t.device.type for t in batch.values() if isinstance(t, torch.Tensor)} == {"meta"}
         raise Seen
 
