@@ -78,7 +78,7 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
                 raise ConfigError(f"population: {cfg['population']} declared but simulate starts {num_clients} nodes; "
                                   "secure aggregation needs them equal (drop population or match --num-clients)")
             if unit is not None:
-                mode.check_secagg_delta(0.0, None)  # sigma is not needed for the refusal odds
+                mode.secagg.check_delta(0.0, None)  # sigma is not needed for the refusal odds
         if unit is not None:
             from fl_dplora.privacy.accounting import check_delta
 

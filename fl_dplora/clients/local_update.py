@@ -198,9 +198,9 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         log_row["steps"] = this_run.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
         charged = client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row)
-        if mode.local_noise:  # the noise it adds is the σ it charges (recalibrated after a rerun: client_sigma)
+        if mode.placement.server_sees_noised_updates:  # the noise it adds is the σ it charges (client_sigma)
             node_sigma = node_sigma / node_accountant_sigma * charged
-        elif mode.distributed_noise:  # its share: the round's one σ, never below what it charges (node_privacy)
+        elif mode.placement.node_shares:  # its share: the round's one σ, never below what it charges (node_privacy)
             node_sigma = share_sigma(policy, msg, node_sigma / node_accountant_sigma * charged, log_row)
         charge = mode.round_event(charged)
         log_row["rounds-charged"] = NodeLedger.rounds_charged([*node_ledger.attempts(mode.unit), server_round])
@@ -210,9 +210,9 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
             epsilon_after = float("nan")  # not computed (no policy)
     else:
         charge, epsilon_after = None, float("inf") if mode.unit is None else float("nan")
-    if mode.secure:  # the SecAgg+ round this update goes into is the one the node's noise share is for
+    if mode.secagg is not None:  # the SecAgg+ round this update goes into is the one the node's noise share is for
         dim = sum(loaded.params[k].numel() for k in loaded.keys)
-        why = mode.secagg_setup_refusal(secagg_setup(msg, context), dim, node_sigma)
+        why = mode.secagg.setup_refusal(secagg_setup(msg, context), dim, node_sigma)
         if why:
             enforce(policy, log_row, lambda: refuse(why))
     seen_now = node_ledger.attempt_sigmas(mode.unit, charge[0]) if "epsilon-against-server" in log_row else []
@@ -221,7 +221,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
         node_ledger.charge(server_round, mode.unit, *charge,
-                           server_sees=bool(mode.client_level and (mode.local_noise or mode.distributed_noise)))
+                           server_sees=mode.placement.node_noise_faces_server)  # NONE for other modes
         if node_ledger.path is None:
             state[NODE_LEDGER_KEY] = node_ledger.to_json()
         context.state[STATE_KEY] = state
@@ -276,8 +276,8 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
         delta = {k: (params[k].detach() - loaded.global_weights[k]) for k in keys}
 
     # client-level modes clip here (and add local noise, or a distributed share, of the node's own σ):
-    # the raw norm never leaves the client
-    return stats, mode.client_update(delta, privacy.node_sigma, privacy.noise_gen)
+    # the raw norm never leaves the client; under SecAgg+ the wrapper hands on grid values instead
+    return stats, (mode.secagg or mode).client_update(delta, privacy.node_sigma, privacy.noise_gen)
 
 
 def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMode, policy: NodePolicy,
@@ -301,7 +301,7 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     else:
         steps = int(privacy.stage["local-steps"])
         metrics["num-examples"] = steps * int(cfg["head-batch-size"] if loaded.head_only else cfg["batch-size"])
-    if mode.secure:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
+    if mode.secagg is not None:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
         return Message(fitres_reply(delta, metrics), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -125,7 +125,7 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
     if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
         return planned
     sigma = again[1]
-    if mode.local_noise or mode.distributed_noise:
+    if mode.placement.node_noise_faces_server:
         seen = mode.remaining_against_server([s for _, s, _ in node_ledger.charges(mode.unit)],
                                              int(mode.cfg["num-server-rounds"]) - server_round + 1,
                                              last[0] if last else None)
@@ -155,7 +155,7 @@ def compare_instruction_sigma(mode, msg: Message, node_sigma: float) -> dict[str
     if instructed is None or math.isclose(float(instructed), node_sigma, rel_tol=1e-9, abs_tol=1e-12):
         return row
     row["instruction-sigma"] = float(instructed)
-    if (mode.local_noise or mode.distributed_noise) and float(instructed) < node_sigma:
+    if mode.placement.node_noise_faces_server and float(instructed) < node_sigma:
         row["warning"] = (f"the server's instruction asks for noise multiplier {float(instructed):.6g}, below this "
                           f"node's own {node_sigma:.6g} for the run's config: this node adds its own")
         log.warning("node policy: %s", row["warning"])

@@ -72,7 +72,7 @@ def send_and_aggregate(grid: Grid, run: ServerRun, state: RunState, rnd: int, ch
     # write-ahead: the round and whom it asks are on disk before any client sees a message
     attempt = run.wal.begin(rnd, [str(int(m.metadata.dst_node_id)) for m in messages],
                             state.accountant_sigma if charge.event is not None else None)
-    if run.mode.secure:  # SecAgg+: the server only ever holds the sum of the round's updates
+    if run.mode.secagg is not None:  # SecAgg+: the server only ever holds the sum of the round's updates
         strategy.aggregate_secure(rnd, grid)
     else:
         replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []

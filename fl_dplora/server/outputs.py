@@ -96,8 +96,8 @@ def privacy_block(cfg, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
     block = {"mode": mode.name, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
              "accountant": None, "epsilon": None, "delta": cfg["delta"]}
     if mode.unit is None:
-        if mode.secure:
-            block["secure_aggregation"] = mode.secagg_describe(dim, 0.0, 0.0)
+        if mode.secagg is not None:
+            block["secure_aggregation"] = mode.secagg.describe(dim, 0.0, 0.0)
         return block
     block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=state.epsilon,
                  unit=mode.unit, trusted=mode.trusted)
@@ -108,8 +108,8 @@ def privacy_block(cfg, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
         block.update(noise_multiplier=state.server_sigma, accountant_noise_multiplier=state.accountant_sigma,
                      sample_rate=cfg["fraction-train"], steps=server_ledger.total_steps, **mode.describe())
         block["mode"] = mode.name
-        if mode.secure:
-            block["secure_aggregation"] = mode.secagg_describe(dim, state.server_sigma, state.epsilon)
+        if mode.secagg is not None:
+            block["secure_aggregation"] = mode.secagg.describe(dim, state.server_sigma, state.epsilon)
         block["history"] = [list(e) for e in server_ledger.history]  # σ recalibrated after a resume: two σ's
         # the nodes' own noise is the config's σ whatever a resume raised the server's to (modes.ClientDP.aggregate)
         against_server = mode.epsilon_against_server([mode.noise_multipliers()[1]] * server_ledger.total_steps)

@@ -80,7 +80,7 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
         # local noise: a node that began every attempt adds up to this σ (node_privacy.client_sigma); the
         # norm screen admits it, the top-up still assumes the config's σ (modes.ClientDP.aggregate)
         seen = mode.remaining_against_server([s for s, _, k in history for _ in range(k)], rounds - rounds_done)
-        if seen is not None and mode.distributed_noise:  # one σ for every share and the SecAgg+ grid, announced in
+        if seen is not None and mode.placement.node_shares:  # one σ for every share and the SecAgg+ grid, announced in
             # the instruction: no node's own recalibration exceeds it (node_privacy.share_sigma), the accountant keeps its own
             state.server_sigma = strategy.server_sigma = max(state.server_sigma, seen[0])
         elif seen is not None:

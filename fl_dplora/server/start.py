@@ -85,10 +85,10 @@ def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
     trainable = sum(p.numel() for p in params.values())
 
     state = RunState(*mode.noise_multipliers())
-    if mode.secure and mode.unit:
-        mode.check_secagg_delta(state.server_sigma, trainable)  # refused rounds must not matter next to δ
+    if mode.secagg is not None and mode.unit:
+        mode.secagg.check_delta(state.server_sigma, trainable)  # refused rounds must not matter next to δ
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=state.server_sigma)
-    if mode.secure:  # SecAgg+: the nodes present must be the declared population, checked before any client trains
+    if mode.secagg is not None:  # SecAgg+: the nodes present must be the declared population, checked before any client trains
         strategy.fix_secure_members(grid, float(cfg["round-timeout"]))
     log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",
              cfg["model"], cfg["task"], mode.name, trainable, 100 * trainable / full_params, full_params, out_dir)

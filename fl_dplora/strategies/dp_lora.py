@@ -207,13 +207,13 @@ class DPLoRAFedAvg(FedAvg):
         keys = getattr(self, "_round_keys", None) or sorted(self.global_weights)
         shapes = {k: tuple(self.global_weights[k].shape) for k in keys}
         dim = sum(self.global_weights[k].numel() for k in keys)
-        needed = self.mode.secagg_needed()  # max(2, secagg-threshold, min-available), as planned
+        needed = self.mode.secagg.needed()  # max(2, secagg-threshold, min-available), as planned
         if len(sent) < needed:
             outcome = SecureOutcome(None, reason=f"{len(sent)} sampled < {needed} needed (secagg-threshold, min-available): "
                                                  "round refused")
         else:
             contents = {m.metadata.dst_node_id: m.content for m in sent}
-            outcome = secure_sum(grid, server_round, contents, shapes, self.mode.secagg_plan(dim, self.server_sigma),
+            outcome = secure_sum(grid, server_round, contents, shapes, self.mode.secagg.plan(dim, self.server_sigma),
                                  needed, int(self.cfg["secagg-shares"]), float(self.cfg["round-timeout"]))
         # the instruction bytes configure_train counted are replaced by what the four stages moved
         self.stats.bytes_down, self.stats.bytes_up = outcome.bytes_down, outcome.bytes_up
@@ -224,7 +224,7 @@ class DPLoRAFedAvg(FedAvg):
         if outcome.failures and not float(self.cfg.get("secagg-dropout-rate", 0.0)):
             log.warning("round %d: secure aggregation: sampled nodes dropped out but secagg-dropout-rate is 0: "
                         "delta_extra does not count refusals they cause (declare the rate)", server_round)
-        agg = self.mode.aggregate_secure_sum(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
+        agg = self.mode.secagg.aggregate(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
         if agg is None:
             self.stats.accepted = 0
             log.warning("round %d: secure aggregation: %s; global adapter unchanged", server_round, outcome.reason)

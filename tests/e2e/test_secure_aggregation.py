@@ -24,6 +24,7 @@ from opacus.accountants import RDPAccountant
 from fl_dplora.config import ConfigError
 from fl_dplora.privacy import modes
 from fl_dplora.privacy.mechanisms import clip_to_norm
+from fl_dplora.privacy.modes.secure import SecureAggregation
 from fl_dplora.privacy.secagg_quantization import MODULUS, plan, refusal_probability, round_to_grid
 from fl_dplora.strategies import secagg
 
@@ -39,15 +40,18 @@ def flat(update) -> np.ndarray:
 def recorder(monkeypatch):
     """What each client's dp-mode handed on (in delivery order) and every unmasked sum."""
     rec = {"inputs": [], "outputs": [], "outcomes": []}
-    original = modes.ClientDP.client_update
 
-    def client_update(self, delta, sigma, generator):
-        out = original(self, delta, sigma, generator)
-        rec["inputs"].append({k: v.clone() for k, v in delta.items()})
-        rec["outputs"].append({k: v.clone() for k, v in out.items()})
-        return out
+    def recording(original):
+        def client_update(self, delta, sigma, generator):
+            out = original(self, delta, sigma, generator)
+            rec["inputs"].append({k: v.clone() for k, v in delta.items()})
+            rec["outputs"].append({k: v.clone() for k, v in out.items()})
+            return out
+        return client_update
 
-    monkeypatch.setattr(modes.ClientDP, "client_update", client_update)
+    # what a client-level mode sends in plaintext, and what the SecAgg+ wrapper hands the secure sum instead
+    for cls in (modes.ClientDP, SecureAggregation):
+        monkeypatch.setattr(cls, "client_update", recording(cls.client_update))
     secure_sum = secagg.secure_sum
 
     def recording_sum(*args, **kwargs):
@@ -110,7 +114,7 @@ def test_no_message_the_server_receives_holds_a_client_update(recorder):
         assert sorted(outcome.survivors) == sorted(grid.contexts)
         total = flat(outcome.total)
         np.testing.assert_allclose(total, sum(flat(o) for o in outs), rtol=0, atol=1e-5)
-        step = mode.secagg_plan(total.size, 1.0).step
+        step = mode.secagg.plan(total.size, 1.0).step
         clipped = sum(flat(dict(zip(sorted(d), clip_to_norm([d[k] for k in sorted(d)], 1.0)[0]))) for d in ins)
         assert np.abs(total - clipped).max() <= 4 * step + 1e-6
         assert np.abs(clipped).max() > 1000 * step  # the comparison is not trivially small
@@ -145,9 +149,9 @@ def test_dropout_after_key_sharing_yields_the_survivors_sum_with_full_noise(reco
     np.testing.assert_allclose(total, sum(flat(o) for o in recorder["outputs"]), rtol=0, atol=1e-5)
     # the noise the three survivors put in: variance 3 x (σC')²/threshold = (σC')² (threshold 3 of 4)
     mode = modes.for_config(tiny_config(**cfg))
-    assert mode.secagg_threshold() == 3
+    assert mode.secagg.threshold() == 3
     sigma = summary["privacy"]["noise_multiplier"]
-    grid_plan = mode.secagg_plan(total.size, sigma)
+    grid_plan = mode.secagg.plan(total.size, sigma)
     signal = sum(flat(dict(zip(sorted(d), clip_to_norm([d[k] for k in sorted(d)], 1.0)[0]))) for d in recorder["inputs"])
     noise_var = float(np.var(total - signal))
     full = (sigma * grid_plan.sensitivity) ** 2
@@ -163,16 +167,16 @@ def test_released_noise_is_at_least_full_whatever_survived():
     cfg = tiny_config(**{**SECURE, "client_noise": "distributed", "population": 5, "secagg_threshold": 3})
     mode = modes.for_config(cfg)
     dim, sigma = 200_000, 1.3
-    full = (sigma * mode.secagg_plan(dim, sigma).sensitivity) ** 2
+    full = (sigma * mode.secagg.plan(dim, sigma).sensitivity) ** 2
     gen = torch.Generator().manual_seed(0)
     for survivors in (3, 4, 5):
-        share = mode.secagg_plan(dim, sigma).noise_std_per_client ** 2 * survivors  # what the survivors sent
+        share = mode.secagg.plan(dim, sigma).noise_std_per_client ** 2 * survivors  # what the survivors sent
         total = {"x": torch.randn(dim, generator=gen, dtype=torch.float64).float() * math.sqrt(share)}
-        released = mode.aggregate_secure_sum(total, survivors, sigma, dim, gen)["x"] * mode.divisor
+        released = mode.secagg.aggregate(total, survivors, sigma, dim, gen)["x"] * mode.divisor
         var = float(released.double().var())
         assert var == pytest.approx(full * 5 / 3, rel=0.02)
         assert var >= full
-    assert mode.aggregate_secure_sum(None, 0, sigma, dim, gen) is None
+    assert mode.secagg.aggregate(None, 0, sigma, dim, gen) is None
 
 
 def test_too_few_survivors_are_not_unmasked(recorder, tmp_path):
@@ -223,7 +227,7 @@ def test_sampling_rate_event_and_refusal_probability():
     p = refusal_probability(60, 0.5, 10)
     exact = sum(math.comb(59, k) * 0.5**59 for k in range(10))
     assert p == pytest.approx(exact, rel=1e-12) and p < 1e-5
-    assert mode.secagg_delta_extra(1.1, 1000, 8.0) == pytest.approx((1 + math.exp(8.0)) * 2 * p, rel=1e-9)
+    assert mode.secagg.delta_extra(1.1, 1000, 8.0) == pytest.approx((1 + math.exp(8.0)) * 2 * p, rel=1e-9)
 
 
 def test_run_refused_when_sampling_would_often_fall_below_the_threshold(tmp_path):
@@ -247,14 +251,14 @@ def test_bad_secure_aggregation_config_is_one_line(overrides, message):
 
 def test_no_dp_secure_aggregation_is_the_mean_of_clipped_updates(recorder, monkeypatch):
     outputs = []
-    original = modes.NoDP.client_update
+    original = SecureAggregation.client_update  # dp-mode none hands SecAgg+ its update through the wrapper
 
     def client_update(self, delta, sigma, generator):
         out = original(self, delta, sigma, generator)
         outputs.append(out)
         return out
 
-    monkeypatch.setattr(modes.NoDP, "client_update", client_update)
+    monkeypatch.setattr(SecureAggregation, "client_update", client_update)
     summary, _ = run_in_process(3, secure_rng=False, **{**SECURE, "dp_mode": "none", "num_server_rounds": 1,
                                                          "population": 3})
     [outcome] = recorder["outcomes"]
@@ -338,8 +342,8 @@ def test_min_available_equal_to_the_population_is_refused_before_training(record
     line naming the keys, before any client trains."""
     cfg = tiny_config(**{**SECURE, "population": 5, "min_available": 5})
     mode = modes.for_config(cfg)
-    assert mode.secagg_needed() == 5 and mode.secagg_refusal_probability() == 1.0
-    assert mode.secagg_delta_extra(1.0, 1000, 8.0) >= 1.0
+    assert mode.secagg.needed() == 5 and mode.secagg.refusal_probability() == 1.0
+    assert mode.secagg.delta_extra(1.0, 1000, 8.0) >= 1.0
     grid = InProcessGrid(5, seed=42)
     with pytest.raises(ConfigError) as err:
         run_in_process(5, grid=grid, output_dir=tmp_path, **{**SECURE, "min_available": 5})
@@ -348,7 +352,7 @@ def test_min_available_equal_to_the_population_is_refused_before_training(record
     assert "min-available" in msg and "secagg-threshold" in msg and "refused every round" in msg
     assert not recorder["inputs"] and not grid.exchanges  # nobody trained, no message went out
     # one fewer is fine: the other 4 alone always reach 4
-    assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "min_available": 4})).secagg_delta_extra(1.0, 1000, 8.0) == 0
+    assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "min_available": 4})).secagg.delta_extra(1.0, 1000, 8.0) == 0
 
 
 @pytest.mark.parametrize("population, q, threshold, min_available, dropout", [
@@ -362,16 +366,16 @@ def test_threshold_min_available_and_dropout_rate_are_counted(population, q, thr
     mode = modes.for_config(cfg)
     needed, p = max(threshold, min_available), q * (1 - dropout)
     exact = sum(math.comb(population - 1, k) * p**k * (1 - p) ** (population - 1 - k) for k in range(needed))
-    assert mode.secagg_needed() == needed
-    assert mode.secagg_refusal_probability() == pytest.approx(exact, rel=1e-12) and exact > 0
-    assert mode.secagg_delta_extra(1.1, 1000, 8.0) == pytest.approx((1 + math.exp(8.0)) * 2 * exact, rel=1e-9)
-    sa = mode.secagg_describe(1000, 1.1, 8.0)
+    assert mode.secagg.needed() == needed
+    assert mode.secagg.refusal_probability() == pytest.approx(exact, rel=1e-12) and exact > 0
+    assert mode.secagg.delta_extra(1.1, 1000, 8.0) == pytest.approx((1 + math.exp(8.0)) * 2 * exact, rel=1e-9)
+    sa = mode.secagg.describe(1000, 1.1, 8.0)
     assert sa["needed"] == needed and sa["dropout_rate"] == dropout and sa["refusal_probability_per_round"] == pytest.approx(exact)
     with pytest.raises(ConfigError, match=f"fewer than {needed} clients .* secagg-dropout-rate"):
-        mode.check_secagg_delta(1.1, 1000)
+        mode.secagg.check_delta(1.1, 1000)
     # without the declared dropouts (or the min-available) the first case plans no refusal at all
     if population == 5:
-        assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "secagg_threshold": 4})).secagg_refusal_probability() == 0
+        assert modes.for_config(tiny_config(**{**SECURE, "population": 5, "secagg_threshold": 4})).secagg.refusal_probability() == 0
 
 
 def test_dropout_rate_is_only_for_secure_aggregation():

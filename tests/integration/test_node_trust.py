@@ -222,14 +222,14 @@ def test_a_share_goes_only_into_a_secagg_round_that_enforces_its_threshold_and_g
 
     mode = for_config(tiny_config(**SECURE))
     sigma, dim = mode.noise_multipliers()[0], 1000
-    grid = mode.secagg_plan(dim, sigma)
+    grid = mode.secagg.plan(dim, sigma)
     good = {"threshold": 3, "clipping_range": grid.clipping_range, "target_range": grid.quantization_range,
             "mod_range": grid.modulus_range}
-    assert mode.secagg_setup_refusal(good, dim, sigma) == ""
-    assert mode.secagg_setup_refusal({**good, "threshold": 4}, dim, sigma) == ""  # more survivors: more noise
-    assert "does not come through SecAgg+" in mode.secagg_setup_refusal(None, dim, sigma)
-    assert "threshold 2 is below the run's secagg-threshold 3" in mode.secagg_setup_refusal({**good, "threshold": 2}, dim, sigma)
-    assert "grid" in mode.secagg_setup_refusal({**good, "clipping_range": grid.clipping_range / 4}, dim, sigma)
+    assert mode.secagg.setup_refusal(good, dim, sigma) == ""
+    assert mode.secagg.setup_refusal({**good, "threshold": 4}, dim, sigma) == ""  # more survivors: more noise
+    assert "does not come through SecAgg+" in mode.secagg.setup_refusal(None, dim, sigma)
+    assert "threshold 2 is below the run's secagg-threshold 3" in mode.secagg.setup_refusal({**good, "threshold": 2}, dim, sigma)
+    assert "grid" in mode.secagg.setup_refusal({**good, "clipping_range": grid.clipping_range / 4}, dim, sigma)
 
 
 def test_a_server_that_runs_secagg_with_a_lower_threshold_than_it_declares_gets_no_share(tmp_path):

@@ -60,7 +60,7 @@ def test_released_noise_variance_does_not_reveal_how_many_clients_replied(name, 
     var4 = float(_released_noise(mode, 4, 1).var())
     var5 = float(_released_noise(mode, 5, 2).var())
     # one draw of sigma*C on the sum (central), or sigma*C from each of the 5 (local, topped up), / (q * population)
-    per_value = (sigma * c) ** 2 * (POPULATION if mode.local_noise else 1) / POPULATION ** 2
+    per_value = (sigma * c) ** 2 * (POPULATION if mode.placement.server_sees_noised_updates else 1) / POPULATION ** 2
     # 40,000 values: the sample variance's relative SE is sqrt(2/40000) = 0.7 %; 4 % is > 5 SE
     assert var4 == pytest.approx(per_value, rel=0.04)
     assert var5 == pytest.approx(per_value, rel=0.04)

@@ -104,7 +104,7 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
     # Local noise: the floor binds on the node's ε against the server (its own noise at rate 1, σ/2), above
     # the target from round 1, so it is the uninterrupted run's (R attempts at the config's σ)
     node_mode = for_config(tiny_config(**run, population=2))
-    local, (s0, s0_accounted) = node_mode.local_noise, node_mode.noise_multipliers()
+    local, (s0, s0_accounted) = node_mode.placement.server_sees_noised_updates, node_mode.noise_multipliers()
     floor = node_mode.epsilon_against_server([s0_accounted] * ROUNDS) if local else TARGET
     configs = [{"partition-id": 0, "num-partitions": 2, "epsilon-log": str(tmp_path / "node0.jsonl"),
                 "max-epsilon": floor}, {"partition-id": 1, "num-partitions": 2}]

@@ -18,6 +18,7 @@ import torch
 
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm
 from fl_dplora.privacy.modes.base import DPMode, Update
+from fl_dplora.privacy.modes.placement import CENTRAL, DISTRIBUTED, LOCAL, NoisePlacement
 
 
 class ClientDP(DPMode):
@@ -33,17 +34,22 @@ class ClientDP(DPMode):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        self.local_noise = cfg["client-noise"] == "local"
-        if self.distributed_noise:
+        if self.placement.node_shares:
             self.trusted = ("nobody for each update (the server unmasks only the sum, whose noise any "
                             "threshold clients supply); the server for participation")
-        elif self.secure:
+        elif self.secagg is not None:
             self.trusted = "the server for the noise on the sum (it never sees a single update)"
         else:
             self.trusted = ("nobody for each update (local DP per client); the server for participation"
-                            if self.local_noise else "the server (it sees every clipped update)")
+                            if self.placement.server_sees_noised_updates else "the server (it sees every clipped update)")
         self.population = int(cfg["population"])
         self.divisor = float(cfg["fraction-train"]) * self.population
+
+    def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
+        """client-noise local: each client; distributed (only under secure aggregation): shares; else central."""
+        if cfg["client-noise"] == "local":
+            return LOCAL
+        return DISTRIBUTED if cfg.get("secure-aggregation", False) and cfg["client-noise"] == "distributed" else CENTRAL
 
     # sensitivity of one client's contribution in units of C (its clipped parts), for the accountant
     def _sensitivity(self) -> float:
@@ -93,7 +99,7 @@ class ClientDP(DPMode):
         from fl_dplora.config import ConfigError
         from fl_dplora.privacy.accounting import calibrate_remaining
         cfg, factor = self.cfg, self._sensitivity()
-        if not (self.local_noise or self.distributed_noise) or cfg["noise-multiplier"] > 0 or rounds_left < 1:
+        if not self.placement.node_noise_faces_server or cfg["noise-multiplier"] > 0 or rounds_left < 1:
             return None
         plan = self.epsilon_against_server([self.noise_multipliers()[1]] * int(cfg["num-server-rounds"]))
         if keep is not None and self.epsilon_against_server([*attempts, *[keep] * rounds_left]) <= plan:
@@ -113,15 +119,13 @@ class ClientDP(DPMode):
         return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
 
     def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
-        if self.secure:
-            return self.secure_update(delta, sigma, generator)
         delta = self._clip(delta)  # the raw norm is data-dependent and un-noised: it never leaves
-        if self.local_noise:
+        if self.placement.server_sees_noised_updates:
             delta = {k: v + gaussian_like(v, sigma * self.c, generator) for k, v in delta.items()}
         return delta
 
     def accept(self, update: Update) -> Update:
-        return update if self.local_noise else self._clip(update)
+        return update if self.placement.server_sees_noised_updates else self._clip(update)
 
     def _clip_norm(self) -> float:
         return self.c
@@ -130,7 +134,7 @@ class ClientDP(DPMode):
         """Local noise: the server cannot re-clip, but an honest reply's norm is at most the clipping
         norm plus the noise's, whose chi tail beyond sqrt(d) + 10 has probability < 1e-20: a larger
         norm is a client that skipped its clipping, and is dropped whole (a decision on a DP output)."""
-        if not self.local_noise:
+        if not self.placement.server_sees_noised_updates:
             return ""
         d = sum(t.numel() for t in update.values())
         limit = self._clip_norm() + sigma * self.c * (math.sqrt(d) + 10.0)
@@ -152,62 +156,32 @@ class ClientDP(DPMode):
         # Central: the sum gets one σC draw. Local: the m replies carry σC each; the server adds the
         # noise of the population - m clients that did not reply, so the variance never reveals m.
         # A round with no reply is still noised: the accountant charged it.
-        std = sigma * self.c * (math.sqrt(self.population - m) if self.local_noise else 1.0)
-        own = self.noise_multipliers()[0] if self.local_noise else sigma
+        local = self.placement.server_sees_noised_updates
+        std = sigma * self.c * (math.sqrt(self.population - m) if local else 1.0)
+        own = self.noise_multipliers()[0] if local else sigma
         if own < sigma:  # σ raised by a resume: replies carry the nodes' σ (the config's), topped up to σ too
             std = self.c * math.sqrt(sigma**2 * (self.population - m) + (sigma**2 - own**2) * m)
         for k in total:
             total[k] += gaussian_like(total[k], std, generator)
         return {k: v / self.divisor for k, v in total.items()}
 
-    def aggregate_secure_sum(self, total, survivors, sigma, dim, generator):
+    def secure_step(self, total, survivors, grid, sigma, generator):
         """Central: one draw of σC' on the unmasked sum. Distributed: the survivors' shares carry
         σ²C'²·m/threshold >= σ²C'²; the server tops the variance up to the whole population's, so it
         never reveals m (as with local noise). Either way divided by the public q x population."""
-        if total is None:
-            return None
         if survivors > self.population:
             raise RuntimeError(f"population: {survivors} clients summed in a round but population = {self.population}")
-        grid = self.secagg_plan(dim, sigma)
-        std = (grid.noise_std_per_client * math.sqrt(self.population - survivors) if self.distributed_noise
+        std = (grid.noise_std_per_client * math.sqrt(self.population - survivors) if self.placement.node_shares
                else sigma * grid.sensitivity)
         return {k: (v + gaussian_like(v, std, generator)) / self.divisor for k, v in total.items()}
 
-    def secagg_delta_extra(self, sigma: float, dim: int | None, epsilon: float) -> float:
-        """What the stated δ does not cover: rounds in which the neighbour without one client can be
-        refused while the run is not (fewer than max(threshold, min-available) of the other clients
-        sampled and surviving a declared secagg-dropout-rate), and the mod clipping a noisy coordinate,
-        each a departure from the accounted mechanism with the probability below; (1 + e^ε)·P is added
-        to δ (docs/privacy.md). A certain refusal makes it >= 1: check_secagg_delta refuses the run."""
-        rounds = int(self.cfg["num-server-rounds"])
-        p = rounds * self.secagg_refusal_probability()
-        p += self.secagg_plan(dim, sigma).saturation_bound if dim else 0.0  # dim None: refusals only
-        return (1 + math.exp(epsilon)) * p
-
-    def check_secagg_delta(self, sigma: float, dim: int | None) -> None:
-        """Refuse a secure-aggregation run whose refused rounds or saturated coordinates could matter
-        next to δ (more than 1 % of it, at the target ε), in one line naming the keys to change
-        (dim None: the refusals alone, which need no model; `simulate` checks them before Ray starts)."""
-        from fl_dplora.config import ConfigError
-
-        if self.secagg_delta_extra(sigma, dim, float(self.cfg["target-epsilon"])) <= 0.01 * self.cfg["delta"]:
-            return
-        t, m, needed = self.secagg_threshold(), int(self.cfg["min-available"]), self.secagg_needed()
-        q, d, p = float(self.cfg["fraction-train"]), float(self.cfg.get("secagg-dropout-rate", 0.0)), self.secagg_refusal_probability()
-        if needed > self.population - 1:
-            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
-                              f"{t}, min-available {m}) get through it, so a dataset without one of the {self.population} "
-                              f"clients is refused every round and membership is exposed; " + (
-                                  f"lower min-available or secagg-threshold to at most {self.population - 1}"
-                                  if self.population >= 3 else "set population >= 3 (client-level DP needs a neighbour of >= 2)"))
-        if p > 0:
-            raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
-                              f"{t}, min-available {m}) are sampled and survive (probability {p:.3g} per round for the other "
-                              f"{self.population - 1} at fraction-train {q:g}, secagg-dropout-rate {d:g}), more than 1% of "
-                              f"delta {self.cfg['delta']:g} over the run; raise fraction-train or lower secagg-threshold, "
-                              "min-available or secagg-dropout-rate")
-        raise ConfigError(f"secure-aggregation: the noisy shares may saturate the SecAgg+ clipping range more often than 1% of "
-                          f"delta {self.cfg['delta']:g} at target-epsilon {self.cfg['target-epsilon']:g}; lower target-epsilon")
+    def secure_release_terms(self, secagg, dim, sigma, epsilon):
+        """A client-level release under SecAgg+ also states when a round is refused (fewer than `needed`
+        survive; the neighbour without one client may be refused while the run is not) and the δ that
+        costs (SecureAggregation.delta_extra)."""
+        return {"needed": secagg.needed(), "dropout_rate": float(self.cfg.get("secagg-dropout-rate", 0.0)),
+                "refusal_probability_per_round": secagg.refusal_probability(),
+                "delta_extra": secagg.delta_extra(sigma, dim, epsilon)}
 
     def epsilon_against_server(self, accountant_sigmas: Sequence[float], delta: float | None = None) -> float | None:
         """Local noise: each update the server sees is a Gaussian mechanism on its own. Distributed
@@ -215,7 +189,7 @@ class ClientDP(DPMode):
         the server knows who took part, so a client's data is replaced, not removed: its update moves
         by up to 2x the sensitivity, and there is no amplification by sampling (rate 1) for each round
         the client took part in (σ per round: `accountant_sigmas`; the server's worst case: every round)."""
-        if not (self.local_noise or self.distributed_noise) or not accountant_sigmas:
+        if not self.placement.node_noise_faces_server or not accountant_sigmas:
             return None
         from fl_dplora.privacy.accounting import PrivacyLedger
 
@@ -225,7 +199,5 @@ class ClientDP(DPMode):
         return ledger.epsilon(self.cfg["delta"] if delta is None else delta, self.cfg["accountant"])
 
     def describe(self) -> dict[str, Any]:
-        placement = ("each client's share under secure aggregation (+ server top-up)" if self.distributed_noise
-                     else "each client (+ server top-up)" if self.local_noise else "server sum")
         return {**super().describe(), "population": self.population, "divisor": self.divisor,
-                "noise_placement": placement, "secure_aggregation": self.secure}
+                "noise_placement": self.placement.adds_noise, "secure_aggregation": self.secagg is not None}

@@ -9,6 +9,7 @@ from typing import Any
 from fl_dplora.privacy.mechanisms import clip_to_norm
 from fl_dplora.privacy.modes.base import Update
 from fl_dplora.privacy.modes.client import ClientDP
+from fl_dplora.privacy.modes.placement import LOCAL, NoisePlacement
 
 
 class PaperDP(ClientDP):
@@ -19,8 +20,10 @@ class PaperDP(ClientDP):
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        self.local_noise = True
         self.trusted = "nobody for each update (local DP per client); the server for participation"
+
+    def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
+        return LOCAL  # whatever client-noise says: the paper's clients noise their own ΔA and ΔB
 
     def _sensitivity(self) -> float:
         return 1.0 if self.cfg["lora-variant"] == "ffa" else math.sqrt(2.0)
