@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_dplora import label_head, protocol
-from fl_dplora.clients.local_update import label_ids_for, config_from_message, run_task
+from fl_dplora.clients.local_update import config_from_message, label_ids_for, partition_label, run_task
 from fl_dplora.clients.node_policy import NodePolicy
 from fl_dplora.config import ConfigError
 from fl_dplora.data import load_local_file
@@ -64,7 +64,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     load_adapter_weights(params, weights)
     result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
                       prefix_cache=cfg["prefix-cache"], keep_states=True)
-    metrics = {"partition-id": _client_seed_parts(context), "num-examples": int(result["num_examples"]),
+    metrics = {"partition-id": partition_label(context), "num-examples": int(result["num_examples"]),
                **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
     for key in protocol.NEVER_FROM_NODE:
         metrics.pop(key, None)

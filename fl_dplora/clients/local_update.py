@@ -85,7 +85,7 @@ def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
     )
 
 
-def _client_seed_parts(context: Context) -> int:
+def partition_label(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % (2**31)))
 
 
@@ -165,7 +165,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     ledger = node_ledger.example_ledger(sizes.adjacency)
     stage = stage_config(cfg, server_round, sizes.size)
     q = sizes.rate(int(stage["batch-size"]))
-    part = _client_seed_parts(context)
+    part = partition_label(context)
     # a node that requires DP never lets the server's seed pick its noise or sampling: with a
     # seeded draw the server could regenerate the noise and subtract it (issue 27 review)
     secure = bool(cfg["secure-rng"]) or policy.requires_dp
@@ -285,7 +285,7 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
                  t0: float) -> Message:
     """The update and the metrics the mode lets out (ε after the round, expected or raw counts), as a
     plain ArrayRecord or the SecAgg+ mod's FitRes; the round's row goes to the node's ε log."""
-    metrics: dict[str, Any] = {"partition-id": _client_seed_parts(context)}
+    metrics: dict[str, Any] = {"partition-id": partition_label(context)}
     if mode.example_level:
         ledger = privacy.node_ledger.example_ledger(privacy.sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
@@ -333,7 +333,7 @@ def record_observations(context: Context, server_round: int, steps: list) -> Non
     path = audit_canaries(str(context.node_config["audit-canaries"]))["observations"]
     if path:
         with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"partition": _client_seed_parts(context), "round": server_round, "steps": steps}) + "\n")
+            fh.write(json.dumps({"partition": partition_label(context), "round": server_round, "steps": steps}) + "\n")
 
 
 def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
@@ -344,7 +344,7 @@ def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
     if not handed_back:
         return None
     saved = json.loads(str(handed_back))
-    return saved.get(str(context.node_id)) or saved.get(f"{protocol.LABEL_KEY_PREFIX}{_client_seed_parts(context)}")
+    return saved.get(str(context.node_id)) or saved.get(f"{protocol.LABEL_KEY_PREFIX}{partition_label(context)}")
 
 
 
