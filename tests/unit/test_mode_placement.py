@@ -39,3 +39,19 @@ def test_no_mode_carries_the_old_flags_or_secagg_methods():
         for old in ("local_noise", "distributed_noise", "secure", "secagg_plan", "secure_update", "aggregate_secure_sum",
                     "secagg_describe", "secagg_setup_refusal", "check_secagg_delta", "secagg_delta_extra"):
             assert not hasattr(mode, old), (cls.name, old)
+
+
+@pytest.mark.parametrize("dp_mode, noise", [("none", "central"), ("client", "central"), ("client", "distributed")])
+def test_under_secagg_the_plain_client_update_refuses(dp_mode, noise):
+    """The plain path would hand SecAgg+ an update off its grid and without the node's noise share
+    (review of ecff81f): under secure aggregation only mode.secagg.client_update may build it."""
+    import torch
+
+    mode = modes.for_config(tiny_config(dp_mode=dp_mode, client_noise=noise, secure_aggregation=True, population=4))
+    delta = {"x.lora_B.weight": torch.ones(4)}
+    with pytest.raises(RuntimeError, match="mode.secagg.client_update"):
+        mode.client_update(delta, 1.0, torch.Generator().manual_seed(0))
+    out = mode.secagg.client_update(delta, 1.0, torch.Generator().manual_seed(0))
+    assert set(out) == set(delta)
+    plain = modes.for_config(tiny_config(dp_mode=dp_mode, client_noise="central", population=4))
+    assert set(plain.client_update(delta, 1.0, torch.Generator().manual_seed(0))) == set(delta)  # no secagg: allowed

@@ -50,7 +50,14 @@ class DPMode:
     # ------------------------------------------------------------ client side
     def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
         """What the client sends instead of its raw update (clipped and/or noised)."""
+        self._not_secure()
         return delta
+
+    def _not_secure(self) -> None:
+        """Under secure aggregation a node's update goes to `self.secagg.client_update` (clipped, on the
+        grid, with its noise share): the plain path would hand it over without them."""
+        if self.secagg is not None:
+            raise RuntimeError("secure-aggregation: a node's update goes through mode.secagg.client_update")
 
     def reply_weight(self, metrics: Mapping[str, Any]) -> float:
         return 1.0

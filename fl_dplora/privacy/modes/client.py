@@ -119,6 +119,7 @@ class ClientDP(DPMode):
         return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
 
     def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
+        self._not_secure()
         delta = self._clip(delta)  # the raw norm is data-dependent and un-noised: it never leaves
         if self.placement.server_sees_noised_updates:
             delta = {k: v + gaussian_like(v, sigma * self.c, generator) for k, v in delta.items()}
