@@ -82,7 +82,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
                       max_new_tokens=int(cfg["max-new-tokens"]), system_prompt=cfg["system-prompt"],
                       prefix_cache=cfg["prefix-cache"])
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
-               "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg}
+               "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": dict(cfg)}
     test = None if eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
     if test is not None:  # the test part too, as a run reports it at its end
         summary["test_eval"] = test

@@ -43,11 +43,12 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     from fl_dplora.server.start import preflight
 
     # Paths mean the user's current directory here, whatever directory the workers start in.
-    cfg["output-dir"] = str(resolve_output_dir(cfg))
+    paths = {"output-dir": str(resolve_output_dir(cfg))}
     for key in ("task", "model"):
         p = Path(os.path.expanduser(cfg[key]))
         if looks_like_path(cfg[key]) or p.exists():
-            cfg[key] = str(p.resolve())
+            paths[key] = str(p.resolve())
+    cfg = cfg.with_values(paths)
     preflight(cfg)
     from fl_dplora.tracking import check_report_to
 

@@ -144,7 +144,7 @@ def summary(cfg, state: RunState, privacy: dict[str, Any], sizes: dict[str, int]
         "rounds": state.rounds_done,
         "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
                        **{k: v for k, v in last_eval.items() if k not in ("accuracy", "loss")}},
-        **sizes, "privacy": privacy, "config": cfg,
+        **sizes, "privacy": privacy, "config": dict(cfg),
     }
     if test is not None:
         out["test_eval"] = test

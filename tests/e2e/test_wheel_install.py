@@ -125,7 +125,7 @@ import json, sys
 import fl_dplora, fl_dplora.config as c, fl_dplora.data as d
 print(json.dumps({"file": fl_dplora.__file__, "path": sys.path, "data_dir": str(d.DATA_DIR),
                   "presets_dir": str(c.PRESETS_DIR), "presets": sorted(c.available_presets()),
-                  "defaults": c.defaults(), "resolved": c.resolve({})}))
+                  "defaults": c.defaults(), "resolved": c.resolve({}).to_record()}))
 """
 
 
@@ -152,7 +152,7 @@ def test_the_wheel_resolves_pyprojects_defaults(probe):
     assert {k: packaged[k] for k in declared} == declared
     from fl_dplora.config import resolve
 
-    assert probe["resolved"] == json.loads(json.dumps(resolve(base=declared)))
+    assert probe["resolved"] == json.loads(json.dumps(resolve(base=declared).to_record()))
 
 
 @pytest.mark.parametrize("args", [["config"], ["config", "--presets"]], ids=["keys", "presets"])

@@ -110,5 +110,5 @@ def test_a_fin_sentiment_checkpoint_from_before_the_dev_test_split_resumes_only_
     assert len(str(err.value).splitlines()) == 1 and "task" in str(err.value)
     check_resume_config(saved, _current(task="fin-sentiment-v1"))
     new = _current(task="fin-sentiment")  # written after the split: kept as it is
-    checkpoint.save(tmp_path, {"round": 2, "config": new})
+    checkpoint.save(tmp_path, {"round": 2, "config": new.to_record()})
     assert checkpoint.load(tmp_path)["config"] == new

@@ -127,7 +127,7 @@ def load_spec(name_or_path: str, directory: Path | None = None) -> Experiment:
                 raise ConfigError(f"{path}: runs[{i}]: id/series names {exc} which is not a matrix key") from None
             overrides = {**common, **entry.get("config", {}), **values}
             try:
-                cfg = resolve({"population": clients, **overrides}, base=SPEC_BASE)  # as `simulate --num-clients` declares it
+                cfg = resolve({"population": clients, **overrides}, base=SPEC_BASE).to_record()  # as `simulate --num-clients` declares it
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {run_id}: {exc}") from None
             runs.append(RunSpec(run_id, series, kind, overrides, cfg, clients))
