@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fl_dplora import label_head, protocol
 from fl_dplora.clients.local_update import config_from_message, label_ids_for, partition_label, run_task
 from fl_dplora.clients.node_policy import NodePolicy
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.data import load_local_file
 from fl_dplora.model_loading import tokenizer_for
 from fl_dplora.models import adapter_parameters, get_peft_model, load_adapter_weights
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
     """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
     the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
+    cfg = RunConfig.of(cfg)
     task = run_task(cfg, msg, node)
     if node.get("eval-path"):
         return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path",
@@ -53,17 +54,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         raise ConfigError("federated evaluation: this node's held-out data is empty")
     model = get_peft_model(cfg)
     tokenizer = tokenizer_for(cfg)
-    if cfg["label-head"]:
+    if cfg.train.label_head:
         label_head.install(model, label_ids_for(cfg, tokenizer, task).tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
         label_head.remove(model)
     params = adapter_parameters(model, cfg)
-    weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
+    weights = from_array_record(msg.content["arrays"], cfg.federation.transfer_dtype)
     if set(weights) != set(params):
         raise ValueError("global adapter keys do not match this client's LoRA config")
     load_adapter_weights(params, weights)
-    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
-                      prefix_cache=cfg["prefix-cache"], keep_states=True)
+    result = evaluate(model, tokenizer, task, examples, cfg.data.max_seq_len, system_prompt=cfg.data.system_prompt,
+                      prefix_cache=cfg.model.prefix_cache, keep_states=True)
     metrics = {"partition-id": partition_label(context), "num-examples": int(result["num_examples"]),
                **{k.replace("_", "-"): float(v) for k, v in result.items() if k != "num_examples"}}
     for key in protocol.NEVER_FROM_NODE:

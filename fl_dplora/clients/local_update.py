@@ -27,7 +27,7 @@ from fl_dplora.clients.node_privacy import (
     share_sigma,
 )
 from fl_dplora.clients.secagg_mod import fitres_reply
-from fl_dplora.config import ConfigError, resolve
+from fl_dplora.config import ConfigError, RunConfig, resolve
 from fl_dplora.data import audit_canaries, client_examples, encode_all, load_local_file, load_task, task_for_node
 from fl_dplora.forward import label_token_ids
 from fl_dplora.frozen_prefix import attach_prefix
@@ -44,7 +44,7 @@ STATE_KEY = "fl-dplora"
 log = logging.getLogger(__name__)
 
 
-def config_from_message(msg: Message) -> dict[str, Any]:
+def config_from_message(msg: Message) -> RunConfig:
     """The server sends the full resolved run config with every message (one source of truth)."""
     record = dict(msg.content["config"])
     run_cfg = {k: v for k, v in record.items() if not protocol.is_instruction_key(k)}
@@ -54,10 +54,11 @@ def config_from_message(msg: Message) -> dict[str, Any]:
 def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
     """The run's task on this node: from the card the server sent when the node has its own data
     (it needs none of the server's files), else the task the run config names (simulation)."""
+    cfg = RunConfig.of(cfg)
     card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
     if card_json and (node.get("data-path") or node.get("eval-path")):
-        return task_for_node(card_json, int(cfg["seed"]))
-    return load_task(cfg["task"], int(cfg["seed"]))
+        return task_for_node(card_json, cfg.train.seed)
+    return load_task(cfg.data.task, cfg.train.seed)
 
 
 @lru_cache(maxsize=8)
@@ -74,14 +75,15 @@ def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num
 
 
 def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
+    cfg = RunConfig.of(cfg)
     node = context.node_config
     data_path = str(node.get("data-path", ""))
     if not data_path and "partition-id" not in node:
         raise ConfigError("node-config: set partition-id and num-partitions, or data-path")
     return _encoded_shard(
-        cfg["model"], cfg["task"], data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
-        cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"]), int(cfg["max-seq-len"]),
-        str(node.get("audit-canaries", "")), cfg["system-prompt"], card_json, str(node.get("task-card", "")),
+        cfg.model.name, cfg.data.task, data_path, int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
+        cfg.data.partitioner, cfg.data.dirichlet_alpha, cfg.train.seed, cfg.data.max_train_samples, cfg.data.max_seq_len,
+        str(node.get("audit-canaries", "")), cfg.data.system_prompt, card_json, str(node.get("task-card", "")),
     )
 
 
@@ -126,13 +128,13 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
     model = get_peft_model(cfg)
     tokenizer = tokenizer_for(cfg)
     label_ids = label_ids_for(cfg, tokenizer, task)
-    if cfg["label-head"]:
+    if cfg.train.label_head:
         label_head.install(model, label_ids.tolist(), *label_head.stats_from_config(msg.content["config"]))
     else:
         label_head.remove(model)
     params = adapter_parameters(model, cfg)
     keys = round_keys(cfg, server_round, params)
-    global_weights = from_array_record(msg.content["arrays"], cfg["transfer-dtype"])
+    global_weights = from_array_record(msg.content["arrays"], cfg.federation.transfer_dtype)
     if set(global_weights) != set(keys):
         raise ValueError("global adapter keys do not match this client's LoRA config")
     head_only = head_only_round(cfg, server_round)
@@ -141,7 +143,7 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
     load_adapter_weights({k: params[k] for k in keys}, global_weights)
     progress = bool(int(os.environ.get("FL_DPLORA_PROGRESS", "0")))
     # the frozen blocks below the adapter run once per example, not once per step (frozen_prefix.py)
-    data = attach_prefix(model, shard, cfg["prefix-cache"], progress=progress)
+    data = attach_prefix(model, shard, cfg.model.prefix_cache, progress=progress)
     trained_keys = [k for k in keys if params[k].requires_grad]
     canaries, observe = audit_canaries_here(context, trained_keys)  # fl-dplora audit only
     return _Loaded(model, tokenizer, label_ids, params, keys, global_weights, head_only, progress, data,
@@ -168,20 +170,20 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     part = partition_label(context)
     # a node that requires DP never lets the server's seed pick its noise or sampling: with a
     # seeded draw the server could regenerate the noise and subtract it (issue 27 review)
-    secure = bool(cfg["secure-rng"]) or policy.requires_dp
+    secure = cfg.privacy.secure_rng or policy.requires_dp
     sampling_gen = (
         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         if secure and mode.example_level
-        else make_generator(int(cfg["seed"]), part, server_round, 1)
+        else make_generator(cfg.train.seed, part, server_round, 1)
     )
-    noise_gen = None if secure else make_generator(int(cfg["seed"]), part, server_round, 2)
+    noise_gen = None if secure else make_generator(cfg.train.seed, part, server_round, 2)
 
     dp = None
     # every σ this node adds (local or distributed noise) is its own, from the run's public config,
     # the same calibration the server runs; the instruction's σ is only compared with it
     node_sigma, node_accountant_sigma = mode.noise_multipliers()
     # the node's own δ (node policy max-delta): every ε it checks, and its DP-SGD calibration, at it
-    node_delta = policy.delta(cfg["delta"])
+    node_delta = policy.delta(cfg.privacy.delta)
     this_run = PrivacyLedger()  # what this run will have charged after this attempt, for the data-file check
     if mode.client_level:
         log_row.update(compare_instruction_sigma(mode, msg, node_sigma))
@@ -190,10 +192,10 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         log_row["adjacency"] = sizes.adjacency
         this_run = PrivacyLedger.from_record(ledger.to_record())  # projected: with this round's steps
         this_run.step(sigma, q, int(stage["local-steps"]))
-        epsilon_after = this_run.epsilon(node_delta, cfg["accountant"])
-        if epsilon_after > cfg["target-epsilon"] * (1 + 1e-6):
+        epsilon_after = this_run.epsilon(node_delta, cfg.privacy.accountant)
+        if epsilon_after > cfg.privacy.target_epsilon * (1 + 1e-6):
             return _budget_exhausted(msg, cfg, ledger, sigma, q, part)  # no data touched, only the flag
-        dp = DPSGD(sigma, float(cfg["max-grad-norm"]), noise_gen)
+        dp = DPSGD(sigma, cfg.privacy.max_grad_norm, noise_gen)
         charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
         log_row["steps"] = this_run.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
@@ -216,7 +218,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         if why:
             enforce(policy, log_row, lambda: refuse(why))
     seen_now = node_ledger.attempt_sigmas(mode.unit, charge[0]) if "epsilon-against-server" in log_row else []
-    data_file = data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg["accountant"], log_row,
+    data_file = data_file_epsilon(policy, int(context.run_id), this_run, node_delta, cfg.privacy.accountant, log_row,
                                   seen_now, mode.unit or "example")
     enforce(policy, log_row, lambda: policy.check_round(epsilon_after, log_row.get("epsilon-against-server"), data_file))
     if charge is not None:  # write-ahead: charged (fsynced) before this node's data is touched for the round
@@ -234,7 +236,7 @@ def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, 
     ledger, reported like after a training round; nothing else is sent and no data was touched."""
     record = ledger.to_record()
     metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-               "epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": sigma,
+               "epsilon": ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), "sigma": sigma,
                "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -251,7 +253,7 @@ def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int
     against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
     if against is not None:
         log_row["epsilon-against-server"] = against
-    return run_ledger, run_ledger.epsilon(node_delta, cfg["accountant"])
+    return run_ledger, run_ledger.epsilon(node_delta, cfg.privacy.accountant)
 
 
 def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
@@ -266,7 +268,7 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
     stats = local_train(
         loaded.model, trainable, loaded.data, privacy.stage, optimizer=optimizer, dp=privacy.dp,
         sampling_generator=privacy.sampling_gen, step_offset=(server_round - 1) * steps,
-        total_steps=int(cfg["num-server-rounds"]) * steps, pad_id=loaded.tokenizer.pad_token_id,
+        total_steps=cfg.federation.num_server_rounds * steps, pad_id=loaded.tokenizer.pad_token_id,
         progress=loaded.progress, label_token_ids=loaded.label_ids, public_size=privacy.sizes.size,
         canaries=loaded.canaries, observe=loaded.observe,
     )
@@ -289,10 +291,10 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     if mode.example_level:
         ledger = privacy.node_ledger.example_ledger(privacy.sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
-        metrics.update({"epsilon": ledger.epsilon(cfg["delta"], cfg["accountant"]), "sigma": privacy.dp.noise_multiplier,
+        metrics.update({"epsilon": ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), "sigma": privacy.dp.noise_multiplier,
                         "sample-rate": privacy.q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
     policy.record({**log_row, "epsilon": privacy.epsilon_after, "delta": privacy.node_delta if mode.unit else None,
-                   "accountant": cfg["accountant"] if mode.unit else None})
+                   "accountant": cfg.privacy.accountant if mode.unit else None})
     # Only dp-mode none reveals data-dependent counts, losses and timings; DP modes report expected
     # counts (a public constant, never the shard size, which a whole-shard head batch would be).
     if mode.releases_raw_counts:
@@ -300,10 +302,10 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
                         "compute-seconds": time.perf_counter() - t0})
     else:
         steps = int(privacy.stage["local-steps"])
-        metrics["num-examples"] = steps * int(cfg["head-batch-size"] if loaded.head_only else cfg["batch-size"])
+        metrics["num-examples"] = steps * int(cfg.train.head_batch_size if loaded.head_only else cfg.train.batch_size)
     if mode.secagg is not None:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
         return Message(fitres_reply(delta, metrics), reply_to=msg)
-    content = RecordDict({"arrays": to_array_record(delta, cfg["transfer-dtype"]), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": to_array_record(delta, cfg.federation.transfer_dtype), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
@@ -350,6 +352,7 @@ def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
 
 def label_ids_for(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
     """The label words' first tokens when the run trains with loss = label-words on a classification task."""
-    if cfg["loss"] != "label-words":
+    cfg = RunConfig.of(cfg)
+    if cfg.train.loss != "label-words":
         return None
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None

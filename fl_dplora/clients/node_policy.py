@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import DP_MODES, SCHEMA, ConfigError
+from fl_dplora.config import ConfigError, DP_MODES, RunConfig, SCHEMA
 from fl_dplora.privacy.accounting import PrivacyLedger
 
 DEFAULT_MAX_DELTA = float(SCHEMA["delta"].default)  # a max-epsilon without a max-delta: the package's δ
@@ -136,15 +136,16 @@ class NodePolicy:
 
     def check_run(self, cfg: Mapping[str, Any], unit: str | None) -> None:
         """Before any data is read: the run's dp-mode and planned budget against this node's floor."""
-        if self.allowed_modes is not None and cfg["dp-mode"] not in self.allowed_modes:
-            raise NodeRefusal(f"node policy: dp-mode {cfg['dp-mode']} is not one this node trains under "
+        cfg = RunConfig.of(cfg)
+        if self.allowed_modes is not None and cfg.privacy.dp_mode not in self.allowed_modes:
+            raise NodeRefusal(f"node policy: dp-mode {cfg.privacy.dp_mode} is not one this node trains under "
                               f"(require-dp-mode {', '.join(self.allowed_modes)})")
         if self.max_epsilon is None:
             return
         if unit is None:
             raise NodeRefusal(f"node policy: dp-mode none gives no epsilon; this node allows at most {self.max_epsilon:g}")
-        if cfg["noise-multiplier"] <= 0 and cfg["target-epsilon"] > self.max_epsilon * (1 + 1e-9):
-            raise NodeRefusal(f"node policy: the run targets epsilon {cfg['target-epsilon']:g}; this node allows at "
+        if cfg.privacy.noise_multiplier <= 0 and cfg.privacy.target_epsilon > self.max_epsilon * (1 + 1e-9):
+            raise NodeRefusal(f"node policy: the run targets epsilon {cfg.privacy.target_epsilon:g}; this node allows at "
                               f"most max-epsilon {self.max_epsilon:g}")
 
     def delta(self, run_delta: float) -> float:

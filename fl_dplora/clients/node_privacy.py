@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message
 from fl_dplora import protocol
 from fl_dplora.clients.node_ledger import NodeLedger
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, calibrate_schedule
 from fl_dplora.train import stage_config
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
     """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client whose public size
     (sample_rate.basis) is n, if it takes part in every round: head-only rounds, then the LoRA rounds."""
-    rounds = int(cfg["num-server-rounds"])
-    head = min(rounds, int(cfg["head-rounds"])) if cfg["label-head"] else 0
+    cfg = RunConfig.of(cfg)
+    rounds = cfg.federation.num_server_rounds
+    head = min(rounds, cfg.train.head_rounds) if cfg.train.label_head else 0
     stages = []
     for start, count in ((1, head), (head + 1, rounds - head)):
         lo = max(start, first)
@@ -43,18 +44,19 @@ def dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: Pr
     """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
     node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
     handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
-    if cfg["noise-multiplier"] > 0:
-        return float(cfg["noise-multiplier"])
+    cfg = RunConfig.of(cfg)
+    if cfg.privacy.noise_multiplier > 0:
+        return cfg.privacy.noise_multiplier
     plan, left = sample_schedule(cfg, n), sample_schedule(cfg, n, server_round)
     extra = ledger.total_steps - sum(k for _, k in plan) + sum(k for _, k in left)
     if "sigma" in state and extra <= int(state.get("sigma-extra", 0)):
         return float(state["sigma"])
-    args = (cfg["target-epsilon"], cfg["delta"])
-    sigma = calibrate_schedule(*args, plan, cfg["accountant"], adjacency=ledger.adjacency)  # worst case for this client: it takes part in every round
+    args = (cfg.privacy.target_epsilon, cfg.privacy.delta)
+    sigma = calibrate_schedule(*args, plan, cfg.privacy.accountant, adjacency=ledger.adjacency)  # worst case for this client: it takes part in every round
     if extra > 0 and left:
-        at_least = PrivacyLedger(((sigma, q, k) for q, k in plan), ledger.adjacency).epsilon(cfg["delta"], cfg["accountant"])
+        at_least = PrivacyLedger(((sigma, q, k) for q, k in plan), ledger.adjacency).epsilon(cfg.privacy.delta, cfg.privacy.accountant)
         try:
-            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg["accountant"], at_least,
+            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg.privacy.accountant, at_least,
                                         adjacency=ledger.adjacency)
         except ConfigError:  # nothing left to spend: train's budget check refuses the round
             pass
@@ -115,19 +117,19 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
     so the sum carries at least the server's σ, and only widens its norm screen to the largest σ an
     honest node can compute (run_state.resume). Distributed noise: the same two rules give the node's
     own floor for its share (share_sigma)."""
-    rate = float(mode.cfg["fraction-train"])
+    rate = mode.cfg.federation.fraction_train
     history = node_ledger.client_history(mode.unit, server_round, planned, rate)
     if sum(k for *_, k in history) <= server_round - 1:
         return planned
     last = [s for _, s, _ in node_ledger.charges(mode.unit)][-1:]
-    again = mode.remaining_noise_multipliers(history, int(mode.cfg["num-server-rounds"]) - server_round + 1,
+    again = mode.remaining_noise_multipliers(history, mode.cfg.federation.num_server_rounds - server_round + 1,
                                              last[0] if last else None)
     if again is None:  # σ fixed, or nothing left to spend (the node's own check refuses)
         return planned
     sigma = again[1]
     if mode.placement.node_noise_faces_server:
         seen = mode.remaining_against_server([s for _, s, _ in node_ledger.charges(mode.unit)],
-                                             int(mode.cfg["num-server-rounds"]) - server_round + 1,
+                                             mode.cfg.federation.num_server_rounds - server_round + 1,
                                              last[0] if last else None)
         sigma = max(sigma, seen[1]) if seen is not None else sigma  # None: nothing left (the check refuses)
     log_row["sigma-recalibrated"] = sigma

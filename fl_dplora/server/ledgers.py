@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from fl_dplora import protocol
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.accounting import PrivacyLedger, extends
 from fl_dplora.train import stage_config
 from fl_dplora.write_ahead import WriteAhead
@@ -38,20 +39,21 @@ def charge_round(mode, server_ledger: PrivacyLedger, server_sigma: float, accoun
         return Charge(None)
     next_ledger = PrivacyLedger(server_ledger.history)
     next_ledger.step(*event)
-    next_epsilon = next_ledger.epsilon(cfg["delta"], cfg["accountant"])
-    if next_epsilon > cfg["target-epsilon"] * (1 + 1e-6):
+    next_epsilon = next_ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+    if next_epsilon > cfg.privacy.target_epsilon * (1 + 1e-6):
         log.error("stopping early: round %d would raise epsilon to %.4g > target-epsilon %g "
                   "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
-                  rnd, next_epsilon, cfg["target-epsilon"], server_sigma, int(cfg["num-server-rounds"]))
+                  rnd, next_epsilon, cfg.privacy.target_epsilon, server_sigma, cfg.federation.num_server_rounds)
         return None
     return Charge(event, next_ledger, next_epsilon)
 
 
 def run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:
+    cfg = RunConfig.of(cfg)
     if mode.client_level:
-        return server_ledger.epsilon(cfg["delta"], cfg["accountant"])
+        return server_ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
     if mode.example_level:
-        return max((PrivacyLedger.from_record(r).epsilon(cfg["delta"], cfg["accountant"]) for r in client_ledgers.values()),
+        return max((PrivacyLedger.from_record(r).epsilon(cfg.privacy.delta, cfg.privacy.accountant) for r in client_ledgers.values()),
                    default=0.0)
     return 0.0
 
@@ -86,16 +88,17 @@ def charge_worst_case(key: str, rnd: int, client_ledgers: dict[str, dict[str, li
     known = client_eps.get(int(key), {}) if key.isdigit() else {}
     sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
     rate = float(known.get("sample-rate", 1.0))
-    n = int(round(int(cfg["batch-size"]) / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
+    n = int(round(cfg.train.batch_size / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
     stage = stage_config(cfg, rnd, n)
     ledger.step(sigma, min(1.0, int(stage["batch-size"]) / n) if n > 1 else 1.0, int(stage["local-steps"]))
     client_ledgers[key] = ledger.to_record()
 
 
 def refresh_client_eps(key: str, client_ledgers, client_eps: dict[int, dict[str, Any]], cfg) -> None:
+    cfg = RunConfig.of(cfg)
     if key.isdigit() and int(key) in client_eps:
         ledger = PrivacyLedger.from_record(client_ledgers[key])
-        client_eps[int(key)].update(epsilon=ledger.epsilon(cfg["delta"], cfg["accountant"]),
+        client_eps[int(key)].update(epsilon=ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
                                     **{"steps-total": ledger.total_steps})
 
 

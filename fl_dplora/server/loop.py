@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from fl_dplora import protocol
+from fl_dplora.config import RunConfig
 from fl_dplora.models import round_keys
 from fl_dplora.progress import RoundsProgress
 from fl_dplora.server import outputs
@@ -24,6 +25,7 @@ log = logging.getLogger("fl_dplora")
 
 def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     """A whole run on `grid` with the resolved run config `cfg`; returns summary.json's content."""
+    cfg = RunConfig.of(cfg)
     t_start = time.time()
     run, state = start_run(grid, cfg)
     rounds, mode, strategy = run.rounds, run.mode, run.strategy
@@ -39,7 +41,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         state.totals["down"] += st.bytes_down
         account_round(state, mode, charge, st.client_metrics, rnd, attempt, run.wal, cfg)
         exhausted = [m for m in st.client_metrics if m.get(protocol.BUDGET_EXHAUSTED)]
-        if rnd == rounds or (cfg["eval-every"] and rnd % int(cfg["eval-every"]) == 0):
+        if rnd == rounds or (cfg.federation.eval_every and rnd % cfg.federation.eval_every == 0):
             evaluate_round(grid, run, state, rnd)
         row = outputs.metrics_row(rnd, state.last_eval, run.task, mode, state.epsilon, cfg, st.client_metrics)
         seconds = time.time() - t_round
@@ -55,7 +57,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         bar.show(row)
         if exhausted and len(exhausted) == st.received:
             log.error("stopping early: every sampled client has exhausted its privacy budget (target-epsilon %g)",
-                      cfg["target-epsilon"])
+                      cfg.privacy.target_epsilon)
             break
     return finish(run, state, t_start)
 
@@ -75,7 +77,7 @@ def send_and_aggregate(grid: Grid, run: ServerRun, state: RunState, rnd: int, ch
     if run.mode.secagg is not None:  # SecAgg+: the server only ever holds the sum of the round's updates
         strategy.aggregate_secure(rnd, grid)
     else:
-        replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"])) if messages else []
+        replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout) if messages else []
         strategy.aggregate_train(rnd, replies)
     return attempt
 
@@ -91,9 +93,9 @@ def evaluate_round(grid: Grid, run: ServerRun, state: RunState, rnd: int) -> Non
 
 def save_round(run: ServerRun, state: RunState, rnd: int) -> None:
     cfg = run.cfg
-    if cfg["save-every"] and rnd % int(cfg["save-every"]) == 0:  # a DP output like the final adapter
+    if cfg.output.save_every and rnd % cfg.output.save_every == 0:  # a DP output like the final adapter
         outputs.save_adapter(run.model, run.params, run.strategy, run.out_dir / "adapters" / f"round-{rnd}", run.task)
-    if cfg["checkpoint-every"] and (rnd % int(cfg["checkpoint-every"]) == 0 or rnd == run.rounds):
+    if cfg.output.checkpoint_every and (rnd % cfg.output.checkpoint_every == 0 or rnd == run.rounds):
         save_checkpoint(run.out_dir, rnd, cfg, run.strategy, state)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora import label_head
+from fl_dplora.config import RunConfig
 from fl_dplora.models import load_adapter_weights
 from fl_dplora.server.run_state import RunState
 
@@ -54,12 +55,13 @@ def save_adapter(model, params, strategy, folder: Path, task) -> None:
 def metrics_row(rnd: int, last_eval: dict[str, float], task, mode, epsilon: float, cfg,
                 client_metrics) -> dict[str, Any]:
     """A round's released row: DP outputs and the evaluation on the server's own data only."""
+    cfg = RunConfig.of(cfg)
     row = {
         "round": rnd,
         "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
         "eval_macro_f1": last_eval.get("macro_f1"), "eval_majority_rate": last_eval.get("majority_rate"),
         **({"eval_bleu": last_eval.get("bleu"), "eval_rouge_l": last_eval.get("rouge_l")} if task.kind == "generation" else {}),
-        "epsilon": epsilon if mode.unit else None, "delta": cfg["delta"] if mode.unit else None,
+        "epsilon": epsilon if mode.unit else None, "delta": cfg.privacy.delta if mode.unit else None,
     }
     if mode.releases_raw_counts:  # no DP: the clients' own mean loss may be shown
         losses = [m["train_loss"] for m in client_metrics if "train_loss" in m]
@@ -93,20 +95,21 @@ def log_federated_eval(rnd: int, rounds: int, fed: dict[str, Any]) -> None:
 
 def privacy_block(cfg, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
     """summary.json's `privacy`: the mode, its noise and ε; per client for the example-level modes."""
+    cfg = RunConfig.of(cfg)
     block = {"mode": mode.name, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
-             "accountant": None, "epsilon": None, "delta": cfg["delta"]}
+             "accountant": None, "epsilon": None, "delta": cfg.privacy.delta}
     if mode.unit is None:
         if mode.secagg is not None:
             block["secure_aggregation"] = mode.secagg.describe(dim, 0.0, 0.0)
         return block
-    block.update(max_grad_norm=cfg["max-grad-norm"], accountant=cfg["accountant"], epsilon=state.epsilon,
+    block.update(max_grad_norm=cfg.privacy.max_grad_norm, accountant=cfg.privacy.accountant, epsilon=state.epsilon,
                  unit=mode.unit, trusted=mode.trusted)
     if mode.example_level:
         block.update(_example_level(state.client_eps, state.client_ledgers))
     else:  # steps = rounds charged, a resumed run's begun-but-lost attempts included
         server_ledger = state.server_ledger
         block.update(noise_multiplier=state.server_sigma, accountant_noise_multiplier=state.accountant_sigma,
-                     sample_rate=cfg["fraction-train"], steps=server_ledger.total_steps, **mode.describe())
+                     sample_rate=cfg.federation.fraction_train, steps=server_ledger.total_steps, **mode.describe())
         block["mode"] = mode.name
         if mode.secagg is not None:
             block["secure_aggregation"] = mode.secagg.describe(dim, state.server_sigma, state.epsilon)
@@ -139,6 +142,7 @@ def _example_level(client_eps, client_ledgers) -> dict[str, Any]:
 def summary(cfg, state: RunState, privacy: dict[str, Any], sizes: dict[str, int],
             test: dict[str, Any] | None) -> dict[str, Any]:
     """summary.json: the rounds done, the final evaluation, the model's sizes, the privacy block, the config."""
+    cfg = RunConfig.of(cfg)
     last_eval = state.last_eval
     out = {
         "rounds": state.rounds_done,
@@ -154,7 +158,8 @@ def summary(cfg, state: RunState, privacy: dict[str, Any], sizes: dict[str, int]
 def operator_summary(cfg, state: RunState, wall_seconds: float) -> dict[str, Any]:
     """bytes and wall time depend on who took part: the operator's, next to the per-round rows; the
     ledgers let a reviewer recompute every ε with an accountant of their own."""
+    cfg = RunConfig.of(cfg)
     return {"event": "summary", "bytes_up_total": state.totals["up"], "bytes_down_total": state.totals["down"],
-            "wall_seconds": wall_seconds, "rounds": state.rounds_done, "accountant": cfg["accountant"],
-            "delta": cfg["delta"], "server_ledger": state.server_ledger.to_record(),
+            "wall_seconds": wall_seconds, "rounds": state.rounds_done, "accountant": cfg.privacy.accountant,
+            "delta": cfg.privacy.delta, "server_ledger": state.server_ledger.to_record(),
             "client_ledgers": state.client_ledgers}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora import checkpoint
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.server.ledgers import Charge, charge_unaccounted, run_epsilon, take_reported_ledger
 from fl_dplora.write_ahead import WriteAhead
@@ -58,6 +58,7 @@ def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> Non
 
 def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhead, mode, cfg, out_dir: Path) -> None:
     """Restore `state` and the strategy from a checkpoint, then charge the rounds begun after it."""
+    cfg = RunConfig.of(cfg)
     strategy.load_state_dict(resumed["strategy"])
     state.resumed = True
     state.server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
@@ -68,14 +69,14 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
     charged = charge_unaccounted(wal.unaccounted(rounds_done), mode, state.accountant_sigma, state.server_ledger,
                                  state.client_ledgers, state.client_eps, cfg)
     state.epsilon = run_epsilon(mode, state.server_ledger, state.client_ledgers, cfg)
-    rounds = int(cfg["num-server-rounds"])
+    rounds = cfg.federation.num_server_rounds
     if mode.client_level and state.server_ledger.total_steps > rounds_done:  # a crash charged a lost attempt
         history = state.server_ledger.history
         again = mode.remaining_noise_multipliers(history, rounds - rounds_done, history[-1][0])
         if again is not None and again[1] != state.accountant_sigma:  # None: σ fixed, or nothing left to spend
             log.info("resume: %d attempts charged; noise multiplier %.4f -> %.4f so that the last %d round(s) fit "
                      "target-epsilon %g", state.server_ledger.total_steps, state.server_sigma, again[0],
-                     rounds - rounds_done, cfg["target-epsilon"])
+                     rounds - rounds_done, cfg.privacy.target_epsilon)
             (state.server_sigma, state.accountant_sigma), strategy.server_sigma = again, again[0]
         # local noise: a node that began every attempt adds up to this σ (node_privacy.client_sigma); the
         # norm screen admits it, the top-up still assumes the config's σ (modes.ClientDP.aggregate)
@@ -104,6 +105,7 @@ def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: in
 
 
 def save_checkpoint(out_dir: Path, rnd: int, cfg, strategy, state: RunState) -> None:
+    cfg = RunConfig.of(cfg)
     checkpoint.save(out_dir, {
         "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
         "server_ledger": state.server_ledger.to_record(),

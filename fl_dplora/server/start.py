@@ -13,7 +13,7 @@ from typing import Any
 from flwr.serverapp import Grid
 
 from fl_dplora import checkpoint, protocol
-from fl_dplora.config import SERVER_ONLY_KEYS
+from fl_dplora.config import RunConfig, SERVER_ONLY_KEYS
 from fl_dplora.data import check_task, eval_examples, load_task
 from fl_dplora.model_loading import check_model_name, check_runtime, server_device, tokenizer_for
 from fl_dplora.models import adapter_parameters, check_lora_targets, full_model_stats, get_peft_model, reset_adapter
@@ -31,9 +31,10 @@ log = logging.getLogger("fl_dplora")
 
 def preflight(cfg: Mapping[str, Any]) -> None:
     """Cheap checks that need no model: fail in a second, not after a model load."""
-    check_model_name(cfg["model"])
+    cfg = RunConfig.of(cfg)
+    check_model_name(cfg.model.name)
     check_runtime(cfg)
-    check_task(cfg["task"])
+    check_task(cfg.data.task)
     check_lora_targets(cfg)  # on the model's skeleton (meta device): before any file is written
 
 
@@ -59,22 +60,23 @@ class ServerRun:
 
     @property
     def rounds(self) -> int:
-        return int(self.cfg["num-server-rounds"])
+        return self.cfg.federation.num_server_rounds
 
 
 def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
+    cfg = RunConfig.of(cfg)
     preflight(cfg)
     check_report_to(cfg)  # a tracker whose package is missing: one line, before any file is written
     # a new run never reuses a folder holding a run: refused (one line), or its files deleted (overwrite)
     out_dir = claim_output_dir(cfg)
-    resumed = checkpoint.load(out_dir) if cfg["resume"] else None  # refuse a damaged one before anything else
+    resumed = checkpoint.load(out_dir) if cfg.output.resume else None  # refuse a damaged one before anything else
     if resumed is not None:
         check_resume_config(resumed["config"], cfg)
     writer = RunWriter(out_dir, keep_rounds=resumed["round"] if resumed else 0)
     wal = WriteAhead(out_dir, fresh=resumed is None)
     tracker = Tracker(cfg, out_dir)  # report-to and metrics.png: each released row, as it is written
     mode = for_config(cfg)
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     evals = eval_examples(cfg)
     model = get_peft_model(cfg, device=server_device(cfg))
     reset_adapter(model)  # the process-cached model may hold a previous run's adapter
@@ -89,12 +91,12 @@ def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
         mode.secagg.check_delta(state.server_sigma, trainable)  # refused rounds must not matter next to δ
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=state.server_sigma)
     if mode.secagg is not None:  # SecAgg+: the nodes present must be the declared population, checked before any client trains
-        strategy.fix_secure_members(grid, float(cfg["round-timeout"]))
+        strategy.fix_secure_members(grid, cfg.federation.round_timeout)
     log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",
-             cfg["model"], cfg["task"], mode.name, trainable, 100 * trainable / full_params, full_params, out_dir)
+             cfg.model.name, cfg.data.task, mode.name, trainable, 100 * trainable / full_params, full_params, out_dir)
     if mode.client_level:
         log.info("client-level DP: noise multiplier %.4f (accountant sees %.4f), q=%.3f, %d rounds, divisor q x population = %g",
-                 state.server_sigma, state.accountant_sigma, cfg["fraction-train"], cfg["num-server-rounds"], mode.divisor)
+                 state.server_sigma, state.accountant_sigma, cfg.federation.fraction_train, cfg.federation.num_server_rounds, mode.divisor)
     note = mode.reference_note()
     if note:
         log.info(note)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fl_dplora import protocol
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.mechanisms import global_norm, make_generator
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
@@ -45,21 +46,22 @@ class DPLoRAFedAvg(FedAvg):
     """FedAvg over LoRA updates with the dp-modes of docs/privacy.md. Works with `strategy.start()` too."""
 
     def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0):
+        cfg = RunConfig.of(cfg)
         super().__init__(
-            fraction_train=float(cfg["fraction-train"]), fraction_evaluate=0.0,
-            min_train_nodes=1, min_available_nodes=int(cfg["min-available"]),
+            fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
+            min_train_nodes=1, min_available_nodes=cfg.federation.min_available,
         )
-        self.cfg = dict(cfg)
+        self.cfg = cfg
         self.mode = for_config(cfg)
         self.global_weights = {k: v.detach().clone().float() for k, v in global_weights.items()}
         self.server_sigma = server_sigma
         self.reply_sigma = 0.0  # local noise after a resume: the most an honest node adds (run_state.resume)
-        secure = bool(cfg["secure-rng"])
+        secure = cfg.privacy.secure_rng
         # secure: client sampling from the OS CSPRNG, which has no state a checkpoint could leak
-        self._rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]))
+        self._rng = random.SystemRandom() if secure else random.Random(cfg.train.seed)
         # federated evaluation samples from its own stream: it never changes which clients train next
-        self._eval_rng = random.SystemRandom() if secure else random.Random(int(cfg["seed"]) + 1)
-        self._noise_gen = None if secure else make_generator(int(cfg["seed"]), -1)
+        self._eval_rng = random.SystemRandom() if secure else random.Random(cfg.train.seed + 1)
+        self._noise_gen = None if secure else make_generator(cfg.train.seed, -1)
         self.stats = RoundStats()
 
     # -------------------------------------------------------------- sampling
@@ -70,7 +72,7 @@ class DPLoRAFedAvg(FedAvg):
         later rounds sample only these nodes (one gone is a dropout, a newcomer is never sampled)."""
         from fl_dplora.config import ConfigError
 
-        population = int(self.cfg["population"])
+        population = self.cfg.federation.population
         deadline = time.monotonic() + timeout
         while True:
             nodes = sorted(grid.get_node_ids())
@@ -104,7 +106,7 @@ class DPLoRAFedAvg(FedAvg):
         if members is not None and len(nodes) < len(members):
             log.warning("secure aggregation: %d of the %d nodes of the federation are not connected: they count as dropouts "
                         "(secagg-dropout-rate %g declared)", len(members) - len(nodes), len(members),
-                        float(self.cfg.get("secagg-dropout-rate", 0.0)))
+                        self.cfg.secagg.dropout_rate)
         q = self.fraction_train
         if self.mode.client_level:
             # Poisson sampling, exactly what the accountant assumes (may pick none: a noise-only round).
@@ -141,7 +143,7 @@ class DPLoRAFedAvg(FedAvg):
             missing, extra = sorted(expected - got), sorted(got - expected)
             return None, metrics, f"wrong keys (missing {missing[:2]}{'...' if len(missing) > 2 else ''}, extra {extra[:2]}{'...' if len(extra) > 2 else ''})"
         try:
-            update = from_array_record(record, self.cfg["transfer-dtype"])
+            update = from_array_record(record, self.cfg.federation.transfer_dtype)
         except ValueError as exc:
             return None, metrics, str(exc)
         for key, t in update.items():
@@ -214,14 +216,14 @@ class DPLoRAFedAvg(FedAvg):
         else:
             contents = {m.metadata.dst_node_id: m.content for m in sent}
             outcome = secure_sum(grid, server_round, contents, shapes, self.mode.secagg.plan(dim, self.server_sigma),
-                                 needed, int(self.cfg["secagg-shares"]), float(self.cfg["round-timeout"]))
+                                 needed, self.cfg.secagg.shares, self.cfg.federation.round_timeout)
         # the instruction bytes configure_train counted are replaced by what the four stages moved
         self.stats.bytes_down, self.stats.bytes_up = outcome.bytes_down, outcome.bytes_up
         self.stats.received = self.stats.accepted = len(outcome.survivors)
         for failure in outcome.failures:
             self.stats.dropped.append(f"secure aggregation: {failure}")
             log.warning("round %d: secure aggregation: %s", server_round, failure)
-        if outcome.failures and not float(self.cfg.get("secagg-dropout-rate", 0.0)):
+        if outcome.failures and not self.cfg.secagg.dropout_rate:
             log.warning("round %d: secure aggregation: sampled nodes dropped out but secagg-dropout-rate is 0: "
                         "delta_extra does not count refusals they cause (declare the rate)", server_round)
         agg = self.mode.secagg.aggregate(outcome.total, len(outcome.survivors), self.server_sigma, dim, self._noise_gen)
@@ -256,7 +258,7 @@ class DPLoRAFedAvg(FedAvg):
         Returns per-node metrics and their means weighted by each node's example count (macro-F1:
         the weighted mean of the nodes' own macro-F1), or None when no node was asked. The numbers
         describe private data: the caller writes them to the operator log only."""
-        frac = float(self.cfg["fraction-evaluate"])
+        frac = self.cfg.federation.fraction_evaluate
         nodes = sorted(grid.get_node_ids())
         if frac <= 0 or not nodes:
             return None
@@ -265,7 +267,7 @@ class DPLoRAFedAvg(FedAvg):
         record = RecordDict({"arrays": self.global_record(), "config": config})
         sent = list(self._construct_messages(record, chosen, MessageType.EVALUATE))
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-        replies = grid.send_and_receive(sent, timeout=float(self.cfg["round-timeout"]))
+        replies = grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout)
         per_node, failed, declined = [], [], []
         for msg in replies:
             node = to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
@@ -315,7 +317,7 @@ class DPLoRAFedAvg(FedAvg):
     def global_record(self, keys: Iterable[str] | None = None) -> ArrayRecord:
         """The broadcast form of the current global adapter (in the transfer dtype), or of `keys` of it."""
         weights = self.global_weights if keys is None else {k: self.global_weights[k] for k in keys}
-        return to_array_record(weights, self.cfg["transfer-dtype"])
+        return to_array_record(weights, self.cfg.federation.transfer_dtype)
 
     def summary(self) -> None:
         log.info("DPLoRAFedAvg: dp-mode=%s fraction-train=%.3f", self.mode.name, self.fraction_train)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.modes.base import DPMode, Update
 from fl_dplora.privacy.modes.client import ClientDP
 from fl_dplora.privacy.modes.none import NoDP
@@ -24,7 +25,8 @@ MODES: dict[str, type[DPMode]] = {cls.name: cls for cls in (NoDP, ExampleDP, Cli
 
 
 def for_config(cfg: Mapping[str, Any]) -> DPMode:
-    return MODES[cfg["dp-mode"]](cfg)
+    cfg = RunConfig.of(cfg)
+    return MODES[cfg.privacy.dp_mode](cfg)
 
 
 def client_level_modes() -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.modes.placement import NONE, NoisePlacement
 from fl_dplora.privacy.modes.secure import SecureAggregation
 from fl_dplora.privacy.secagg_quantization import SecAggPlan
@@ -28,11 +29,11 @@ class DPMode:
     releases_raw_counts: ClassVar[bool] = False  # replies may carry shard sizes and losses
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.cfg = cfg
-        self.c = float(cfg["max-grad-norm"])
+        self.cfg = cfg = RunConfig.of(cfg)  # a plain mapping (tests, tools) is resolved once here
+        self.c = cfg.privacy.max_grad_norm
         self.placement = self._placement(cfg)
         # secure aggregation (Flower's SecAgg+): the server unmasks only the sum of the round's updates
-        self.secagg = SecureAggregation(self) if cfg.get("secure-aggregation", False) else None
+        self.secagg = SecureAggregation(self) if cfg.secagg.enabled else None
 
     def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
         """Where the noise on a client's update is added (placement.py); none for a mode without it."""

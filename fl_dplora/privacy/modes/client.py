@@ -42,14 +42,14 @@ class ClientDP(DPMode):
         else:
             self.trusted = ("nobody for each update (local DP per client); the server for participation"
                             if self.placement.server_sees_noised_updates else "the server (it sees every clipped update)")
-        self.population = int(cfg["population"])
-        self.divisor = float(cfg["fraction-train"]) * self.population
+        self.population = self.cfg.federation.population
+        self.divisor = self.cfg.federation.fraction_train * self.population
 
     def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
         """client-noise local: each client; distributed (only under secure aggregation): shares; else central."""
-        if cfg["client-noise"] == "local":
+        if cfg.privacy.client_noise == "local":
             return LOCAL
-        return DISTRIBUTED if cfg.get("secure-aggregation", False) and cfg["client-noise"] == "distributed" else CENTRAL
+        return DISTRIBUTED if cfg.secagg.enabled and cfg.privacy.client_noise == "distributed" else CENTRAL
 
     # sensitivity of one client's contribution in units of C (its clipped parts), for the accountant
     def _sensitivity(self) -> float:
@@ -59,11 +59,11 @@ class ClientDP(DPMode):
         from fl_dplora.privacy.accounting import calibrate_noise_multiplier
 
         cfg, factor = self.cfg, self._sensitivity()
-        if cfg["noise-multiplier"] > 0:
-            sigma = float(cfg["noise-multiplier"])
+        if cfg.privacy.noise_multiplier > 0:
+            sigma = cfg.privacy.noise_multiplier
         else:
-            sigma = factor * calibrate_noise_multiplier(cfg["target-epsilon"], cfg["delta"], float(cfg["fraction-train"]),
-                                                        int(cfg["num-server-rounds"]), cfg["accountant"])
+            sigma = factor * calibrate_noise_multiplier(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.federation.fraction_train,
+                                                        cfg.federation.num_server_rounds, cfg.privacy.accountant)
         return sigma, sigma / factor
 
     def remaining_noise_multipliers(self, charged: Sequence[tuple[float, float, int]], rounds_left: int,
@@ -75,16 +75,16 @@ class ClientDP(DPMode):
         node_privacy.share_sigma). None: σ stays (fixed, or nothing left)."""
         from fl_dplora.config import ConfigError
         from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, epsilon_for
-        cfg, factor, q = self.cfg, self._sensitivity(), float(self.cfg["fraction-train"])
-        if cfg["noise-multiplier"] > 0 or rounds_left < 1:
+        cfg, factor, q = self.cfg, self._sensitivity(), self.cfg.federation.fraction_train
+        if cfg.privacy.noise_multiplier > 0 or rounds_left < 1:
             return None
         if keep is not None and PrivacyLedger([*charged, (keep, q, rounds_left)]).epsilon(
-                cfg["delta"], cfg["accountant"]) <= cfg["target-epsilon"]:
+                cfg.privacy.delta, cfg.privacy.accountant) <= cfg.privacy.target_epsilon:
             return factor * keep, keep
-        plan = epsilon_for(self.noise_multipliers()[1], q, int(cfg["num-server-rounds"]), cfg["delta"], cfg["accountant"])
+        plan = epsilon_for(self.noise_multipliers()[1], q, cfg.federation.num_server_rounds, cfg.privacy.delta, cfg.privacy.accountant)
         try:
-            sigma = calibrate_remaining(cfg["target-epsilon"], cfg["delta"], tuple(map(tuple, charged)),
-                                        ((q, int(rounds_left)),), cfg["accountant"], at_least=plan)
+            sigma = calibrate_remaining(cfg.privacy.target_epsilon, cfg.privacy.delta, tuple(map(tuple, charged)),
+                                        ((q, int(rounds_left)),), cfg.privacy.accountant, at_least=plan)
         except ConfigError:
             return None
         return factor * sigma, sigma
@@ -99,20 +99,20 @@ class ClientDP(DPMode):
         from fl_dplora.config import ConfigError
         from fl_dplora.privacy.accounting import calibrate_remaining
         cfg, factor = self.cfg, self._sensitivity()
-        if not self.placement.node_noise_faces_server or cfg["noise-multiplier"] > 0 or rounds_left < 1:
+        if not self.placement.node_noise_faces_server or cfg.privacy.noise_multiplier > 0 or rounds_left < 1:
             return None
-        plan = self.epsilon_against_server([self.noise_multipliers()[1]] * int(cfg["num-server-rounds"]))
+        plan = self.epsilon_against_server([self.noise_multipliers()[1]] * cfg.federation.num_server_rounds)
         if keep is not None and self.epsilon_against_server([*attempts, *[keep] * rounds_left]) <= plan:
             return factor * keep, keep
         try:
-            half = calibrate_remaining(plan, cfg["delta"], tuple((float(s) / 2.0, 1.0, 1) for s in attempts),
-                                       ((1.0, int(rounds_left)),), cfg["accountant"])
+            half = calibrate_remaining(plan, cfg.privacy.delta, tuple((float(s) / 2.0, 1.0, 1) for s in attempts),
+                                       ((1.0, int(rounds_left)),), cfg.privacy.accountant)
         except ConfigError:
             return None
         return factor * 2.0 * half, 2.0 * half
 
     def round_event(self, accountant_sigma: float) -> tuple[float, float, int]:
-        return accountant_sigma, float(self.cfg["fraction-train"]), 1
+        return accountant_sigma, self.cfg.federation.fraction_train, 1
 
     def _clip(self, delta: Update) -> Update:
         keys = list(delta)
@@ -180,7 +180,7 @@ class ClientDP(DPMode):
         """A client-level release under SecAgg+ also states when a round is refused (fewer than `needed`
         survive; the neighbour without one client may be refused while the run is not) and the δ that
         costs (SecureAggregation.delta_extra)."""
-        return {"needed": secagg.needed(), "dropout_rate": float(self.cfg.get("secagg-dropout-rate", 0.0)),
+        return {"needed": secagg.needed(), "dropout_rate": self.cfg.secagg.dropout_rate,
                 "refusal_probability_per_round": secagg.refusal_probability(),
                 "delta_extra": secagg.delta_extra(sigma, dim, epsilon)}
 
@@ -197,7 +197,7 @@ class ClientDP(DPMode):
         ledger = PrivacyLedger()
         for sigma in accountant_sigmas:
             ledger.step(float(sigma) / 2.0, 1.0, 1)
-        return ledger.epsilon(self.cfg["delta"] if delta is None else delta, self.cfg["accountant"])
+        return ledger.epsilon(self.cfg.privacy.delta if delta is None else delta, self.cfg.privacy.accountant)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "population": self.population, "divisor": self.divisor,

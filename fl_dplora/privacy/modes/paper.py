@@ -26,7 +26,7 @@ class PaperDP(ClientDP):
         return LOCAL  # whatever client-noise says: the paper's clients noise their own ΔA and ΔB
 
     def _sensitivity(self) -> float:
-        return 1.0 if self.cfg["lora-variant"] == "ffa" else math.sqrt(2.0)
+        return 1.0 if self.cfg.lora.variant == "ffa" else math.sqrt(2.0)
 
     def _clip_norm(self) -> float:
         return self.c * self._sensitivity()
@@ -34,7 +34,7 @@ class PaperDP(ClientDP):
     def reference_note(self) -> str:
         from fl_dplora.privacy.accounting import paper_noise_multiplier
 
-        sigma = paper_noise_multiplier(self.cfg["target-epsilon"], self.cfg["delta"])
+        sigma = paper_noise_multiplier(self.cfg.privacy.target_epsilon, self.cfg.privacy.delta)
         return f"paper's per-step formula (no composition, for reference only): sigma >= {sigma:.3f}"
 
     def _clip(self, delta: Update) -> Update:

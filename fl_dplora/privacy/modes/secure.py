@@ -34,25 +34,25 @@ class SecureAggregation:
     def threshold(self) -> int:
         """Flower's reconstruction threshold: the fewest surviving clients whose masked updates can
         be unmasked (and, with distributed noise, the fewest whose noise shares make the full σC')."""
-        if int(self.cfg["secagg-threshold"]) > 0:
-            return int(self.cfg["secagg-threshold"])
-        expected = float(self.cfg["fraction-train"]) * int(self.cfg["population"])
+        if self.cfg.secagg.threshold > 0:
+            return self.cfg.secagg.threshold
+        expected = self.cfg.federation.fraction_train * self.cfg.federation.population
         return max(2, math.ceil(2 * expected / 3))
 
     def needed(self) -> int:
         """The fewest sampled clients that survive every SecAgg+ stage with which a round is unmasked:
         the threshold, and `min-available` (the strategy refuses a round below either)."""
-        return max(2, self.threshold(), int(self.cfg["min-available"]))
+        return max(2, self.threshold(), self.cfg.federation.min_available)
 
     def refusal_probability(self) -> float:
         """Per round: P(the other population - 1 clients alone fall short of `needed`), each sampled
         with fraction-train and surviving with 1 - secagg-dropout-rate (secagg_quantization)."""
-        return refusal_probability(int(self.cfg["population"]), float(self.cfg["fraction-train"]), self.needed(),
-                                   float(self.cfg.get("secagg-dropout-rate", 0.0)))
+        return refusal_probability(self.cfg.federation.population, self.cfg.federation.fraction_train, self.needed(),
+                                   self.cfg.secagg.dropout_rate)
 
     def plan(self, dim: int, sigma: float) -> SecAggPlan:
         """The SecAgg+ grid for updates of `dim` values (secagg_quantization.py), public config only."""
-        return plan(self.c, dim, int(self.cfg["population"]), int(self.cfg["num-server-rounds"]),
+        return plan(self.c, dim, self.cfg.federation.population, self.cfg.federation.num_server_rounds,
                     sigma if self.mode.placement.node_shares else 0.0, self.threshold())
 
     def setup_refusal(self, setup: Mapping[str, Any] | None, dim: int, sigma: float) -> str:
@@ -100,7 +100,7 @@ class SecureAggregation:
 
     def describe(self, dim: int, sigma: float, epsilon: float) -> dict[str, Any]:
         """Public facts of the secure sum for the privacy block: grid, bounds, what δ does not cover."""
-        out: dict[str, Any] = {"threshold": self.threshold(), "shares": int(self.cfg["secagg-shares"]) or "all sampled",
+        out: dict[str, Any] = {"threshold": self.threshold(), "shares": self.cfg.secagg.shares or "all sampled",
                                **self.plan(dim, sigma).describe()}
         out.update(self.mode.secure_release_terms(self, dim, sigma, epsilon))
         return out
@@ -111,7 +111,7 @@ class SecureAggregation:
         sampled and surviving a declared secagg-dropout-rate), and the mod clipping a noisy coordinate,
         each a departure from the accounted mechanism with the probability below; (1 + e^ε)·P is added
         to δ (docs/privacy.md). A certain refusal makes it >= 1: check_delta refuses the run."""
-        rounds = int(self.cfg["num-server-rounds"])
+        rounds = self.cfg.federation.num_server_rounds
         p = rounds * self.refusal_probability()
         p += self.plan(dim, sigma).saturation_bound if dim else 0.0  # dim None: refusals only
         return (1 + math.exp(epsilon)) * p
@@ -122,11 +122,11 @@ class SecureAggregation:
         (dim None: the refusals alone, which need no model; `simulate` checks them before Ray starts)."""
         from fl_dplora.config import ConfigError
 
-        if self.delta_extra(sigma, dim, float(self.cfg["target-epsilon"])) <= 0.01 * self.cfg["delta"]:
+        if self.delta_extra(sigma, dim, self.cfg.privacy.target_epsilon) <= 0.01 * self.cfg.privacy.delta:
             return
-        t, m, needed = self.threshold(), int(self.cfg["min-available"]), self.needed()
-        q, d, p = float(self.cfg["fraction-train"]), float(self.cfg.get("secagg-dropout-rate", 0.0)), self.refusal_probability()
-        population = int(self.cfg["population"])
+        t, m, needed = self.threshold(), self.cfg.federation.min_available, self.needed()
+        q, d, p = self.cfg.federation.fraction_train, self.cfg.secagg.dropout_rate, self.refusal_probability()
+        population = self.cfg.federation.population
         if needed > population - 1:
             raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
                               f"{t}, min-available {m}) get through it, so a dataset without one of the {population} "
@@ -137,7 +137,7 @@ class SecureAggregation:
             raise ConfigError(f"secure-aggregation: a round is refused when fewer than {needed} clients (max of secagg-threshold "
                               f"{t}, min-available {m}) are sampled and survive (probability {p:.3g} per round for the other "
                               f"{population - 1} at fraction-train {q:g}, secagg-dropout-rate {d:g}), more than 1% of "
-                              f"delta {self.cfg['delta']:g} over the run; raise fraction-train or lower secagg-threshold, "
+                              f"delta {self.cfg.privacy.delta:g} over the run; raise fraction-train or lower secagg-threshold, "
                               "min-available or secagg-dropout-rate")
         raise ConfigError(f"secure-aggregation: the noisy shares may saturate the SecAgg+ clipping range more often than 1% of "
-                          f"delta {self.cfg['delta']:g} at target-epsilon {self.cfg['target-epsilon']:g}; lower target-epsilon")
+                          f"delta {self.cfg.privacy.delta:g} at target-epsilon {self.cfg.privacy.target_epsilon:g}; lower target-epsilon")
