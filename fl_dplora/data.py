@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fl_dplora.config import PACKAGE_DIR, ConfigError
+from fl_dplora.config import PACKAGE_DIR, ConfigError, RunConfig
 from fl_dplora.task_card import (  # Example lives there (rows become examples there); data's users import it here
     Example, TaskCard, card_for_rows, check_blank, examples_from_rows, is_card_path, load_card, loader_rows, node_card,
     read_rows,
@@ -235,7 +235,8 @@ def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: i
     """Partition `partition_id` of `num_partitions` of the task's training data. `canaries`: what
     `fl-dplora audit` planted on this node (`audit_canaries`, from its node config): the real data is
     then split among the audit's data clients, and a canary client holds its canaries only."""
-    data = load_task(cfg["task"], int(cfg["seed"]))
+    cfg = RunConfig.of(cfg)
+    data = load_task(cfg.data.task, cfg.train.seed)
     if canaries:  # privacy audit: the real data is split among the data clients; canary clients hold canaries only
         num_partitions = int(canaries["data-clients"])
         extra = [Example(p, a) for p, a in canaries["examples"]]
@@ -244,7 +245,7 @@ def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: i
     else:
         extra = []
     idx = partition_indices(
-        cfg["task"], num_partitions, cfg["partitioner"], float(cfg["dirichlet-alpha"]), int(cfg["seed"]), int(cfg["max-train-samples"])
+        cfg.data.task, num_partitions, cfg.data.partitioner, cfg.data.dirichlet_alpha, cfg.train.seed, cfg.data.max_train_samples
     )[partition_id]
     return [data.train[i] for i in idx] + extra
 
@@ -271,16 +272,18 @@ def audit_canaries(path: str) -> dict[str, Any] | None:
 def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:
     """Training-pool examples that no client received (max-train-samples cut them): the cleanest
     non-members for membership inference, drawn from the same distribution as the members."""
-    data = load_task(cfg["task"], int(cfg["seed"]))
-    n = int(cfg["max-train-samples"])
+    cfg = RunConfig.of(cfg)
+    data = load_task(cfg.data.task, cfg.train.seed)
+    n = cfg.data.max_train_samples
     if n <= 0 or n >= len(data.train):
         return []
-    return [data.train[i] for i in _train_order(len(data.train), int(cfg["seed"]))[n:]]
+    return [data.train[i] for i in _train_order(len(data.train), cfg.train.seed)[n:]]
 
 
 def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
-    data = load_task(cfg["task"], int(cfg["seed"]))
-    n = int(cfg["max-eval-samples"])
+    cfg = RunConfig.of(cfg)
+    data = load_task(cfg.data.task, cfg.train.seed)
+    n = cfg.data.max_eval_samples
     if n <= 0 or n >= len(data.eval):
         return data.eval
     # A fixed random subset (seeded by 0, not the run seed) so every run is scored on the same examples.
@@ -294,7 +297,8 @@ def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example
     client's data. Never a scored prompt: when the server scores every evaluation row
     (`max-eval-samples = 0`, or an eval file of at most `max-eval-samples` rows) this is empty and
     the head uses data-independent statistics (label_head.neutral_stats)."""
-    data = load_task(cfg["task"], int(cfg["seed"]))
+    cfg = RunConfig.of(cfg)
+    data = load_task(cfg.data.task, cfg.train.seed)
     scored = {e.prompt for e in eval_examples(cfg)}
     return [e for e in data.eval if e.prompt not in scored][:limit]
 

@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from fl_dplora.config import RunConfig
 from fl_dplora.data import Example, TaskData, collate, encode_example, render_prompt
 from fl_dplora.forward import answer_logits, answer_states, first_answer_positions, label_first_tokens
 from fl_dplora.frozen_prefix import attach_prefix, features_key
@@ -187,12 +188,13 @@ def score_test_part(model, tokenizer, task: TaskData, cfg) -> dict | None:
     model for zero-shot): reported, never used to choose anything. Every prediction stays (paired tests
     between runs need them: the same inputs, in the same order, in every run); the first five, next to
     their input and answer, are for people to read. `max-test-samples` > 0 keeps the first N inputs."""
-    n = int(cfg.get("max-test-samples", 0))
+    cfg = RunConfig.of(cfg)
+    n = cfg.data.max_test_samples
     examples = task.test[:n] if n > 0 else task.test
     if not examples:
         return None
-    result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), max_new_tokens=int(cfg["max-new-tokens"]),
-                      system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"], with_predictions=True)
+    result = evaluate(model, tokenizer, task, examples, cfg.data.max_seq_len, max_new_tokens=cfg.data.max_new_tokens,
+                      system_prompt=cfg.data.system_prompt, prefix_cache=cfg.model.prefix_cache, with_predictions=True)
     result["num_inputs"] = len(examples)
     if task.kind == "classification":
         result.pop("probabilities", None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, RunConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_ALIASES = ("tiny-random-llama", "tiny-random-gpt2")
@@ -88,7 +88,8 @@ def _gguf_tokenizer(gguf: Path):
 
 def tokenizer_for(cfg: Mapping[str, Any]):
     """The run's tokenizer: the model's, at the run's revision, with its remote code if allowed."""
-    return load_tokenizer(cfg["model"], cfg.get("revision", ""), bool(cfg.get("trust-remote-code", False)))
+    cfg = RunConfig.of(cfg)
+    return load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
 
 
 @lru_cache(maxsize=4)
@@ -126,7 +127,8 @@ def tiny_config(name: str, vocab_size: int):
 
 def torch_dtype(cfg: Mapping[str, Any], device: torch.device | None = None) -> torch.dtype:
     """The frozen base's dtype: `auto` = bfloat16 on a CUDA device that supports it, else float32."""
-    name = cfg.get("dtype", "auto")
+    cfg = RunConfig.of(cfg)
+    name = cfg.model.dtype
     if name == "auto":
         device = device or device_for_training()
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -135,25 +137,26 @@ def torch_dtype(cfg: Mapping[str, Any], device: torch.device | None = None) -> t
 
 def check_runtime(cfg: Mapping[str, Any]) -> None:
     """What the machine must offer for this config, checked before Ray or a model starts."""
-    quant = cfg.get("quantization", "none")
+    cfg = RunConfig.of(cfg)
+    quant = cfg.model.quantization
     if quant != "none":
         if not torch.cuda.is_available():
             raise ConfigError(f"quantization: {quant} (bitsandbytes) needs a CUDA GPU; this machine has none (use quantization=none)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError(f"quantization: {quant} needs the bitsandbytes package: pip install bitsandbytes")
-        if cfg["model"] in TINY_ALIASES:
-            raise ConfigError(f"quantization: not for the tiny random test model {cfg['model']}")
-        if cfg["model"] == "smollm2-135m" or cfg["model"].endswith(".gguf"):
-            raise ConfigError(f"quantization: transformers cannot quantize a GGUF file on load; give {cfg['model']} "
+        if cfg.model.name in TINY_ALIASES:
+            raise ConfigError(f"quantization: not for the tiny random test model {cfg.model.name}")
+        if cfg.model.name == "smollm2-135m" or cfg.model.name.endswith(".gguf"):
+            raise ConfigError(f"quantization: transformers cannot quantize a GGUF file on load; give {cfg.model.name} "
                               "as a Hugging Face model folder (scripts/gpu_smoke.py converts SmolLM2's)")
-    name = cfg["model"]
+    name = cfg.model.name
     if name in ("smollm2-135m", *TINY_ALIASES) or Path(os.path.expanduser(name)).exists():
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     if offline:  # an id: it must already be in the local cache
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(name, "config.json", revision=cfg.get("revision") or None)
+        found = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision or None)
         if not isinstance(found, str):
             raise ConfigError(f"model: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
                               f"download it first (hf download {name}) or give a local folder")
@@ -166,11 +169,11 @@ def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = No
     the HF token (HF_TOKEN, read by huggingface_hub) apply to hub ids."""
     from transformers import AutoModelForCausalLM
 
-    cfg = cfg or {}
+    cfg = RunConfig.of(cfg) if cfg else None
     device = device or torch.device("cpu")
     dtype = torch_dtype(cfg, device) if cfg else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
-    quant = cfg.get("quantization", "none")
+    quant = cfg.model.quantization if cfg else "none"
     if quant != "none":
         from transformers import BitsAndBytesConfig
 
@@ -192,9 +195,9 @@ def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = No
         if path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         else:
-            if cfg.get("revision"):
-                kwargs["revision"] = cfg["revision"]
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=bool(cfg.get("trust-remote-code")),
+            if cfg and cfg.model.revision:
+                kwargs["revision"] = cfg.model.revision
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=bool(cfg and cfg.model.trust_remote_code),
                                                          **kwargs)
     model.requires_grad_(False)
     model.eval()
@@ -233,7 +236,8 @@ def device_for_training() -> torch.device:
 
 def server_device(cfg: Mapping[str, Any]) -> torch.device:
     """Where the ServerApp's evaluation model lives (`server-device`)."""
-    name = cfg.get("server-device", "auto")
+    cfg = RunConfig.of(cfg)
+    name = cfg.model.server_device
     if name == "auto":
         return device_for_training()
     if name.startswith("cuda") and not torch.cuda.is_available():

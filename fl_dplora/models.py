@@ -16,29 +16,32 @@ import torch
 from torch import nn
 
 from fl_dplora import model_loading
-from fl_dplora.config import ConfigError, lora_targets
+from fl_dplora.config import ConfigError, RunConfig, lora_targets
 from fl_dplora.model_loading import TINY_ALIASES, device_for_training, tiny_config
 
 
 def _base_key(cfg: Mapping[str, Any], device: torch.device) -> tuple:
-    return (cfg["model"], int(cfg["seed"]) if cfg["model"] in TINY_ALIASES else None, cfg.get("dtype", "auto"),
-            cfg.get("quantization", "none"), cfg.get("revision", ""), bool(cfg.get("trust-remote-code")), str(device))
+    cfg = RunConfig.of(cfg)
+    return (cfg.model.name, cfg.train.seed if cfg.model.name in TINY_ALIASES else None, cfg.model.dtype,
+            cfg.model.quantization, cfg.model.revision, cfg.model.trust_remote_code, str(device))
 
 
 def lora_key(cfg: Mapping[str, Any], device: torch.device | None = None) -> tuple:
+    cfg = RunConfig.of(cfg)
     return (
-        cfg["model"], int(cfg["lora-rank"]), float(cfg["lora-alpha"]), float(cfg["lora-dropout"]),
-        tuple(lora_targets(cfg)), cfg["lora-variant"], int(cfg["lora-layers"]), int(cfg["seed"]),
-        _base_key(cfg, device or device_for_training()), bool(cfg.get("gradient-checkpointing")),
+        cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+        tuple(lora_targets(cfg)), cfg.lora.variant, cfg.lora.layers, cfg.train.seed,
+        _base_key(cfg, device or device_for_training()), cfg.model.gradient_checkpointing,
     )
 
 
 def _check_targets(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    cfg = RunConfig.of(cfg)
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in lora_targets(cfg) if t not in present]
     if missing:
         raise ConfigError(
-            f"lora-targets: {', '.join(missing)} not in model {cfg['model']}; it has e.g. "
+            f"lora-targets: {', '.join(missing)} not in model {cfg.model.name}; it has e.g. "
             + ", ".join(sorted(n for n in present if "proj" in n or "attn" in n or "fc" in n)[:8])
         )
 
@@ -47,9 +50,10 @@ def check_lora_targets(cfg: Mapping[str, Any]) -> None:
     """lora-targets against the model's modules, built from its config on the meta device (no
     weights, a few seconds): a typo is refused before Ray or a model load. Where the config cannot
     be read here the check is left to get_peft_model."""
+    cfg = RunConfig.of(cfg)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = cfg["model"]
+    name = cfg.model.name
     try:
         if name in ("smollm2-135m", "tiny-random-llama"):  # both LLaMA: the same module names
             config = tiny_config("tiny-random-llama", 32)
@@ -59,10 +63,10 @@ def check_lora_targets(cfg: Mapping[str, Any]) -> None:
             path = Path(os.path.expanduser(name))
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            config = AutoConfig.from_pretrained(name, revision=cfg.get("revision") or None,
-                                                trust_remote_code=bool(cfg.get("trust-remote-code")))
+            config = AutoConfig.from_pretrained(name, revision=cfg.model.revision or None,
+                                                trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=bool(cfg.get("trust-remote-code")))
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - an unreadable config is reported where the model loads
         return
     _check_targets(skeleton, cfg)
@@ -86,6 +90,7 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     factors stay float32 whatever the base dtype (PEFT's autocast_adapter_dtype), so per-example
     gradients, clipping and noise are float32.
     """
+    cfg = RunConfig.of(cfg)
     from peft import LoraConfig, get_peft_model as _wrap
 
     device = device or device_for_training()
@@ -99,29 +104,29 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     else:
         _CACHE.update(peft=None, key=None)
         # through the module: a test that replaces model_loading.load_base_model sees every load
-        base = model_loading.load_base_model(cfg["model"], seed=int(cfg["seed"]), cfg=cfg, device=device)
+        base = model_loading.load_base_model(cfg.model.name, seed=cfg.train.seed, cfg=cfg, device=device)
     _CACHE.update(base_id=base_id, peft=None, key=None)
 
     targets = lora_targets(cfg)
     _check_targets(base, cfg)
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
-    last = int(cfg["lora-layers"])
+    last = cfg.lora.layers
     # "the last N blocks"; a model with N blocks or fewer is adapted everywhere
     layers = list(range(num_layers - last, num_layers)) if num_layers and 0 < last < num_layers else None
     lora_cfg = LoraConfig(
         layers_to_transform=layers,
-        r=int(cfg["lora-rank"]), lora_alpha=float(cfg["lora-alpha"]), lora_dropout=float(cfg["lora-dropout"]),
+        r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=targets, bias="none", task_type="CAUSAL_LM",
         fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
     )
-    if cfg.get("quantization", "none") != "none":
+    if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         base.requires_grad_(False)
     # transformers >= 5.x names it activation checkpointing (the gradient_* names warn); older: gradient_*
     new_api = hasattr(base, "activation_checkpointing_enable")
-    if cfg.get("gradient-checkpointing"):
+    if cfg.model.gradient_checkpointing:
         # non-reentrant: the LoRA hooks see each factor's output gradient once (privacy/per_sample.py)
         if new_api:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -133,12 +138,12 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     # Seed-shared init: A ~ kaiming-uniform from `seed` on every party; B = 0 as usual in LoRA.
     # The init is drawn on the CPU in float32, then moved: every device and dtype gets the same A.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg["seed"]) + 1)
+        torch.manual_seed(cfg.train.seed + 1)
         peft_model = _wrap(base, lora_cfg)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float().to(device)
-    if cfg["lora-variant"] == "ffa":
+    if cfg.lora.variant == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
@@ -151,9 +156,10 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
 def record_frozen_dtype(model, cfg: Mapping[str, Any]) -> None:
     """frozen-dtype on the model: every prefix computation of this process (clients' cache build,
     server's evaluation features) reads it there (frozen_prefix.frozen_dtype)."""
+    cfg = RunConfig.of(cfg)
     from fl_dplora.frozen_prefix import set_frozen_dtype
 
-    set_frozen_dtype(model, str(cfg.get("frozen-dtype", "float32")))
+    set_frozen_dtype(model, cfg.model.frozen_dtype)
 
 
 def reset_adapter(peft_model) -> None:
@@ -175,17 +181,18 @@ def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Param
 
     `lora` sends A and B; `ffa` sends only B (A is seed-shared and frozen).
     """
+    cfg = RunConfig.of(cfg)
     out = {}
     for name, param in peft_model.named_parameters():
         if "lora_" not in name:
             continue
-        if cfg["lora-variant"] == "ffa" and "lora_A" in name:
+        if cfg.lora.variant == "ffa" and "lora_A" in name:
             continue
         out[name.replace(".default", "")] = param
     from fl_dplora import label_head
 
     head = label_head.get(peft_model)
-    if head is not None and cfg.get("label-head"):
+    if head is not None and cfg.train.label_head:
         out[label_head.HEAD_KEY] = head.proj.weight
     return out
 

@@ -16,12 +16,13 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from fl_dplora.config import RunConfig
 from fl_dplora.data import Encoded, collate
 from fl_dplora.forward import answer_logits, per_example_loss  # noqa: F401 - re-exported
 from fl_dplora.privacy.mechanisms import gaussian_like
@@ -32,39 +33,43 @@ from fl_dplora.privacy.per_sample import LoRAGradSampler
 def make_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any],
                    head_params: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """LoRA values at `learning-rate`, label-head values (if any) at `head-learning-rate`."""
+    cfg = RunConfig.of(cfg)
     head_ids = {id(p) for p in head_params}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": float(cfg["learning-rate"])},
-              {"params": [p for p in params if id(p) in head_ids], "base_lr": float(cfg["head-learning-rate"])}]
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": cfg.train.learning_rate},
+              {"params": [p for p in params if id(p) in head_ids], "base_lr": cfg.train.head_learning_rate}]
     groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
-    if cfg["optimizer"] == "adamw":
+    if cfg.train.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=0.0)
-    return torch.optim.SGD(groups, momentum=float(cfg["momentum"]))
+    return torch.optim.SGD(groups, momentum=cfg.train.momentum)
 
 
 def lr_at(step: int, total: int, cfg: Mapping[str, Any], base: float | None = None) -> float:
     """Learning rate at a global step (counted over the whole run, so resumed runs continue it)."""
-    base = float(cfg["learning-rate"]) if base is None else base
+    cfg = RunConfig.of(cfg)
+    base = cfg.train.learning_rate if base is None else base
     frac = min(1.0, step / max(1, total))
-    if cfg["lr-schedule"] == "cosine":
+    if cfg.train.lr_schedule == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * frac))
-    if cfg["lr-schedule"] == "linear":
+    if cfg.train.lr_schedule == "linear":
         return base * (1 - frac)
     return base
 
 
 def head_only_round(cfg: Mapping[str, Any], server_round: int) -> bool:
     """Rounds 1..head-rounds train only the label head (linear probing before fine-tuning, LP-FT)."""
-    return bool(cfg["label-head"]) and server_round <= int(cfg["head-rounds"])
+    cfg = RunConfig.of(cfg)
+    return cfg.train.label_head and server_round <= cfg.train.head_rounds
 
 
-def stage_config(cfg: Mapping[str, Any], server_round: int, n: int) -> dict[str, Any]:
+def stage_config(cfg: Mapping[str, Any], server_round: int, n: int) -> RunConfig:
     """The run config as this round's training stage sees it: a head-only round trains with the
     head-* steps and batch size (head-batch-size 0 = the whole shard, q = 1)."""
-    out = dict(cfg)
-    if head_only_round(cfg, server_round):
-        batch = int(cfg["head-batch-size"]) or n
-        out.update({"local-steps": int(cfg["head-local-steps"]), "batch-size": batch, "micro-batch-size": batch})
-    return out
+    cfg = RunConfig.of(cfg)
+    if not head_only_round(cfg, server_round):
+        return cfg
+    batch = cfg.train.head_batch_size or n
+    return replace(cfg, train=replace(cfg.train, local_steps=cfg.train.head_local_steps, batch_size=batch,
+                                      micro_batch_size=batch))
 
 
 _ANSWER_STATES: OrderedDict[str, torch.Tensor] = OrderedDict()  # per process, like the prefix cache
@@ -175,7 +180,7 @@ def local_train(
     canaries: Sequence[GradientCanary] = (),
     observe: Sequence[tuple[int, int]] = (),
 ) -> TrainStats:
-    """Run cfg['local-steps'] optimizer steps. The one training loop of the project.
+    """Run cfg.train.local_steps optimizer steps. The one training loop of the project.
 
     `public_size`: the size DP-SGD's q and divisor come from (sample_rate.basis); None = the
     shard's n (benchmarks and tests; a node always passes its basis).
@@ -183,9 +188,10 @@ def local_train(
     `observe`: (position in `params`, flat index) of every audit canary's coordinate, planted or not
     (position -1: not trained this round); each step's gradient there, after the noise and the
     divisor (what DP-SGD's accounting assumes released), goes into TrainStats.observed."""
+    cfg = RunConfig.of(cfg)
     from tqdm.auto import tqdm
 
-    steps, batch_size, micro = int(cfg["local-steps"]), int(cfg["batch-size"]), int(cfg["micro-batch-size"])
+    steps, batch_size, micro = cfg.train.local_steps, cfg.train.batch_size, cfg.train.micro_batch_size
     n = len(data)
     total = n + len(canaries)  # indices >= n are gradient canaries
     size = n if public_size is None else int(public_size)
@@ -208,7 +214,7 @@ def local_train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg, group.get("base_lr"))
             batch_idx, order = _draw_batch(dp is not None, total, q, batch_size, order, sampling_generator)
-            sums = _canary_sums(params, batch_idx, n, canaries, dp, float(cfg["max-grad-norm"]))
+            sums = _canary_sums(params, batch_idx, n, canaries, dp, cfg.privacy.max_grad_norm)
             # micro-batches of similar lengths pad less; the (clipped) sum does not depend on the order
             real = sorted((i for i in batch_idx if i < n), key=lambda i: len(data[i].input_ids))
             for mb in _micro_batches(real, micro):

@@ -166,7 +166,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         node_ledger.adopt(_handed_back(msg, context), sizes.adjacency)
     ledger = node_ledger.example_ledger(sizes.adjacency)
     stage = stage_config(cfg, server_round, sizes.size)
-    q = sizes.rate(int(stage["batch-size"]))
+    q = sizes.rate(stage.train.batch_size)
     part = partition_label(context)
     # a node that requires DP never lets the server's seed pick its noise or sampling: with a
     # seeded draw the server could regenerate the noise and subtract it (issue 27 review)
@@ -191,12 +191,12 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
         sigma = dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
         log_row["adjacency"] = sizes.adjacency
         this_run = PrivacyLedger.from_record(ledger.to_record())  # projected: with this round's steps
-        this_run.step(sigma, q, int(stage["local-steps"]))
+        this_run.step(sigma, q, stage.train.local_steps)
         epsilon_after = this_run.epsilon(node_delta, cfg.privacy.accountant)
         if epsilon_after > cfg.privacy.target_epsilon * (1 + 1e-6):
             return _budget_exhausted(msg, cfg, ledger, sigma, q, part)  # no data touched, only the flag
         dp = DPSGD(sigma, cfg.privacy.max_grad_norm, noise_gen)
-        charge = (sigma, q, int(stage["local-steps"]), sizes.adjacency)
+        charge = (sigma, q, stage.train.local_steps, sizes.adjacency)
         log_row["steps"] = this_run.total_steps
     elif mode.client_level:  # the run's client-level ledger after this attempt, counted from the node's own attempts
         charged = client_sigma(mode, node_ledger, server_round, node_accountant_sigma, log_row)
@@ -264,7 +264,7 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
     trainable = [params[k] for k in loaded.trained_keys]
     head = label_head.get(loaded.model)
     optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
-    steps = int(privacy.stage["local-steps"])
+    steps = privacy.stage.train.local_steps
     stats = local_train(
         loaded.model, trainable, loaded.data, privacy.stage, optimizer=optimizer, dp=privacy.dp,
         sampling_generator=privacy.sampling_gen, step_offset=(server_round - 1) * steps,
@@ -301,7 +301,7 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
         metrics.update({"num-examples": len(loaded.data), "train_loss": stats.mean_loss,
                         "compute-seconds": time.perf_counter() - t0})
     else:
-        steps = int(privacy.stage["local-steps"])
+        steps = privacy.stage.train.local_steps
         metrics["num-examples"] = steps * int(cfg.train.head_batch_size if loaded.head_only else cfg.train.batch_size)
     if mode.secagg is not None:  # the SecAgg+ mod masks these float32 grid values; transfer-dtype does not apply
         return Message(fitres_reply(delta, metrics), reply_to=msg)

@@ -35,7 +35,7 @@ def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[
         lo = max(start, first)
         if start + count - lo > 0:
             st = stage_config(cfg, lo, n)
-            stages.append((min(1.0, int(st["batch-size"]) / n), (start + count - lo) * int(st["local-steps"])))
+            stages.append((min(1.0, st.train.batch_size / n), (start + count - lo) * st.train.local_steps))
     return tuple(stages)
 
 

@@ -90,7 +90,7 @@ def charge_worst_case(key: str, rnd: int, client_ledgers: dict[str, dict[str, li
     rate = float(known.get("sample-rate", 1.0))
     n = int(round(cfg.train.batch_size / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
     stage = stage_config(cfg, rnd, n)
-    ledger.step(sigma, min(1.0, int(stage["batch-size"]) / n) if n > 1 else 1.0, int(stage["local-steps"]))
+    ledger.step(sigma, min(1.0, stage.train.batch_size / n) if n > 1 else 1.0, stage.train.local_steps)
     client_ledgers[key] = ledger.to_record()
 
 
