@@ -240,9 +240,11 @@ def test_frozen_dtype_int8_runs_end_to_end_through_simulate(cli, tmp_path):
 
 
 # ------------------------------------------------------------------ the rotated residual stream
-def testrotated_weights_compute_the_same_block_in_float():
+@pytest.mark.parametrize("keep", [(), (3, 17)])
+def testrotated_weights_compute_the_same_block_in_float(keep):
     """QuaRot's folding is exact in float: a LLaMA block whose readers are W diag(gain) R, writers R^T W and
-    norms without gains maps x R to block(x) R (what the int8 copy quantizes is the same function)."""
+    norms without gains maps x R to block(x) R (what the int8 copy quantizes is the same function), also
+    with channels the rotation leaves out (`keep`)."""
     import copy
 
     from fl_dplora.frozen_int8 import rotated_weights, rotatable, rotation
@@ -250,7 +252,7 @@ def testrotated_weights_compute_the_same_block_in_float():
     _, model, _ = build("llama")
     block = frozen_prefix.decoder_blocks(model)[2][0]
     assert rotatable(block)
-    rot = rotation(block.self_attn.q_proj.in_features)
+    rot = rotation(block.self_attn.q_proj.in_features, keep=keep)
     torch.testing.assert_close(rot.t() @ rot, torch.eye(rot.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
     twin = copy.deepcopy(block)
     with torch.no_grad():
@@ -313,3 +315,89 @@ def test_rotation_beats_smoothing_alone_on_outlier_channels(monkeypatch):
         states = compute_prefix(model, enc, start, dtype="int8")
         err[rotate] = float(torch.cat([1 - _cos(a, b) for a, b in zip(ref, states)]).mean())
     assert err[True] < err[False], err
+
+
+def test_rotation_carries_the_kept_channels_unchanged_in_its_last_columns():
+    from fl_dplora.frozen_int8 import rotation
+
+    rot = rotation(12, keep=[3, 7])
+    torch.testing.assert_close(rot.t() @ rot, torch.eye(12, dtype=torch.float64), atol=1e-12, rtol=0)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal((x @ rot)[:, 10:], x[:, [3, 7]])
+    assert not (x @ rot)[:, :10].isclose(x[:, [i for i in range(12) if i not in (3, 7)]]).all()  # the others rotate
+    assert torch.equal(rotation(12, keep=[]), rotation(12))
+
+
+def test_a_float_tail_keeps_the_last_input_columns_out_of_the_int8_products():
+    """FusedLinears(float_tail=k): the last k input columns (the stream's massive channels in a rotated
+    copy) are multiplied in float32 and do not set the token's int8 step."""
+    from fl_dplora.frozen_int8 import FusedLinears
+
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(32, 24, bias=False)
+    x = torch.randn(40, 32, generator=g)
+    x[:, -2:] = 30 + torch.randn(40, 2, generator=g)  # in every token, as SmolLM2's massive channels
+    plain, tail = FusedLinears([lin]), FusedLinears([lin], float_tail=2)
+    assert tail.weight_t.shape == (32, 24) and not tail.weight_t[30:].any() and tail.tail_weight.shape == (2, 24)
+    only_tail = torch.cat([torch.zeros(40, 30), x[:, -2:]], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(tail.output(only_tail, 0), lin(only_tail), atol=1e-5, rtol=1e-5)  # float products
+        ref = lin(x)
+        err = {name: float((f.output(x, 0) - ref).norm() / ref.norm()) for name, f in (("plain", plain), ("tail", tail))}
+    assert err["tail"] < err["plain"] / 4, err
+
+
+def test_two_int8_terms_shrink_the_error_and_keep_each_row_its_own():
+    """TWO_TERMS: x ~ s (q + r / 254), r the rounding residue in int8: the activation error shrinks ~250x;
+    the second term's scale is the token's own too, so a row's numbers do not depend on its batch."""
+    from fl_dplora.frozen_int8 import FusedLinears, quantize_rows
+
+    g = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(96, 32, bias=False)
+    x = torch.randn(20, 96, generator=g) ** 3  # heavy-tailed, as down_proj's SiLU-gated inputs
+    q, s, r = quantize_rows(x, residue=True)
+    assert torch.equal(q, quantize_rows(x)[0])
+    assert ((x - s * (q + r / 254.0)).abs() <= s / 508 * 1.001 + 1e-7).all()
+    one, two = FusedLinears([lin]), FusedLinears([lin], terms=2)
+    assert torch.equal(one.weight_t, two.weight_t)
+    ref = x @ (one.weight_t.float() * one.weight_scale)  # the int8 weights' exact products: the activations' error
+    with torch.no_grad():
+        err = {name: float((f.output(x, 0) - ref).norm() / ref.norm()) for name, f in (("one", one), ("two", two))}
+        assert torch.equal(torch.cat([two.output(x[i : i + 1], 0) for i in range(len(x))]), two.output(x, 0))
+    assert err["two"] < err["one"] / 50, err
+
+
+def test_massive_channels_stay_out_of_the_rotation_and_the_int8_products(monkeypatch):
+    """Channels that carry much of every token's energy (SmolLM2's massive activations): the rotation leaves
+    the MASSIVE_CHANNELS with the most energy at calibration unrotated, the readers multiply them in float32,
+    and the int8 prefix is closer to float32 than with them rotated into the int8 products."""
+    from fl_dplora import frozen_int8
+
+    _, model, _ = build("llama")
+    decoder, _, blocks = frozen_prefix.decoder_blocks(model)
+    with torch.no_grad():
+        emb = decoder.get_input_embeddings().weight
+        emb[:, 3] += 40 * emb.std()
+        emb[:, 17] -= 25 * emb.std()
+    start = prefix_start(model)
+    kept: list[list[int]] = []
+    original = frozen_int8.rotation
+    monkeypatch.setattr(frozen_int8, "rotation", lambda n, seed=0, keep=(): kept.append(list(keep)) or original(n, seed, keep))
+    enc = examples(10)
+
+    def features(dtype: str) -> torch.Tensor:  # the final features (first answer position), as the bench measures
+        states = compute_prefix(model, enc, start, dtype=dtype)
+        return first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(enc, states)], pad_id())
+
+    ref, err = features("float32"), {}
+    for k in (0, 2):
+        monkeypatch.setattr(frozen_int8, "MASSIVE_CHANNELS", k)
+        err[k] = float((1 - _cos(ref, features("int8"))).mean())
+    assert kept == [[], [3, 17]]
+    copies = frozen_int8.int8_blocks(decoder, blocks, start, frozen_prefix.prefix_fingerprint(model, start))
+    hidden = blocks[0].self_attn.q_proj.in_features
+    for c in copies:
+        for fused in (c.self_attn.q_proj.fused, c.mlp.gate_proj.fused):
+            assert fused.tail == 2 and fused.weight_t.shape[0] == hidden and not fused.weight_t[hidden - 2 :].any()
+        assert c.self_attn.o_proj.fused.tail == 0 and c.mlp.down_proj.fused.terms == 2
+    assert err[2] < err[0] / 2, err

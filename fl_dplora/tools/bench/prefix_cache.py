@@ -220,6 +220,7 @@ def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
 def main(args: argparse.Namespace) -> int:
     setup_torch(args)
     quiet_transformers()
+    from fl_dplora import frozen_int8
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
     from fl_dplora.frozen_prefix import clear_memory_cache, compute_prefix
@@ -288,7 +289,9 @@ def main(args: argparse.Namespace) -> int:
         "model_gflops": gflops, "peak_gflops": peaks,
         "fraction_of_peak": {"float32": gflops["float32"] / peaks["float32"], "int8": gflops["int8"] / peaks["int8"],
                              "int8_of_float32_peak": gflops["int8"] / peaks["float32"]},
-        "kernel": f"{matmul_path()}: int8 weights per output channel x int8 activations per token"})
+        "kernel": f"{matmul_path()}: int8 weights per output channel x int8 activations per token; "
+                  f"{frozen_int8.MASSIVE_CHANNELS} massive stream channels in float32, "
+                  f"two int8 terms in {', '.join(frozen_int8.TWO_TERMS) or 'no layer'}"})
     steps_run = [] if args.build_only else layers
     speedup = {f"n{n}": ratio.get(f"full-n{n}/cached-n{n}", float("nan")) for n in steps_run}
     n = layers[0]
