@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora import adapter_record
-from fl_dplora.config import SCHEMA, ConfigError, resolve
+from fl_dplora.config import SCHEMA, ConfigError, RunConfig, resolve
 from fl_dplora.run_dir import check_writable_dir
 
 _RUN_ONLY = adapter_record.RUN_ONLY
@@ -77,6 +77,7 @@ def check_adapter_dir(folder: str | Path, flag: str = "--adapter") -> None:
 def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
     """Base model + the saved adapter (+ label head), ready to evaluate; refuses a head trained on
     other label words than `task`'s."""
+    cfg = RunConfig.of(cfg)
     from peft import PeftModel
 
     from fl_dplora import label_head
@@ -84,19 +85,19 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
     from fl_dplora.model_loading import device_for_training, load_base_model, tokenizer_for
     from fl_dplora.models import record_frozen_dtype
 
-    base = load_base_model(cfg["model"], int(cfg["seed"]), cfg=cfg, device=device_for_training())
+    base = load_base_model(cfg.model.name, cfg.train.seed, cfg=cfg, device=device_for_training())
     try:
         model = PeftModel.from_pretrained(base, str(folder))  # LoRA factors in float32 whatever the base dtype
     except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's size-mismatch wall, or modules it lacks
-        wrong = adapter_record.wrong_base(folder, cfg["model"])
+        wrong = adapter_record.wrong_base(folder, cfg.model.name)
         if wrong:
             raise ConfigError(wrong) from None
-        raise ConfigError(f"adapter: {folder} does not fit model {cfg['model']} "
+        raise ConfigError(f"adapter: {folder} does not fit model {cfg.model.name} "
                           f"({str(exc).strip().splitlines()[0][:200]}); pass the model it was trained on") from None
     record_frozen_dtype(model, cfg)  # the prefix computes as in training
     head = label_head.load(model, Path(folder))
     if head is not None and head.token_ids.tolist() != label_first_tokens(tokenizer_for(cfg), task.label_words):
-        raise ConfigError(f"adapter: its label head scores other label words than task {cfg['task']}")
+        raise ConfigError(f"adapter: its label head scores other label words than task {cfg.data.task}")
     return model
 
 
@@ -104,6 +105,7 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
     """One answer per input text, through the same prompt and scorer as training and evaluation:
     classification gives the chosen label word and every label's probability, generation the
     greedy continuation."""
+    cfg = RunConfig.of(cfg)
     from fl_dplora.data import Example
     from fl_dplora.evaluate import evaluate, generate_answer
     from fl_dplora.task_card import examples_from_rows
@@ -113,7 +115,7 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
         rows = [{**(json.loads(t) if t.lstrip().startswith("{") else {task.card.text_column: t}),
                  task.card.label_column: task.label_words[0]} for t in texts]
         examples = examples_from_rows(task.card, rows, "predict", "predict")
-        result = evaluate(model, tokenizer, task, examples, int(cfg["max-seq-len"]), system_prompt=cfg["system-prompt"],
+        result = evaluate(model, tokenizer, task, examples, cfg.data.max_seq_len, system_prompt=cfg.data.system_prompt,
                           prefix_cache="off", with_predictions=True)
         return [{"text": t, "answer": task.label_words[p], "probabilities": dict(zip(task.label_words, probs))}
                 for t, p, probs in zip(texts, result["predictions"], result["probabilities"])]
@@ -122,23 +124,24 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
         prompts = [card.prompt({card.text_column: t}) for t in texts]
     else:
         prompts = list(texts)
-    return [{"text": t, "answer": generate_answer(model, tokenizer, Example(p, ""), int(cfg["max-seq-len"]),
-                                                  cfg["system-prompt"], int(cfg["max-new-tokens"]))}
+    return [{"text": t, "answer": generate_answer(model, tokenizer, Example(p, ""), cfg.data.max_seq_len,
+                                                  cfg.data.system_prompt, cfg.data.max_new_tokens)}
             for t, p in zip(texts, prompts)]
 
 
 def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     """What an adapter's `base_model_name_or_path` should say for the run's `model`, and why
     `AutoPeftModelForCausalLM` cannot load that base by itself (None when it can)."""
+    cfg = RunConfig.of(cfg)
     from fl_dplora.model_loading import SMOLLM2_GGUF, TINY_ALIASES
 
-    name = cfg["model"]
+    name = cfg.model.name
     path = Path(os.path.expanduser(name))
     if name == "smollm2-135m" or (path.suffix == ".gguf" and path.name == SMOLLM2_GGUF):
         return SMOLLM2_HUB_ID, None
     if name in TINY_ALIASES:  # no hub id or folder holds these weights: a value no loader mistakes for one
         return (f"fl-dplora:{name}", f"{name} is a random-init test model that fl-dplora builds in code "
-                f"(seed {cfg['seed']}); no hub id or folder holds it, so only fl-dplora loads this adapter")
+                f"(seed {cfg.train.seed}); no hub id or folder holds it, so only fl-dplora loads this adapter")
     if path.suffix == ".gguf":
         return (str(path.resolve()), "the base is a GGUF file: load it with AutoModelForCausalLM.from_pretrained("
                 "folder, gguf_file=name), then PeftModel.from_pretrained(base, this_folder)")
@@ -151,13 +154,14 @@ def name_base_model(folder: str | Path, cfg: Mapping[str, Any]) -> None:
     """Point the adapter_config.json in `folder` at a base that loads (PEFT writes the loaded
     object's own name: null for a model built in code, a site-packages folder for a GGUF), and
     write fl_dplora.json beside it (the run config: `--adapter DIR` alone rebuilds the model)."""
+    cfg = RunConfig.of(cfg)
     path = Path(folder) / "adapter_config.json"
     conf = json.loads(path.read_text())
     base, unloadable = base_model_ref(cfg)
     adapter_record.write(folder, cfg, base)
     conf["base_model_name_or_path"] = base
     # AutoPeft loads the base at this revision: the run's, for the hub id the run itself named
-    conf["revision"] = (cfg.get("revision") or None) if _on_hub(base, unloadable) and base == cfg["model"] else None
+    conf["revision"] = (cfg.model.revision or None) if _on_hub(base, unloadable) and base == cfg.model.name else None
     path.write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 
@@ -202,10 +206,11 @@ def _arg(value: str, placeholder: str) -> str:
 def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, Any]:
     """The Hub's front matter for the card: licence (the base model's, where fl-dplora knows it, else
     `other`) and the training data's Hub dataset id (built-in tasks, or a hub dataset given as task)."""
+    cfg = RunConfig.of(cfg)
     from fl_dplora.model_loading import TINY_ALIASES
 
-    licence = "apache-2.0" if base == SMOLLM2_HUB_ID or cfg["model"] in TINY_ALIASES else "other"
-    task = str(cfg["task"])
+    licence = "apache-2.0" if base == SMOLLM2_HUB_ID or cfg.model.name in TINY_ALIASES else "other"
+    task = cfg.data.task
     dataset = HUB_DATASETS.get(task) or (task if "/" in task and not _local(task) else None)
     return {"license": licence, "datasets": [dataset] if dataset else [],
             "base_model": base if on_hub else None}
@@ -214,13 +219,14 @@ def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, 
 def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool,
                untrained: bool = False) -> str:
     """README.md of an exported adapter: what it is, how private, how good, whose data; no local path."""
+    cfg = RunConfig.of(cfg)
     base, unloadable = base_model_ref(cfg)
     shown_base = public_name(base)
     privacy = summary.get("privacy") or {}
     eps = privacy.get("epsilon")
-    mode = privacy.get("mode") or cfg["dp-mode"]
+    mode = privacy.get("mode") or cfg.privacy.dp_mode
     fe = summary.get("final_eval") or {}
-    licence = DATA_LICENCES.get(cfg["task"], "the licence of the data the clients trained on (not known to fl-dplora)")
+    licence = DATA_LICENCES.get(cfg.data.task, "the licence of the data the clients trained on (not known to fl-dplora)")
     scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fe.items()
                        if k in ("accuracy", "macro_f1", "majority_rate", "loss", "perplexity", "num_examples"))
     hub = card_metadata(cfg, base, _on_hub(base, unloadable))
@@ -232,8 +238,8 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
     top = []  # what a reader must know before using the files, right below the front matter
     if has_head:
         use = (f"`fl-dplora predict --run RUN_DIR TEXT` (and `evaluate --run RUN_DIR`) on the run it came from"
-               if merged else f"`fl-dplora predict --adapter THIS_FOLDER --run-config \"model={_arg(cfg['model'], 'MODEL')} "
-               f"task={_arg(cfg['task'], 'TASK')}\" TEXT` (and `fl-dplora evaluate` with the same flags)")
+               if merged else f"`fl-dplora predict --adapter THIS_FOLDER --run-config \"model={_arg(cfg.model.name, 'MODEL')} "
+               f"task={_arg(cfg.data.task, 'TASK')}\" TEXT` (and `fl-dplora evaluate` with the same flags)")
         top.append("**The label head is a separate file, `label_head.safetensors`**: transformers and PEFT ignore it "
                    f"and give the language model's own answer logits; {use} loads and applies it (docs/label-head.md).")
     if untrained:
@@ -250,27 +256,27 @@ def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool,
                "base and adapter, or `PeftModel.from_pretrained(base, this_folder)`.")
     else:
         how = f"A PEFT LoRA adapter: `AutoPeftModelForCausalLM` cannot load it by itself, as {unloadable}."
-    if base == SMOLLM2_HUB_ID != cfg["model"]:
+    if base == SMOLLM2_HUB_ID != cfg.model.name:
         how += (f" Trained on the bundled Q4_1 GGUF of {SMOLLM2_HUB_ID} (de-quantized); the hub model is its "
                 "full-precision original, close to but not bit-identical with the weights it was trained on.")
     lines = [
         *[part for t in top for part in (t, "")],
-        f"# fl-dplora adapter: {public_name(str(cfg['task']))}",
+        f"# fl-dplora adapter: {public_name(cfg.data.task)}",
         "",
         how,
         "",
         "| | |", "|---|---|",
-        f"| base model | {public_name(str(cfg['model']))}"
-        f"{f' ({base})' if base != cfg['model'] and unloadable is None and not _local(base) else ''} |",
-        f"| task | {public_name(str(cfg['task']))} |",
+        f"| base model | {public_name(cfg.model.name)}"
+        f"{f' ({base})' if base != cfg.model.name and unloadable is None and not _local(base) else ''} |",
+        f"| task | {public_name(cfg.data.task)} |",
         f"| dp-mode | {mode} |",
         f"| epsilon | {'inf (no DP)' if eps is None else f'{eps:.4f}'} |",
-        f"| delta | {privacy.get('delta', cfg['delta']) if eps is not None else '-'} |",
+        f"| delta | {privacy.get('delta', cfg.privacy.delta) if eps is not None else '-'} |",
         f"| unit protected | {privacy.get('unit') or '-'} |",
-        f"| clients (declared population) | {cfg.get('population') or 'not declared'} |",
+        f"| clients (declared population) | {cfg.federation.population or 'not declared'} |",
         f"| rounds | {summary.get('rounds')} |",
-        f"| LoRA | {cfg['lora-variant']} r={cfg['lora-rank']} alpha={cfg['lora-alpha']} on {cfg['lora-targets']} "
-        f"(last {cfg['lora-layers'] or 'all'} blocks) |",
+        f"| LoRA | {cfg.lora.variant} r={cfg.lora.rank} alpha={cfg.lora.alpha} on {cfg.lora.targets} "
+        f"(last {cfg.lora.layers or 'all'} blocks) |",
         f"| final central eval | {scores or '-'} |",
         f"| training data licence | {licence} |",
         "",
@@ -308,7 +314,7 @@ def export(run_dir: str | Path, output: str | Path, merge: bool, overrides: Mapp
     except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
         raise ConfigError(f"--output: cannot make {out}: {exc.strerror or exc}") from None
     if merge:
-        model = load_adapted_model(cfg, src, load_task(cfg["task"], int(cfg["seed"])))
+        model = load_adapted_model(cfg, src, load_task(cfg.data.task, cfg.train.seed))
         merged = model.merge_and_unload()
         merged.config.use_cache = True
         merged.save_pretrained(str(out))

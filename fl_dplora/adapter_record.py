@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import SCHEMA, ConfigError, resolve
+from fl_dplora.config import SCHEMA, ConfigError, RunConfig, resolve
 
 RECORD = "fl_dplora.json"
 # where or how a run was executed, not what its adapter is
@@ -22,8 +22,9 @@ RUN_ONLY = ("output-dir", "resume", "overwrite")
 
 
 def write(folder: str | Path, cfg: Mapping[str, Any], base_model: str) -> None:
+    cfg = RunConfig.of(cfg)
     config = {k: cfg[k] for k in SCHEMA if k in cfg and k not in RUN_ONLY}
-    record = {"model": cfg["model"], "base_model": base_model, "config": config}
+    record = {"model": cfg.model.name, "base_model": base_model, "config": config}
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

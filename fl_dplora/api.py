@@ -34,7 +34,7 @@ def simulate(run_config: RunConfig = None, *, num_clients: int | None = None, ou
     cfg, _ = simulate_run(run_config, num_clients, None if output_dir is None else os.fspath(output_dir),
                           preset=preset, overwrite=overwrite, resume=None if resume is None else os.fspath(resume),
                           num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address)
-    return Run(cfg["output-dir"])
+    return Run(cfg.output.output_dir)
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -97,7 +97,7 @@ class Run:
             from fl_dplora.adapter_io import load_adapted_model
             from fl_dplora.data import load_task
 
-            self._model = load_adapted_model(cfg, self.adapter_dir, load_task(cfg["task"], int(cfg["seed"])))
+            self._model = load_adapted_model(cfg, self.adapter_dir, load_task(cfg.data.task, cfg.train.seed))
         return self._model
 
     def predict(self, text: str | Sequence[str]) -> dict[str, Any] | list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import ConfigError, resolve_output_dir
+from fl_dplora.config import ConfigError, RunConfig, resolve_output_dir
 
 # what a run writes into its output dir (checkpoint.py, write_ahead.py, server/)
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.json", "rounds.wal", "operator.jsonl",
@@ -56,21 +56,23 @@ def check_writable_dir(path: Path, flag: str) -> Path:
 def check_output_dir(cfg: Mapping[str, Any]) -> Path:
     """Refuse (ConfigError, one line) a new run into a folder holding a run, unless overwrite, or a
     place no folder can be written; touches nothing."""
+    cfg = RunConfig.of(cfg)
     out_dir = check_writable_dir(resolve_output_dir(cfg), "output-dir")
-    if cfg.get("resume") and cfg.get("overwrite"):
+    if cfg.output.resume and cfg.output.overwrite:
         raise ConfigError("overwrite: resume=true continues the run in output-dir, overwrite=true replaces it: give one")
-    if cfg.get("resume"):
+    if cfg.output.resume:
         return out_dir  # continues the run there: checkpoint.load and the config check decide
     found = run_files(out_dir)
-    if found and not cfg.get("overwrite"):
+    if found and not cfg.output.overwrite:
         raise ConfigError(refusal(out_dir, found))
     return out_dir
 
 
 def claim_output_dir(cfg: Mapping[str, Any]) -> Path:
     """check_output_dir, then (overwrite) delete the earlier run's files, and only those."""
+    cfg = RunConfig.of(cfg)
     out_dir = check_output_dir(cfg)
-    if cfg.get("resume") or not cfg.get("overwrite"):
+    if cfg.output.resume or not cfg.output.overwrite:
         return out_dir
     for name in (*run_files(out_dir), *LEFTOVERS):
         path = out_dir / name

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import SCHEMA, ConfigError
+from fl_dplora.config import SCHEMA, ConfigError, RunConfig
 
 log = logging.getLogger("fl_dplora")
 
@@ -37,7 +37,8 @@ def _installed(package: str) -> bool:
 
 def check_report_to(cfg: Mapping[str, Any]) -> None:
     """One line, before any model or Ray: the package `report-to` needs is not installed."""
-    target = cfg.get("report-to", "none")
+    cfg = RunConfig.of(cfg)
+    target = cfg.output.report_to
     package = PACKAGES.get(target)
     if package and not _installed(package):
         raise ConfigError(f"report-to: {target} needs the {package} package, which is not installed "
@@ -63,8 +64,9 @@ class Tracker:
     """The run's `report-to` sink and its metrics.png; `round(row)` after each metrics.jsonl row."""
 
     def __init__(self, cfg: Mapping[str, Any], out_dir: Path):
-        self.kind, self.out_dir = cfg.get("report-to", "none"), Path(out_dir)
-        self.title = f"{Path(str(cfg['model'])).name} on {Path(str(cfg['task'])).name}, dp-mode {cfg['dp-mode']}"
+        cfg = RunConfig.of(cfg)
+        self.kind, self.out_dir = cfg.output.report_to, Path(out_dir)
+        self.title = f"{Path(cfg.model.name).name} on {Path(cfg.data.task).name}, dp-mode {cfg.privacy.dp_mode}"
         self._sink: Any = None
         check_report_to(cfg)
         if self.kind == "tensorboard":

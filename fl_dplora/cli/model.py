@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.cli.common import add_run_config
-from fl_dplora.config import ConfigError, parse_overrides, resolve
+from fl_dplora.config import ConfigError, RunConfig, parse_overrides, resolve
 
 
 def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
@@ -57,6 +57,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
     """`fl-dplora evaluate` (and `Run.evaluate`): score `adapter` (None: the base model, zero-shot) on
     the task's evaluation split (and the test part of data-to-text or fin-sentiment), or on every row of `eval_file`.
     `model`: that adapter already loaded (it is not loaded again)."""
+    cfg = RunConfig.of(cfg)
     import time
 
     from fl_dplora.adapter_io import load_adapted_model
@@ -68,7 +69,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
 
     preflight(cfg)
     t0 = time.time()
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     # a given file is scored whole (every row, in order), with the task's prompt and label words
     examples = load_local_file(eval_file, task, flag="--eval-file") if eval_file else eval_examples(cfg)
     if eval_file and task.kind == "generation":  # rows with the same input are its references (mr,ref)
@@ -78,9 +79,9 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
     elif model is None:  # a zero LoRA B makes the adapted model compute exactly the base model
         model = get_peft_model(cfg)
         reset_adapter(model)
-    result = evaluate(model, tokenizer_for(cfg), task, examples, int(cfg["max-seq-len"]),
-                      max_new_tokens=int(cfg["max-new-tokens"]), system_prompt=cfg["system-prompt"],
-                      prefix_cache=cfg["prefix-cache"])
+    result = evaluate(model, tokenizer_for(cfg), task, examples, cfg.data.max_seq_len,
+                      max_new_tokens=cfg.data.max_new_tokens, system_prompt=cfg.data.system_prompt,
+                      prefix_cache=cfg.model.prefix_cache)
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": dict(cfg)}
     test = None if eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
@@ -105,11 +106,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def predict_texts(cfg: dict[str, Any], adapter: Path, texts: list[str], model: Any = None) -> list[dict[str, Any]]:
     """`fl-dplora predict` (and `Run.predict`): one answer per text; `model`: the adapter already loaded."""
+    cfg = RunConfig.of(cfg)
     from fl_dplora.adapter_io import answer, load_adapted_model
     from fl_dplora.data import load_task
     from fl_dplora.model_loading import tokenizer_for
 
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     model = model if model is not None else load_adapted_model(cfg, adapter, task)
     return answer(model, tokenizer_for(cfg), task, cfg, texts)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.cli.common import add_run_config
-from fl_dplora.config import (LEGACY_VALUES, SCHEMA, ConfigError, available_presets, load_preset, parse_overrides,
-                              resolve, resolve_output_dir)
+from fl_dplora.config import (LEGACY_VALUES, SCHEMA, ConfigError, RunConfig, available_presets, load_preset,
+                              parse_overrides, resolve, resolve_output_dir)
 
 
 def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -56,35 +56,35 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     from fl_dplora.run_dir import check_output_dir
 
     check_output_dir(cfg)  # a folder holding a run: refused now, nothing touched (the ServerApp checks again)
-    if cfg["resume"]:  # no/damaged checkpoint or another config: refuse now, not after Ray has started
+    if cfg.output.resume:  # no/damaged checkpoint or another config: refuse now, not after Ray has started
         from fl_dplora import checkpoint
         from fl_dplora.server.run_state import check_resume_config
 
-        check_resume_config(checkpoint.load(Path(cfg["output-dir"]))["config"], cfg)
+        check_resume_config(checkpoint.load(Path(cfg.output.output_dir))["config"], cfg)
     if num_clients is not None:
         if num_clients < 1:
             raise ConfigError(f"num-clients: must be >= 1, got {num_clients}")
-        if cfg["min-available"] > num_clients:  # the server would wait forever for the missing nodes
-            raise ConfigError(f"min-available: {cfg['min-available']} is more than num-clients {num_clients}")
-        partition_indices(cfg["task"], num_clients, cfg["partitioner"], float(cfg["dirichlet-alpha"]),
-                          int(cfg["seed"]), int(cfg["max-train-samples"]))
+        if cfg.federation.min_available > num_clients:  # the server would wait forever for the missing nodes
+            raise ConfigError(f"min-available: {cfg.federation.min_available} is more than num-clients {num_clients}")
+        partition_indices(cfg.data.task, num_clients, cfg.data.partitioner, cfg.data.dirichlet_alpha,
+                          cfg.train.seed, cfg.data.max_train_samples)
         from fl_dplora.data import load_task
 
         from fl_dplora.privacy.modes import for_config
 
         mode = for_config(cfg)
         unit = mode.unit
-        if cfg["secure-aggregation"]:  # refused here in one line, before Ray or a model starts
-            if cfg["population"] != num_clients:
-                raise ConfigError(f"population: {cfg['population']} declared but simulate starts {num_clients} nodes; "
+        if cfg.secagg.enabled:  # refused here in one line, before Ray or a model starts
+            if cfg.federation.population != num_clients:
+                raise ConfigError(f"population: {cfg.federation.population} declared but simulate starts {num_clients} nodes; "
                                   "secure aggregation needs them equal (drop population or match --num-clients)")
             if unit is not None:
                 mode.secagg.check_delta(0.0, None)  # sigma is not needed for the refusal odds
         if unit is not None:
             from fl_dplora.privacy.accounting import check_delta
 
-            n = len(load_task(cfg["task"], int(cfg["seed"])).train)
-            check_delta(cfg["delta"], n // num_clients if unit == "example" else num_clients)
+            n = len(load_task(cfg.data.task, cfg.train.seed).train)
+            check_delta(cfg.privacy.delta, n // num_clients if unit == "example" else num_clients)
     return cfg
 
 
@@ -93,6 +93,7 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`.
     `node_configs`: one node config per simulated node (by partition-id), what a SuperNode's
     `--node-config` would set; the engine itself sets only partition-id and num-partitions."""
+    cfg = RunConfig.of(cfg)
     from flwr.simulation import run_simulation
 
     from fl_dplora.clients.client_app import app as client_app
@@ -107,10 +108,10 @@ def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: f
     if ray_address:
         init_args = {"address": ray_address}
     backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
-    out_dir = Path(cfg["output-dir"])
+    out_dir = Path(cfg.output.output_dir)
     summary_path = out_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
-    previous = _exit_on_interrupt(out_dir, int(cfg["num-server-rounds"])) if exit_on_interrupt else None
+    previous = _exit_on_interrupt(out_dir, cfg.federation.num_server_rounds) if exit_on_interrupt else None
     try:
         run_simulation(server_app=build_server_app(cfg), client_app=client_app, num_supernodes=num_clients,
                        backend_config=backend_config)
@@ -252,7 +253,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     acc = f"accuracy {fe['accuracy']:.4f}, " if fe.get("accuracy") is not None else ""
     eps = summary["privacy"]["epsilon"]
     print(f"fl-dplora: {summary['rounds']} rounds, {acc}eval loss {fe['loss']:.4f}, "
-          f"epsilon {eps if eps is None else round(eps, 4)}, output {cfg['output-dir']}")
+          f"epsilon {eps if eps is None else round(eps, 4)}, output {cfg.output.output_dir}")
     return 0
 
 

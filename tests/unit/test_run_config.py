@@ -82,29 +82,36 @@ def test_validation_happens_in_from_run_config_with_one_line_errors():
 
 
 # ------------------------------------------------------------------------ the ratchet
-# A string read of a run-config key: cfg["local-steps"], cfg.get("dp-mode"), run_config['seed'], ...
-READ = re.compile(r"""(?:\[|\.get\(|\.pop\()\s*["']([a-z0-9-]+)["']""")
+# A string read of a run-config key: cfg["local-steps"], cfg.get("dp-mode"), self.cfg['seed'], stage["batch-size"],
+# saved["config"].get("population"), ... (a write, `overrides["seed"] = 1`, is not a read).
+KEY = re.compile(r"""(?:\[|\.get\(|\.pop\()\s*["']([a-z0-9-]+)["'](?!\]\s*=[^=])""")
+HOLDS_CONFIG = re.compile(r"""(?:\b(?:cfg|config|run_config|run_cfg|rc|conf|stage|st|overrides|saved|merged|kept)"""
+                          r"""|\[["']config["']\])$""")
 OUTSIDE = ("config", "tools", "testing")  # the config package itself, the tools wing, the testing namespace
-# Lower it as modules move to attribute access (cfg.train.local_steps); never raise it.
-MAX_STRING_READS = 94
+# What is left reads a stored record, not the run: checkpoint.migrate renames an old checkpoint's task, and
+# `simulate --resume` takes the federation's size from the checkpoint's config. Lower it; never raise it.
+MAX_STRING_READS = 2
 
 
-def string_reads() -> dict[str, int]:
-    counts = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).as_posix()
-        if rel.split("/")[0] in OUTSIDE:
-            continue
-        n = sum(1 for m in READ.finditer(path.read_text()) if m.group(1) in SCHEMA)
-        if n:
-            counts[rel] = n
-    return counts
+def string_reads(text: str) -> list[str]:
+    return [m.group(1) for line in text.splitlines() for m in KEY.finditer(line)
+            if m.group(1) in SCHEMA and HOLDS_CONFIG.search(line[:m.start()])]
 
 
 def test_runtime_reads_the_config_by_attribute_not_by_string():
-    counts = string_reads()
-    total = sum(counts.values())
+    counts = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.split("/")[0] not in OUTSIDE and (reads := string_reads(path.read_text())):
+            counts[rel] = reads
+    total = sum(map(len, counts.values()))
     assert total <= MAX_STRING_READS, (
         f"{total} string reads of run-config keys outside fl_dplora/config/ (at most {MAX_STRING_READS}): read "
         f"the typed field instead (cfg.train.local_steps); per file: {counts}")
-    assert READ.search('cfg["local-steps"]') and READ.search("cfg.get('dp-mode', 0)")
+
+
+def test_the_ratchet_sees_string_reads():
+    assert string_reads('x = cfg["local-steps"] + self.cfg.get(\'dp-mode\', 0) + int(stage["batch-size"])') == [
+        "local-steps", "dp-mode", "batch-size"]
+    assert string_reads('n = saved["config"].get("population") or 0') == ["population"]
+    assert string_reads('overrides["seed"] = 1; row["loss"]; SCHEMA["delta"]; cfg["not-a-key"]') == []
