@@ -34,6 +34,7 @@ from fl_dplora.frozen_prefix import attach_prefix
 from fl_dplora.model_loading import load_tokenizer, tokenizer_for
 from fl_dplora.models import adapter_parameters, get_peft_model, load_adapter_weights, reset_adapter, round_keys
 from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import DPMode, for_config
 from fl_dplora.privacy.sample_rate import basis as sample_basis
@@ -188,12 +189,11 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     if mode.client_level:
         log_row.update(compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
-        sigma = dp_sample_sigma({**cfg, "delta": node_delta}, state, sizes.size, ledger, server_round)
+        engine = PrivacyEngine.for_run(cfg, ledger, delta=node_delta)  # the node's, at its own δ
+        sigma = dp_sample_sigma(cfg, state, sizes.size, engine, server_round)
         log_row["adjacency"] = sizes.adjacency
-        this_run = PrivacyLedger.from_record(ledger.to_record())  # projected: with this round's steps
-        this_run.step(sigma, q, stage.train.local_steps)
-        epsilon_after = this_run.epsilon(node_delta, cfg.privacy.accountant)
-        if epsilon_after > cfg.privacy.target_epsilon * (1 + 1e-6):
+        this_run, epsilon_after = engine.projected((sigma, q, stage.train.local_steps))  # with this round's steps
+        if not engine.allows(epsilon_after):
             return _budget_exhausted(msg, cfg, ledger, sigma, q, part)  # no data touched, only the flag
         dp = DPSGD(sigma, cfg.privacy.max_grad_norm, noise_gen)
         charge = (sigma, q, stage.train.local_steps, sizes.adjacency)
@@ -236,7 +236,7 @@ def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, 
     ledger, reported like after a training round; nothing else is sent and no data was touched."""
     record = ledger.to_record()
     metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-               "epsilon": ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), "sigma": sigma,
+               "epsilon": PrivacyEngine.for_run(cfg, ledger).epsilon(), "sigma": sigma,
                "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -247,13 +247,12 @@ def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int
     With local or distributed noise, the node's own noise is all that stands between its data and the
     server, which chooses who takes part (the fraction-train it sends buys nothing there): that ε goes
     into the log row too."""
-    run_ledger = PrivacyLedger()
-    for event in node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]):
-        run_ledger.step(*event)
+    engine = PrivacyEngine.for_run(cfg, delta=node_delta)
+    engine.charge(*node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]))
     against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
     if against is not None:
         log_row["epsilon-against-server"] = against
-    return run_ledger, run_ledger.epsilon(node_delta, cfg.privacy.accountant)
+    return engine.ledger, engine.epsilon()
 
 
 def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
@@ -291,7 +290,7 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     if mode.example_level:
         ledger = privacy.node_ledger.example_ledger(privacy.sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
-        metrics.update({"epsilon": ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), "sigma": privacy.dp.noise_multiplier,
+        metrics.update({"epsilon": PrivacyEngine.for_run(cfg, ledger).epsilon(), "sigma": privacy.dp.noise_multiplier,
                         "sample-rate": privacy.q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
     policy.record({**log_row, "epsilon": privacy.epsilon_after, "delta": privacy.node_delta if mode.unit else None,
                    "accountant": cfg.privacy.accountant if mode.unit else None})

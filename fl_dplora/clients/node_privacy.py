@@ -18,7 +18,8 @@ from fl_dplora import protocol
 from fl_dplora.clients.node_ledger import NodeLedger
 from fl_dplora.clients.node_policy import NodePolicy, NodeRefusal
 from fl_dplora.config import ConfigError, RunConfig
-from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, calibrate_schedule
+from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.privacy.engine import PrivacyEngine, falls_short
 from fl_dplora.train import stage_config
 
 log = logging.getLogger(__name__)
@@ -39,25 +40,24 @@ def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[
     return tuple(stages)
 
 
-def dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, ledger: PrivacyLedger, server_round: int) -> float:
-    # n: the node's public size (sample_rate.basis); ledger.adjacency: the relation it is calibrated for
+def dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, engine: PrivacyEngine, server_round: int) -> float:
+    # n: the node's public size (sample_rate.basis); engine: the node's, at its own δ, over its ledger, whose
+    # adjacency is the relation it is calibrated for
     """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
     node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
     handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
-    cfg = RunConfig.of(cfg)
+    cfg, ledger = RunConfig.of(cfg), engine.ledger
     if cfg.privacy.noise_multiplier > 0:
         return cfg.privacy.noise_multiplier
     plan, left = sample_schedule(cfg, n), sample_schedule(cfg, n, server_round)
     extra = ledger.total_steps - sum(k for _, k in plan) + sum(k for _, k in left)
     if "sigma" in state and extra <= int(state.get("sigma-extra", 0)):
         return float(state["sigma"])
-    args = (cfg.privacy.target_epsilon, cfg.privacy.delta)
-    sigma = calibrate_schedule(*args, plan, cfg.privacy.accountant, adjacency=ledger.adjacency)  # worst case for this client: it takes part in every round
+    sigma = engine.calibrate(plan, ledger.adjacency)  # worst case for this client: it takes part in every round
     if extra > 0 and left:
-        at_least = PrivacyLedger(((sigma, q, k) for q, k in plan), ledger.adjacency).epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        at_least = engine.plan_epsilon(sigma, plan, ledger.adjacency)
         try:
-            sigma = calibrate_remaining(*args, tuple(ledger.history), left, cfg.privacy.accountant, at_least,
-                                        adjacency=ledger.adjacency)
+            sigma = engine.calibrate_remaining(ledger.history, left, at_least, ledger.adjacency)
         except ConfigError:  # nothing left to spend: train's budget check refuses the round
             pass
     state["sigma"], state["sigma-extra"] = sigma, max(0, extra)
@@ -139,9 +139,10 @@ def client_sigma(mode, node_ledger: NodeLedger, server_round: int, planned: floa
 def share_sigma(policy: NodePolicy, msg: Message, own: float, log_row: dict[str, Any]) -> float:
     """Distributed noise: the σ of this node's share. Every share and the SecAgg+ grid need one σ, the
     instruction's (after a resume the server's recalibration, run_state.resume); the node never adds less
-    than its own (client_sigma), and refuses a round announced below it (1e-6: two bisections' rounding)."""
+    than its own (client_sigma), and refuses a round announced below it (by more than engine.BUDGET_TOLERANCE:
+    two bisections' rounding)."""
     instructed = float(msg.content["config"].get(protocol.SIGMA, own))
-    if instructed < own * (1 - 1e-6):
+    if falls_short(instructed, own):
         enforce(policy, log_row, lambda: refuse(
             f"distributed noise: the round's noise multiplier {instructed:.6g} is below this node's own {own:.6g} "
             "for the run's config and its ledger; its share would not carry the noise it charges"))

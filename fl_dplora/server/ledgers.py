@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from fl_dplora import protocol
-from fl_dplora.config import RunConfig
 from fl_dplora.privacy.accounting import PrivacyLedger, extends
+from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.train import stage_config
 from fl_dplora.write_ahead import WriteAhead
 
@@ -37,10 +37,9 @@ def charge_round(mode, server_ledger: PrivacyLedger, server_sigma: float, accoun
     event = mode.round_event(accountant_sigma)
     if event is None:
         return Charge(None)
-    next_ledger = PrivacyLedger(server_ledger.history)
-    next_ledger.step(*event)
-    next_epsilon = next_ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
-    if next_epsilon > cfg.privacy.target_epsilon * (1 + 1e-6):
+    engine = PrivacyEngine.for_run(cfg, server_ledger)
+    next_ledger, next_epsilon = engine.projected(event)
+    if not engine.allows(next_epsilon):
         log.error("stopping early: round %d would raise epsilon to %.4g > target-epsilon %g "
                   "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
                   rnd, next_epsilon, cfg.privacy.target_epsilon, server_sigma, cfg.federation.num_server_rounds)
@@ -49,22 +48,22 @@ def charge_round(mode, server_ledger: PrivacyLedger, server_sigma: float, accoun
 
 
 def run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:
-    cfg = RunConfig.of(cfg)
+    engine = PrivacyEngine.for_run(cfg, server_ledger)
     if mode.client_level:
-        return server_ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        return engine.epsilon()
     if mode.example_level:
-        return max((PrivacyLedger.from_record(r).epsilon(cfg.privacy.delta, cfg.privacy.accountant) for r in client_ledgers.values()),
-                   default=0.0)
+        return max((engine.epsilon(PrivacyLedger.from_record(r)) for r in client_ledgers.values()), default=0.0)
     return 0.0
 
 
 def charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: PrivacyLedger,
                        client_ledgers: dict[str, dict[str, list]], client_eps: dict[int, dict[str, Any]], cfg) -> int:
     """Charge every round begun after the checkpoint (write_ahead.py), in the order they began."""
+    engine = PrivacyEngine.for_run(cfg, server_ledger)  # charges server_ledger in place
     for att in attempts:
         event = mode.round_event(accountant_sigma if att.sigma is None else float(att.sigma))
         if event is not None:
-            server_ledger.step(*event)
+            engine.charge(event)  # begun: charged, whatever the budget (the next round's guard stops the run)
         if not mode.example_level:
             continue
         if att.ledgers is not None:  # the ledgers its replies reported (they include that round)
@@ -84,22 +83,23 @@ def charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: P
 def charge_worst_case(key: str, rnd: int, client_ledgers: dict[str, dict[str, list]],
                       client_eps: dict[int, dict[str, Any]], cfg) -> None:
     """One round's steps on the server's copy of a node's ledger, with the σ and q it last reported."""
-    ledger = PrivacyLedger.from_record(client_ledgers[key])
+    engine = PrivacyEngine.for_run(cfg)
+    engine.load_state_dict(client_ledgers[key])
+    ledger = engine.ledger
     known = client_eps.get(int(key), {}) if key.isdigit() else {}
     sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
     rate = float(known.get("sample-rate", 1.0))
     n = int(round(cfg.train.batch_size / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
     stage = stage_config(cfg, rnd, n)
-    ledger.step(sigma, min(1.0, stage.train.batch_size / n) if n > 1 else 1.0, stage.train.local_steps)
-    client_ledgers[key] = ledger.to_record()
+    engine.charge((sigma, min(1.0, stage.train.batch_size / n) if n > 1 else 1.0, stage.train.local_steps))
+    client_ledgers[key] = engine.state_dict()
 
 
 def refresh_client_eps(key: str, client_ledgers, client_eps: dict[int, dict[str, Any]], cfg) -> None:
-    cfg = RunConfig.of(cfg)
     if key.isdigit() and int(key) in client_eps:
-        ledger = PrivacyLedger.from_record(client_ledgers[key])
-        client_eps[int(key)].update(epsilon=ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant),
-                                    **{"steps-total": ledger.total_steps})
+        engine = PrivacyEngine.for_run(cfg)
+        engine.load_state_dict(client_ledgers[key])
+        client_eps[int(key)].update(epsilon=engine.epsilon(), **{"steps-total": engine.ledger.total_steps})
 
 
 def take_reported_ledger(m: Mapping[str, Any], rnd: int, client_ledgers: dict[str, dict[str, list]],

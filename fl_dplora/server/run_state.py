@@ -15,6 +15,7 @@ from typing import Any
 from fl_dplora import checkpoint
 from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.privacy.accounting import PrivacyLedger
+from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.server.ledgers import Charge, charge_unaccounted, run_epsilon, take_reported_ledger
 from fl_dplora.write_ahead import WriteAhead
 
@@ -61,7 +62,9 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
     cfg = RunConfig.of(cfg)
     strategy.load_state_dict(resumed["strategy"])
     state.resumed = True
-    state.server_ledger = PrivacyLedger.from_record(resumed["server_ledger"])
+    engine = PrivacyEngine.for_run(cfg)
+    engine.load_state_dict(resumed["server_ledger"])
+    state.server_ledger = engine.ledger
     state.client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
     state.client_ledgers, state.totals = resumed["client_ledgers"], resumed["totals"]
     state.last_eval = dict(resumed.get("last_eval", {}))
@@ -108,7 +111,7 @@ def save_checkpoint(out_dir: Path, rnd: int, cfg, strategy, state: RunState) -> 
     cfg = RunConfig.of(cfg)
     checkpoint.save(out_dir, {
         "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
-        "server_ledger": state.server_ledger.to_record(),
+        "server_ledger": PrivacyEngine.for_run(cfg, state.server_ledger).state_dict(),
         "client_eps": {str(k): v for k, v in state.client_eps.items()},
         "client_ledgers": state.client_ledgers, "totals": state.totals, "epsilon": float(state.epsilon),
         "last_eval": dict(state.last_eval),

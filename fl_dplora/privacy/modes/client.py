@@ -56,14 +56,14 @@ class ClientDP(DPMode):
         return 1.0
 
     def noise_multipliers(self) -> tuple[float, float]:
-        from fl_dplora.privacy.accounting import calibrate_noise_multiplier
+        from fl_dplora.privacy.engine import PrivacyEngine
 
         cfg, factor = self.cfg, self._sensitivity()
         if cfg.privacy.noise_multiplier > 0:
             sigma = cfg.privacy.noise_multiplier
-        else:
-            sigma = factor * calibrate_noise_multiplier(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.federation.fraction_train,
-                                                        cfg.federation.num_server_rounds, cfg.privacy.accountant)
+        else:  # every round of the run at q = fraction-train (Poisson client sampling)
+            sigma = factor * PrivacyEngine.for_run(cfg).calibrate(((cfg.federation.fraction_train,
+                                                                    cfg.federation.num_server_rounds),))
         return sigma, sigma / factor
 
     def remaining_noise_multipliers(self, charged: Sequence[tuple[float, float, int]], rounds_left: int,
@@ -74,17 +74,18 @@ class ClientDP(DPMode):
         Distributed noise: the server announces one σ for every share and the SecAgg+ grid (run_state.resume,
         node_privacy.share_sigma). None: σ stays (fixed, or nothing left)."""
         from fl_dplora.config import ConfigError
-        from fl_dplora.privacy.accounting import PrivacyLedger, calibrate_remaining, epsilon_for
+        from fl_dplora.privacy.accounting import PrivacyLedger
+        from fl_dplora.privacy.engine import PrivacyEngine
         cfg, factor, q = self.cfg, self._sensitivity(), self.cfg.federation.fraction_train
         if cfg.privacy.noise_multiplier > 0 or rounds_left < 1:
             return None
-        if keep is not None and PrivacyLedger([*charged, (keep, q, rounds_left)]).epsilon(
-                cfg.privacy.delta, cfg.privacy.accountant) <= cfg.privacy.target_epsilon:
+        engine = PrivacyEngine.for_run(cfg)
+        # `keep` fits: ε exactly within the target (no tolerance: σ stays only where it provably fits)
+        if keep is not None and engine.epsilon(PrivacyLedger([*charged, (keep, q, rounds_left)])) <= engine.target_epsilon:
             return factor * keep, keep
-        plan = epsilon_for(self.noise_multipliers()[1], q, cfg.federation.num_server_rounds, cfg.privacy.delta, cfg.privacy.accountant)
+        plan = engine.plan_epsilon(self.noise_multipliers()[1], ((q, cfg.federation.num_server_rounds),))
         try:
-            sigma = calibrate_remaining(cfg.privacy.target_epsilon, cfg.privacy.delta, tuple(map(tuple, charged)),
-                                        ((q, int(rounds_left)),), cfg.privacy.accountant, at_least=plan)
+            sigma = engine.calibrate_remaining(charged, ((q, int(rounds_left)),), at_least=plan)
         except ConfigError:
             return None
         return factor * sigma, sigma
@@ -97,7 +98,7 @@ class ClientDP(DPMode):
         config's σ; `keep` while it fits. Composing Gaussians at rate 1 depends only on Σ 1/σ², so the
         order holds at every δ (the node's own too). None: neither, σ fixed, or nothing left."""
         from fl_dplora.config import ConfigError
-        from fl_dplora.privacy.accounting import calibrate_remaining
+        from fl_dplora.privacy.engine import PrivacyEngine
         cfg, factor = self.cfg, self._sensitivity()
         if not self.placement.node_noise_faces_server or cfg.privacy.noise_multiplier > 0 or rounds_left < 1:
             return None
@@ -105,8 +106,9 @@ class ClientDP(DPMode):
         if keep is not None and self.epsilon_against_server([*attempts, *[keep] * rounds_left]) <= plan:
             return factor * keep, keep
         try:
-            half = calibrate_remaining(plan, cfg.privacy.delta, tuple((float(s) / 2.0, 1.0, 1) for s in attempts),
-                                       ((1.0, int(rounds_left)),), cfg.privacy.accountant)
+            # the target is the plan's ε against the server; each attempt composes at rate 1, σ/2
+            engine = PrivacyEngine(plan, cfg.privacy.delta, cfg.privacy.accountant)
+            half = engine.calibrate_remaining([(float(s) / 2.0, 1.0, 1) for s in attempts], ((1.0, int(rounds_left)),))
         except ConfigError:
             return None
         return factor * 2.0 * half, 2.0 * half
