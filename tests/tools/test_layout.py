@@ -138,6 +138,37 @@ def test_no_import_circle_in_the_package():
     assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80  # issue 29: past these a runtime module or function has two jobs
+
+
+def _too_long(modules: dict[str, Path]) -> list[str]:
+    bad = []
+    for m, path in modules.items():
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            bad.append(f"{m}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    bad.append(f"{m}.{node.name} (line {node.lineno}): {n} lines")
+    return bad
+
+
+def test_no_runtime_module_or_function_is_too_long():
+    """The runtime path (everything outside the tools wing and the testing namespace): modules of at most
+    400 lines, functions (methods and nested functions included) of at most 80."""
+    runtime = {m: p for m, p in MODULES.items() if not _in_wing(m)}
+    bad = _too_long(runtime)
+    assert not bad, "split these (each has two jobs):\n" + "\n".join(bad)
+
+
+def test_the_length_check_catches_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def f():\n{body}\n")
+    assert _too_long({"long": tmp_path / "long.py"}) == [f"long.f (line 1): {MAX_FUNCTION_LINES + 1} lines"]
+
+
 def test_the_tools_use_only_public_names_of_other_modules():
     bad = [f"{m} imports {t}.{name} (line {line})"
            for m in MODULES if _in_wing(m)

@@ -163,7 +163,7 @@ def prefix_flop(model, data, start: int) -> tuple[float, int, int]:
     block), over the tokens the build runs: the shared tokens once, then each example's own (no padding)."""
     from fl_dplora import shared_prefix
     from fl_dplora.frozen_prefix import decoder_blocks
-    from fl_dplora.frozen_int8 import linear_weight
+    from fl_dplora.int8_matmul import linear_weight
 
     blocks = decoder_blocks(model)[2]
     per_token = sum(2 * w.numel() for b in list(blocks)[:start] for m in b.modules()
@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
     from fl_dplora.config import resolve
     from fl_dplora.data import encode_all, load_task
     from fl_dplora.frozen_prefix import clear_memory_cache, compute_prefix
-    from fl_dplora.frozen_int8 import matmul_path
+    from fl_dplora.int8_matmul import matmul_path
     from fl_dplora.model_loading import load_tokenizer
 
     apply_quick_step_defaults(args)  # --quick: tiny model, batch 4, max-seq-len 32, 3 reps
