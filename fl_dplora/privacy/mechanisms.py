@@ -56,10 +56,10 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors))
 
 
-def clip_to_norm(tensors: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], float]:
-    """Scale the tensors jointly so that their L2 norm is at most `max_norm`; return (tensors, norm)."""
+def clip_to_norm(tensors: list[torch.Tensor], max_grad_norm: float) -> tuple[list[torch.Tensor], float]:
+    """Scale the tensors jointly so that their L2 norm is at most `max_grad_norm`; return (tensors, norm)."""
     norm = float(global_norm(tensors))
-    factor = min(1.0, max_norm / (norm + 1e-12))
+    factor = min(1.0, max_grad_norm / (norm + 1e-12))
     return [t * factor for t in tensors], norm
 
 

@@ -108,8 +108,8 @@ class LoRAGradSampler:
                                "without recomputation?)")
         return [self._per_example[id(module)] for module in self.modules]
 
-    def clipped_sum(self, max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Sum over examples of per-example gradients clipped to `max_norm` (joint L2 over all factors).
+    def clipped_sum(self, max_grad_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum over examples of per-example gradients clipped to `max_grad_norm` (joint L2 over all factors).
 
         Returns (one summed tensor per module, per-example norms before clipping).
         """
@@ -118,7 +118,7 @@ class LoRAGradSampler:
         for g in grads:
             sq += g.double().pow(2).sum(dim=(1, 2))
         norms = sq.sqrt()
-        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
         summed = [torch.einsum("b,boi->oi", factor, g) for g in grads]
         self.clear()
         return summed, norms

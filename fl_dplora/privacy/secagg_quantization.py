@@ -45,9 +45,9 @@ class SecAggPlan:
                 "secagg_wraparound_bound": 0.0}
 
 
-def plan(clip_norm: float, dim: int, max_clients: int, rounds: int, noise_multiplier: float = 0.0,
+def plan(max_grad_norm: float, dim: int, max_clients: int, rounds: int, noise_multiplier: float = 0.0,
          min_survivors: int = 1) -> SecAggPlan:
-    """The grid for updates of L2 norm <= clip_norm in `dim` values, summed over at most `max_clients`.
+    """The grid for updates of L2 norm <= max_grad_norm in `dim` values, summed over at most `max_clients`.
 
     noise_multiplier > 0 means distributed noise: each client adds N(0, (σC')²/min_survivors) per
     coordinate, so any `min_survivors` replies carry the full σC' between them."""
@@ -58,10 +58,10 @@ def plan(clip_norm: float, dim: int, max_clients: int, rounds: int, noise_multip
         t //= 2
     if t < 2**10:
         raise ValueError(f"secure aggregation: {max_clients} clients leave under 2^10 levels per value in a 32-bit sum")
-    c = 2.0 ** math.ceil(math.log2(clip_norm))
+    c = 2.0 ** math.ceil(math.log2(max_grad_norm))
     while True:
         step = 2 * c / t
-        sensitivity = clip_norm + math.sqrt(dim) * step
+        sensitivity = max_grad_norm + math.sqrt(dim) * step
         std = noise_multiplier * sensitivity / math.sqrt(min_survivors) if noise_multiplier > 0 else 0.0
         margin = c - sensitivity - step  # |rounded update| <= C'; rounding the noise adds < Δ
         if margin > 0:

@@ -56,7 +56,7 @@ def _released_noise(mode, replies: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("name,noise", CLIENT_LEVEL)
 def test_released_noise_variance_does_not_reveal_how_many_clients_replied(name, noise):
     mode = _mode(name, noise)
-    sigma, c = mode.noise_multipliers()[0], mode.c
+    sigma, c = mode.noise_multipliers()[0], mode.max_grad_norm
     var4 = float(_released_noise(mode, 4, 1).var())
     var5 = float(_released_noise(mode, 5, 2).var())
     # one draw of sigma*C on the sum (central), or sigma*C from each of the 5 (local, topped up), / (q * population)
@@ -70,7 +70,7 @@ def test_released_noise_variance_does_not_reveal_how_many_clients_replied(name, 
 def test_the_variance_check_would_catch_a_mean_over_the_replies():
     """Positive control: dividing by m (the old paper mode) separates 4 from 5 replies."""
     mode = _mode("paper", "central")
-    sigma, c = mode.noise_multipliers()[0], mode.c
+    sigma, c = mode.noise_multipliers()[0], mode.max_grad_norm
     var = {}
     for m in (4, 5):
         gen = torch.Generator().manual_seed(m)

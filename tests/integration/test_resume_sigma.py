@@ -90,10 +90,10 @@ def test_local_noise_top_up_keeps_the_sum_at_the_servers_sigma():
     # the replies' own generator: drawn from torch's global one they equalled the server's noise draw
     # whenever an earlier test had left it at manual_seed(0) (test_dp_step), and the std doubled up
     g = torch.Generator().manual_seed(1)
-    replies = [{"w": torch.randn(200_000, generator=g, dtype=torch.float64) * s0 * mode.c} for _ in range(3)]
+    replies = [{"w": torch.randn(200_000, generator=g, dtype=torch.float64) * s0 * mode.max_grad_norm} for _ in range(3)]
     out = mode.aggregate(replies, [1.0] * 3, zeros, 1, sigma, torch.Generator().manual_seed(0))
     std = float((out["w"] * mode.divisor).std())
-    assert std == pytest.approx(sigma * mode.c * 2.0, rel=0.01)  # σ·C·√population
+    assert std == pytest.approx(sigma * mode.max_grad_norm * 2.0, rel=0.01)  # σ·C·√population
 
 
 @pytest.mark.parametrize("mode,extra", [("sample", {}), ("client", {}), ("client", {"client-noise": "local"}),
@@ -148,7 +148,7 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
     if local:  # the noise node 0 adds after the resume is the σ it charges, recalibrated and larger
         assert max(r["epsilon-against-server"] for r in rows) <= floor * (1 + 1e-9)
         assert [r.get("sigma-recalibrated", 0.0) > s0_accounted for r in rows] == [False, False, True, True]
-        c, added = float(node_mode.c), s0 / s0_accounted * rows[-1]["sigma-recalibrated"]  # σ applied
+        c, added = float(node_mode.max_grad_norm), s0 / s0_accounted * rows[-1]["sigma-recalibrated"]  # σ applied
         for ex in (e for e in fresh.exchanges if e.node_id == fresh.node_id_of(0)
                    and e.instruction.metadata.message_type == "train"):
             update = from_array_record(ex.reply.content["arrays"], node_mode.cfg["transfer-dtype"])

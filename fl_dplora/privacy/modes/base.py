@@ -30,7 +30,7 @@ class DPMode:
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg = RunConfig.of(cfg)  # a plain mapping (tests, tools) is resolved once here
-        self.c = cfg.privacy.max_grad_norm
+        self.max_grad_norm = cfg.privacy.max_grad_norm
         self.placement = self._placement(cfg)
         # secure aggregation (Flower's SecAgg+): the server unmasks only the sum of the round's updates
         self.secagg = SecureAggregation(self) if cfg.secagg.enabled else None

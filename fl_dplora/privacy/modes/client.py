@@ -118,20 +118,20 @@ class ClientDP(DPMode):
 
     def _clip(self, delta: Update) -> Update:
         keys = list(delta)
-        return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+        return dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.max_grad_norm)[0]))
 
     def client_update(self, delta: Update, sigma: float, generator: torch.Generator | None) -> Update:
         self._not_secure()
         delta = self._clip(delta)  # the raw norm is data-dependent and un-noised: it never leaves
         if self.placement.server_sees_noised_updates:
-            delta = {k: v + gaussian_like(v, sigma * self.c, generator) for k, v in delta.items()}
+            delta = {k: v + gaussian_like(v, sigma * self.max_grad_norm, generator) for k, v in delta.items()}
         return delta
 
     def accept(self, update: Update) -> Update:
         return update if self.placement.server_sees_noised_updates else self._clip(update)
 
     def _clip_norm(self) -> float:
-        return self.c
+        return self.max_grad_norm
 
     def reject_reason(self, update: Update, sigma: float) -> str:
         """Local noise: the server cannot re-clip, but an honest reply's norm is at most the clipping
@@ -140,7 +140,7 @@ class ClientDP(DPMode):
         if not self.placement.server_sees_noised_updates:
             return ""
         d = sum(t.numel() for t in update.values())
-        limit = self._clip_norm() + sigma * self.c * (math.sqrt(d) + 10.0)
+        limit = self._clip_norm() + sigma * self.max_grad_norm * (math.sqrt(d) + 10.0)
         norm = float(global_norm(list(update.values())))
         return f"update norm {norm:.4g} > {limit:.4g}, more than clipping plus noise allow" if norm > limit else ""
 
@@ -160,10 +160,10 @@ class ClientDP(DPMode):
         # noise of the population - m clients that did not reply, so the variance never reveals m.
         # A round with no reply is still noised: the accountant charged it.
         local = self.placement.server_sees_noised_updates
-        std = sigma * self.c * (math.sqrt(self.population - m) if local else 1.0)
+        std = sigma * self.max_grad_norm * (math.sqrt(self.population - m) if local else 1.0)
         own = self.noise_multipliers()[0] if local else sigma
         if own < sigma:  # σ raised by a resume: replies carry the nodes' σ (the config's), topped up to σ too
-            std = self.c * math.sqrt(sigma**2 * (self.population - m) + (sigma**2 - own**2) * m)
+            std = self.max_grad_norm * math.sqrt(sigma**2 * (self.population - m) + (sigma**2 - own**2) * m)
         for k in total:
             total[k] += gaussian_like(total[k], std, generator)
         return {k: v / self.divisor for k, v in total.items()}

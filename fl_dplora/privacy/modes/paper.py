@@ -29,7 +29,7 @@ class PaperDP(ClientDP):
         return 1.0 if self.cfg.lora.variant == "ffa" else math.sqrt(2.0)
 
     def _clip_norm(self) -> float:
-        return self.c * self._sensitivity()
+        return self.max_grad_norm * self._sensitivity()
 
     def reference_note(self) -> str:
         from fl_dplora.privacy.accounting import paper_noise_multiplier
@@ -42,7 +42,7 @@ class PaperDP(ClientDP):
         for part in ("lora_A", "lora_B"):
             keys = [k for k in delta if part in k]
             if keys:
-                out.update(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+                out.update(zip(keys, clip_to_norm([delta[k] for k in keys], self.max_grad_norm)[0]))
         if len(out) != len(delta):  # a third part would add to the sensitivity the accountant assumed
             raise ValueError(f"dp-mode paper: update holds values outside lora_A/lora_B: {sorted(set(delta) - set(out))[:2]}")
         return out

@@ -29,7 +29,7 @@ class SecureAggregation:
     def __init__(self, mode: Any) -> None:  # the DPMode it wraps (base.py imports this module, not the reverse)
         self.mode = mode
         self.cfg = mode.cfg
-        self.c = mode.c
+        self.max_grad_norm = mode.max_grad_norm
 
     def threshold(self) -> int:
         """Flower's reconstruction threshold: the fewest surviving clients whose masked updates can
@@ -52,7 +52,7 @@ class SecureAggregation:
 
     def plan(self, dim: int, sigma: float) -> SecAggPlan:
         """The SecAgg+ grid for updates of `dim` values (secagg_quantization.py), public config only."""
-        return plan(self.c, dim, self.cfg.federation.population, self.cfg.federation.num_server_rounds,
+        return plan(self.max_grad_norm, dim, self.cfg.federation.population, self.cfg.federation.num_server_rounds,
                     sigma if self.mode.placement.node_shares else 0.0, self.threshold())
 
     def setup_refusal(self, setup: Mapping[str, Any] | None, dim: int, sigma: float) -> str:
@@ -81,7 +81,7 @@ class SecureAggregation:
         here (the server never sees it to clip), rounded onto the grid, plus (distributed noise) its
         share N(0, (σC')²/threshold)."""
         keys = list(delta)
-        clipped = dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.c)[0]))
+        clipped = dict(zip(keys, clip_to_norm([delta[k] for k in keys], self.max_grad_norm)[0]))
         grid = self.plan(sum(t.numel() for t in clipped.values()), sigma)
         out = {}
         for k, t in clipped.items():
