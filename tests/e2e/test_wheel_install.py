@@ -177,4 +177,4 @@ def test_a_tiny_simulate_of_the_default_task_completes_from_the_wheel(installed)
     expected = resolve({**parse_overrides(TINY_RUN), "population": NUM_CLIENTS, "output-dir": str(out)})
     got = summary["config"]
     assert got["task"] == "data-to-text" == _pyproject_config()["task"]  # the default job's data, from the wheel
-    assert {k: got.get(k) for k in expected} == json.loads(json.dumps(expected))
+    assert {k: got.get(k) for k in expected} == json.loads(json.dumps(expected.to_record()))
