@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_dplora.frozen_prefix import decoder_and_head, decoder_blocks, frozen_dtype, prefix_start, prefix_states
+from fl_dplora.frozen_int8 import release
+from fl_dplora.frozen_prefix import decoder_and_head, decoder_blocks, frozen_dtype, int8_top, prefix_start, prefix_states
 
 LABEL_HEAD_FLOOR = -1e4  # logit of a non-label token where a label head answers (finite: no NaN in softmax)
 LABEL_HEAD_ATTR = "fl_label_head"  # where label_head.install hangs the head on the (PEFT) model
@@ -27,18 +28,22 @@ def attached_label_head(model: nn.Module) -> nn.Module | None:
 
 # ------------------------------------------------------------------ the forward pass
 @contextmanager
-def top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start: int, hidden: torch.Tensor):
-    """Run the decoder's own forward (masks, rotary, final norm) over blocks[start:] only, with
-    `hidden` as the input of blocks[start] (what the skipped blocks computed when it was cached).
-    final_hidden's cached path; public for code that feeds its own cached states (experiments)."""
+def top_blocks_only(decoder: nn.Module, name: str, blocks: nn.ModuleList, start: int, hidden: torch.Tensor,
+                    top: Sequence[nn.Module] | None = None):
+    """Run the decoder's own forward (masks, rotary, final norm) over blocks[start:] only (or `top`,
+    their int8 copies: frozen_prefix.int8_top), with `hidden` as the input of the first of them (what the
+    skipped blocks computed when it was cached). final_hidden's cached path; public for code that
+    feeds its own cached states (experiments)."""
+    run = list(top) if top is not None else list(blocks)[start:]
 
     def feed(module, args, kwargs):
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = blocks[start].register_forward_pre_hook(feed, with_kwargs=True)
-    setattr(decoder, name, nn.ModuleList(list(blocks)[start:]))
+    # first: an int8 copy's own pre-hook rotates what it is fed (frozen_int8._rotate_stream)
+    handle = run[0].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+    setattr(decoder, name, nn.ModuleList(run))
     try:
         yield
     finally:
@@ -63,8 +68,13 @@ def final_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.T
         found = decoder_blocks(model)
         param = next(iter(decoder.parameters()))
         cached = batch["prefix_hidden"].to(device=param.device, dtype=param.dtype)
-        with top_blocks_only(*found, start, cached):
-            return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        top = int8_top(model, start)  # the top blocks in int8 too while nothing there trains or has trained
+        try:
+            with top_blocks_only(*found, start, cached, top):
+                return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        finally:
+            if top is not None:
+                release(top)
     return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 

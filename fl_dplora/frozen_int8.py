@@ -185,8 +185,8 @@ class _Calibrated(Exception):
 
 
 @torch.no_grad()
-def calibrate(decoder: nn.Module, blocks: nn.ModuleList, start: int) -> dict[nn.Module, torch.Tensor]:
-    """Per-input-channel max |x| of every Linear in blocks[:start] on fixed random token ids (seed 0):
+def calibrate(decoder: nn.Module, blocks: nn.ModuleList, start: int, first: int = 0) -> dict[nn.Module, torch.Tensor]:
+    """Per-input-channel max |x| of every Linear in blocks[first:start] on fixed random token ids (seed 0):
     public inputs, the same on every node, never a node's data; for each RMSNorm, the mean |x / rms(x)|."""
     device = next(iter(decoder.parameters())).device
     vocab = decoder.get_input_embeddings().num_embeddings
@@ -204,9 +204,10 @@ def calibrate(decoder: nn.Module, blocks: nn.ModuleList, start: int) -> dict[nn.
     def stop(module, args, kwargs):
         raise _Calibrated
 
-    handles = [m.register_forward_pre_hook(record) for b in list(blocks)[:start] for m in b.modules()
+    handles = [m.register_forward_pre_hook(record) for b in list(blocks)[first:start] for m in b.modules()
                if linear_weight(m) is not None or type(m).__name__ in RMS_NORMS]
-    handles.append(blocks[start].register_forward_pre_hook(stop, with_kwargs=True, prepend=True))
+    if start < len(blocks):  # the top blocks (start = len) run to the decoder's end
+        handles.append(blocks[start].register_forward_pre_hook(stop, with_kwargs=True, prepend=True))
     try:
         decoder(input_ids=ids, attention_mask=torch.ones_like(ids))
     except _Calibrated:
@@ -217,6 +218,22 @@ def calibrate(decoder: nn.Module, blocks: nn.ModuleList, start: int) -> dict[nn.
     return maxima
 
 
+def without_lora(block: nn.Module) -> nn.Module:
+    """`block` with each PEFT LoRA wrapper replaced by its base layer (the original module object, so
+    calibrate's maxima still find it): what the block computes while every lora_B is 0. A block without
+    LoRA comes back as it is."""
+    wrapped = [(name, m) for name, m in block.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    if not wrapped:
+        return block
+    keep = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+    keep.update({id(m.base_layer): m.base_layer for _, m in wrapped})
+    twin = copy.deepcopy(block, keep)
+    for name, m in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, m.base_layer)
+    return twin
+
+
 def release(blocks: Sequence[nn.Module]) -> None:
     """Drop the inputs and outputs the quantized copies keep between calls."""
     for block in blocks:
@@ -225,30 +242,36 @@ def release(blocks: Sequence[nn.Module]) -> None:
                 m.fused.clear()
 
 
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder's blocks -> (key, int8 copies)
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder's blocks -> {(first, start): (key, copies)}
 
 
-def int8_blocks(decoder: nn.Module, blocks: nn.ModuleList, start: int, fingerprint: str) -> list[nn.Module]:
-    """int8 copies of blocks[:start], made once per process and per prefix weights (`fingerprint`)."""
-    key = (start, fingerprint, SMOOTH_ALPHA, *sorted(SMOOTH_ALPHA_BY_LAYER.items()), ROTATE, MASSIVE_CHANNELS, TWO_TERMS)
-    hit = _COPIES.get(blocks)
+def int8_blocks(decoder: nn.Module, blocks: nn.ModuleList, start: int, fingerprint: str,
+                first: int = 0) -> list[nn.Module]:
+    """int8 copies of blocks[first:start], made once per process and per weights (`fingerprint`).
+    first = 0: the frozen prefix. first > 0: the blocks that hold LoRA, as their base layers
+    (without_lora: only while every lora_B is 0), with their own calibration and rotation."""
+    key = (first, start, fingerprint, SMOOTH_ALPHA, *sorted(SMOOTH_ALPHA_BY_LAYER.items()), ROTATE, MASSIVE_CHANNELS,
+           TWO_TERMS)
+    made = _COPIES.setdefault(blocks, {})
+    hit = made.get((first, start))
     if hit is not None and hit[0] == key:
         return hit[1]
     keep_freed_memory()
-    prefix = list(blocks)[:start]
-    rotate = ROTATE and all(rotatable(b) for b in prefix)
+    originals = list(blocks)[first:start]
+    span = [without_lora(b) for b in originals]
+    rotate = ROTATE and all(rotatable(b) for b in span)
     kept = MASSIVE_CHANNELS if rotate else 0
-    maxima = calibrate(decoder, blocks, start) if SMOOTH_ALPHA is not None or kept else None
+    maxima = calibrate(decoder, blocks, start, first) if SMOOTH_ALPHA is not None or kept else None
     rot = None
-    if rotate:  # R leaves out the `kept` channels with the most energy, summed over the prefix's norms
-        norms = [m for b in prefix for m in (b.input_layernorm, b.post_attention_layernorm)]
+    if rotate:  # R leaves out the `kept` channels with the most energy, summed over the span's norms
+        norms = [m for b in originals for m in (b.input_layernorm, b.post_attention_layernorm)]
         keep = sorted(sum(maxima[m] for m in norms).argsort(descending=True)[:kept].tolist()) if kept else []
-        q_proj = prefix[0].self_attn.q_proj
+        q_proj = span[0].self_attn.q_proj
         rot = rotation(q_proj.in_features, keep=keep).to(q_proj.weight.device)
-    copies = [int8_copy(b, maxima if SMOOTH_ALPHA is not None else None, rot, kept, TWO_TERMS) for b in prefix]
+    copies = [int8_copy(b, maxima if SMOOTH_ALPHA is not None else None, rot, kept, TWO_TERMS) for b in span]
     if rot is not None:
         _rotate_stream(copies[0], copies[-1], rot)
-    _COPIES[blocks] = (key, copies)
+    made[(first, start)] = (key, copies)
     return copies
 
 

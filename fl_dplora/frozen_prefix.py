@@ -189,6 +189,29 @@ def _prefix_in(model: nn.Module, start: int, dtype: str):
         frozen_int8.release(copies)
 
 
+def adapter_idle(blocks: Sequence[nn.Module]) -> bool:
+    """Every LoRA tensor in `blocks` is an A or B factor and every B is exactly 0: the adapter adds
+    exactly nothing there (a head-only round's LoRA at its init). False for other variants (DoRA's
+    magnitude rescales the base layer even with B = 0)."""
+    named = [(n, p) for b in blocks for n, p in b.named_parameters() if "lora_" in n]
+    return all(("lora_A" in n or "lora_B" in n) for n, _ in named) and not any(
+        bool(p.detach().any()) for n, p in named if "lora_B" in n)
+
+
+def int8_top(model: nn.Module, start: int) -> list[nn.Module] | None:
+    """int8 copies of blocks[start:] (frozen_int8.int8_blocks, their base layers) when the top blocks
+    are frozen too: frozen-dtype int8, no gradient wanted, and every lora_B 0 (they then compute the
+    frozen model's function: "the whole frozen model where only a head trains"); else None (float32)."""
+    if start <= 0 or frozen_dtype(model) != "int8" or torch.is_grad_enabled():
+        return None
+    decoder, _, blocks = decoder_blocks(model)
+    if not adapter_idle(list(blocks)[start:]):
+        return None
+    from fl_dplora import frozen_int8
+
+    return frozen_int8.int8_blocks(decoder, blocks, len(blocks), prefix_fingerprint(model, len(blocks)), first=start)
+
+
 @contextmanager
 def _capturing_prefix(model: nn.Module, start: int, dtype: str | None):
     """(decoder, capture) with capture(ids, mask) returning the state entering blocks[start]: eval mode

@@ -401,3 +401,91 @@ def test_massive_channels_stay_out_of_the_rotation_and_the_int8_products(monkeyp
             assert fused.tail == 2 and fused.weight_t.shape[0] == hidden and not fused.weight_t[hidden - 2 :].any()
         assert c.self_attn.o_proj.fused.tail == 0 and c.mlp.down_proj.fused.terms == 2
     assert err[2] < err[0] / 2, err
+
+
+# ------------------------------------------------------------------ every block int8 while only a head trains
+def _idle(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+
+
+@pytest.mark.parametrize("which", TINY)
+def test_head_only_features_run_every_block_in_int8(which):
+    """With every lora_B 0 (a head-only round's LoRA at init) the blocks that hold LoRA compute the frozen
+    model's function: their final features come from int8 copies of their base layers, close to float32."""
+    _, model, _ = build(which)
+    _idle(model)
+    start, enc = prefix_start(model), examples(10)
+    with_states = [replace(e, prefix=s, prefix_start=start) for e, s in zip(enc, compute_prefix(model, enc, start, dtype="int8"))]
+    final = {}
+    for dtype in ("float32", "int8"):
+        set_frozen_dtype(model, dtype)
+        final[dtype] = first_answer_states(model, with_states, pad_id())
+    with torch.no_grad():
+        top = frozen_prefix.int8_top(model, start)
+    assert top is not None and len(top) == len(frozen_prefix.decoder_blocks(model)[2]) - start
+    assert not any(isinstance(m, torch.nn.Linear) or "lora" in n for c in top for n, m in c.named_modules())
+    assert not torch.equal(final["float32"], final["int8"])  # the top blocks did run int8
+    assert (_cos(final["float32"], final["int8"]) >= 0.99).all()
+    alone = [first_answer_states(model, [e], pad_id())[0] for e in with_states[:4]]
+    for a, b in zip(alone, final["int8"][:4]):  # per-token scales: an example's features are its own
+        _same_up_to_rounding(a, b)
+
+
+def test_top_blocks_stay_float32_while_lora_trains_or_has_trained():
+    _, model, _ = build("llama")
+    set_frozen_dtype(model, "int8")
+    start = prefix_start(model)
+    with torch.no_grad():
+        assert frozen_prefix.int8_top(model, start) is None  # B != 0: the adapter changes the output
+    _idle(model)
+    assert frozen_prefix.int8_top(model, start) is None  # a gradient is wanted: LoRA trains through float32
+    with torch.no_grad():
+        assert frozen_prefix.int8_top(model, start) is not None
+        set_frozen_dtype(model, "float32")
+        assert frozen_prefix.int8_top(model, start) is None
+    # the first step of a LoRA round (B = 0) still reaches B: its loss runs the float32 top with LoRA
+    set_frozen_dtype(model, "int8")
+    enc = attach_prefix(model, examples(4), "memory")
+    per_example_loss(model, collate(enc, pad_id())).sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(bool(g.any()) for g in grads)
+
+
+def test_an_adapter_is_idle_only_as_plain_lora_with_every_b_zero():
+    block = torch.nn.Module()
+    block.lora_A = torch.nn.Parameter(torch.ones(2, 3))
+    block.lora_B = torch.nn.Parameter(torch.zeros(3, 2))
+    assert frozen_prefix.adapter_idle([block])
+    with torch.no_grad():
+        block.lora_B[1, 0] = 1e-30
+    assert not frozen_prefix.adapter_idle([block])
+    block.lora_B = torch.nn.Parameter(torch.zeros(3, 2))
+    block.lora_magnitude_vector = torch.nn.Parameter(torch.ones(3))  # DoRA rescales the base layer even at B = 0
+    assert not frozen_prefix.adapter_idle([block])
+
+
+@pytest.mark.slow
+def test_head_only_rounds_run_every_block_int8_on_server_and_clients(tmp_path, monkeypatch):
+    """In-process run with the label head's head-only round: the clients' training features and the
+    server's evaluation features both come from int8 copies of the top blocks."""
+    from fl_dplora import frozen_int8
+
+    seen: list[str] = []
+    original = frozen_int8.int8_blocks
+
+    def spy(decoder, blocks, start, fingerprint, first=0):
+        if first:
+            files = [f.filename for f in inspect.stack(0)[1:16]]
+            seen.append("client" if any("clients" in f or "train.py" in f for f in files) else "server")
+        return original(decoder, blocks, start, fingerprint, first)
+
+    monkeypatch.setattr(frozen_int8, "int8_blocks", spy)
+    summary, _ = run_in_process(2, output_dir=tmp_path / "run", **{
+        "model": "tiny-random-llama", "task": "fin-sentiment", "lora-layers": 1, "frozen-dtype": "int8",
+        "prefix-cache": "memory", "num-server-rounds": 1, "dp-mode": "sample", "label-head": True, "head-rounds": 1,
+        "loss": "label-words"})
+    assert summary["rounds"] == 1
+    assert set(seen) == {"client", "server"}, seen

@@ -18,7 +18,8 @@ Three measurements in one run (timing as in common.py: warm-up, interleaved repe
    build's model FLOP/s (Linear layers + attention scores of the tokens it runs, padding excluded) as
    a fraction of them, and how far the int8 features are from the fp32 ones: cosine (per example)
    and max |difference| of the states entering block N and of the final hidden state at each
-   example's first answer position (what the answer logits and the label head read).
+   example's first answer position (what the answer logits and the label head read); and of the
+   final state when every block runs int8 (head-only rounds, LoRA at init: frozen_prefix.int8_top).
    `--build-only` times just the fp32 and int8 builds (no steps, no forward baselines, no RSS).
 3. memory: peak RSS of the real ClientApp in a fresh process (throughput.client_peak_rss: two DP rounds)
    whose shard is --cache-examples examples, prefix-cache memory vs off, next to the cache's own
@@ -190,12 +191,20 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
 
     import torch
 
-    from fl_dplora.frozen_prefix import compute_prefix
+    from fl_dplora.frozen_prefix import adapter_idle, compute_prefix, decoder_blocks, frozen_dtype, set_frozen_dtype
     from fl_dplora.label_head import first_answer_states
 
     states = {d: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype=d) for d in ("float32", "int8")}
     final = {d: first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states[d])],
                                     pad_id) for d in states}
+    # head-only rounds (every lora_B 0): the blocks above the prefix run int8 too (frozen_prefix.int8_top)
+    was = frozen_dtype(model)
+    set_frozen_dtype(model, "int8")
+    try:
+        whole = first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states["int8"])],
+                                    pad_id) if adapter_idle(decoder_blocks(model)[2][start:]) else None
+    finally:
+        set_frozen_dtype(model, was)
     flat = {d: [s.flatten() for s in states[d]] for d in states}
     prefix_cos = torch.stack([_cosines(a, b) for a, b in zip(flat["float32"], flat["int8"])])
     final_cos = _cosines(final["float32"], final["int8"])
@@ -204,8 +213,11 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
         return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
                 "max_abs_diff": float((a - b).abs().max()), "max_abs_float32": float(a.abs().max())}
 
-    return {"examples": len(data), "final_features": block(final_cos, final["float32"], final["int8"]),
-            "prefix_states": block(prefix_cos, torch.cat(flat["float32"]), torch.cat(flat["int8"]))}
+    out = {"examples": len(data), "final_features": block(final_cos, final["float32"], final["int8"]),
+           "prefix_states": block(prefix_cos, torch.cat(flat["float32"]), torch.cat(flat["int8"]))}
+    if whole is not None:
+        out["final_features_all_int8"] = block(_cosines(final["float32"], whole), final["float32"], whole)
+    return out
 
 
 def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
@@ -359,6 +371,10 @@ def _print_int8(r: dict[str, Any], n: int, start: int) -> None:
           f"min {f['cosine_min']:.5f}, max |diff| {f['max_abs_diff']:.3g} (max |fp32| {f['max_abs_float32']:.3g})")
     print(f"states entering block {start}: cosine mean {p['cosine_mean']:.5f} min {p['cosine_min']:.5f}, "
           f"max |diff| {p['max_abs_diff']:.3g} (max |fp32| {p['max_abs_float32']:.3g})")
+    if "final_features_all_int8" in r:
+        w = r["final_features_all_int8"]
+        print(f"final features with every block int8 (head-only rounds: LoRA at init): cosine mean "
+              f"{w['cosine_mean']:.5f} min {w['cosine_min']:.5f}, max |diff| {w['max_abs_diff']:.3g}")
 
 
 def add_parser(bs) -> None:
