@@ -26,6 +26,18 @@ META = "checkpoint.json"
 # that continues without them computed the same at. audit-canaries: `fl-dplora audit`'s canaries now
 # reach only the canary clients, in their node config (issue 29); every other run saved it empty.
 RETIRED_KEYS = {"audit-canaries": ""}
+# Keys added to the run config after runs were recorded, at the value that computes what runs did before
+# the key existed: a checkpoint written before a key existed gets it at this value on load (`migrate`), and
+# an experiment's cache hash leaves a key out at this value, so older results stay matched
+# (fl_dplora/tools/experiments/spec.py). A new key that changes nothing at some value goes here with it.
+ADDED_KEYS: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
+                              "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
+                              "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
+                              "revision": "", "trust-remote-code": False, "dtype": "auto",
+                              "quantization": "none", "gradient-checkpointing": False,
+                              "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0,
+                              "secagg-dropout-rate": 0.0, "max-new-tokens": 64, "report-to": "none",
+                              "frozen-dtype": "float32", "max-test-samples": 0}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -71,7 +83,9 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
     retired value; at another value (an audit's own run, whose canaries a resume would not plant) the
     resume is refused in one line. A fin-sentiment run from before the dev/test split is named by the
     task it ran, fin-sentiment-v1 (resuming it as today's fin-sentiment would change its head statistics,
-    monitored tweets and test part)."""
+    monitored tweets and test part). A key the checkpoint lacks (written before the key existed) is
+    added at its ADDED_KEYS value, the one its run computed with; a missing key without one stays
+    missing (a resume refuses it: server/run_state.check_resume_config)."""
     config = state.get("config")
     if isinstance(config, dict):
         for key, value in RETIRED_KEYS.items():
@@ -83,4 +97,6 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
         # the run was on the earlier protocol, which is now called fin-sentiment-v1
         if config.get("task") == "fin-sentiment" and "max-test-samples" not in config:
             config["task"] = "fin-sentiment-v1"
+        for key, value in ADDED_KEYS.items():  # read now: a test may add a key
+            config.setdefault(key, value)
     return state

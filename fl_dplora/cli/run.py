@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.cli.common import add_run_config
-from fl_dplora.config import (LEGACY_VALUES, SCHEMA, ConfigError, RunConfig, available_presets, load_preset,
-                              parse_overrides, resolve, resolve_output_dir)
+from fl_dplora.config import (SCHEMA, ConfigError, RunConfig, available_presets, load_preset, parse_overrides,
+                              resolve, resolve_output_dir)
 
 
 def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -229,9 +229,8 @@ def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, 
                 f"{k}: {merged[k]!r} differs from the checkpoint's {kept.get(k)!r}; resume continues the saved "
                 "config: drop --run-config" for k in changed) or "resume: the run continues with its saved config; "
                 "drop --run-config")
-        # a checkpoint from before a key existed ran with the key's legacy value, not today's default
-        legacy = {k: v for k, v in LEGACY_VALUES.items() if k in SCHEMA and k not in saved["config"]}
-        overrides = {k: v for k, v in {**legacy, **saved["config"]}.items()
+        # a checkpoint from before a key existed holds it at the value its run computed with (checkpoint.migrate)
+        overrides = {k: v for k, v in saved["config"].items()
                      if k not in ("resume", "output-dir", "overwrite")}  # a resume never deletes the run
         run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         output_dir = str(Path(resume).resolve())

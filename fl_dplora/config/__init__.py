@@ -20,9 +20,8 @@ from fl_dplora.config.parse import (PRESETS_DIR, available_presets, load_config_
                                     tfns_recipe_defaults)
 from fl_dplora.config.run_config import (SECTIONS, WHERE, DataConfig, FederationConfig, LoraConfig, ModelConfig,
                                          OutputConfig, PrivacyConfig, RunConfig, SecAggConfig, TrainConfig)
-from fl_dplora.config.schema import (DP_MODES, LEGACY_VALUES, NON_COMPUTING_KEYS, PACKAGE_DIR, SCHEMA,
-                                     SERVER_ONLY_KEYS, TASKS, ConfigError, Key, allowed_values, defaults,
-                                     describe_keys)
+from fl_dplora.config.schema import (DP_MODES, PACKAGE_DIR, SCHEMA, SERVER_ONLY_KEYS, TASKS, ConfigError, Key,
+                                     allowed_values, defaults, describe_keys)
 
 
 def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None) -> RunConfig:
@@ -31,7 +30,7 @@ def resolve(overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] 
 
 
 __all__ = [
-    "DP_MODES", "LEGACY_VALUES", "NON_COMPUTING_KEYS", "PACKAGE_DIR", "PRESETS_DIR", "SCHEMA", "SECTIONS",
+    "DP_MODES", "PACKAGE_DIR", "PRESETS_DIR", "SCHEMA", "SECTIONS",
     "SERVER_ONLY_KEYS", "TASKS", "WHERE", "ConfigError", "DataConfig", "FederationConfig", "Key", "LoraConfig",
     "ModelConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "SecAggConfig", "TrainConfig", "allowed_values",
     "available_presets", "defaults", "describe_keys", "load_config_file", "load_preset", "lora_targets",

@@ -38,19 +38,6 @@ DP_MODES = ("none", "sample", "client", "paper")
 SERVER_ONLY_KEYS = frozenset({"output-dir", "resume", "overwrite", "checkpoint-every", "round-timeout", "save-every", "server-device",
                               "report-to"})
 
-# Keys added after results were recorded, at the value that computes what runs did before the key
-# existed: an experiment's cache hash leaves them out at that value, so older results stay matched.
-# prefix-cache changes where the frozen blocks run, never what a run computes (exact to float rounding).
-LEGACY_VALUES: dict[str, Any] = {"system-prompt": "auto", "loss": "answer-tokens", "label-head": False,
-                                 "head-rounds": 0, "head-local-steps": 16, "head-batch-size": 0,
-                                 "head-learning-rate": 0.2, "fraction-evaluate": 0.0,
-                                 "revision": "", "trust-remote-code": False, "dtype": "auto",
-                                 "quantization": "none", "gradient-checkpointing": False,
-                                 "secure-aggregation": False, "secagg-shares": 0, "secagg-threshold": 0, "secagg-dropout-rate": 0.0,
-                                 "max-new-tokens": 64, "report-to": "none", "frozen-dtype": "float32",
-                                 "max-test-samples": 0}
-NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
-
 SCHEMA: dict[str, Key] = {
     "model": Key(str, "smollm2-135m", help="alias (smollm2-135m, tiny-random-llama, tiny-random-gpt2), HF id, local dir or .gguf"),
     "revision": Key(str, "", help="hub model: branch, tag or commit (empty = default branch)"),

@@ -42,14 +42,12 @@ class RunState:
 def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """Resuming with other settings would not be the same run: name every key that differs.
 
-    A key that the checkpoint lacks (written before the key existed) counts as its LEGACY_VALUES
-    value, the one that computes what runs did before; a missing key without one still differs.
+    `saved` is a loaded checkpoint's config (checkpoint.load migrates it: a key added since it was
+    written is there at the value its run computed with); a key it still lacks differs.
     """
-    from fl_dplora import config  # read LEGACY_VALUES now: keys may be added to it
-
     ignore = {"resume", "overwrite", "output-dir", "round-timeout", "save-every"}
-    missing = object()  # a key the checkpoint lacks and LEGACY_VALUES does not know: differs from anything
-    was = {k: saved[k] if k in saved else config.LEGACY_VALUES.get(k, missing) for k in cfg}
+    missing = object()  # a key the checkpoint lacks: differs from anything
+    was = {k: saved[k] if k in saved else missing for k in cfg}
     diff = [k for k in cfg if k not in ignore and was[k] != cfg[k]]
     if diff:
         raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's "

@@ -1,16 +1,17 @@
 """Resuming from a checkpoint written before newer run-config keys existed.
 
-`check_resume_config` counts a key that the saved config lacks as its LEGACY_VALUES value (what
-runs computed before the key existed); a missing key without such a value still differs. Unit
-tests only: no model, no Flower run.
+`checkpoint.migrate` (run by `checkpoint.load`) adds a key that the saved config lacks at its
+ADDED_KEYS value (what runs computed before the key existed), so `check_resume_config` accepts it; a
+missing key without such a value still differs. Unit tests only: no model, no Flower run.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fl_dplora import config
-from fl_dplora.config import LEGACY_VALUES, ConfigError, resolve
+from fl_dplora import checkpoint
+from fl_dplora.checkpoint import ADDED_KEYS
+from fl_dplora.config import ConfigError, resolve
 from fl_dplora.server.run_state import check_resume_config
 
 OLD_KEYS = ("dtype", "quantization", "gradient-checkpointing")
@@ -20,19 +21,22 @@ def _current(**overrides):
     return resolve({"model": "tiny-random-llama", "population": 3, **overrides})
 
 
+def _written_without(cfg, keys):
+    """The config a checkpoint written before `keys` existed holds."""
+    return {k: v for k, v in dict(cfg).items() if k not in keys}
+
+
 def _saved_without(cfg, keys):
-    saved = dict(cfg)
-    for key in keys:
-        del saved[key]
-    return saved
+    """The config of a checkpoint written before `keys` existed, as checkpoint.load returns it."""
+    return checkpoint.migrate({"config": _written_without(cfg, keys)})["config"]
 
 
 def test_missing_keys_at_legacy_values_resume():
     cfg = _current()
-    assert all(cfg[k] == LEGACY_VALUES[k] for k in OLD_KEYS)
+    assert all(cfg[k] == ADDED_KEYS[k] for k in OLD_KEYS)
     check_resume_config(_saved_without(cfg, OLD_KEYS), cfg)
-    # every key LEGACY_VALUES knows, missing at once (a checkpoint from before all of them)
-    at_legacy = [k for k in LEGACY_VALUES if k in cfg and cfg[k] == LEGACY_VALUES[k]]
+    # every key ADDED_KEYS knows, missing at once (a checkpoint from before all of them)
+    at_legacy = [k for k in ADDED_KEYS if k in cfg and cfg[k] == ADDED_KEYS[k]]
     assert set(OLD_KEYS) <= set(at_legacy)
     check_resume_config(_saved_without(cfg, at_legacy), cfg)
 
@@ -48,7 +52,7 @@ def test_missing_key_at_other_value_is_refused():
 
 def test_missing_key_without_legacy_value_is_refused():
     cfg = _current()
-    assert "seed" not in LEGACY_VALUES
+    assert "seed" not in ADDED_KEYS
     with pytest.raises(ConfigError) as err:
         check_resume_config(_saved_without(cfg, ("seed", *OLD_KEYS)), cfg)
     lines = str(err.value).splitlines()
@@ -60,30 +64,27 @@ def test_differing_key_present_in_both_is_refused():
     saved = dict(cfg, **{"num-server-rounds": cfg["num-server-rounds"] + 1})
     with pytest.raises(ConfigError, match=r"^num-server-rounds: "):
         check_resume_config(saved, cfg)
-    # a key present in the checkpoint is compared as saved, even at a LEGACY_VALUES value
+    # a key present in the checkpoint is compared as saved, even at an ADDED_KEYS value
     saved = dict(cfg, dtype="float32")
     with pytest.raises(ConfigError, match=r"^dtype: 'auto' differs from the checkpoint's 'float32'"):
         check_resume_config(saved, cfg)
 
 
 def test_legacy_values_read_at_call_time(monkeypatch):
-    """A key added to LEGACY_VALUES later (e.g. by a newer feature) is honoured without re-import."""
+    """A key added to ADDED_KEYS later (e.g. by a newer feature) is honoured without re-import."""
     cfg = _current()
-    saved = _saved_without(cfg, ("seed",))
     with pytest.raises(ConfigError, match=r"^seed: "):
-        check_resume_config(saved, cfg)
-    monkeypatch.setitem(config.LEGACY_VALUES, "seed", cfg["seed"])
-    check_resume_config(saved, cfg)
-    monkeypatch.setattr(config, "LEGACY_VALUES", {**config.LEGACY_VALUES, "seed": cfg["seed"] + 1})
+        check_resume_config(_saved_without(cfg, ("seed",)), cfg)
+    monkeypatch.setitem(checkpoint.ADDED_KEYS, "seed", cfg["seed"])
+    check_resume_config(_saved_without(cfg, ("seed",)), cfg)
+    monkeypatch.setattr(checkpoint, "ADDED_KEYS", {**checkpoint.ADDED_KEYS, "seed": cfg["seed"] + 1})
     with pytest.raises(ConfigError, match=r"^seed: "):
-        check_resume_config(saved, cfg)
+        check_resume_config(_saved_without(cfg, ("seed",)), cfg)
 
 
 def test_a_checkpoint_from_when_audit_canaries_was_a_run_config_key(tmp_path):
     """Checkpoints written before issue 29 carry `audit-canaries` (empty in every run but an audit's):
     loaded without it, so the run resumes; an audit's own run (a canary file there) is refused in one line."""
-    from fl_dplora import checkpoint
-
     cfg = _current()
     checkpoint.save(tmp_path, {"round": 2, "config": {**cfg, "audit-canaries": ""}})
     saved = checkpoint.load(tmp_path)["config"]
@@ -99,9 +100,7 @@ def test_a_fin_sentiment_checkpoint_from_before_the_dev_test_split_resumes_only_
     """A fin-sentiment checkpoint without max-test-samples ran the earlier protocol: it is named
     fin-sentiment-v1, so resuming it as today's fin-sentiment (other head statistics, monitored tweets
     and a test part) is refused, and resuming it as fin-sentiment-v1 goes on."""
-    from fl_dplora import checkpoint
-
-    old = _saved_without(_current(task="fin-sentiment"), ["max-test-samples"])
+    old = _written_without(_current(task="fin-sentiment"), ["max-test-samples"])
     checkpoint.save(tmp_path, {"round": 2, "config": old})
     saved = checkpoint.load(tmp_path)["config"]
     assert saved["task"] == "fin-sentiment-v1"

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import LEGACY_VALUES, NON_COMPUTING_KEYS, SERVER_ONLY_KEYS, ConfigError, resolve
+from fl_dplora.config import SERVER_ONLY_KEYS, ConfigError, resolve
 from fl_dplora.tools.experiments.paired import accuracy_of, discordant_counts, exact_mcnemar
-from fl_dplora.tools.experiments.spec import SPEC_BASE, Experiment, results_root
+from fl_dplora.tools.experiments.spec import LEGACY_VALUES, NON_COMPUTING_KEYS, SPEC_BASE, Experiment, results_root
 
 COLUMNS = {
     "id": ("run", "{}"), "series": ("variant", "{}"), "task": ("task", "{}"), "dp_mode": ("dp-mode", "{}"),

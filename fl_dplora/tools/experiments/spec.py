@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_dplora.config import (
-    LEGACY_VALUES, NON_COMPUTING_KEYS, SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve, tfns_recipe_defaults,
-)
+from fl_dplora.checkpoint import ADDED_KEYS
+from fl_dplora.config import SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve, tfns_recipe_defaults
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
+# Keys that change where a run computes, never what (prefix-cache: exact to float rounding): out of the hash.
+NON_COMPUTING_KEYS = frozenset({"prefix-cache"})
+# A key added to the run config after results were recorded is out of the hash at the value that computes
+# what runs did before it existed (checkpoint.ADDED_KEYS, the same table an old checkpoint is migrated with).
+LEGACY_VALUES = ADDED_KEYS
 _SPEC_KEYS = {"name", "version", "description", "num-clients", "base", "config", "runs", "plots", "table", "notes",
               "aggregate"}
 _RUN_KEYS = {"id", "series", "kind", "config", "matrix", "label"}
