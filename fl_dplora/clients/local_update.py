@@ -38,6 +38,7 @@ from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.privacy.mechanisms import make_generator
 from fl_dplora.privacy.modes import DPMode, for_config
 from fl_dplora.privacy.sample_rate import basis as sample_basis
+from fl_dplora.thread_layout import log_thread_layout
 from fl_dplora.train import DPSGD, GradientCanary, head_only_round, local_train, make_optimizer, stage_config
 from fl_dplora.transport import from_array_record, to_array_record
 
@@ -96,6 +97,7 @@ def train(msg: Message, context: Context) -> Message:
     """The node's reply to a train instruction: the round's update (clipped and noised as the run's
     dp-mode says), or only the budget-exhausted flag when another round would pass the node's budget."""
     t0 = time.perf_counter()
+    log_thread_layout("client")  # once per process, operator log only (thread_layout.py)
     cfg = config_from_message(msg)
     server_round = int(msg.content["config"][protocol.ROUND])
     mode = for_config(cfg)

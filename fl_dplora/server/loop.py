@@ -19,6 +19,7 @@ from fl_dplora.server.evaluation import evaluate_global, score_test
 from fl_dplora.server.ledgers import Charge, charge_round, handback
 from fl_dplora.server.run_state import RunState, account_round, save_checkpoint
 from fl_dplora.server.start import ServerRun, start_run
+from fl_dplora.thread_layout import log_thread_layout
 
 log = logging.getLogger("fl_dplora")
 
@@ -28,6 +29,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig.of(cfg)
     t_start = time.time()
     run, state = start_run(grid, cfg)
+    log_thread_layout("server")  # once per process, after start_run's refusals; operator log only (thread_layout.py)
     rounds, mode, strategy = run.rounds, run.mode, run.strategy
     bar = RoundsProgress(state.rounds_done + 1, rounds)  # with ETA, on a terminal only (progress.py)
     for rnd in bar:

@@ -172,3 +172,6 @@ def test_bench_round_overhead_quick(bench, tmp_path):
     _positive_medians(res, {"round_wall", "client_compute"})
     assert res["ratio"]["round_wall/client_compute"] > 0
     assert [r["round"] for r in res["rounds"]] == [1, 2]
+    layout = res["thread_layout"]  # measured in the run's server and client processes (--quick: --threads 1)
+    assert layout["server"]["torch_threads"] == 1 and layout["clients"], layout
+    assert {r["torch_threads"] for r in layout["clients"]} == {1} and not layout["oversubscribed"]

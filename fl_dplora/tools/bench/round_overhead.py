@@ -62,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
     if proc.returncode != 0 or not rows:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"bench round-overhead: the simulation failed (exit {proc.returncode})")
+    layout = measured_layout(proc.stdout + proc.stderr)
     later = [r for r in rows if int(r["round"]) >= 2]
     table = [[r["round"], r["accepted"], f"{r['seconds']:.3f}", f"{r['client_seconds']:.3f}",
               f"{r['seconds'] / r['client_seconds']:.3f}" if r["client_seconds"] else "-",
@@ -84,14 +85,41 @@ def main(args: argparse.Namespace) -> int:
     print("client compute = the clients' own compute-seconds (train handler start to reply), summed over "
           f"the round's clients; clients run {'one at a time' if num_cpus >= (os.cpu_count() or 1) else 'concurrently'} "
           f"({num_cpus:g} CPUs each of {os.cpu_count()}); the last round also evaluates centrally (8 examples)")
+    print(describe_layout(layout))
     result = {
         "benchmark": "round-overhead", "median_seconds": med, "ratio": ratio,
         "per_round_ratio": per_round, "rounds": rows, "simulate_process_seconds": total_wall,
+        "thread_layout": layout,
         "setup": {"model": model_name, "num_clients": clients, "rounds": rounds, "num_cpus_per_client": num_cpus,
                   "run_config": run_config, "command": cmd[2:], "output_dir": str(out_dir)},
         "environment": env,
     }
     return write_result(result, args)
+
+
+def measured_layout(text: str) -> dict:
+    """The layout the child run's processes logged (fl_dplora/thread_layout.py): the server's line and
+    one line per client process (a Ray actor serves many virtual clients; the operator's log, not a release)."""
+    from fl_dplora.thread_layout import parse_layout_lines
+
+    rows = parse_layout_lines(text)
+    return {"server": next((r for r in rows if r.get("role") == "server"), None),
+            "clients": [r for r in rows if r.get("role") == "client"],
+            "oversubscribed": "thread layout oversubscribed" in text}
+
+
+def describe_layout(layout: dict) -> str:
+    def one(r: dict | None) -> str:
+        if not r:
+            return "not logged"
+        return (f"{r['torch_threads']} torch threads (OMP_NUM_THREADS={r['OMP_NUM_THREADS']}), "
+                f"{r['concurrent']} at once, {r['affinity_cpus']} CPUs")
+
+    clients = layout["clients"]
+    kinds = sorted({one(r) for r in clients}) or ["not logged"]
+    return (f"thread layout (measured in the run's processes): server {one(layout['server'])}; "
+            f"{len(clients)} client process(es): {'; '.join(kinds)}"
+            + ("; OVERSUBSCRIBED (see the run's warning)" if layout["oversubscribed"] else ""))
 
 
 def add_parser(bs) -> None:
