@@ -1,5 +1,6 @@
 """The server's privacy bookkeeping: its own ledger (client-level modes), its copy of each node's
-ledger (example-level modes) and the run's ε.
+ledger (example-level modes) and the run's ε, all through the run's one PrivacyEngine (RunState.engine:
+its ledger is the server's own; the nodes' copies are read at its target, δ and accountant).
 
 The server's copies are keyed by the node's Flower node id (the SuperLink's authenticated identity
 of the replying node), never by a number the node reports.
@@ -30,25 +31,24 @@ class Charge(NamedTuple):
     epsilon: float | None = None
 
 
-def charge_round(mode, server_ledger: PrivacyLedger, server_sigma: float, accountant_sigma: float, rnd: int,
-                 cfg) -> Charge | None:
+def charge_round(mode, engine: PrivacyEngine, server_sigma: float, accountant_sigma: float, rnd: int,
+                 rounds: int) -> Charge | None:
     """Every round is accounted (Poisson client sampling): never start one that overruns the budget.
-    None (logged) when round `rnd` would."""
+    None (logged) when round `rnd` (of `rounds`) would. The engine's ledger is not changed here."""
     event = mode.round_event(accountant_sigma)
     if event is None:
         return Charge(None)
-    engine = PrivacyEngine.for_run(cfg, server_ledger)
     next_ledger, next_epsilon = engine.projected(event)
     if not engine.allows(next_epsilon):
         log.error("stopping early: round %d would raise epsilon to %.4g > target-epsilon %g "
                   "(noise-multiplier %g is too small for %d rounds; set it <= 0 to calibrate)",
-                  rnd, next_epsilon, cfg.privacy.target_epsilon, server_sigma, cfg.federation.num_server_rounds)
+                  rnd, next_epsilon, engine.target_epsilon, server_sigma, rounds)
         return None
     return Charge(event, next_ledger, next_epsilon)
 
 
-def run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str, Mapping[str, list]], cfg) -> float:
-    engine = PrivacyEngine.for_run(cfg, server_ledger)
+def run_epsilon(mode, engine: PrivacyEngine, client_ledgers: Mapping[str, Mapping[str, list]]) -> float:
+    """The run's ε: the server's own ledger (client-level), or the worst node's (example-level)."""
     if mode.client_level:
         return engine.epsilon()
     if mode.example_level:
@@ -56,10 +56,9 @@ def run_epsilon(mode, server_ledger: PrivacyLedger, client_ledgers: Mapping[str,
     return 0.0
 
 
-def charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: PrivacyLedger,
+def charge_unaccounted(attempts, mode, accountant_sigma: float, engine: PrivacyEngine,
                        client_ledgers: dict[str, dict[str, list]], client_eps: dict[int, dict[str, Any]], cfg) -> int:
     """Charge every round begun after the checkpoint (write_ahead.py), in the order they began."""
-    engine = PrivacyEngine.for_run(cfg, server_ledger)  # charges server_ledger in place
     for att in attempts:
         event = mode.round_event(accountant_sigma if att.sigma is None else float(att.sigma))
         if event is not None:
@@ -76,34 +75,31 @@ def charge_unaccounted(attempts, mode, accountant_sigma: float, server_ledger: P
                 continue
             charge_worst_case(key, att.round, client_ledgers, client_eps, cfg)
     for key in client_ledgers:  # what the summary reports per client follows the ledger
-        refresh_client_eps(key, client_ledgers, client_eps, cfg)
+        refresh_client_eps(key, client_ledgers, client_eps, engine)
     return len(attempts)
 
 
 def charge_worst_case(key: str, rnd: int, client_ledgers: dict[str, dict[str, list]],
                       client_eps: dict[int, dict[str, Any]], cfg) -> None:
     """One round's steps on the server's copy of a node's ledger, with the σ and q it last reported."""
-    engine = PrivacyEngine.for_run(cfg)
-    engine.load_state_dict(client_ledgers[key])
-    ledger = engine.ledger
+    ledger = PrivacyLedger.from_record(client_ledgers[key])
     known = client_eps.get(int(key), {}) if key.isdigit() else {}
     sigma = float(known.get("sigma", ledger.history[-1][0] if ledger.history else 0.0))
     rate = float(known.get("sample-rate", 1.0))
     n = int(round(cfg.train.batch_size / rate)) if 0 < rate < 1 else 1  # q unknown -> q = 1
     stage = stage_config(cfg, rnd, n)
-    engine.charge((sigma, min(1.0, stage.train.batch_size / n) if n > 1 else 1.0, stage.train.local_steps))
-    client_ledgers[key] = engine.state_dict()
+    ledger.step(sigma, min(1.0, stage.train.batch_size / n) if n > 1 else 1.0, stage.train.local_steps)
+    client_ledgers[key] = ledger.to_record()
 
 
-def refresh_client_eps(key: str, client_ledgers, client_eps: dict[int, dict[str, Any]], cfg) -> None:
+def refresh_client_eps(key: str, client_ledgers, client_eps: dict[int, dict[str, Any]], engine: PrivacyEngine) -> None:
     if key.isdigit() and int(key) in client_eps:
-        engine = PrivacyEngine.for_run(cfg)
-        engine.load_state_dict(client_ledgers[key])
-        client_eps[int(key)].update(epsilon=engine.epsilon(), **{"steps-total": engine.ledger.total_steps})
+        ledger = PrivacyLedger.from_record(client_ledgers[key])
+        client_eps[int(key)].update(epsilon=engine.epsilon(ledger), **{"steps-total": ledger.total_steps})
 
 
 def take_reported_ledger(m: Mapping[str, Any], rnd: int, client_ledgers: dict[str, dict[str, list]],
-                         client_eps: dict[int, dict[str, Any]], wal: WriteAhead, cfg) -> bool:
+                         client_eps: dict[int, dict[str, Any]], wal: WriteAhead, engine: PrivacyEngine, cfg) -> bool:
     """Store the ledger a node's reply reports, under the node's Flower node id (set by the server from
     the message the reply answers, never from the reply's metrics). A report that does not extend the
     stored ledger (shorter, or another history) is rejected: the stored one stays, charged with this
@@ -124,7 +120,7 @@ def take_reported_ledger(m: Mapping[str, Any], rnd: int, client_ledgers: dict[st
                   "why": why, "stored": dict(stored), "reported": reported, "charged": trained})
     if trained:
         charge_worst_case(key, rnd, client_ledgers, client_eps, cfg)
-    refresh_client_eps(key, client_ledgers, client_eps, cfg)
+    refresh_client_eps(key, client_ledgers, client_eps, engine)
     return False
 
 

@@ -34,7 +34,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     bar = RoundsProgress(state.rounds_done + 1, rounds)  # with ETA, on a terminal only (progress.py)
     for rnd in bar:
         t_round = time.time()
-        charge = charge_round(mode, state.server_ledger, state.server_sigma, state.accountant_sigma, rnd, cfg)
+        charge = charge_round(mode, state.engine, state.server_sigma, state.accountant_sigma, rnd, rounds)
         if charge is None:  # the round would overrun target-epsilon (logged)
             break
         attempt = send_and_aggregate(grid, run, state, rnd, charge)

@@ -107,7 +107,7 @@ def privacy_block(cfg, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
     if mode.example_level:
         block.update(_example_level(state.client_eps, state.client_ledgers))
     else:  # steps = rounds charged, a resumed run's begun-but-lost attempts included
-        server_ledger = state.server_ledger
+        server_ledger = state.engine.ledger
         block.update(noise_multiplier=state.server_sigma, accountant_noise_multiplier=state.accountant_sigma,
                      sample_rate=cfg.federation.fraction_train, steps=server_ledger.total_steps, **mode.describe())
         block["mode"] = mode.name
@@ -161,5 +161,5 @@ def operator_summary(cfg, state: RunState, wall_seconds: float) -> dict[str, Any
     cfg = RunConfig.of(cfg)
     return {"event": "summary", "bytes_up_total": state.totals["up"], "bytes_down_total": state.totals["down"],
             "wall_seconds": wall_seconds, "rounds": state.rounds_done, "accountant": cfg.privacy.accountant,
-            "delta": cfg.privacy.delta, "server_ledger": state.server_ledger.to_record(),
+            "delta": cfg.privacy.delta, "server_ledger": state.engine.state_dict(),
             "client_ledgers": state.client_ledgers}

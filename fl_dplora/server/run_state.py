@@ -14,7 +14,6 @@ from typing import Any
 
 from fl_dplora import checkpoint
 from fl_dplora.config import ConfigError, RunConfig
-from fl_dplora.privacy.accounting import PrivacyLedger
 from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.server.ledgers import Charge, charge_unaccounted, run_epsilon, take_reported_ledger
 from fl_dplora.write_ahead import WriteAhead
@@ -28,7 +27,7 @@ class RunState:
 
     server_sigma: float  # the noise the strategy adds (client-level modes)
     accountant_sigma: float  # the noise the accountant sees
-    server_ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    engine: PrivacyEngine  # the run's one privacy engine: its ledger is the server's own (client-level modes)
     client_eps: dict[int, dict[str, Any]] = field(default_factory=dict)
     # what the server knows of each node's ledger, keyed by the node's Flower node id (ledgers.py)
     client_ledgers: dict[str, dict[str, list]] = field(default_factory=dict)
@@ -60,23 +59,21 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
     cfg = RunConfig.of(cfg)
     strategy.load_state_dict(resumed["strategy"])
     state.resumed = True
-    engine = PrivacyEngine.for_run(cfg)
-    engine.load_state_dict(resumed["server_ledger"])
-    state.server_ledger = engine.ledger
+    state.engine.load_state_dict(resumed["server_ledger"])
     state.client_eps = {int(k): v for k, v in resumed["client_eps"].items()}
     state.client_ledgers, state.totals = resumed["client_ledgers"], resumed["totals"]
     state.last_eval = dict(resumed.get("last_eval", {}))
     state.rounds_done = rounds_done = int(resumed["round"])
-    charged = charge_unaccounted(wal.unaccounted(rounds_done), mode, state.accountant_sigma, state.server_ledger,
+    charged = charge_unaccounted(wal.unaccounted(rounds_done), mode, state.accountant_sigma, state.engine,
                                  state.client_ledgers, state.client_eps, cfg)
-    state.epsilon = run_epsilon(mode, state.server_ledger, state.client_ledgers, cfg)
-    rounds = cfg.federation.num_server_rounds
-    if mode.client_level and state.server_ledger.total_steps > rounds_done:  # a crash charged a lost attempt
-        history = state.server_ledger.history
+    state.epsilon = run_epsilon(mode, state.engine, state.client_ledgers)
+    rounds, ledger = cfg.federation.num_server_rounds, state.engine.ledger
+    if mode.client_level and ledger.total_steps > rounds_done:  # a crash charged a lost attempt
+        history = ledger.history
         again = mode.remaining_noise_multipliers(history, rounds - rounds_done, history[-1][0])
         if again is not None and again[1] != state.accountant_sigma:  # None: σ fixed, or nothing left to spend
             log.info("resume: %d attempts charged; noise multiplier %.4f -> %.4f so that the last %d round(s) fit "
-                     "target-epsilon %g", state.server_ledger.total_steps, state.server_sigma, again[0],
+                     "target-epsilon %g", ledger.total_steps, state.server_sigma, again[0],
                      rounds - rounds_done, cfg.privacy.target_epsilon)
             (state.server_sigma, state.accountant_sigma), strategy.server_sigma = again, again[0]
         # local noise: a node that began every attempt adds up to this σ (node_privacy.client_sigma); the
@@ -95,13 +92,13 @@ def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: in
                   cfg) -> None:
     """After the replies: the round's charge, the ledgers the nodes reported, and the write-ahead row
     that says the round's replies are in."""
-    if charge.event is not None:
-        state.server_ledger, state.epsilon = charge.ledger, charge.epsilon
+    if charge.event is not None:  # the round's charge, projected before it was sent (ledgers.charge_round)
+        state.engine.ledger, state.epsilon = charge.ledger, charge.epsilon
     if mode.example_level:
         for m in client_metrics:
             if "epsilon" in m:
-                take_reported_ledger(m, rnd, state.client_ledgers, state.client_eps, wal, cfg)
-        state.epsilon = run_epsilon(mode, state.server_ledger, state.client_ledgers, cfg)
+                take_reported_ledger(m, rnd, state.client_ledgers, state.client_eps, wal, state.engine, cfg)
+        state.epsilon = run_epsilon(mode, state.engine, state.client_ledgers)
     wal.replied(attempt, rnd, state.client_ledgers if mode.example_level else {})
 
 
@@ -109,7 +106,7 @@ def save_checkpoint(out_dir: Path, rnd: int, cfg, strategy, state: RunState) -> 
     cfg = RunConfig.of(cfg)
     checkpoint.save(out_dir, {
         "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
-        "server_ledger": PrivacyEngine.for_run(cfg, state.server_ledger).state_dict(),
+        "server_ledger": state.engine.state_dict(),
         "client_eps": {str(k): v for k, v in state.client_eps.items()},
         "client_ledgers": state.client_ledgers, "totals": state.totals, "epsilon": float(state.epsilon),
         "last_eval": dict(state.last_eval),

@@ -17,6 +17,7 @@ from fl_dplora.config import RunConfig, SERVER_ONLY_KEYS
 from fl_dplora.data import check_task, eval_examples, load_task
 from fl_dplora.model_loading import check_model_name, check_runtime, server_device, tokenizer_for
 from fl_dplora.models import adapter_parameters, check_lora_targets, full_model_stats, get_peft_model, reset_adapter
+from fl_dplora.privacy.engine import PrivacyEngine
 from fl_dplora.privacy.modes import for_config
 from fl_dplora.run_dir import claim_output_dir
 from fl_dplora.server.evaluation import setup_label_head
@@ -75,7 +76,7 @@ def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
     writer = RunWriter(out_dir, keep_rounds=resumed["round"] if resumed else 0)
     wal = WriteAhead(out_dir, fresh=resumed is None)
     tracker = Tracker(cfg, out_dir)  # report-to and metrics.png: each released row, as it is written
-    mode = for_config(cfg)
+    mode = for_config(cfg)  # the run's one mode object: the strategy uses it too
     task = load_task(cfg.data.task, cfg.train.seed)
     evals = eval_examples(cfg)
     model = get_peft_model(cfg, device=server_device(cfg))
@@ -86,10 +87,10 @@ def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
     full_params, full_bytes = full_model_stats(model)
     trainable = sum(p.numel() for p in params.values())
 
-    state = RunState(*mode.noise_multipliers())
+    state = RunState(*mode.noise_multipliers(), engine=PrivacyEngine.for_run(cfg))  # the run's one engine
     if mode.secagg is not None and mode.unit:
         mode.secagg.check_delta(state.server_sigma, trainable)  # refused rounds must not matter next to δ
-    strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=state.server_sigma)
+    strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=state.server_sigma, mode=mode)
     if mode.secagg is not None:  # SecAgg+: the nodes present must be the declared population, checked before any client trains
         strategy.fix_secure_members(grid, cfg.federation.round_timeout)
     log.info("fl-dplora: %s on %s, dp-mode=%s, %d trainable LoRA values (%.4f%% of %d), output %s",

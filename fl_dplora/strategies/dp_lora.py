@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_dplora import protocol
 from fl_dplora.config import RunConfig
 from fl_dplora.privacy.mechanisms import global_norm, make_generator
-from fl_dplora.privacy.modes import for_config
+from fl_dplora.privacy.modes import DPMode, for_config
 from fl_dplora.transport import from_array_record, to_array_record, wire_bytes
 
 log = logging.getLogger("fl_dplora")
@@ -45,14 +45,16 @@ class RoundStats:
 class DPLoRAFedAvg(FedAvg):
     """FedAvg over LoRA updates with the dp-modes of docs/privacy.md. Works with `strategy.start()` too."""
 
-    def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0):
+    def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0,
+                 mode: DPMode | None = None):
+        """`mode`: the run's dp-mode object (the ServerApp builds it once); built from `cfg` when not given."""
         cfg = RunConfig.of(cfg)
         super().__init__(
             fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
             min_train_nodes=1, min_available_nodes=cfg.federation.min_available,
         )
         self.cfg = cfg
-        self.mode = for_config(cfg)
+        self.mode = mode if mode is not None else for_config(cfg)
         self.global_weights = {k: v.detach().clone().float() for k, v in global_weights.items()}
         self.server_sigma = server_sigma
         self.reply_sigma = 0.0  # local noise after a resume: the most an honest node adds (run_state.resume)

@@ -102,7 +102,8 @@ def test_the_server_round_guard_goes_through_the_engine():
     cfg = resolve({"target-epsilon": TARGET, "delta": DELTA, "accountant": "rdp", "num-server-rounds": 3})
     sigma = _engine().calibrate(((1.0, 3),))
     mode = SimpleNamespace(round_event=lambda s: (s, 1.0, 1))
-    ledger = PrivacyLedger([(sigma, 1.0, 2)])
-    charge = charge_round(mode, ledger, sigma, sigma, 3, cfg)
-    assert charge.ledger.total_steps == 3 and charge.epsilon <= TARGET and ledger.total_steps == 2
-    assert charge_round(mode, charge.ledger, sigma, sigma, 4, cfg) is None  # round 4 would cross the target
+    engine = PrivacyEngine.for_run(cfg, PrivacyLedger([(sigma, 1.0, 2)]))
+    charge = charge_round(mode, engine, sigma, sigma, 3, 3)
+    assert charge.ledger.total_steps == 3 and charge.epsilon <= TARGET and engine.ledger.total_steps == 2
+    engine.ledger = charge.ledger  # the round was sent (run_state.account_round)
+    assert charge_round(mode, engine, sigma, sigma, 4, 3) is None  # round 4 would cross the target
