@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fl_dplora.config import RunConfig
+from fl_dplora.config import RunConfig, TrainConfig
 from fl_dplora.data import Encoded, collate
 from fl_dplora.forward import answer_logits, per_example_loss  # noqa: F401 - re-exported
 from fl_dplora.privacy.mechanisms import gaussian_like
@@ -30,27 +30,25 @@ from fl_dplora.privacy.per_sample import LoRAGradSampler
 
 
 # ------------------------------------------------------------------ optimizer
-def make_optimizer(params: Sequence[nn.Parameter], cfg: Mapping[str, Any],
+def make_optimizer(params: Sequence[nn.Parameter], train: TrainConfig,
                    head_params: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
-    """LoRA values at `learning-rate`, label-head values (if any) at `head-learning-rate`."""
-    cfg = RunConfig.of(cfg)
+    """LoRA values at `learning-rate`, label-head values (if any) at `head-learning-rate` (`train`: cfg.train)."""
     head_ids = {id(p) for p in head_params}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": cfg.train.learning_rate},
-              {"params": [p for p in params if id(p) in head_ids], "base_lr": cfg.train.head_learning_rate}]
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": train.learning_rate},
+              {"params": [p for p in params if id(p) in head_ids], "base_lr": train.head_learning_rate}]
     groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
-    if cfg.train.optimizer == "adamw":
+    if train.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=0.0)
-    return torch.optim.SGD(groups, momentum=cfg.train.momentum)
+    return torch.optim.SGD(groups, momentum=train.momentum)
 
 
-def lr_at(step: int, total: int, cfg: Mapping[str, Any], base: float | None = None) -> float:
+def lr_at(step: int, total: int, train: TrainConfig, base: float | None = None) -> float:
     """Learning rate at a global step (counted over the whole run, so resumed runs continue it)."""
-    cfg = RunConfig.of(cfg)
-    base = cfg.train.learning_rate if base is None else base
+    base = train.learning_rate if base is None else base
     frac = min(1.0, step / max(1, total))
-    if cfg.train.lr_schedule == "cosine":
+    if train.lr_schedule == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * frac))
-    if cfg.train.lr_schedule == "linear":
+    if train.lr_schedule == "linear":
         return base * (1 - frac)
     return base
 
@@ -212,7 +210,7 @@ def local_train(
             sampler.__enter__()
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg, group.get("base_lr"))
+                group["lr"] = lr_at(step_offset + step, total_steps or steps, cfg.train, group.get("base_lr"))
             batch_idx, order = _draw_batch(dp is not None, total, q, batch_size, order, sampling_generator)
             sums = _canary_sums(params, batch_idx, n, canaries, dp, cfg.privacy.max_grad_norm)
             # micro-batches of similar lengths pad less; the (clipped) sum does not depend on the order

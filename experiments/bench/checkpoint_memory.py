@@ -50,7 +50,7 @@ def one_variant(ckpt: bool, reps: int) -> dict:
     proc = psutil.Process()
     peaks, seconds = [], []
     for rep in range(1, reps + 1):  # the caller asks for one step per process
-        opt = make_optimizer(params, cfg)
+        opt = make_optimizer(params, cfg.train)
         before = proc.memory_info().rss
         high = [before]
         done = threading.Event()

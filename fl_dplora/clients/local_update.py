@@ -191,7 +191,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     if mode.client_level:
         log_row.update(compare_instruction_sigma(mode, msg, node_sigma))
     if mode.example_level:
-        engine = PrivacyEngine.for_run(cfg, ledger, delta=node_delta)  # the node's, at its own δ
+        engine = PrivacyEngine.for_run(cfg.privacy, ledger, delta=node_delta)  # the node's, at its own δ
         sigma = dp_sample_sigma(cfg, state, sizes.size, engine, server_round)
         log_row["adjacency"] = sizes.adjacency
         this_run, epsilon_after = engine.projected((sigma, q, stage.train.local_steps))  # with this round's steps
@@ -238,7 +238,7 @@ def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, 
     ledger, reported like after a training round; nothing else is sent and no data was touched."""
     record = ledger.to_record()
     metrics = {"partition-id": part, protocol.BUDGET_EXHAUSTED: 1, "num-examples": 0,
-               "epsilon": PrivacyEngine.for_run(cfg, ledger).epsilon(), "sigma": sigma,
+               "epsilon": PrivacyEngine.for_run(cfg.privacy, ledger).epsilon(), "sigma": sigma,
                "sample-rate": q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -249,7 +249,7 @@ def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int
     With local or distributed noise, the node's own noise is all that stands between its data and the
     server, which chooses who takes part (the fraction-train it sends buys nothing there): that ε goes
     into the log row too."""
-    engine = PrivacyEngine.for_run(cfg, delta=node_delta)
+    engine = PrivacyEngine.for_run(cfg.privacy, delta=node_delta)
     engine.charge(*node_ledger.client_events(mode.unit, server_round, charge[0], charge[1]))
     against = mode.epsilon_against_server(node_ledger.attempt_sigmas(mode.unit, charge[0]), node_delta)
     if against is not None:
@@ -264,7 +264,7 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
     params, keys = loaded.params, loaded.keys
     trainable = [params[k] for k in loaded.trained_keys]
     head = label_head.get(loaded.model)
-    optimizer = make_optimizer(trainable, cfg, head_params=list(head.parameters()) if head is not None else ())
+    optimizer = make_optimizer(trainable, cfg.train, head_params=list(head.parameters()) if head is not None else ())
     steps = privacy.stage.train.local_steps
     stats = local_train(
         loaded.model, trainable, loaded.data, privacy.stage, optimizer=optimizer, dp=privacy.dp,
@@ -292,7 +292,7 @@ def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMo
     if mode.example_level:
         ledger = privacy.node_ledger.example_ledger(privacy.sizes.adjacency)  # with this round's charge
         record = ledger.to_record()
-        metrics.update({"epsilon": PrivacyEngine.for_run(cfg, ledger).epsilon(), "sigma": privacy.dp.noise_multiplier,
+        metrics.update({"epsilon": PrivacyEngine.for_run(cfg.privacy, ledger).epsilon(), "sigma": privacy.dp.noise_multiplier,
                         "sample-rate": privacy.q, "steps-total": ledger.total_steps, **protocol.ledger_to_metrics(record)})
     policy.record({**log_row, "epsilon": privacy.epsilon_after, "delta": privacy.node_delta if mode.unit else None,
                    "accountant": cfg.privacy.accountant if mode.unit else None})

@@ -11,13 +11,16 @@ once here is which target, δ and accountant it runs at, and the budget guard's 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fl_dplora.privacy.accounting import Event, PrivacyLedger, calibrate_remaining, calibrate_schedule
 
 # Relative slack of every comparison against a calibrated value: two bisections (node and server, or
 # one before and one after a resume) land within rounding of each other, never more than this apart.
 BUDGET_TOLERANCE = 1e-6
+
+if TYPE_CHECKING:
+    from fl_dplora.config import PrivacyConfig
 
 Schedule = tuple[tuple[float, int], ...]  # (sample rate, steps) stages, every step at one σ
 
@@ -44,13 +47,10 @@ class PrivacyEngine:
         self.ledger = ledger if ledger is not None else PrivacyLedger()
 
     @classmethod
-    def for_run(cls, cfg: Mapping[str, Any], ledger: PrivacyLedger | None = None,
+    def for_run(cls, privacy: PrivacyConfig, ledger: PrivacyLedger | None = None,
                 delta: float | None = None) -> PrivacyEngine:
-        """From a run config (RunConfig or a mapping of its keys); `delta`: a party's own δ (a node's
+        """From the run config's privacy section (`cfg.privacy`); `delta`: a party's own δ (a node's
         max-delta), else the run's."""
-        from fl_dplora.config import RunConfig
-
-        privacy = RunConfig.of(cfg).privacy
         return cls(privacy.target_epsilon, privacy.delta if delta is None else delta, privacy.accountant, ledger)
 
     # ------------------------------------------------------------------ calibration

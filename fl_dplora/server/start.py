@@ -87,7 +87,7 @@ def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
     full_params, full_bytes = full_model_stats(model)
     trainable = sum(p.numel() for p in params.values())
 
-    state = RunState(*mode.noise_multipliers(), engine=PrivacyEngine.for_run(cfg))  # the run's one engine
+    state = RunState(*mode.noise_multipliers(), engine=PrivacyEngine.for_run(cfg.privacy))  # the run's one engine
     if mode.secagg is not None and mode.unit:
         mode.secagg.check_delta(state.server_sigma, trainable)  # refused rounds must not matter next to δ
     strategy = DPLoRAFedAvg(cfg, {k: p.detach() for k, p in params.items()}, server_sigma=state.server_sigma, mode=mode)

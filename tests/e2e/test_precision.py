@@ -161,7 +161,7 @@ def test_bfloat16_base_keeps_lora_gradients_and_noise_in_float32(which, monkeypa
         return original(t, *args, **kwargs)
 
     monkeypatch.setattr(train, "gaussian_like", spy)
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params, cfg.train)
     local_train(model, params, enc, {**cfg, "local-steps": 1, "batch-size": 6, "micro-batch-size": 3}, optimizer=opt,
                 dp=DPSGD(1.0, 1.0, torch.Generator().manual_seed(0)), sampling_generator=torch.Generator().manual_seed(0),
                 pad_id=pad_id())

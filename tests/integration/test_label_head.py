@@ -113,7 +113,7 @@ def test_head_only_local_train_equals_the_full_forward_run(monkeypatch):
         with torch.no_grad():
             head.proj.weight.copy_(init)
         params = [head.proj.weight]
-        local_train(model, params, enc, cfg, optimizer=make_optimizer(params, cfg, head_params=params),
+        local_train(model, params, enc, cfg, optimizer=make_optimizer(params, cfg.train, head_params=params),
                     dp=DPSGD(1.0, 0.5, torch.Generator().manual_seed(noise_seed)),
                     sampling_generator=torch.Generator().manual_seed(5), pad_id=pad, label_token_ids=ids)
         return head.proj.weight.detach().clone()
@@ -132,7 +132,7 @@ def test_optimizer_gives_the_head_its_own_learning_rate():
     cfg, model, *_ = setup(**{"learning-rate": 1e-3, "head-learning-rate": 0.3})
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     head = list(label_head.get(model).parameters())
-    opt = make_optimizer(lora + head, cfg, head_params=head)
+    opt = make_optimizer(lora + head, cfg.train, head_params=head)
     assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 0.3]
 
 

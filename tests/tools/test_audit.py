@@ -152,7 +152,7 @@ def test_a_gradient_canary_goes_through_the_dp_sgd_step():
     cfg, model, keys, trainable = _sgd_adapter(local_steps=1)
     a = keys.index(next(k for k in keys if "lora_A" in k))
     before = trainable[a].detach().clone()
-    opt = make_optimizer(trainable, cfg)
+    opt = make_optimizer(trainable, cfg.train)
     canary = GradientCanary(((a, 3, 100.0),))  # clipped to C like every per-example gradient
     local_train(model, trainable, [], cfg, optimizer=opt, dp=DPSGD(0.0, 0.5, None),
                 sampling_generator=torch.Generator().manual_seed(0), public_size=1, canaries=[canary])
@@ -199,7 +199,7 @@ def test_local_train_reports_the_noised_gradient_at_observed_coordinates():
 
     cfg, model, _, trainable = _sgd_adapter(local_steps=2)
     before = [p.detach().clone() for p in trainable]
-    opt = make_optimizer(trainable, cfg)
+    opt = make_optimizer(trainable, cfg.train)
     stats = local_train(model, trainable, [], cfg, optimizer=opt, dp=DPSGD(2.0, 0.5, torch.Generator().manual_seed(1)),
                         sampling_generator=torch.Generator().manual_seed(0), public_size=1,
                         canaries=[GradientCanary(((0, 3, 100.0),))], observe=[(0, 3), (1, 5), (-1, 0)])

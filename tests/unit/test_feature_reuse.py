@@ -124,7 +124,7 @@ def test_a_head_only_step_indexes_the_shards_rows_instead_of_collating(monkeypat
         with torch.no_grad():
             head.proj.weight.copy_(init)
         params = [head.proj.weight]
-        local_train(model, params, enc, cfg, optimizer=make_optimizer(params, cfg, head_params=params),
+        local_train(model, params, enc, cfg, optimizer=make_optimizer(params, cfg.train, head_params=params),
                     dp=DPSGD(1.0, 0.5, torch.Generator().manual_seed(1)),
                     sampling_generator=torch.Generator().manual_seed(5), pad_id=tok.pad_token_id, label_token_ids=ids)
         return head.proj.weight.detach().clone()

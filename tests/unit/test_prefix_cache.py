@@ -356,7 +356,7 @@ def test_dp_local_train_same_with_and_without_cache(loss):
             for p, v in zip(params, init):
                 p.copy_(v)
         stats = local_train(
-            model, params, data, cfg, optimizer=make_optimizer(params, cfg),
+            model, params, data, cfg, optimizer=make_optimizer(params, cfg.train),
             dp=DPSGD(noise_multiplier=1.0, max_grad_norm=0.05, generator=torch.Generator().manual_seed(11)),
             sampling_generator=torch.Generator().manual_seed(7), pad_id=pad_id(), label_token_ids=ids,
         )
@@ -375,7 +375,7 @@ def test_dp_local_train_same_with_and_without_cache(loss):
     with torch.no_grad():
         for p, v in zip(params, init):
             p.copy_(v)
-    local_train(model, params, cached_data, cfg, optimizer=make_optimizer(params, cfg),
+    local_train(model, params, cached_data, cfg, optimizer=make_optimizer(params, cfg.train),
                 dp=DPSGD(1.0, 0.05, torch.Generator().manual_seed(12)),
                 sampling_generator=torch.Generator().manual_seed(7), pad_id=pad_id(), label_token_ids=ids)
     assert any((p.detach() - b).abs().max() > 1e-3 for p, b in zip(params, full))

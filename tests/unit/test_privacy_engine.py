@@ -39,7 +39,7 @@ def test_calibrated_sigma_reaches_the_target_from_below_within_one_percent():
 
 def test_the_node_delta_is_the_one_calibrated_at():
     cfg = resolve({"target-epsilon": TARGET, "delta": 1e-5, "accountant": "rdp"})
-    run, own = PrivacyEngine.for_run(cfg), PrivacyEngine.for_run(cfg, delta=1e-7)
+    run, own = PrivacyEngine.for_run(cfg.privacy), PrivacyEngine.for_run(cfg.privacy, delta=1e-7)
     assert (run.target_epsilon, run.delta, run.accountant) == (TARGET, 1e-5, "rdp") and own.delta == 1e-7
     assert own.calibrate(((0.5, 4),)) > run.calibrate(((0.5, 4),))
 
@@ -102,7 +102,7 @@ def test_the_server_round_guard_goes_through_the_engine():
     cfg = resolve({"target-epsilon": TARGET, "delta": DELTA, "accountant": "rdp", "num-server-rounds": 3})
     sigma = _engine().calibrate(((1.0, 3),))
     mode = SimpleNamespace(round_event=lambda s: (s, 1.0, 1))
-    engine = PrivacyEngine.for_run(cfg, PrivacyLedger([(sigma, 1.0, 2)]))
+    engine = PrivacyEngine.for_run(cfg.privacy, PrivacyLedger([(sigma, 1.0, 2)]))
     charge = charge_round(mode, engine, sigma, sigma, 3, 3)
     assert charge.ledger.total_steps == 3 and charge.epsilon <= TARGET and engine.ledger.total_steps == 2
     engine.ledger = charge.ledger  # the round was sent (run_state.account_round)

@@ -62,8 +62,8 @@ class ClientDP(DPMode):
         if cfg.privacy.noise_multiplier > 0:
             sigma = cfg.privacy.noise_multiplier
         else:  # every round of the run at q = fraction-train (Poisson client sampling)
-            sigma = factor * PrivacyEngine.for_run(cfg).calibrate(((cfg.federation.fraction_train,
-                                                                    cfg.federation.num_server_rounds),))
+            sigma = factor * PrivacyEngine.for_run(cfg.privacy).calibrate(((cfg.federation.fraction_train,
+                                                                            cfg.federation.num_server_rounds),))
         return sigma, sigma / factor
 
     def remaining_noise_multipliers(self, charged: Sequence[tuple[float, float, int]], rounds_left: int,
@@ -79,7 +79,7 @@ class ClientDP(DPMode):
         cfg, factor, q = self.cfg, self._sensitivity(), self.cfg.federation.fraction_train
         if cfg.privacy.noise_multiplier > 0 or rounds_left < 1:
             return None
-        engine = PrivacyEngine.for_run(cfg)
+        engine = PrivacyEngine.for_run(cfg.privacy)
         # `keep` fits: ε exactly within the target (no tolerance: σ stays only where it provably fits)
         if keep is not None and engine.epsilon(PrivacyLedger([*charged, (keep, q, rounds_left)])) <= engine.target_epsilon:
             return factor * keep, keep

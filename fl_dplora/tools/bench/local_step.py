@@ -45,7 +45,7 @@ def timed_local_step(model, params, start, cfg: dict[str, Any], pad_id: int, sta
             for p, s in zip(params, start):
                 p.copy_(s)
                 p.grad = None
-        state["opt"] = make_optimizer(params, cfg)
+        state["opt"] = make_optimizer(params, cfg.train)
 
     def step(data, dp) -> Callable[[], None]:
         def run() -> None:
