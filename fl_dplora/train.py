@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -53,16 +52,14 @@ def lr_at(step: int, total: int, train: TrainConfig, base: float | None = None) 
     return base
 
 
-def head_only_round(cfg: Mapping[str, Any], server_round: int) -> bool:
+def head_only_round(cfg: RunConfig, server_round: int) -> bool:
     """Rounds 1..head-rounds train only the label head (linear probing before fine-tuning, LP-FT)."""
-    cfg = RunConfig.of(cfg)
     return cfg.train.label_head and server_round <= cfg.train.head_rounds
 
 
-def stage_config(cfg: Mapping[str, Any], server_round: int, n: int) -> RunConfig:
+def stage_config(cfg: RunConfig, server_round: int, n: int) -> RunConfig:
     """The run config as this round's training stage sees it: a head-only round trains with the
     head-* steps and batch size (head-batch-size 0 = the whole shard, q = 1)."""
-    cfg = RunConfig.of(cfg)
     if not head_only_round(cfg, server_round):
         return cfg
     batch = cfg.train.head_batch_size or n
@@ -163,7 +160,7 @@ def local_train(
     model: nn.Module,
     params: Sequence[nn.Parameter],
     data: Sequence[Encoded],
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     *,
     optimizer: torch.optim.Optimizer,
     dp: DPSGD | None,
@@ -186,7 +183,6 @@ def local_train(
     `observe`: (position in `params`, flat index) of every audit canary's coordinate, planted or not
     (position -1: not trained this round); each step's gradient there, after the noise and the
     divisor (what DP-SGD's accounting assumes released), goes into TrainStats.observed."""
-    cfg = RunConfig.of(cfg)
     from tqdm.auto import tqdm
 
     steps, batch_size, micro = cfg.train.local_steps, cfg.train.batch_size, cfg.train.micro_batch_size

@@ -168,7 +168,8 @@ class RunConfig(Mapping[str, Any]):
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> RunConfig:
-        """`cfg` itself if it is a RunConfig, else a mapping of run-config keys resolved (validated)."""
+        """`cfg` itself if it is a RunConfig, else a mapping of run-config keys resolved (validated).
+        Leaving: privacy/, train.py, server/ and the strategy take a RunConfig already (issue 29)."""
         return cfg if isinstance(cfg, RunConfig) else cls.from_run_config(cfg)
 
     def with_values(self, overrides: Mapping[str, Any]) -> RunConfig:

@@ -4,7 +4,6 @@ adapter's score after a round, and the test part scored once at the end."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from fl_dplora import label_head
@@ -18,10 +17,9 @@ from fl_dplora.models import load_adapter_weights
 log = logging.getLogger("fl_dplora")
 
 
-def setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str, list[float]]:
+def setup_label_head(model, tokenizer, task, cfg: RunConfig) -> dict[str, list[float]]:
     """label-head: a fresh zero head whose feature statistics come from public examples (the task's
     evaluation data outside the scored subset); returns them as the config entries clients read."""
-    cfg = RunConfig.of(cfg)
     label_head.remove(model)
     if not cfg.train.label_head:
         return {}
@@ -47,15 +45,13 @@ def setup_label_head(model, tokenizer, task, cfg: Mapping[str, Any]) -> dict[str
     return dict(label_head.stats_to_config(mean, scale))
 
 
-def evaluate_global(model, params, strategy, tokenizer, task, evals, cfg) -> dict[str, float]:
-    cfg = RunConfig.of(cfg)
+def evaluate_global(model, params, strategy, tokenizer, task, evals, cfg: RunConfig) -> dict[str, float]:
     load_adapter_weights(params, strategy.global_weights)
     return evaluate(model, tokenizer, task, evals, cfg.data.max_seq_len, max_new_tokens=cfg.data.max_new_tokens,
                     system_prompt=cfg.data.system_prompt, prefix_cache=cfg.model.prefix_cache, keep_states=True)
 
 
-def score_test(model, params, strategy, tokenizer, task, cfg) -> dict[str, Any] | None:
-    cfg = RunConfig.of(cfg)
+def score_test(model, params, strategy, tokenizer, task, cfg: RunConfig) -> dict[str, Any] | None:
     load_adapter_weights(params, strategy.global_weights)
     result = score_test_part(model, tokenizer, task, cfg)
     if result is not None:

@@ -24,9 +24,8 @@ from fl_dplora.thread_layout import log_thread_layout
 log = logging.getLogger("fl_dplora")
 
 
-def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """A whole run on `grid` with the resolved run config `cfg`; returns summary.json's content."""
-    cfg = RunConfig.of(cfg)
     t_start = time.time()
     run, state = start_run(grid, cfg)
     log_thread_layout("server")  # once per process, after start_run's refusals; operator log only (thread_layout.py)

@@ -52,10 +52,9 @@ def save_adapter(model, params, strategy, folder: Path, task) -> None:
     label_head.save(model, folder, task.label_words)
 
 
-def metrics_row(rnd: int, last_eval: dict[str, float], task, mode, epsilon: float, cfg,
+def metrics_row(rnd: int, last_eval: dict[str, float], task, mode, epsilon: float, cfg: RunConfig,
                 client_metrics) -> dict[str, Any]:
     """A round's released row: DP outputs and the evaluation on the server's own data only."""
-    cfg = RunConfig.of(cfg)
     row = {
         "round": rnd,
         "eval_loss": last_eval.get("loss"), "eval_accuracy": last_eval.get("accuracy"),
@@ -93,9 +92,8 @@ def log_federated_eval(rnd: int, rounds: int, fed: dict[str, Any]) -> None:
              " ".join(f"{k}={v:.4f}" for k, v in fed["weighted"].items()) or "-")
 
 
-def privacy_block(cfg, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
+def privacy_block(cfg: RunConfig, mode, state: RunState, dim: int = 0) -> dict[str, Any]:
     """summary.json's `privacy`: the mode, its noise and ε; per client for the example-level modes."""
-    cfg = RunConfig.of(cfg)
     block = {"mode": mode.name, "noise_multiplier": None, "max_grad_norm": None, "sample_rate": None, "steps": 0,
              "accountant": None, "epsilon": None, "delta": cfg.privacy.delta}
     if mode.unit is None:
@@ -139,10 +137,9 @@ def _example_level(client_eps, client_ledgers) -> dict[str, Any]:
     return out
 
 
-def summary(cfg, state: RunState, privacy: dict[str, Any], sizes: dict[str, int],
+def summary(cfg: RunConfig, state: RunState, privacy: dict[str, Any], sizes: dict[str, int],
             test: dict[str, Any] | None) -> dict[str, Any]:
     """summary.json: the rounds done, the final evaluation, the model's sizes, the privacy block, the config."""
-    cfg = RunConfig.of(cfg)
     last_eval = state.last_eval
     out = {
         "rounds": state.rounds_done,
@@ -155,10 +152,9 @@ def summary(cfg, state: RunState, privacy: dict[str, Any], sizes: dict[str, int]
     return out
 
 
-def operator_summary(cfg, state: RunState, wall_seconds: float) -> dict[str, Any]:
+def operator_summary(cfg: RunConfig, state: RunState, wall_seconds: float) -> dict[str, Any]:
     """bytes and wall time depend on who took part: the operator's, next to the per-round rows; the
     ledgers let a reviewer recompute every ε with an accountant of their own."""
-    cfg = RunConfig.of(cfg)
     return {"event": "summary", "bytes_up_total": state.totals["up"], "bytes_down_total": state.totals["down"],
             "wall_seconds": wall_seconds, "rounds": state.rounds_done, "accountant": cfg.privacy.accountant,
             "delta": cfg.privacy.delta, "server_ledger": state.engine.state_dict(),

@@ -54,9 +54,9 @@ def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> Non
                                      for k in diff))
 
 
-def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhead, mode, cfg, out_dir: Path) -> None:
+def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhead, mode, cfg: RunConfig,
+           out_dir: Path) -> None:
     """Restore `state` and the strategy from a checkpoint, then charge the rounds begun after it."""
-    cfg = RunConfig.of(cfg)
     strategy.load_state_dict(resumed["strategy"])
     state.resumed = True
     state.engine.load_state_dict(resumed["server_ledger"])
@@ -102,8 +102,7 @@ def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: in
     wal.replied(attempt, rnd, state.client_ledgers if mode.example_level else {})
 
 
-def save_checkpoint(out_dir: Path, rnd: int, cfg, strategy, state: RunState) -> None:
-    cfg = RunConfig.of(cfg)
+def save_checkpoint(out_dir: Path, rnd: int, cfg: RunConfig, strategy, state: RunState) -> None:
     checkpoint.save(out_dir, {
         "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
         "server_ledger": state.engine.state_dict(),

@@ -5,7 +5,6 @@ refuse a run comes before any file is written or any client trains."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,8 @@ from fl_dplora.write_ahead import WriteAhead
 log = logging.getLogger("fl_dplora")
 
 
-def preflight(cfg: Mapping[str, Any]) -> None:
+def preflight(cfg: RunConfig) -> None:
     """Cheap checks that need no model: fail in a second, not after a model load."""
-    cfg = RunConfig.of(cfg)
     check_model_name(cfg.model.name)
     check_runtime(cfg)
     check_task(cfg.data.task)
@@ -43,7 +41,7 @@ def preflight(cfg: Mapping[str, Any]) -> None:
 class ServerRun:
     """What stays fixed for a run's rounds (what changes is RunState)."""
 
-    cfg: dict[str, Any]
+    cfg: RunConfig
     out_dir: Path
     mode: Any  # privacy.modes: the dp-mode's object
     task: Any
@@ -64,8 +62,7 @@ class ServerRun:
         return self.cfg.federation.num_server_rounds
 
 
-def start_run(grid: Grid, cfg: dict[str, Any]) -> tuple[ServerRun, RunState]:
-    cfg = RunConfig.of(cfg)
+def start_run(grid: Grid, cfg: RunConfig) -> tuple[ServerRun, RunState]:
     preflight(cfg)
     check_report_to(cfg)  # a tracker whose package is missing: one line, before any file is written
     # a new run never reuses a folder holding a run: refused (one line), or its files deleted (overwrite)

@@ -45,10 +45,9 @@ class RoundStats:
 class DPLoRAFedAvg(FedAvg):
     """FedAvg over LoRA updates with the dp-modes of docs/privacy.md. Works with `strategy.start()` too."""
 
-    def __init__(self, cfg: Mapping[str, Any], global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0,
+    def __init__(self, cfg: RunConfig, global_weights: Mapping[str, torch.Tensor], server_sigma: float = 0.0,
                  mode: DPMode | None = None):
         """`mode`: the run's dp-mode object (the ServerApp builds it once); built from `cfg` when not given."""
-        cfg = RunConfig.of(cfg)
         super().__init__(
             fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
             min_train_nodes=1, min_available_nodes=cfg.federation.min_available,

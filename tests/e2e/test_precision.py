@@ -162,7 +162,7 @@ def test_bfloat16_base_keeps_lora_gradients_and_noise_in_float32(which, monkeypa
 
     monkeypatch.setattr(train, "gaussian_like", spy)
     opt = make_optimizer(params, cfg.train)
-    local_train(model, params, enc, {**cfg, "local-steps": 1, "batch-size": 6, "micro-batch-size": 3}, optimizer=opt,
+    local_train(model, params, enc, cfg.with_values({"local-steps": 1, "batch-size": 6, "micro-batch-size": 3}), optimizer=opt,
                 dp=DPSGD(1.0, 1.0, torch.Generator().manual_seed(0)), sampling_generator=torch.Generator().manual_seed(0),
                 pad_id=pad_id())
     assert noise_dtypes and set(noise_dtypes) == {torch.float32}

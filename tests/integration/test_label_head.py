@@ -207,7 +207,7 @@ def test_no_statistics_prompt_is_ever_in_the_scored_set(tmp_path, monkeypatch):
     real_encode = server_evaluation.encode_all
     monkeypatch.setattr(server_evaluation, "encode_all", lambda tok, ex, *a: encoded.extend(ex) or real_encode(tok, ex, *a))
     run_cfg, model, *_ = setup()
-    run_cfg = {**run_cfg, "max-eval-samples": 0}
+    run_cfg = run_cfg.with_values({"max-eval-samples": 0})
     tok = load_tokenizer(run_cfg["model"])
     stats = server_evaluation.setup_label_head(model, tok, load_task("fin-sentiment"), run_cfg)
     assert not {e.prompt for e in encoded} & scored

@@ -8,9 +8,6 @@ branching on the `dp-mode` string; a new mode is one new module with its class, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from fl_dplora.config import RunConfig
 from fl_dplora.privacy.modes.base import DPMode, Update
 from fl_dplora.privacy.modes.client import ClientDP
@@ -24,8 +21,8 @@ __all__ = ["MODES", "ClientDP", "DPMode", "ExampleDP", "NoDP", "PaperDP", "Updat
 MODES: dict[str, type[DPMode]] = {cls.name: cls for cls in (NoDP, ExampleDP, ClientDP, PaperDP)}
 
 
-def for_config(cfg: Mapping[str, Any]) -> DPMode:
-    cfg = RunConfig.of(cfg)
+def for_config(cfg: RunConfig) -> DPMode:
+    """The run's dp-mode object (the ServerApp builds it once per run: server/start.py)."""
     return MODES[cfg.privacy.dp_mode](cfg)
 
 

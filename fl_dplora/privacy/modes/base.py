@@ -28,14 +28,14 @@ class DPMode:
     client_level: ClassVar[bool] = False  # the server samples clients (Poisson) and keeps the ledger
     releases_raw_counts: ClassVar[bool] = False  # replies may carry shard sizes and losses
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.cfg = cfg = RunConfig.of(cfg)  # a plain mapping (tests, tools) is resolved once here
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         self.max_grad_norm = cfg.privacy.max_grad_norm
         self.placement = self._placement(cfg)
         # secure aggregation (Flower's SecAgg+): the server unmasks only the sum of the round's updates
         self.secagg = SecureAggregation(self) if cfg.secagg.enabled else None
 
-    def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
+    def _placement(self, cfg: RunConfig) -> NoisePlacement:
         """Where the noise on a client's update is added (placement.py); none for a mode without it."""
         return NONE
 

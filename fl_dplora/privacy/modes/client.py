@@ -11,11 +11,12 @@ variance of the full population, so σ²C²·population whatever m).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.mechanisms import clip_to_norm, gaussian_like, global_norm
 from fl_dplora.privacy.modes.base import DPMode, Update
 from fl_dplora.privacy.modes.placement import CENTRAL, DISTRIBUTED, LOCAL, NoisePlacement
@@ -32,7 +33,7 @@ class ClientDP(DPMode):
     unit = "client"
     client_level = True
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         if self.placement.node_shares:
             self.trusted = ("nobody for each update (the server unmasks only the sum, whose noise any "
@@ -45,7 +46,7 @@ class ClientDP(DPMode):
         self.population = self.cfg.federation.population
         self.divisor = self.cfg.federation.fraction_train * self.population
 
-    def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
+    def _placement(self, cfg: RunConfig) -> NoisePlacement:
         """client-noise local: each client; distributed (only under secure aggregation): shares; else central."""
         if cfg.privacy.client_noise == "local":
             return LOCAL

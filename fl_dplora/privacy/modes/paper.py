@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
-
+from fl_dplora.config import RunConfig
 from fl_dplora.privacy.mechanisms import clip_to_norm
 from fl_dplora.privacy.modes.base import Update
 from fl_dplora.privacy.modes.client import ClientDP
@@ -18,11 +16,11 @@ class PaperDP(ClientDP):
 
     name = "paper"
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.trusted = "nobody for each update (local DP per client); the server for participation"
 
-    def _placement(self, cfg: Mapping[str, Any]) -> NoisePlacement:
+    def _placement(self, cfg: RunConfig) -> NoisePlacement:
         return LOCAL  # whatever client-noise says: the paper's clients noise their own ΔA and ΔB
 
     def _sensitivity(self) -> float:
