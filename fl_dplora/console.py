@@ -28,6 +28,13 @@ import warnings
 
 from fl_dplora.config import ConfigError
 
+def stderr_handler() -> logging.Handler:
+    """Our log lines on stderr (`12:00:00 INFO ...`): the CLI's and a Ray actor's alike."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
+
+
 _FLOWER_NOISE = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0",
                  "Manually terminating ClientAppActor")
 _WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),

@@ -87,9 +87,9 @@ def parse_layout_lines(text: str) -> list[dict[str, Any]]:
 def _ensure_handler() -> None:
     """A Ray actor or flwr-clientapp process has no handler for our logs: give this logger one (stderr)."""
     if not log.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
+        from fl_dplora.console import stderr_handler
+
+        log.addHandler(stderr_handler())
         log.propagate = False
     if log.getEffectiveLevel() > logging.INFO:  # a process whose loggers default to WARNING (a Ray actor)
         log.setLevel(logging.INFO)

@@ -14,6 +14,7 @@ from fl_dplora.cli import model, run, tools
 from fl_dplora.cli.model import evaluate_adapter, predict_texts
 from fl_dplora.cli.run import as_overrides, prepare_config, simulate, simulate_run
 from fl_dplora.config import ConfigError
+from fl_dplora.console import stderr_handler
 
 __all__ = ["as_overrides", "build_parser", "evaluate_adapter", "main", "predict_texts", "prepare_config",
            "setup_logging", "simulate", "simulate_run"]
@@ -70,10 +71,8 @@ def _all_parsers(parser: argparse.ArgumentParser):
 
 def setup_logging(verbose: bool = False) -> None:
     """Our one-line-per-round log on stderr; Flower keeps its own handler (no duplicates)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     ours = logging.getLogger("fl_dplora")
-    ours.handlers[:] = [handler]
+    ours.handlers[:] = [stderr_handler()]
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.propagate = False
     logging.getLogger("flwr").propagate = False

@@ -26,6 +26,7 @@ from fl_dplora.forward import per_example_loss
 from fl_dplora.frozen_prefix import attach_prefix, compute_prefix, frozen_dtype, prefix_start, set_frozen_dtype
 from fl_dplora.frozen_int8 import Int8Linear, int8_copy
 from fl_dplora.label_head import first_answer_states
+from fl_dplora.models import reset_adapter
 
 TINY = ("llama", "gpt2")
 
@@ -404,19 +405,12 @@ def test_massive_channels_stay_out_of_the_rotation_and_the_int8_products(monkeyp
 
 
 # ------------------------------------------------------------------ every block int8 while only a head trains
-def _idle(model) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
-
-
 @pytest.mark.parametrize("which", TINY)
 def test_head_only_features_run_every_block_in_int8(which):
     """With every lora_B 0 (a head-only round's LoRA at init) the blocks that hold LoRA compute the frozen
     model's function: their final features come from int8 copies of their base layers, close to float32."""
     _, model, _ = build(which)
-    _idle(model)
+    reset_adapter(model)  # LoRA back at its init: every lora_B 0
     start, enc = prefix_start(model), examples(10)
     with_states = [replace(e, prefix=s, prefix_start=start) for e, s in zip(enc, compute_prefix(model, enc, start, dtype="int8"))]
     final = {}
@@ -440,7 +434,7 @@ def test_top_blocks_stay_float32_while_lora_trains_or_has_trained():
     start = prefix_start(model)
     with torch.no_grad():
         assert frozen_prefix.int8_top(model, start) is None  # B != 0: the adapter changes the output
-    _idle(model)
+    reset_adapter(model)  # LoRA back at its init: every lora_B 0
     assert frozen_prefix.int8_top(model, start) is None  # a gradient is wanted: LoRA trains through float32
     with torch.no_grad():
         assert frozen_prefix.int8_top(model, start) is not None

@@ -195,14 +195,14 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
     from fl_dplora.label_head import first_answer_states
 
     states = {d: compute_prefix(model, data, start, batch_size=BUILD_BATCH, dtype=d) for d in ("float32", "int8")}
-    final = {d: first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states[d])],
-                                    pad_id) for d in states}
+    attached = {d: [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states[d])] for d in states}
+    final = {d: first_answer_states(model, attached[d], pad_id) for d in states}
     # head-only rounds (every lora_B 0): the blocks above the prefix run int8 too (frozen_prefix.int8_top)
     was = frozen_dtype(model)
     set_frozen_dtype(model, "int8")
     try:
-        whole = first_answer_states(model, [replace(e, prefix=s, prefix_start=start) for e, s in zip(data, states["int8"])],
-                                    pad_id) if adapter_idle(decoder_blocks(model)[2][start:]) else None
+        whole = (first_answer_states(model, attached["int8"], pad_id)
+                 if adapter_idle(decoder_blocks(model)[2][start:]) else None)
     finally:
         set_frozen_dtype(model, was)
     flat = {d: [s.flatten() for s in states[d]] for d in states}
