@@ -13,6 +13,7 @@ same keys and values.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,8 @@ class RunConfig(Mapping[str, Any]):
     def of(cls, cfg: Mapping[str, Any]) -> RunConfig:
         """`cfg` itself if it is a RunConfig, else a mapping of run-config keys resolved (validated).
         Leaving: privacy/, train.py, server/ and the strategy take a RunConfig already (issue 29)."""
+        if not isinstance(cfg, RunConfig) and os.environ.get("FL_DPLORA_STRICT_CONFIG"):
+            raise TypeError(f"RunConfig.of got a {type(cfg).__name__}, not a RunConfig (FL_DPLORA_STRICT_CONFIG)")
         return cfg if isinstance(cfg, RunConfig) else cls.from_run_config(cfg)
 
     def with_values(self, overrides: Mapping[str, Any]) -> RunConfig:
@@ -178,10 +181,12 @@ class RunConfig(Mapping[str, Any]):
 
     def to_record(self) -> dict[str, Any]:
         """The flat kebab-case dict, in SCHEMA order: Flower's ConfigRecord, JSON files, hashes."""
-        return {name: self[name] for name in SCHEMA}
+        return {name: getattr(getattr(self, WHERE[name][0]), WHERE[name][1]) for name in SCHEMA}
 
     # ------------------------------------------------------------------ the read-only Mapping view
     def __getitem__(self, name: str) -> Any:
+        if os.environ.get("FL_DPLORA_STRICT_CONFIG"):  # issue 29 migration tripwire: no string reads
+            raise TypeError(f"cfg[{name!r}]: read the attribute (FL_DPLORA_STRICT_CONFIG)")
         try:
             section, attr = WHERE[name]
         except KeyError:
@@ -189,6 +194,8 @@ class RunConfig(Mapping[str, Any]):
         return getattr(getattr(self, section), attr)
 
     def __iter__(self) -> Iterator[str]:
+        if os.environ.get("FL_DPLORA_STRICT_CONFIG"):  # dict(cfg), {**cfg}, cfg.items(): use to_record()
+            raise TypeError("iterating a RunConfig: use cfg.to_record() (FL_DPLORA_STRICT_CONFIG)")
         return iter(SCHEMA)
 
     def __len__(self) -> int:
@@ -197,6 +204,6 @@ class RunConfig(Mapping[str, Any]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mapping):
             return NotImplemented
-        return self.to_record() == dict(other.items())
+        return self.to_record() == (other.to_record() if isinstance(other, RunConfig) else dict(other.items()))
 
     __hash__ = None  # type: ignore[assignment]  # equal to dicts, which are unhashable
