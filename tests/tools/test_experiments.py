@@ -78,7 +78,7 @@ def test_committed_specs_are_valid():
 def test_matrix_ids_and_hashes(spec_dir):
     spec = ex.load_spec("tiny")
     assert [r.id for r in spec.runs] == ["rank-2", "rank-4", "zero-shot"]
-    assert spec.runs[0].config["lora-rank"] == 2 and spec.runs[1].config["lora-rank"] == 4
+    assert spec.runs[0].run_config.lora.rank == 2 and spec.runs[1].run_config.lora.rank == 4
     assert len({r.hash for r in spec.runs}) == 3
     # the hash ignores where a run writes, not what it computes
     again = ex.load_spec("tiny").runs[0]
@@ -256,7 +256,7 @@ def test_seed_matrix_names_runs_and_changes_their_hash(spec_dir):
     spec = ex.load_spec("seeds")
     assert spec.aggregate == ["seed"]
     assert [r.id for r in spec.runs] == [f"rank{r}-seed{s}" for r in (2, 4) for s in (42, 1, 2)]
-    assert [r.config["seed"] for r in spec.runs[:3]] == [42, 1, 2] and len({r.hash for r in spec.runs}) == 6
+    assert [r.run_config.train.seed for r in spec.runs[:3]] == [42, 1, 2] and len({r.hash for r in spec.runs}) == 6
 
 
 def test_bad_aggregate_key_fails(spec_dir):

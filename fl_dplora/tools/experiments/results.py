@@ -69,7 +69,7 @@ def mean_se(values: list[Any]) -> tuple[float | None, float | None]:
 def _cell_key(rec: Mapping[str, Any], keys: list[str]) -> str:
     """What a run computes (as its hash sees it) less the aggregated keys, plus its series and kind."""
     try:
-        cfg = resolve(rec.get("overrides", {}), base=SPEC_BASE)
+        cfg = resolve(rec.get("overrides", {}), base=SPEC_BASE).to_record()
     except ConfigError:  # a record of an older schema: its overrides as they are
         cfg = dict(rec.get("overrides", {}))
     drop = SERVER_ONLY_KEYS | NON_COMPUTING_KEYS | {"population"} | {k.replace("_", "-") for k in keys}

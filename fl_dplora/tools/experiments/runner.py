@@ -189,14 +189,15 @@ def record(run: RunSpec) -> dict[str, Any]:
     d = run_dir(run)
     s = json.loads((d / "summary.json").read_text())
     fe = s.get("final_eval", {})
-    cfg = run.config
+    cfg = run.run_config
+    unit = MODES[cfg.privacy.dp_mode].unit  # None: no DP, no (epsilon, delta) claim
     rec: dict[str, Any] = {
         "id": run.id, "series": run.series, "kind": run.kind, "hash": run.hash, "overrides": run.overrides,
-        "task": cfg["task"], "dp_mode": cfg["dp-mode"] if run.kind == "train" else None,
-        "lora_variant": cfg["lora-variant"] if run.kind == "train" else None,
-        "lora_rank": cfg["lora-rank"], "partitioner": cfg["partitioner"], "seed": cfg["seed"],
-        "dirichlet_alpha": cfg["dirichlet-alpha"] if cfg["partitioner"] == "dirichlet" else None,
-        "target_epsilon": cfg["target-epsilon"] if MODES[cfg["dp-mode"]].unit and run.kind == "train" else None,
+        "task": cfg.data.task, "dp_mode": cfg.privacy.dp_mode if run.kind == "train" else None,
+        "lora_variant": cfg.lora.variant if run.kind == "train" else None,
+        "lora_rank": cfg.lora.rank, "partitioner": cfg.data.partitioner, "seed": cfg.train.seed,
+        "dirichlet_alpha": cfg.data.dirichlet_alpha if cfg.data.partitioner == "dirichlet" else None,
+        "target_epsilon": cfg.privacy.target_epsilon if unit and run.kind == "train" else None,
         "accuracy": fe.get("accuracy"), "macro_f1": fe.get("macro_f1"), "eval_loss": fe.get("loss"),
         "perplexity": fe.get("perplexity"), "eval_examples": fe.get("num_examples"),
         "majority_rate": fe.get("majority_rate"),  # always answering the most frequent label (None: older runs)
@@ -216,10 +217,10 @@ def record(run: RunSpec) -> dict[str, Any]:
         rounds = int(s["rounds"])
         up, down = s["bytes_up_total"], s["bytes_down_total"]  # the runner's copy of the operator log's totals
         rec.update({
-            "epsilon": priv.get("epsilon"), "delta": priv.get("delta") if MODES[cfg["dp-mode"]].unit else None,
+            "epsilon": priv.get("epsilon"), "delta": priv.get("delta") if unit else None,
             "noise_multiplier": priv.get("noise_multiplier"), "rounds": rounds,
             "num_clients": run.num_clients,
-            "examples_processed": run.num_clients * rounds * cfg["local-steps"] * cfg["batch-size"],
+            "examples_processed": run.num_clients * rounds * cfg.train.local_steps * cfg.train.batch_size,
             "trainable_params": s["trainable_params"], "bytes_up_total": up, "bytes_down_total": down,
             "bytes_up_per_client_round": up / max(1, rounds * run.num_clients),
             "pct_full_model": 100.0 * up / max(1, rounds * run.num_clients) / s["full_model_bytes"],

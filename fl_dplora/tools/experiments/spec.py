@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_dplora.checkpoint import ADDED_KEYS
-from fl_dplora.config import SCHEMA, SERVER_ONLY_KEYS, ConfigError, resolve, tfns_recipe_defaults
+from fl_dplora.config import SCHEMA, SERVER_ONLY_KEYS, ConfigError, RunConfig, resolve, tfns_recipe_defaults
 
 CACHE_VERSION = 1  # bump when a code change makes earlier cached results incomparable
 # Keys that change where a run computes, never what (prefix-cache: exact to float rounding): out of the hash.
@@ -33,22 +33,34 @@ _PLOT_KINDS = ("line", "rounds", "bar")
 _TASK_IN_HASH = {"fin-sentiment-v1": "fin-sentiment", "fin-sentiment": "fin-sentiment/dev-test-split"}
 
 
+def _in_hash(name: str, value: Any) -> Any:
+    """A run-config value as the cache key holds it (a task under the name its results were computed with)."""
+    return _TASK_IN_HASH.get(value, value) if name == "task" else value
+
+
 @dataclass
 class RunSpec:
     id: str
     series: str
     kind: str  # "train" | "zero-shot"
     overrides: dict[str, Any]
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved run config as its flat record
     num_clients: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, RunConfig):
+            self.config = self.config.to_record()
+
+    @property
+    def run_config(self) -> RunConfig:
+        """`config` as the typed RunConfig (run.run_config.train.seed)."""
+        return RunConfig.from_record(self.config)
 
     @property
     def hash(self) -> str:
-        keep = {k: v for k, v in sorted(self.config.items())  # only what the run computes
+        keep = {k: _in_hash(k, v) for k, v in sorted(self.config.items())  # only what the run computes
                 if k not in SERVER_ONLY_KEYS | NON_COMPUTING_KEYS and LEGACY_VALUES.get(k, object()) != v
                 and not (k == "population" and v in (0, self.num_clients))}  # = "clients" below
-        if "task" in keep:
-            keep["task"] = _TASK_IN_HASH.get(keep["task"], keep["task"])
         # audit-canaries left the run config (issue 29; the audit's canaries travel in node configs): every
         # run an experiment trained had it empty, which its hash keeps, so every cached result stays matched
         keep["audit-canaries"] = ""
