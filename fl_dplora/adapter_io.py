@@ -56,7 +56,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-               summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               summary: Mapping[str, Any] | None = None) -> RunConfig:
     """The run's own resolved config (from `summary`, else its summary.json), `overrides` on top."""
     summary = summary if summary is not None else read_summary(run_dir)
     saved = {k: v for k, v in summary["config"].items() if k in SCHEMA and k not in _RUN_ONLY}
@@ -74,10 +74,9 @@ def check_adapter_dir(folder: str | Path, flag: str = "--adapter") -> None:
         raise ConfigError(f"{flag}: {folder} has no adapter_config.json (give a run's adapter/ folder or its output dir)")
 
 
-def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
+def load_adapted_model(cfg: RunConfig, folder: str | Path, task):
     """Base model + the saved adapter (+ label head), ready to evaluate; refuses a head trained on
     other label words than `task`'s."""
-    cfg = RunConfig.of(cfg)
     from peft import PeftModel
 
     from fl_dplora import label_head
@@ -101,11 +100,10 @@ def load_adapted_model(cfg: Mapping[str, Any], folder: str | Path, task):
     return model
 
 
-def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str]) -> list[dict[str, Any]]:
+def answer(model, tokenizer, task, cfg: RunConfig, texts: Sequence[str]) -> list[dict[str, Any]]:
     """One answer per input text, through the same prompt and scorer as training and evaluation:
     classification gives the chosen label word and every label's probability, generation the
     greedy continuation."""
-    cfg = RunConfig.of(cfg)
     from fl_dplora.data import Example
     from fl_dplora.evaluate import evaluate, generate_answer
     from fl_dplora.task_card import examples_from_rows
@@ -129,10 +127,9 @@ def answer(model, tokenizer, task, cfg: Mapping[str, Any], texts: Sequence[str])
             for t, p in zip(texts, prompts)]
 
 
-def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
+def base_model_ref(cfg: RunConfig) -> tuple[str, str | None]:
     """What an adapter's `base_model_name_or_path` should say for the run's `model`, and why
     `AutoPeftModelForCausalLM` cannot load that base by itself (None when it can)."""
-    cfg = RunConfig.of(cfg)
     from fl_dplora.model_loading import SMOLLM2_GGUF, TINY_ALIASES
 
     name = cfg.model.name
@@ -150,11 +147,10 @@ def base_model_ref(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     return name, None  # a hub id
 
 
-def name_base_model(folder: str | Path, cfg: Mapping[str, Any]) -> None:
+def name_base_model(folder: str | Path, cfg: RunConfig) -> None:
     """Point the adapter_config.json in `folder` at a base that loads (PEFT writes the loaded
     object's own name: null for a model built in code, a site-packages folder for a GGUF), and
     write fl_dplora.json beside it (the run config: `--adapter DIR` alone rebuilds the model)."""
-    cfg = RunConfig.of(cfg)
     path = Path(folder) / "adapter_config.json"
     conf = json.loads(path.read_text())
     base, unloadable = base_model_ref(cfg)
@@ -203,10 +199,9 @@ def _arg(value: str, placeholder: str) -> str:
     return f"{placeholder}_PATH" if _local(str(value)) else str(value)
 
 
-def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, Any]:
+def card_metadata(cfg: RunConfig, base: str, on_hub: bool) -> dict[str, Any]:
     """The Hub's front matter for the card: licence (the base model's, where fl-dplora knows it, else
     `other`) and the training data's Hub dataset id (built-in tasks, or a hub dataset given as task)."""
-    cfg = RunConfig.of(cfg)
     from fl_dplora.model_loading import TINY_ALIASES
 
     licence = "apache-2.0" if base == SMOLLM2_HUB_ID or cfg.model.name in TINY_ALIASES else "other"
@@ -216,10 +211,9 @@ def card_metadata(cfg: Mapping[str, Any], base: str, on_hub: bool) -> dict[str, 
             "base_model": base if on_hub else None}
 
 
-def model_card(summary: Mapping[str, Any], cfg: Mapping[str, Any], merged: bool, has_head: bool,
+def model_card(summary: Mapping[str, Any], cfg: RunConfig, merged: bool, has_head: bool,
                untrained: bool = False) -> str:
     """README.md of an exported adapter: what it is, how private, how good, whose data; no local path."""
-    cfg = RunConfig.of(cfg)
     base, unloadable = base_model_ref(cfg)
     shown_base = public_name(base)
     privacy = summary.get("privacy") or {}

@@ -21,9 +21,8 @@ RECORD = "fl_dplora.json"
 RUN_ONLY = ("output-dir", "resume", "overwrite")
 
 
-def write(folder: str | Path, cfg: Mapping[str, Any], base_model: str) -> None:
-    cfg = RunConfig.of(cfg)
-    config = {k: cfg[k] for k in SCHEMA if k in cfg and k not in RUN_ONLY}
+def write(folder: str | Path, cfg: RunConfig, base_model: str) -> None:
+    config = {k: v for k, v in cfg.to_record().items() if k not in RUN_ONLY}
     record = {"model": cfg.model.name, "base_model": base_model, "config": config}
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -42,7 +41,7 @@ def read(folder: str | Path) -> dict[str, Any] | None:
     return record
 
 
-def run_config(folder: str | Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def run_config(folder: str | Path, overrides: Mapping[str, Any]) -> RunConfig:
     """The adapter's own config (from its record, else the defaults), `overrides` on top."""
     record = read(folder) or {"config": {}}
     saved = {k: v for k, v in record["config"].items() if k in SCHEMA and k not in RUN_ONLY}

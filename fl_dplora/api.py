@@ -13,12 +13,16 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-RunConfig = Mapping[str, Any] | str | os.PathLike | Sequence[str] | None
+if TYPE_CHECKING:
+    from fl_dplora.config import RunConfig
+
+# what `simulate` accepts as its run config: a dict of keys, a TOML file, or --run-config text
+RunConfigInput = Mapping[str, Any] | str | os.PathLike | Sequence[str] | None
 
 
-def simulate(run_config: RunConfig = None, *, num_clients: int | None = None, output_dir: str | os.PathLike | None = None,
+def simulate(run_config: RunConfigInput = None, *, num_clients: int | None = None, output_dir: str | os.PathLike | None = None,
              preset: str | None = None, overwrite: bool = False, resume: str | os.PathLike | None = None,
              num_cpus: float = 2.0, num_gpus: float = 0.0, ray_address: str | None = None) -> Run:
     """Run a job in Flower's simulation engine, as `fl-dplora simulate` does, and open it.
@@ -87,12 +91,12 @@ class Run:
 
         return adapter_dir(self.path)
 
-    def _config_for_use(self) -> dict[str, Any]:
+    def _config_for_use(self) -> RunConfig:
         from fl_dplora.adapter_io import run_config
 
         return run_config(self.path, summary=self.summary)
 
-    def _loaded(self, cfg: Mapping[str, Any]):
+    def _loaded(self, cfg: RunConfig):
         if self._model is None:
             from fl_dplora.adapter_io import load_adapted_model
             from fl_dplora.data import load_task

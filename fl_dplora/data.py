@@ -230,12 +230,11 @@ def partition_indices(task: str, num_partitions: int, partitioner: str, alpha: f
         raise ConfigError(f"partitioner: {str(exc).splitlines()[0]}") from exc
 
 
-def client_examples(cfg: Mapping[str, Any], partition_id: int, num_partitions: int,
+def client_examples(cfg: RunConfig, partition_id: int, num_partitions: int,
                     canaries: Mapping[str, Any] | None = None) -> list[Example]:
     """Partition `partition_id` of `num_partitions` of the task's training data. `canaries`: what
     `fl-dplora audit` planted on this node (`audit_canaries`, from its node config): the real data is
     then split among the audit's data clients, and a canary client holds its canaries only."""
-    cfg = RunConfig.of(cfg)
     data = load_task(cfg.data.task, cfg.train.seed)
     if canaries:  # privacy audit: the real data is split among the data clients; canary clients hold canaries only
         num_partitions = int(canaries["data-clients"])
@@ -269,10 +268,9 @@ def audit_canaries(path: str) -> dict[str, Any] | None:
         raise ConfigError(f"node-config audit-canaries: cannot read {path}: {exc}") from None
 
 
-def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:
+def unused_train_examples(cfg: RunConfig) -> list[Example]:
     """Training-pool examples that no client received (max-train-samples cut them): the cleanest
     non-members for membership inference, drawn from the same distribution as the members."""
-    cfg = RunConfig.of(cfg)
     data = load_task(cfg.data.task, cfg.train.seed)
     n = cfg.data.max_train_samples
     if n <= 0 or n >= len(data.train):
@@ -280,8 +278,7 @@ def unused_train_examples(cfg: Mapping[str, Any]) -> list[Example]:
     return [data.train[i] for i in _train_order(len(data.train), cfg.train.seed)[n:]]
 
 
-def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
-    cfg = RunConfig.of(cfg)
+def eval_examples(cfg: RunConfig) -> list[Example]:
     data = load_task(cfg.data.task, cfg.train.seed)
     n = cfg.data.max_eval_samples
     if n <= 0 or n >= len(data.eval):
@@ -291,13 +288,12 @@ def eval_examples(cfg: Mapping[str, Any]) -> list[Example]:
     return [data.eval[i] for i in order[:n]]
 
 
-def head_stat_examples(cfg: Mapping[str, Any], limit: int = 256) -> list[Example]:
+def head_stat_examples(cfg: RunConfig, limit: int = 256) -> list[Example]:
     """Public examples for the label head's feature statistics: the task's evaluation data that
     the server does not score. Only their prompts are used, never their labels, and never a
     client's data. Never a scored prompt: when the server scores every evaluation row
     (`max-eval-samples = 0`, or an eval file of at most `max-eval-samples` rows) this is empty and
     the head uses data-independent statistics (label_head.neutral_stats)."""
-    cfg = RunConfig.of(cfg)
     data = load_task(cfg.data.task, cfg.train.seed)
     scored = {e.prompt for e in eval_examples(cfg)}
     return [e for e in data.eval if e.prompt not in scored][:limit]

@@ -183,12 +183,11 @@ def evaluate(model, tokenizer, task: TaskData, examples: Sequence[Example], max_
 TEST_SAMPLES = 5  # generated texts kept with a test-part score: the same first test inputs in every run
 
 
-def score_test_part(model, tokenizer, task: TaskData, cfg) -> dict | None:
+def score_test_part(model, tokenizer, task: TaskData, cfg: RunConfig) -> dict | None:
     """The task's test part (data-to-text, fin-sentiment), scored once with the final adapter (or the base
     model for zero-shot): reported, never used to choose anything. Every prediction stays (paired tests
     between runs need them: the same inputs, in the same order, in every run); the first five, next to
     their input and answer, are for people to read. `max-test-samples` > 0 keeps the first N inputs."""
-    cfg = RunConfig.of(cfg)
     n = cfg.data.max_test_samples
     examples = task.test[:n] if n > 0 else task.test
     if not examples:

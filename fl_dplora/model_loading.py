@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,8 @@ def _gguf_tokenizer(gguf: Path):
     return tok
 
 
-def tokenizer_for(cfg: Mapping[str, Any]):
+def tokenizer_for(cfg: RunConfig):
     """The run's tokenizer: the model's, at the run's revision, with its remote code if allowed."""
-    cfg = RunConfig.of(cfg)
     return load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
 
 
@@ -125,9 +123,8 @@ def tiny_config(name: str, vocab_size: int):
                       bos_token_id=1, eos_token_id=2)
 
 
-def torch_dtype(cfg: Mapping[str, Any], device: torch.device | None = None) -> torch.dtype:
+def torch_dtype(cfg: RunConfig, device: torch.device | None = None) -> torch.dtype:
     """The frozen base's dtype: `auto` = bfloat16 on a CUDA device that supports it, else float32."""
-    cfg = RunConfig.of(cfg)
     name = cfg.model.dtype
     if name == "auto":
         device = device or device_for_training()
@@ -135,9 +132,8 @@ def torch_dtype(cfg: Mapping[str, Any], device: torch.device | None = None) -> t
     return getattr(torch, name)
 
 
-def check_runtime(cfg: Mapping[str, Any]) -> None:
+def check_runtime(cfg: RunConfig) -> None:
     """What the machine must offer for this config, checked before Ray or a model starts."""
-    cfg = RunConfig.of(cfg)
     quant = cfg.model.quantization
     if quant != "none":
         if not torch.cuda.is_available():
@@ -162,18 +158,17 @@ def check_runtime(cfg: Mapping[str, Any]) -> None:
                               f"download it first (hf download {name}) or give a local folder")
 
 
-def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = None,
+def load_base_model(name: str, seed: int = 0, cfg: RunConfig | None = None,
                     device: torch.device | None = None) -> nn.Module:
     """Load a causal LM (alias, HF id, local folder or .gguf), eval mode, frozen, on `device`, in
     the config's dtype (float32 without a config) and quantization; revision/trust-remote-code and
     the HF token (HF_TOKEN, read by huggingface_hub) apply to hub ids."""
     from transformers import AutoModelForCausalLM
 
-    cfg = RunConfig.of(cfg) if cfg else None
     device = device or torch.device("cpu")
-    dtype = torch_dtype(cfg, device) if cfg else torch.float32
+    dtype = torch_dtype(cfg, device) if cfg is not None else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}
-    quant = cfg.model.quantization if cfg else "none"
+    quant = cfg.model.quantization if cfg is not None else "none"
     if quant != "none":
         from transformers import BitsAndBytesConfig
 
@@ -195,9 +190,9 @@ def load_base_model(name: str, seed: int = 0, cfg: Mapping[str, Any] | None = No
         if path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         else:
-            if cfg and cfg.model.revision:
+            if cfg is not None and cfg.model.revision:
                 kwargs["revision"] = cfg.model.revision
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=bool(cfg and cfg.model.trust_remote_code),
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=cfg is not None and cfg.model.trust_remote_code,
                                                          **kwargs)
     model.requires_grad_(False)
     model.eval()
@@ -234,9 +229,8 @@ def device_for_training() -> torch.device:
     return torch.device("cuda") if ray_gpus is None or ray_gpus else torch.device("cpu")
 
 
-def server_device(cfg: Mapping[str, Any]) -> torch.device:
+def server_device(cfg: RunConfig) -> torch.device:
     """Where the ServerApp's evaluation model lives (`server-device`)."""
-    cfg = RunConfig.of(cfg)
     name = cfg.model.server_device
     if name == "auto":
         return device_for_training()

@@ -16,29 +16,26 @@ import torch
 from torch import nn
 
 from fl_dplora import model_loading
-from fl_dplora.config import ConfigError, RunConfig, lora_targets
+from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.model_loading import TINY_ALIASES, device_for_training, tiny_config
 
 
-def _base_key(cfg: Mapping[str, Any], device: torch.device) -> tuple:
-    cfg = RunConfig.of(cfg)
+def _base_key(cfg: RunConfig, device: torch.device) -> tuple:
     return (cfg.model.name, cfg.train.seed if cfg.model.name in TINY_ALIASES else None, cfg.model.dtype,
             cfg.model.quantization, cfg.model.revision, cfg.model.trust_remote_code, str(device))
 
 
-def lora_key(cfg: Mapping[str, Any], device: torch.device | None = None) -> tuple:
-    cfg = RunConfig.of(cfg)
+def lora_key(cfg: RunConfig, device: torch.device | None = None) -> tuple:
     return (
         cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-        tuple(lora_targets(cfg)), cfg.lora.variant, cfg.lora.layers, cfg.train.seed,
+        tuple(cfg.lora.target_modules), cfg.lora.variant, cfg.lora.layers, cfg.train.seed,
         _base_key(cfg, device or device_for_training()), cfg.model.gradient_checkpointing,
     )
 
 
-def _check_targets(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    cfg = RunConfig.of(cfg)
+def _check_targets(model: nn.Module, cfg: RunConfig) -> None:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in lora_targets(cfg) if t not in present]
+    missing = [t for t in cfg.lora.target_modules if t not in present]
     if missing:
         raise ConfigError(
             f"lora-targets: {', '.join(missing)} not in model {cfg.model.name}; it has e.g. "
@@ -46,11 +43,10 @@ def _check_targets(model: nn.Module, cfg: Mapping[str, Any]) -> None:
         )
 
 
-def check_lora_targets(cfg: Mapping[str, Any]) -> None:
+def check_lora_targets(cfg: RunConfig) -> None:
     """lora-targets against the model's modules, built from its config on the meta device (no
     weights, a few seconds): a typo is refused before Ray or a model load. Where the config cannot
     be read here the check is left to get_peft_model."""
-    cfg = RunConfig.of(cfg)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = cfg.model.name
@@ -81,7 +77,7 @@ def forget_cached_model() -> None:
     _CACHE.update(base_id=None, key=None, peft=None)
 
 
-def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
+def get_peft_model(cfg: RunConfig, device: torch.device | None = None):
     """The process-wide PEFT model for this config (built once, reused across rounds and clients),
     on `device` (default: the device this process was given, see device_for_training).
 
@@ -90,7 +86,6 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     factors stay float32 whatever the base dtype (PEFT's autocast_adapter_dtype), so per-example
     gradients, clipping and noise are float32.
     """
-    cfg = RunConfig.of(cfg)
     from peft import LoraConfig, get_peft_model as _wrap
 
     device = device or device_for_training()
@@ -107,7 +102,7 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
         base = model_loading.load_base_model(cfg.model.name, seed=cfg.train.seed, cfg=cfg, device=device)
     _CACHE.update(base_id=base_id, peft=None, key=None)
 
-    targets = lora_targets(cfg)
+    targets = cfg.lora.target_modules
     _check_targets(base, cfg)
     num_layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
     last = cfg.lora.layers
@@ -153,10 +148,9 @@ def get_peft_model(cfg: Mapping[str, Any], device: torch.device | None = None):
     return peft_model
 
 
-def record_frozen_dtype(model, cfg: Mapping[str, Any]) -> None:
+def record_frozen_dtype(model, cfg: RunConfig) -> None:
     """frozen-dtype on the model: every prefix computation of this process (clients' cache build,
     server's evaluation features) reads it there (frozen_prefix.frozen_dtype)."""
-    cfg = RunConfig.of(cfg)
     from fl_dplora.frozen_prefix import set_frozen_dtype
 
     set_frozen_dtype(model, cfg.model.frozen_dtype)
@@ -176,12 +170,11 @@ def reset_adapter(peft_model) -> None:
                 param.copy_(_CACHE["init"][name])
 
 
-def adapter_parameters(peft_model, cfg: Mapping[str, Any]) -> dict[str, nn.Parameter]:
+def adapter_parameters(peft_model, cfg: RunConfig) -> dict[str, nn.Parameter]:
     """The transmitted tensors by their PEFT adapter-state-dict key (what `adapter/` stores).
 
     `lora` sends A and B; `ffa` sends only B (A is seed-shared and frozen).
     """
-    cfg = RunConfig.of(cfg)
     out = {}
     for name, param in peft_model.named_parameters():
         if "lora_" not in name:
@@ -204,7 +197,7 @@ def load_adapter_weights(params: Mapping[str, nn.Parameter], weights: Mapping[st
             p.copy_(weights[k])
 
 
-def round_keys(cfg: Mapping[str, Any], server_round: int, params: Mapping[str, Any]) -> list[str]:
+def round_keys(cfg: RunConfig, server_round: int, params: Mapping[str, Any]) -> list[str]:
     """What travels in a round: the label head alone in a head-only round, else every adapter tensor."""
     from fl_dplora import label_head
     from fl_dplora.train import head_only_round

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from fl_dplora.config import ConfigError, RunConfig, resolve_output_dir
 
@@ -53,11 +51,10 @@ def check_writable_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def check_output_dir(cfg: Mapping[str, Any]) -> Path:
+def check_output_dir(cfg: RunConfig) -> Path:
     """Refuse (ConfigError, one line) a new run into a folder holding a run, unless overwrite, or a
     place no folder can be written; touches nothing."""
-    cfg = RunConfig.of(cfg)
-    out_dir = check_writable_dir(resolve_output_dir(cfg), "output-dir")
+    out_dir = check_writable_dir(resolve_output_dir(cfg.to_record()), "output-dir")
     if cfg.output.resume and cfg.output.overwrite:
         raise ConfigError("overwrite: resume=true continues the run in output-dir, overwrite=true replaces it: give one")
     if cfg.output.resume:
@@ -68,9 +65,8 @@ def check_output_dir(cfg: Mapping[str, Any]) -> Path:
     return out_dir
 
 
-def claim_output_dir(cfg: Mapping[str, Any]) -> Path:
+def claim_output_dir(cfg: RunConfig) -> Path:
     """check_output_dir, then (overwrite) delete the earlier run's files, and only those."""
-    cfg = RunConfig.of(cfg)
     out_dir = check_output_dir(cfg)
     if cfg.output.resume or not cfg.output.overwrite:
         return out_dir

@@ -35,9 +35,8 @@ def _installed(package: str) -> bool:
         return False
 
 
-def check_report_to(cfg: Mapping[str, Any]) -> None:
+def check_report_to(cfg: RunConfig) -> None:
     """One line, before any model or Ray: the package `report-to` needs is not installed."""
-    cfg = RunConfig.of(cfg)
     target = cfg.output.report_to
     package = PACKAGES.get(target)
     if package and not _installed(package):
@@ -63,8 +62,7 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
 class Tracker:
     """The run's `report-to` sink and its metrics.png; `round(row)` after each metrics.jsonl row."""
 
-    def __init__(self, cfg: Mapping[str, Any], out_dir: Path):
-        cfg = RunConfig.of(cfg)
+    def __init__(self, cfg: RunConfig, out_dir: Path):
         self.kind, self.out_dir = cfg.output.report_to, Path(out_dir)
         self.title = f"{Path(cfg.model.name).name} on {Path(cfg.data.task).name}, dp-mode {cfg.privacy.dp_mode}"
         self._sink: Any = None
@@ -73,16 +71,16 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             self._sink = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
-            self._sink.add_text("run-config", "\n".join(f"    {k} = {json.dumps(v)}" for k, v in cfg.items()))
+            self._sink.add_text("run-config", "\n".join(f"    {k} = {json.dumps(v)}" for k, v in cfg.to_record().items()))
         elif self.kind == "wandb":
             import wandb
 
-            self._sink = wandb.init(project="fl-dplora", name=self.out_dir.name, dir=str(self.out_dir), config=dict(cfg))
+            self._sink = wandb.init(project="fl-dplora", name=self.out_dir.name, dir=str(self.out_dir), config=cfg.to_record())
         elif self.kind == "mlflow":
             import mlflow
 
             self._sink = mlflow.start_run(run_name=self.out_dir.name)
-            mlflow.log_params(dict(cfg))
+            mlflow.log_params(cfg.to_record())
         if self.kind != "none":
             log.info("report-to %s: each round's released metrics and epsilon%s", self.kind,
                      f" in {self.out_dir / 'tensorboard'}" if self.kind == "tensorboard" else "")

@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -50,6 +50,9 @@ from fl_dplora.testing.inprocess_grid import (  # noqa: F401
     error_reply,
     wire_copy,
 )
+
+if TYPE_CHECKING:
+    from fl_dplora.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FL_DPLORA = Path(sys.executable).parent / "fl-dplora"  # the console script of this venv
@@ -86,7 +89,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "eval-every": 1,
 }
 
-def tiny_config(defaults: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+def tiny_config(defaults: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
     """A resolved run config: pyproject defaults <- `defaults` (TINY_DEFAULTS when None) <- overrides
     (underscores or dashes in key names). Raises ConfigError like the CLI would."""
     from fl_dplora.config import resolve
@@ -124,9 +127,9 @@ def run_in_process(
         output_dir = tempfile.mkdtemp(prefix="fl-dplora-test-")
     overrides = {"population": num_clients, **overrides}  # declared like `simulate --num-clients` does
     cfg = tiny_config(defaults, **overrides, **{"output-dir": str(output_dir)})
-    grid = grid if grid is not None else InProcessGrid(num_clients, node_configs=node_configs, seed=int(cfg["seed"]))
+    grid = grid if grid is not None else InProcessGrid(num_clients, node_configs=node_configs, seed=cfg.train.seed)
     summary = run_server(grid, cfg)
-    return summary, Path(cfg["output-dir"])
+    return summary, Path(cfg.output.output_dir)
 
 
 # ----------------------------------------------------------------------------- the real CLI

@@ -13,7 +13,7 @@ from fl_dplora.cli.common import add_run_config
 from fl_dplora.config import ConfigError, RunConfig, parse_overrides, resolve
 
 
-def _adapter_source(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
+def _adapter_source(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
     """The config and adapter folder of `--run DIR` (the run's own config) or `--adapter` + `--run-config`."""
     from fl_dplora import adapter_io
 
@@ -52,12 +52,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str | None = None,
+def evaluate_adapter(cfg: RunConfig, adapter: Path | None, eval_file: str | None = None,
                      model: Any = None) -> dict[str, Any]:
     """`fl-dplora evaluate` (and `Run.evaluate`): score `adapter` (None: the base model, zero-shot) on
     the task's evaluation split (and the test part of data-to-text or fin-sentiment), or on every row of `eval_file`.
     `model`: that adapter already loaded (it is not loaded again)."""
-    cfg = RunConfig.of(cfg)
     import time
 
     from fl_dplora.adapter_io import load_adapted_model
@@ -83,7 +82,7 @@ def evaluate_adapter(cfg: dict[str, Any], adapter: Path | None, eval_file: str |
                       max_new_tokens=cfg.data.max_new_tokens, system_prompt=cfg.data.system_prompt,
                       prefix_cache=cfg.model.prefix_cache)
     summary = {"kind": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
-               "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": dict(cfg)}
+               "eval_file": eval_file, "final_eval": result, "wall_seconds": time.time() - t0, "config": cfg.to_record()}
     test = None if eval_file else score_test_part(model, tokenizer_for(cfg), task, cfg)
     if test is not None:  # the test part too, as a run reports it at its end
         summary["test_eval"] = test
@@ -104,9 +103,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_texts(cfg: dict[str, Any], adapter: Path, texts: list[str], model: Any = None) -> list[dict[str, Any]]:
+def predict_texts(cfg: RunConfig, adapter: Path, texts: list[str], model: Any = None) -> list[dict[str, Any]]:
     """`fl-dplora predict` (and `Run.predict`): one answer per text; `model`: the adapter already loaded."""
-    cfg = RunConfig.of(cfg)
     from fl_dplora.adapter_io import answer, load_adapted_model
     from fl_dplora.data import load_task
     from fl_dplora.model_loading import tokenizer_for

@@ -26,7 +26,7 @@ def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] |
 
 
 def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, output_dir: str | None,
-                   num_clients: int | None = None, preset: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                   num_clients: int | None = None, preset: str | None = None, overwrite: bool = False) -> RunConfig:
     """Resolve + validate everything that can be checked before Ray or a model starts.
 
     Precedence: defaults < preset < --num-clients (as population) < --run-config < --output-dir."""
@@ -43,10 +43,10 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     from fl_dplora.server.start import preflight
 
     # Paths mean the user's current directory here, whatever directory the workers start in.
-    paths = {"output-dir": str(resolve_output_dir(cfg))}
-    for key in ("task", "model"):
-        p = Path(os.path.expanduser(cfg[key]))
-        if looks_like_path(cfg[key]) or p.exists():
+    paths = {"output-dir": str(resolve_output_dir(cfg.to_record()))}
+    for key, value in (("task", cfg.data.task), ("model", cfg.model.name)):
+        p = Path(os.path.expanduser(value))
+        if looks_like_path(value) or p.exists():
             paths[key] = str(p.resolve())
     cfg = cfg.with_values(paths)
     preflight(cfg)
@@ -88,12 +88,11 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     return cfg
 
 
-def simulate(cfg: dict[str, Any], num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None,
+def simulate(cfg: RunConfig, num_clients: int, num_cpus: float, num_gpus: float, ray_address: str | None,
              exit_on_interrupt: bool = False, node_configs: Sequence[Mapping[str, Any]] | None = None) -> dict:
     """The Flower simulation engine (Ray backend) with the same ServerApp/ClientApp as `flwr run .`.
     `node_configs`: one node config per simulated node (by partition-id), what a SuperNode's
     `--node-config` would set; the engine itself sets only partition-id and num-partitions."""
-    cfg = RunConfig.of(cfg)
     from flwr.simulation import run_simulation
 
     from fl_dplora.clients.client_app import app as client_app
@@ -210,7 +209,7 @@ def _reap_descendants_after_exit() -> None:
 def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, num_clients: int | None = None,
                  output_dir: str | None = None, preset: str | None = None, overwrite: bool = False,
                  resume: str | None = None, num_cpus: float = 2.0, num_gpus: float = 0.0,
-                 ray_address: str | None = None, exit_on_interrupt: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                 ray_address: str | None = None, exit_on_interrupt: bool = False) -> tuple[RunConfig, dict[str, Any]]:
     """`fl-dplora simulate` (and `fl_dplora.simulate`): check everything, run, return (config, summary)."""
     if resume:
         from fl_dplora import checkpoint
@@ -223,7 +222,7 @@ def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, 
         given = as_overrides(run_config)  # `make run` passes --run-config "" : nothing given
         if given:  # name what would change (one line per key), not just "drop it"
             kept = {k: v for k, v in saved["config"].items() if k in SCHEMA}
-            merged = resolve({**kept, **given})  # a bad value fails here, naming its key
+            merged = resolve({**kept, **given}).to_record()  # a bad value fails here, naming its key
             changed = [k for k in given if k not in ("resume", "output-dir") and merged[k] != kept.get(k)]
             raise ConfigError("\n".join(
                 f"{k}: {merged[k]!r} differs from the checkpoint's {kept.get(k)!r}; resume continues the saved "
@@ -235,7 +234,7 @@ def simulate_run(run_config: str | list[str] | Mapping[str, Any] | None = None, 
         run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()) + " resume=true"
         output_dir = str(Path(resume).resolve())
         # simulate declared the federation's size as `population` (older checkpoints: num_nodes)
-        num_clients = num_clients or int(saved["config"].get("population") or saved.get("num_nodes") or 0) or None
+        num_clients = num_clients or resolve(overrides).federation.population or int(saved.get("num_nodes") or 0) or None
         if not num_clients:
             raise ConfigError("resume: give --num-clients (the same as the interrupted run)")
     elif num_clients is None:

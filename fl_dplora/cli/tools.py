@@ -11,7 +11,7 @@ from typing import Any
 
 from fl_dplora.cli.common import add_run_config
 from fl_dplora.cli.run import prepare_config, simulate
-from fl_dplora.config import ConfigError, available_presets
+from fl_dplora.config import ConfigError, RunConfig, available_presets
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     cfg = prepare_config(args.run_config, str(out / "run"), args.num_clients, overwrite=args.overwrite)
 
-    def train(run_cfg: dict[str, Any], node_configs: list[dict[str, Any]]) -> dict[str, Any]:
+    def train(run_cfg: RunConfig, node_configs: list[dict[str, Any]]) -> dict[str, Any]:
         return simulate(run_cfg, len(node_configs), args.num_cpus, args.num_gpus, args.ray_address,
                         node_configs=node_configs)
 

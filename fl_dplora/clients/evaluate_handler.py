@@ -22,10 +22,9 @@ from fl_dplora.transport import from_array_record
 log = logging.getLogger(__name__)
 
 
-def local_eval_examples(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
+def local_eval_examples(cfg: RunConfig, msg: Message, node: Mapping[str, Any]):
     """This node's held-out data for federated evaluation: its `eval-path` file (every row), or in
     the simulation its slice of the task's evaluation split (virtual nodes have no files of their own)."""
-    cfg = RunConfig.of(cfg)
     task = run_task(cfg, msg, node)
     if node.get("eval-path"):
         return task, load_local_file(str(node["eval-path"]), task, flag="node-config eval-path",

@@ -53,10 +53,9 @@ def config_from_message(msg: Message) -> RunConfig:
     return resolve(run_cfg)
 
 
-def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
+def run_task(cfg: RunConfig, msg: Message, node: Mapping[str, Any]):
     """The run's task on this node: from the card the server sent when the node has its own data
     (it needs none of the server's files), else the task the run config names (simulation)."""
-    cfg = RunConfig.of(cfg)
     card_json = str(msg.content["config"].get(protocol.TASK_CARD, ""))
     if card_json and (node.get("data-path") or node.get("eval-path")):
         return task_for_node(card_json, cfg.train.seed)
@@ -67,17 +66,18 @@ def run_task(cfg: dict[str, Any], msg: Message, node: Mapping[str, Any]):
 def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num_partitions: int,
                    partitioner: str, alpha: float, seed: int, max_train: int, max_len: int, canaries: str = "",
                    system_prompt: str = "auto", card_json: str = "", own_card: str = ""):
-    cfg = {"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed, "max-train-samples": max_train}
     if data_path:  # a real organisation's own file, read with the run's card (and the node's own, if any)
         run = task_for_node(card_json, seed) if card_json else load_task(task, seed)
         examples = load_local_file(data_path, run, own_card=own_card)
     else:
+        # the cache key holds the values (a RunConfig is unhashable); client_examples reads only these
+        cfg = resolve({"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed,
+                       "max-train-samples": max_train})
         examples = client_examples(cfg, partition_id, num_partitions, audit_canaries(canaries))
     return encode_all(load_tokenizer(model), examples, max_len, system_prompt)
 
 
-def shard_for(cfg: dict[str, Any], context: Context, card_json: str = ""):
-    cfg = RunConfig.of(cfg)
+def shard_for(cfg: RunConfig, context: Context, card_json: str = ""):
     node = context.node_config
     data_path = str(node.get("data-path", ""))
     if not data_path and "partition-id" not in node:
@@ -121,7 +121,7 @@ _Privacy = namedtuple("_Privacy", "node_ledger sizes stage q dp sampling_gen noi
                                   "epsilon_after")
 
 
-def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], server_round: int) -> _Loaded:
+def _load_model_and_shard(msg: Message, context: Context, cfg: RunConfig, server_round: int) -> _Loaded:
     """The node's shard (read and checked before any model loads), the process model with the round's
     global adapter and label head, and the shard's frozen-prefix states."""
     task = run_task(cfg, msg, context.node_config)
@@ -153,7 +153,7 @@ def _load_model_and_shard(msg: Message, context: Context, cfg: dict[str, Any], s
                    trained_keys, canaries, observe)
 
 
-def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], server_round: int, mode: DPMode,
+def _calibrate_and_charge(msg: Message, context: Context, cfg: RunConfig, server_round: int, mode: DPMode,
                           policy: NodePolicy, log_row: dict[str, Any], loaded: _Loaded) -> _Privacy | Message:
     """The node's own σ and accounting for the round, its policy's checks, and the charge written to its
     ledger before its data is touched; the budget-exhausted reply instead when the round would pass
@@ -232,7 +232,7 @@ def _calibrate_and_charge(msg: Message, context: Context, cfg: dict[str, Any], s
     return _Privacy(node_ledger, sizes, stage, q, dp, sampling_gen, noise_gen, node_sigma, node_delta, epsilon_after)
 
 
-def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, sigma: float, q: float,
+def _budget_exhausted(msg: Message, cfg: RunConfig, ledger: PrivacyLedger, sigma: float, q: float,
                       part: int) -> Message:
     """The reply of a node whose next round would pass target-epsilon: the flag and its unchanged
     ledger, reported like after a training round; nothing else is sent and no data was touched."""
@@ -244,7 +244,7 @@ def _budget_exhausted(msg: Message, cfg: dict[str, Any], ledger: PrivacyLedger, 
 
 
 def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int, charge, node_delta: float,
-                        cfg: dict[str, Any], log_row: dict[str, Any]) -> tuple[PrivacyLedger, float]:
+                        cfg: RunConfig, log_row: dict[str, Any]) -> tuple[PrivacyLedger, float]:
     """(the run's client-level ledger after this attempt, its ε): counted from the node's own attempts.
     With local or distributed noise, the node's own noise is all that stands between its data and the
     server, which chooses who takes part (the fraction-train it sends buys nothing there): that ε goes
@@ -257,7 +257,7 @@ def _client_level_after(mode: DPMode, node_ledger: NodeLedger, server_round: int
     return engine.ledger, engine.epsilon()
 
 
-def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
+def _train_update(cfg: RunConfig, context: Context, server_round: int, mode: DPMode, loaded: _Loaded,
                   privacy: _Privacy) -> tuple[Any, dict[str, torch.Tensor]]:
     """(local_train's stats, the update): the local steps on the shard from the global adapter, then the
     mode's client-side clip and noise of the difference."""
@@ -283,7 +283,7 @@ def _train_update(cfg: dict[str, Any], context: Context, server_round: int, mode
     return stats, (mode.secagg or mode).client_update(delta, privacy.node_sigma, privacy.noise_gen)
 
 
-def _build_reply(msg: Message, context: Context, cfg: dict[str, Any], mode: DPMode, policy: NodePolicy,
+def _build_reply(msg: Message, context: Context, cfg: RunConfig, mode: DPMode, policy: NodePolicy,
                  log_row: dict[str, Any], loaded: _Loaded, privacy: _Privacy, stats, delta: dict[str, torch.Tensor],
                  t0: float) -> Message:
     """The update and the metrics the mode lets out (ε after the round, expected or raw counts), as a
@@ -351,9 +351,8 @@ def _handed_back(msg: Message, context: Context) -> dict[str, list] | None:
 
 
 
-def label_ids_for(cfg: dict[str, Any], tokenizer, task) -> torch.Tensor | None:
+def label_ids_for(cfg: RunConfig, tokenizer, task) -> torch.Tensor | None:
     """The label words' first tokens when the run trains with loss = label-words on a classification task."""
-    cfg = RunConfig.of(cfg)
     if cfg.train.loss != "label-words":
         return None
     return label_token_ids(tokenizer, task.label_words) if task.kind == "classification" else None

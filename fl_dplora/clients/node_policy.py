@@ -134,9 +134,8 @@ class NodePolicy:
 
         return None if self.log_path is None else ledger_path(self.log_path, run_id, self.data_key)
 
-    def check_run(self, cfg: Mapping[str, Any], unit: str | None) -> None:
+    def check_run(self, cfg: RunConfig, unit: str | None) -> None:
         """Before any data is read: the run's dp-mode and planned budget against this node's floor."""
-        cfg = RunConfig.of(cfg)
         if self.allowed_modes is not None and cfg.privacy.dp_mode not in self.allowed_modes:
             raise NodeRefusal(f"node policy: dp-mode {cfg.privacy.dp_mode} is not one this node trains under "
                               f"(require-dp-mode {', '.join(self.allowed_modes)})")

@@ -25,10 +25,9 @@ from fl_dplora.train import stage_config
 log = logging.getLogger(__name__)
 
 
-def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
+def sample_schedule(cfg: RunConfig, n: int, first: int = 1) -> tuple[tuple[float, int], ...]:
     """(sample rate, steps) of every DP-SGD stage of rounds `first`..R for a client whose public size
     (sample_rate.basis) is n, if it takes part in every round: head-only rounds, then the LoRA rounds."""
-    cfg = RunConfig.of(cfg)
     rounds = cfg.federation.num_server_rounds
     head = min(rounds, cfg.train.head_rounds) if cfg.train.label_head else 0
     stages = []
@@ -40,13 +39,13 @@ def sample_schedule(cfg: dict[str, Any], n: int, first: int = 1) -> tuple[tuple[
     return tuple(stages)
 
 
-def dp_sample_sigma(cfg: dict[str, Any], state: ConfigRecord, n: int, engine: PrivacyEngine, server_round: int) -> float:
+def dp_sample_sigma(cfg: RunConfig, state: ConfigRecord, n: int, engine: PrivacyEngine, server_round: int) -> float:
     # n: the node's public size (sample_rate.basis); engine: the node's, at its own δ, over its ledger, whose
     # adjacency is the relation it is calibrated for
     """σ for DP-SGD: fixed, or calibrated so that every step of the whole run fits the target. Once the
     node's ledger holds more steps than the plan charges before this round (a rerun after a crash, or a
     handed-back worst case), σ for the steps left is recalibrated from the ledger (all rounds still run)."""
-    cfg, ledger = RunConfig.of(cfg), engine.ledger
+    ledger = engine.ledger
     if cfg.privacy.noise_multiplier > 0:
         return cfg.privacy.noise_multiplier
     plan, left = sample_schedule(cfg, n), sample_schedule(cfg, n, server_round)

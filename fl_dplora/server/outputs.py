@@ -145,7 +145,7 @@ def summary(cfg: RunConfig, state: RunState, privacy: dict[str, Any], sizes: dic
         "rounds": state.rounds_done,
         "final_eval": {"accuracy": last_eval.get("accuracy"), "loss": last_eval.get("loss"),
                        **{k: v for k, v in last_eval.items() if k not in ("accuracy", "loss")}},
-        **sizes, "privacy": privacy, "config": dict(cfg),
+        **sizes, "privacy": privacy, "config": cfg.to_record(),
     }
     if test is not None:
         out["test_eval"] = test

@@ -38,7 +38,7 @@ class RunState:
     resumed: bool = False
 
 
-def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+def check_resume_config(saved: Mapping[str, Any], cfg: RunConfig) -> None:
     """Resuming with other settings would not be the same run: name every key that differs.
 
     `saved` is a loaded checkpoint's config (checkpoint.load migrates it: a key added since it was
@@ -46,10 +46,11 @@ def check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> Non
     """
     ignore = {"resume", "overwrite", "output-dir", "round-timeout", "save-every"}
     missing = object()  # a key the checkpoint lacks: differs from anything
-    was = {k: saved[k] if k in saved else missing for k in cfg}
-    diff = [k for k in cfg if k not in ignore and was[k] != cfg[k]]
+    now = cfg.to_record()
+    was = {k: saved[k] if k in saved else missing for k in now}
+    diff = [k for k in now if k not in ignore and was[k] != now[k]]
     if diff:
-        raise ConfigError("\n".join(f"{k}: {cfg[k]!r} differs from the checkpoint's "
+        raise ConfigError("\n".join(f"{k}: {now[k]!r} differs from the checkpoint's "
                                      f"{None if was[k] is missing else was[k]!r}; resume with the same config"
                                      for k in diff))
 
@@ -89,7 +90,7 @@ def resume(state: RunState, resumed: Mapping[str, Any], strategy, wal: WriteAhea
 
 
 def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: int, attempt: str, wal: WriteAhead,
-                  cfg) -> None:
+                  cfg: RunConfig) -> None:
     """After the replies: the round's charge, the ledgers the nodes reported, and the write-ahead row
     that says the round's replies are in."""
     if charge.event is not None:  # the round's charge, projected before it was sent (ledgers.charge_round)
@@ -104,7 +105,7 @@ def account_round(state: RunState, mode, charge: Charge, client_metrics, rnd: in
 
 def save_checkpoint(out_dir: Path, rnd: int, cfg: RunConfig, strategy, state: RunState) -> None:
     checkpoint.save(out_dir, {
-        "round": rnd, "config": dict(cfg), "strategy": strategy.state_dict(),
+        "round": rnd, "config": cfg.to_record(), "strategy": strategy.state_dict(),
         "server_ledger": state.engine.state_dict(),
         "client_eps": {str(k): v for k, v in state.client_eps.items()},
         "client_ledgers": state.client_ledgers, "totals": state.totals, "epsilon": float(state.epsilon),

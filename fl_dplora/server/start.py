@@ -101,7 +101,7 @@ def start_run(grid: Grid, cfg: RunConfig) -> tuple[ServerRun, RunState]:
     if resumed is not None:
         resume(state, resumed, strategy, wal, mode, cfg, out_dir)
 
-    client_cfg = {k: v for k, v in cfg.items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
+    client_cfg = {k: v for k, v in cfg.to_record().items() if k not in SERVER_ONLY_KEYS}  # what clients are sent
     if task.card is not None:  # nodes with their own data read it with the run's card, not the server's files
         client_cfg[protocol.TASK_CARD] = task.card.to_wire()
     sizes = {"trainable_params": trainable, "full_model_params": full_params, "full_model_bytes": full_bytes}

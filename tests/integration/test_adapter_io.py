@@ -73,7 +73,7 @@ def test_predict_answers_as_the_evaluation_scores(finished_run, capsys):
 
     summary, out = finished_run
     cfg = adapter_io.run_config(out)
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     examples = eval_examples(cfg)[:4]
     texts = [e.prompt.split("\n\n", 1)[1] for e in examples]
     code, stdout, err = _run_main(["predict", "--run", str(out), *texts], capsys)
@@ -81,8 +81,8 @@ def test_predict_answers_as_the_evaluation_scores(finished_run, capsys):
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
     model = adapter_io.load_adapted_model(cfg, out / "adapter", task)
-    scored = evaluate(model, load_tokenizer(cfg["model"]), task, examples, int(cfg["max-seq-len"]),
-                      system_prompt=cfg["system-prompt"], with_predictions=True)
+    scored = evaluate(model, load_tokenizer(cfg.model.name), task, examples, cfg.data.max_seq_len,
+                      system_prompt=cfg.data.system_prompt, with_predictions=True)
     assert [r["answer"] for r in rows] == [task.label_words[p] for p in scored["predictions"]]
     for r, probs in zip(rows, scored["probabilities"]):
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -131,9 +131,9 @@ def test_merged_export_loads_with_transformers_alone_and_computes_base_plus_adap
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert "epsilon" in (tmp_path / "merged" / "README.md").read_text()
     cfg = adapter_io.run_config(out)
-    tok = load_tokenizer(cfg["model"])
-    batch = collate([encode_example(tok, e, int(cfg["max-seq-len"])) for e in eval_examples(cfg)[:4]], tok.pad_token_id)
-    adapted = adapter_io.load_adapted_model(cfg, out / "adapter", load_task(cfg["task"]))
+    tok = load_tokenizer(cfg.model.name)
+    batch = collate([encode_example(tok, e, cfg.data.max_seq_len) for e in eval_examples(cfg)[:4]], tok.pad_token_id)
+    adapted = adapter_io.load_adapted_model(cfg, out / "adapter", load_task(cfg.data.task))
     label_head.remove(adapted)  # the language model's own logits: the head is a separate file
     with torch.no_grad():
         want = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -62,14 +62,14 @@ def _lora_shapes(cfg) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- the replies
 def test_every_sampled_client_replied_once_per_round_from_its_own_node(plain):
     grid, cfg = plain["grid"], plain["cfg"]
-    assert len(grid.exchanges) == NUM_CLIENTS * cfg["num-server-rounds"]
+    assert len(grid.exchanges) == NUM_CLIENTS * cfg.federation.num_server_rounds
     for ex in grid.exchanges:
         assert not ex.reply.has_error(), ex.reply.error
         assert ex.instruction.metadata.dst_node_id == ex.node_id
         assert ex.reply.metadata.src_node_id == ex.node_id
         assert ex.reply.metadata.reply_to_message_id == ex.instruction.metadata.message_id
         assert ex.reply.metadata.message_type == "train"
-    for rnd in range(cfg["num-server-rounds"]):
+    for rnd in range(cfg.federation.num_server_rounds):
         round_nodes = [ex.node_id for ex in grid.exchanges[rnd * NUM_CLIENTS:(rnd + 1) * NUM_CLIENTS]]
         assert sorted(round_nodes) == sorted(grid.contexts)
 
@@ -77,7 +77,7 @@ def test_every_sampled_client_replied_once_per_round_from_its_own_node(plain):
 def test_reply_arrays_are_exactly_the_lora_update_and_no_base_weight(plain):
     grid, cfg = plain["grid"], plain["cfg"]
     shapes = _lora_shapes(cfg)
-    base_names = set(load_base_model(cfg["model"], seed=cfg["seed"]).state_dict())
+    base_names = set(load_base_model(cfg.model.name, seed=cfg.train.seed).state_dict())
     trainable = plain["summary"]["trainable_params"]
     assert trainable == sum(math.prod(s) for s in shapes.values())
     for ex in grid.exchanges:
@@ -111,7 +111,7 @@ def test_instructions_carry_the_run_config_but_not_the_servers_paths(plain):
     out_dir = str(plain["out"])
     for ex in plain["grid"].exchanges:
         sent = ex.instruction.content["config"]
-        assert sent["task"] == plain["cfg"]["task"] and sent["lora-rank"] == plain["cfg"]["lora-rank"]
+        assert sent["task"] == plain["cfg"].data.task and sent["lora-rank"] == plain["cfg"].lora.rank
         assert not SERVER_ONLY_KEYS & set(sent.keys())
         assert out_dir.encode() not in _blob(ex.instruction)
 
@@ -119,7 +119,7 @@ def test_instructions_carry_the_run_config_but_not_the_servers_paths(plain):
 def test_reply_holds_no_raw_text_of_the_clients_shard(plain, dp_sample):
     for run in (plain, dp_sample):
         grid, cfg = run["grid"], run["cfg"]
-        words = load_task(cfg["task"], cfg["seed"]).label_words
+        words = load_task(cfg.data.task, cfg.train.seed).label_words
         for ex in grid.exchanges:
             blob = _blob(ex.reply)
             shard = _shard(cfg, grid, ex.node_id)
@@ -158,8 +158,8 @@ def test_dp_sample_replies_carry_no_data_dependent_count_or_loss(dp_sample):
         assert not ex.reply.has_error(), ex.reply.error
         m = ex.reply.content["metrics"]
         assert "train_loss" not in m
-        assert m["num-examples"] == cfg["local-steps"] * cfg["batch-size"]  # expected, not actual
-        assert 0 < m["epsilon"] <= cfg["target-epsilon"]
+        assert m["num-examples"] == cfg.train.local_steps * cfg.train.batch_size  # expected, not actual
+        assert 0 < m["epsilon"] <= cfg.privacy.target_epsilon
         assert m["sigma"] == 1.0
         assert set(ex.reply.content["arrays"]) == set(_lora_shapes(cfg))
 

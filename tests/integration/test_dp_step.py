@@ -49,7 +49,7 @@ def setup():
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
     params = list(named.values())
     init = [p.detach().clone() for p in params]
-    tok = load_tokenizer(cfg["model"])
+    tok = load_tokenizer(cfg.model.name)
     data = encode_all(tok, load_task("general-instruct", 42).train[:N_EXAMPLES], 64)
     assert len({len(e.input_ids) for e in data}) > 3
     yield cfg, model, params, init, data, tok.pad_token_id

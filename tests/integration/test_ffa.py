@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: harness
 from harness import InProcessGrid, run_in_process  # noqa: E402
 
+from fl_dplora.config import RunConfig
 from fl_dplora.write_ahead import read_operator
 from fl_dplora import models  # noqa: E402
 from fl_dplora.models import get_peft_model  # noqa: E402
@@ -41,7 +42,7 @@ def _run(variant: str, out: Path):
     grid = InProcessGrid(NUM_CLIENTS, seed=42)
     summary, out_dir = run_in_process(NUM_CLIENTS, grid=grid, output_dir=out, lora_variant=variant, **COMMON)
     # the process-wide model the in-process clients trained (and the server evaluated) with
-    a_after = _lora_A(get_peft_model(summary["config"]))
+    a_after = _lora_A(get_peft_model(RunConfig.from_record(summary["config"])))
     return summary, out_dir, grid, a_after
 
 
@@ -55,7 +56,7 @@ def lora_run(tmp_path_factory):
     return _run("lora", tmp_path_factory.mktemp("lora"))
 
 
-def _fresh_A(cfg) -> dict[str, torch.Tensor]:
+def _fresh_A(cfg: RunConfig) -> dict[str, torch.Tensor]:
     models.forget_cached_model()
     try:
         return _lora_A(get_peft_model(cfg))
@@ -73,7 +74,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def test_ffa_A_stays_bitwise_at_the_seed_shared_init(ffa_run):
     summary, out_dir, _, a_after = ffa_run
-    cfg = summary["config"]
+    cfg = RunConfig.from_record(summary["config"])
     assert len(a_after) == 2 * 2  # 2 layers x (q_proj, o_proj)
     init = _fresh_A(cfg)
     assert set(init) == set(a_after)
@@ -89,8 +90,9 @@ def test_ffa_A_stays_bitwise_at_the_seed_shared_init(ffa_run):
     # and another process (a SuperNode, a Ray worker) builds the very same A from the seed
     code = (
         "import hashlib, json, sys, torch\n"
+        "from fl_dplora.config import RunConfig\n"
         "from fl_dplora.models import get_peft_model\n"
-        "cfg = json.loads(sys.stdin.read())\n"
+        "cfg = RunConfig.from_record(json.loads(sys.stdin.read()))\n"
         "m = get_peft_model(cfg)\n"
         "a = {k.replace('.default', ''): p.detach() for k, p in m.named_parameters() if 'lora_A' in k}\n"
         "h = hashlib.sha256()\n"
@@ -98,7 +100,7 @@ def test_ffa_A_stays_bitwise_at_the_seed_shared_init(ffa_run):
         "    h.update(k.encode()); h.update(a[k].contiguous().numpy().tobytes())\n"
         "print(h.hexdigest())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cfg), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cfg.to_record()), capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == _digest(init)

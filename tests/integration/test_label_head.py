@@ -45,7 +45,7 @@ def setup(n: int = 12, **extra):
     cfg = resolve({"model": "tiny-random-llama", "lora-targets": "q_proj,v_proj", "lora-rank": 4, "lora-layers": 1,
                    "lora-variant": "lora", "loss": "label-words", "label-head": True, **extra})
     model = get_peft_model(cfg).eval()
-    tok = load_tokenizer(cfg["model"])
+    tok = load_tokenizer(cfg.model.name)
     ids = label_token_ids(tok, load_task("fin-sentiment").label_words)
     enc = encode_all(tok, load_task("fin-sentiment").train[:n], 64, "")
     mean, scale = label_head.feature_stats(model, encode_all(tok, load_task("fin-sentiment").eval[:20], 64, ""),
@@ -152,12 +152,13 @@ def test_two_stage_schedule_is_calibrated_and_accounted_as_composed():
 def test_stage_config_uses_the_head_keys_in_head_rounds_only():
     cfg = resolve({"task": "fin-sentiment", "loss": "label-words", "label-head": True, "head-rounds": 2, "num-server-rounds": 3, "head-batch-size": 0,
                    "head-local-steps": 7, "local-steps": 3, "batch-size": 16, "micro-batch-size": 8})
-    assert (stage_config(cfg, 2, 50)["batch-size"], stage_config(cfg, 2, 50)["local-steps"]) == (50, 7)
-    assert (stage_config(cfg, 3, 50)["batch-size"], stage_config(cfg, 3, 50)["local-steps"]) == (16, 3)
+    assert (stage_config(cfg, 2, 50).train.batch_size, stage_config(cfg, 2, 50).train.local_steps) == (50, 7)
+    assert (stage_config(cfg, 3, 50).train.batch_size, stage_config(cfg, 3, 50).train.local_steps) == (16, 3)
     from fl_dplora.clients.node_privacy import sample_schedule
 
     assert sample_schedule(cfg, 50) == ((1.0, 14), (16 / 50, 3))
-    only_head = resolve({**{k: cfg[k] for k in ("task", "loss", "label-head", "head-local-steps")}, "head-rounds": 9, "num-server-rounds": 3})
+    kept = {k: v for k, v in cfg.to_record().items() if k in ("task", "loss", "label-head", "head-local-steps")}
+    only_head = resolve({**kept, "head-rounds": 9, "num-server-rounds": 3})
     assert sample_schedule(only_head, 50) == ((1.0, 21),)  # head-rounds beyond the run: every round head-only
 
 
@@ -208,7 +209,7 @@ def test_no_statistics_prompt_is_ever_in_the_scored_set(tmp_path, monkeypatch):
     monkeypatch.setattr(server_evaluation, "encode_all", lambda tok, ex, *a: encoded.extend(ex) or real_encode(tok, ex, *a))
     run_cfg, model, *_ = setup()
     run_cfg = run_cfg.with_values({"max-eval-samples": 0})
-    tok = load_tokenizer(run_cfg["model"])
+    tok = load_tokenizer(run_cfg.model.name)
     stats = server_evaluation.setup_label_head(model, tok, load_task("fin-sentiment"), run_cfg)
     assert not {e.prompt for e in encoded} & scored
     mean, scale = label_head.stats_from_config(stats)

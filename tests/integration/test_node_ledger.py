@@ -41,7 +41,7 @@ def _eps(events, cfg) -> float:
     ledger = PrivacyLedger()
     for e in events:
         ledger.step(*e)
-    return ledger.epsilon(cfg["delta"], cfg["accountant"])
+    return ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
 
 
 def _restart(grid: InProcessGrid, nid: int) -> None:

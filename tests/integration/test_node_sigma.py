@@ -26,13 +26,13 @@ def _train_once(cfg, instruction_sigma, node_config):
     model = get_peft_model(cfg)
     params = adapter_parameters(model, cfg)
     glob = {k: params[k].detach().clone() for k in round_keys(cfg, 1, params)}
-    grid = InProcessGrid(1, node_configs=[node_config], seed=int(cfg["seed"]))
-    config = ConfigRecord({**cfg, protocol.SIGMA: float(instruction_sigma)})
+    grid = InProcessGrid(1, node_configs=[node_config], seed=cfg.train.seed)
+    config = ConfigRecord({**cfg.to_record(), protocol.SIGMA: float(instruction_sigma)})
     config[protocol.ROUND] = 1
-    content = RecordDict({"arrays": to_array_record(glob, cfg["transfer-dtype"]), "config": config})
+    content = RecordDict({"arrays": to_array_record(glob, cfg.federation.transfer_dtype), "config": config})
     (reply,) = grid.send_and_receive([grid.create_message(content, "train", next(iter(grid.get_node_ids())), "1")])
     assert not reply.has_error(), reply.error.reason
-    update = from_array_record(reply.content["arrays"], cfg["transfer-dtype"])
+    update = from_array_record(reply.content["arrays"], cfg.federation.transfer_dtype)
     return update, sum(t.numel() for t in glob.values()), reply
 
 
@@ -49,7 +49,7 @@ def test_a_zero_sigma_instruction_still_gets_the_nodes_own_noise(mode, extra, tm
     update, d, _ = _train_once(cfg, 0.0, {"partition-id": 0, "num-partitions": 2, "epsilon-log": str(log)})
     # the update is the clipped delta (norm <= sqrt(2) C in paper mode) plus noise of std σC per value,
     # whose norm is σC·sqrt(d) to within ~1% at this d; without the node's own noise it would be <= sqrt(2) C
-    c = float(cfg["max-grad-norm"])
+    c = cfg.privacy.max_grad_norm
     expected = node_sigma * c * math.sqrt(d)
     assert abs(_norm(update) - expected) <= 0.05 * expected + math.sqrt(2) * c, (_norm(update), expected)
     # the node's ε log: the σ it used, the server's lower σ flagged, ε charged with the node's σ
@@ -58,8 +58,8 @@ def test_a_zero_sigma_instruction_still_gets_the_nodes_own_noise(mode, extra, tm
     assert "below this node's own" in row["warning"]
     ledger = PrivacyLedger()
     ledger.step(*for_config(cfg).round_event(node_accountant_sigma))
-    assert row["epsilon"] == pytest.approx(ledger.epsilon(cfg["delta"], cfg["accountant"]), rel=1e-9)
-    assert row["epsilon"] < cfg["target-epsilon"]
+    assert row["epsilon"] == pytest.approx(ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), rel=1e-9)
+    assert row["epsilon"] < cfg.privacy.target_epsilon
 
 
 def test_an_honest_instruction_gives_the_same_update_and_no_warning(tmp_path):
@@ -70,7 +70,7 @@ def test_an_honest_instruction_gives_the_same_update_and_no_warning(tmp_path):
     lying, _, _ = _train_once(cfg, 0.0, node)
     # same seed, same noise draw of the node's σ: the two updates differ at most by their clipped
     # deltas (training is not bit-reproducible), not by noise (which would differ by ~σC·sqrt(2d))
-    c = float(cfg["max-grad-norm"])
+    c = cfg.privacy.max_grad_norm
     assert _norm({k: honest[k] - lying[k] for k in honest}) <= 2 * math.sqrt(2) * c
     assert _norm(honest) == pytest.approx(_norm(lying), abs=2 * math.sqrt(2) * c)
     (row,) = [json.loads(line) for line in (tmp_path / "honest.jsonl").read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_a_node_that_requires_dp_draws_its_noise_from_os_entropy_whatever_the_se
     # DP ignores that: two identical instructions get two different noise draws (~σC·sqrt(2d) apart).
     cfg = tiny_config(**{"dp-mode": "paper", "population": 2, "num-server-rounds": 2, "secure-rng": False})
     node_sigma = for_config(cfg).noise_multipliers()[0]
-    c = float(cfg["max-grad-norm"])
+    c = cfg.privacy.max_grad_norm
     seeded = {"partition-id": 0, "num-partitions": 2}
     a, d, _ = _train_once(cfg, node_sigma, seeded)
     b, _, _ = _train_once(cfg, node_sigma, seeded)
@@ -100,7 +100,7 @@ def _eps(events, cfg) -> float:
     ledger = PrivacyLedger()
     for event in events:
         ledger.step(*event)
-    return ledger.epsilon(cfg["delta"], cfg["accountant"])
+    return ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
 
 
 def test_the_node_composes_each_attempt_at_the_sigma_it_charged(tmp_path):
@@ -127,7 +127,7 @@ def test_a_server_that_lowers_sigma_in_one_round_meets_the_nodes_floor_later(tmp
     honest = tiny_config(**{"dp-mode": "client", "population": 2, "num-server-rounds": 2})
     lie = tiny_config(**{"dp-mode": "client", "population": 2, "num-server-rounds": 1})
     s_honest, s_lie = (for_config(c).noise_multipliers()[1] for c in (honest, lie))
-    q = float(honest["fraction-train"])
+    q = honest.federation.fraction_train
     once, composed, naive = _eps([(s_lie, q, 1)], honest), _eps([(s_lie, q, 1), (s_honest, q, 1)], honest), _eps([(s_honest, q, 2)], honest)
     assert s_lie < s_honest and max(once, naive) < composed  # the scenario separates the two ways of counting
     floor = (max(once, naive) + composed) / 2
@@ -152,10 +152,10 @@ def _reply(cfg, node_config):
     model = get_peft_model(cfg)
     params = adapter_parameters(model, cfg)
     glob = {k: params[k].detach().clone() for k in round_keys(cfg, 1, params)}
-    grid = InProcessGrid(1, node_configs=[node_config], seed=int(cfg["seed"]))
-    config = ConfigRecord({**cfg, protocol.SIGMA: 1.0})
+    grid = InProcessGrid(1, node_configs=[node_config], seed=cfg.train.seed)
+    config = ConfigRecord({**cfg.to_record(), protocol.SIGMA: 1.0})
     config[protocol.ROUND] = 1
-    content = RecordDict({"arrays": to_array_record(glob, cfg["transfer-dtype"]), "config": config})
+    content = RecordDict({"arrays": to_array_record(glob, cfg.federation.transfer_dtype), "config": config})
     (reply,) = grid.send_and_receive([grid.create_message(content, "train", next(iter(grid.get_node_ids())), "1")])
     return reply
 

@@ -86,7 +86,7 @@ def test_local_train_divides_by_the_public_expected_batch_not_by_n():
     cfg = tiny_config(**{"batch-size": 64, "micro-batch-size": 8, "local-steps": 1, "optimizer": "sgd",
                          "momentum": 0.0, "learning-rate": 1.0, "max-seq-len": 32})
     model = get_peft_model(cfg)
-    data = encode_all(load_tokenizer(cfg["model"]), load_task("fin-sentiment", 0).train[:6], 32, "auto")
+    data = encode_all(load_tokenizer(cfg.model.name), load_task("fin-sentiment", 0).train[:6], 32, "auto")
     params = [p for p in adapter_parameters(model, cfg).values() if p.requires_grad]
 
     def step(size):
@@ -133,9 +133,9 @@ def test_a_node_that_releases_its_n_is_accounted_under_replace_one(tmp_path):
     assert own["sample_rate"] == 16 / 40  # its n, released: consistent only with replace-one
     cfg = tiny_config(**DP)
     # calibrated for replace-one (more noise than add/remove at the same q), and its ε is that bound
-    assert own["sigma"] == pytest.approx(calibrate_schedule(8.0, cfg["delta"], ((16 / 40, 1),), "rdp",
+    assert own["sigma"] == pytest.approx(calibrate_schedule(8.0, cfg.privacy.delta, ((16 / 40, 1),), "rdp",
                                                             adjacency="replace-one"))
-    assert own["sigma"] > calibrate_schedule(8.0, cfg["delta"], ((16 / 40, 1),), "rdp")
+    assert own["sigma"] > calibrate_schedule(8.0, cfg.privacy.delta, ((16 / 40, 1),), "rdp")
     assert own["epsilon"] == pytest.approx(PrivacyLedger([(own["sigma"], 16 / 40, 1)], "replace-one").epsilon(
-        cfg["delta"], "rdp")) and own["epsilon"] <= 8.0
+        cfg.privacy.delta, "rdp")) and own["epsilon"] <= 8.0
     assert summary["privacy"]["epsilon"] >= own["epsilon"] - 1e-9

@@ -151,7 +151,7 @@ def test_resume_after_a_crash_mid_round_runs_every_round_within_the_target(mode,
         c, added = float(node_mode.max_grad_norm), s0 / s0_accounted * rows[-1]["sigma-recalibrated"]  # σ applied
         for ex in (e for e in fresh.exchanges if e.node_id == fresh.node_id_of(0)
                    and e.instruction.metadata.message_type == "train"):
-            update = from_array_record(ex.reply.content["arrays"], node_mode.cfg["transfer-dtype"])
+            update = from_array_record(ex.reply.content["arrays"], node_mode.cfg.federation.transfer_dtype)
             d = sum(t.numel() for t in update.values())
             norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in update.values()))
             assert abs(norm - added * c * math.sqrt(d)) <= 0.05 * added * c * math.sqrt(d) + math.sqrt(2) * c

@@ -9,7 +9,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, resolve
 from fl_dplora.data import (
     DATA_DIR,
     Example,
@@ -96,10 +96,10 @@ def test_general_instruct_eval_and_train_are_disjoint():
 
 def test_eval_subset_is_fixed_and_does_not_depend_on_the_run_seed():
     base = {"task": "fin-sentiment", "max-eval-samples": 50}
-    a = eval_examples({**base, "seed": 1})
-    b = eval_examples({**base, "seed": 2})
+    a = eval_examples(resolve({**base, "seed": 1}))
+    b = eval_examples(resolve({**base, "seed": 2}))
     assert len(a) == 50 and [e.prompt for e in a] == [e.prompt for e in b]
-    assert len(eval_examples({**base, "seed": 1, "max-eval-samples": 0})) == 788  # the whole dev part
+    assert len(eval_examples(resolve({**base, "seed": 1, "max-eval-samples": 0}))) == 788  # the whole dev part
 
 
 # ----------------------------------------------------------------------------- partitioning
@@ -145,7 +145,8 @@ def test_dirichlet_alpha_0_1_is_far_more_label_skewed_than_iid():
 
 
 def test_client_examples_follow_the_partition():
-    cfg = {"task": "fin-sentiment", "partitioner": "iid", "dirichlet-alpha": 0.5, "seed": 42, "max-train-samples": 90}
+    cfg = resolve({"task": "fin-sentiment", "partitioner": "iid", "dirichlet-alpha": 0.5, "seed": 42,
+                   "max-train-samples": 90})
     train = load_task("fin-sentiment", 42).train
     shards = [client_examples(cfg, i, 3) for i in range(3)]
     parts = partition_indices("fin-sentiment", 3, "iid", 0.5, 42, 90)

@@ -31,7 +31,7 @@ def _setup():
     cfg = resolve({"model": "tiny-random-llama", "lora-targets": "q_proj,v_proj", "lora-rank": 4, "lora-layers": 1,
                    "lora-variant": "lora", "loss": "label-words", "label-head": True})
     model = get_peft_model(cfg).eval()
-    tok = load_tokenizer(cfg["model"])
+    tok = load_tokenizer(cfg.model.name)
     task = load_task("fin-sentiment")
     ids = label_token_ids(tok, task.label_words)
     head = label_head.install(model, ids.tolist(), *label_head.neutral_stats(int(model.config.hidden_size)))

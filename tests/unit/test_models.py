@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fl_dplora import model_loading
-from fl_dplora.config import ConfigError
+from fl_dplora.config import ConfigError, RunConfig
 from fl_dplora.model_loading import check_model_name, load_base_model, load_tokenizer
 from fl_dplora.models import adapter_parameters, full_model_stats, get_peft_model, reset_adapter
 from harness import tiny_config
@@ -40,11 +40,11 @@ def test_tiny_llama_builds_with_lora_on_q_and_v_and_starts_as_the_base_model():
     frozen = [n for n, p in model.named_parameters() if "lora_" not in n]
     assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     n_full, full_bytes = full_model_stats(model)
-    assert n_full == sum(p.numel() for p in load_base_model("tiny-random-llama", seed=cfg["seed"]).parameters())
+    assert n_full == sum(p.numel() for p in load_base_model("tiny-random-llama", seed=cfg.train.seed).parameters())
     assert full_bytes == 4 * n_full
-    base = load_base_model("tiny-random-llama", seed=cfg["seed"])
+    base = load_base_model("tiny-random-llama", seed=cfg.train.seed)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=_ids(cfg["model"])).logits, base(input_ids=_ids(cfg["model"])).logits)
+        assert torch.equal(model(input_ids=_ids(cfg.model.name)).logits, base(input_ids=_ids(cfg.model.name)).logits)
 
 
 def test_tiny_gpt2_builds_with_lora_on_c_attn_and_the_adapter_is_live():
@@ -56,8 +56,8 @@ def test_tiny_gpt2_builds_with_lora_on_c_attn_and_the_adapter_is_live():
         "1.attn.c_attn.lora_A.weight", "1.attn.c_attn.lora_B.weight",
     ]
     assert model.get_base_model().config.model_type == "gpt2"
-    assert model.get_base_model().config.eos_token_id == load_tokenizer(cfg["model"]).eos_token_id
-    ids = _ids(cfg["model"])
+    assert model.get_base_model().config.eos_token_id == load_tokenizer(cfg.model.name).eos_token_id
+    ids = _ids(cfg.model.name)
     with torch.no_grad():
         before = model(input_ids=ids).logits
         saved = _snapshot(params)
@@ -67,7 +67,7 @@ def test_tiny_gpt2_builds_with_lora_on_c_attn_and_the_adapter_is_live():
         after = model(input_ids=ids).logits
         for k, p in params.items():
             p.copy_(saved[k])
-    assert before.shape == after.shape == (1, ids.shape[1], len(load_tokenizer(cfg["model"])))
+    assert before.shape == after.shape == (1, ids.shape[1], len(load_tokenizer(cfg.model.name)))
     assert not torch.allclose(before, after)  # B != 0 changes the output: LoRA sits in the forward pass
 
 
@@ -105,7 +105,7 @@ def test_adapter_parameters_are_the_live_lora_tensors_under_the_saved_adapter_ke
 def test_cache_returns_the_same_object_for_the_same_config():
     cfg = tiny_config(**LLAMA)
     first = get_peft_model(cfg)
-    assert get_peft_model(dict(cfg)) is first
+    assert get_peft_model(RunConfig.from_record(cfg.to_record())) is first  # an equal config, another object
     assert get_peft_model(tiny_config(**LLAMA, num_server_rounds=7, dp_mode="sample")) is first  # non-LoRA keys
 
 

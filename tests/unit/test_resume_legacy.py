@@ -23,7 +23,7 @@ def _current(**overrides):
 
 def _written_without(cfg, keys):
     """The config a checkpoint written before `keys` existed holds."""
-    return {k: v for k, v in dict(cfg).items() if k not in keys}
+    return {k: v for k, v in cfg.to_record().items() if k not in keys}
 
 
 def _saved_without(cfg, keys):
@@ -33,10 +33,11 @@ def _saved_without(cfg, keys):
 
 def test_missing_keys_at_legacy_values_resume():
     cfg = _current()
-    assert all(cfg[k] == ADDED_KEYS[k] for k in OLD_KEYS)
+    record = cfg.to_record()
+    assert all(record[k] == ADDED_KEYS[k] for k in OLD_KEYS)
     check_resume_config(_saved_without(cfg, OLD_KEYS), cfg)
     # every key ADDED_KEYS knows, missing at once (a checkpoint from before all of them)
-    at_legacy = [k for k in ADDED_KEYS if k in cfg and cfg[k] == ADDED_KEYS[k]]
+    at_legacy = [k for k in ADDED_KEYS if k in record and record[k] == ADDED_KEYS[k]]
     assert set(OLD_KEYS) <= set(at_legacy)
     check_resume_config(_saved_without(cfg, at_legacy), cfg)
 
@@ -56,16 +57,16 @@ def test_missing_key_without_legacy_value_is_refused():
     with pytest.raises(ConfigError) as err:
         check_resume_config(_saved_without(cfg, ("seed", *OLD_KEYS)), cfg)
     lines = str(err.value).splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"seed: {cfg['seed']!r} differs from the checkpoint's None")
+    assert len(lines) == 1 and lines[0].startswith(f"seed: {cfg.train.seed!r} differs from the checkpoint's None")
 
 
 def test_differing_key_present_in_both_is_refused():
     cfg = _current()
-    saved = dict(cfg, **{"num-server-rounds": cfg["num-server-rounds"] + 1})
+    saved = {**cfg.to_record(), "num-server-rounds": cfg.federation.num_server_rounds + 1}
     with pytest.raises(ConfigError, match=r"^num-server-rounds: "):
         check_resume_config(saved, cfg)
     # a key present in the checkpoint is compared as saved, even at an ADDED_KEYS value
-    saved = dict(cfg, dtype="float32")
+    saved = {**cfg.to_record(), "dtype": "float32"}
     with pytest.raises(ConfigError, match=r"^dtype: 'auto' differs from the checkpoint's 'float32'"):
         check_resume_config(saved, cfg)
 
@@ -75,9 +76,9 @@ def test_legacy_values_read_at_call_time(monkeypatch):
     cfg = _current()
     with pytest.raises(ConfigError, match=r"^seed: "):
         check_resume_config(_saved_without(cfg, ("seed",)), cfg)
-    monkeypatch.setitem(checkpoint.ADDED_KEYS, "seed", cfg["seed"])
+    monkeypatch.setitem(checkpoint.ADDED_KEYS, "seed", cfg.train.seed)
     check_resume_config(_saved_without(cfg, ("seed",)), cfg)
-    monkeypatch.setattr(checkpoint, "ADDED_KEYS", {**checkpoint.ADDED_KEYS, "seed": cfg["seed"] + 1})
+    monkeypatch.setattr(checkpoint, "ADDED_KEYS", {**checkpoint.ADDED_KEYS, "seed": cfg.train.seed + 1})
     with pytest.raises(ConfigError, match=r"^seed: "):
         check_resume_config(_saved_without(cfg, ("seed",)), cfg)
 
@@ -86,11 +87,11 @@ def test_a_checkpoint_from_when_audit_canaries_was_a_run_config_key(tmp_path):
     """Checkpoints written before issue 29 carry `audit-canaries` (empty in every run but an audit's):
     loaded without it, so the run resumes; an audit's own run (a canary file there) is refused in one line."""
     cfg = _current()
-    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg, "audit-canaries": ""}})
+    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg.to_record(), "audit-canaries": ""}})
     saved = checkpoint.load(tmp_path)["config"]
-    assert saved == cfg
+    assert saved == cfg.to_record()
     check_resume_config(saved, cfg)
-    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg, "audit-canaries": "/runs/audit/canaries.json"}})
+    checkpoint.save(tmp_path, {"round": 2, "config": {**cfg.to_record(), "audit-canaries": "/runs/audit/canaries.json"}})
     with pytest.raises(ConfigError) as err:
         checkpoint.load(tmp_path)
     assert len(str(err.value).splitlines()) == 1 and "fl-dplora audit" in str(err.value)
@@ -110,4 +111,4 @@ def test_a_fin_sentiment_checkpoint_from_before_the_dev_test_split_resumes_only_
     check_resume_config(saved, _current(task="fin-sentiment-v1"))
     new = _current(task="fin-sentiment")  # written after the split: kept as it is
     checkpoint.save(tmp_path, {"round": 2, "config": new.to_record()})
-    assert checkpoint.load(tmp_path)["config"] == new
+    assert checkpoint.load(tmp_path)["config"] == new.to_record()
