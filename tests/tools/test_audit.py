@@ -171,7 +171,8 @@ def _gradient_audit(tmp_path, canary_kind="gradient", **overrides):
     cfg = tiny_config(**{**GRADIENT, **overrides})
 
     def train(run_cfg, nodes):
-        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg.to_record(),
+                              output_dir=run_cfg.output.output_dir)[0]
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=64, mia_samples=30,
                              canary_kind=canary_kind, log=lambda *a: None)
@@ -256,7 +257,8 @@ def _audit(tmp_path, **overrides):
     cfg = tiny_config(None, **{**MEMORISABLE, **overrides})
 
     def train(run_cfg, nodes):
-        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg, output_dir=run_cfg["output-dir"])[0]
+        return run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg.to_record(),
+                              output_dir=run_cfg.output.output_dir)[0]
 
     result = audit.run_audit(cfg, 3, tmp_path, train, num_canaries=128, num_references=128, mia_samples=60,
                              canary_kind="text", log=lambda *a: None)
@@ -323,7 +325,7 @@ def test_label_flip_canaries_are_held_out_texts_with_a_wrong_label():
     from fl_dplora.data import eval_examples, head_stat_examples, load_task
 
     cfg = tiny_config(**{"label-head": True, "loss": "label-words", "head-rounds": 2})
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     taken = {(e.prompt, e.answer) for e in eval_examples(cfg) + head_stat_examples(cfg)}
     pool = [e for e in task.eval if (e.prompt, e.answer) not in taken]
     plan = audit.make_label_flip_plan("sample", 3, pool, task.label_words, 64, 1, 0)
@@ -347,8 +349,9 @@ def test_label_head_audit_sees_memorised_flips_without_dp_and_stays_below_the_cl
 
     def run(sub, **over):
         cfg = tiny_config(**{**head, **over, "output-dir": str(tmp_path / sub / "run")})
-        train = lambda run_cfg, nodes: run_in_process(len(nodes), node_configs=nodes, defaults=run_cfg,  # noqa: E731
-                                                      output_dir=run_cfg["output-dir"])[0]
+        train = lambda run_cfg, nodes: run_in_process(len(nodes), node_configs=nodes,  # noqa: E731
+                                                      defaults=run_cfg.to_record(),
+                                                      output_dir=run_cfg.output.output_dir)[0]
         return audit.run_audit(cfg, 3, tmp_path / sub, train, num_canaries=64, mia_samples=30, canary_kind="text",
                                log=lambda *a: None)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fl_dplora.config import RunConfig
 from fl_dplora.data import Example, collate, encode_example
 from fl_dplora.tools.audit.bound import auc, exposure, one_run_audit, tpr_at_fpr
 from fl_dplora.tools.audit.canaries import (QUESTION, GradientPlan, Plan, candidate_space_bits, gradient_scores,
@@ -63,7 +64,7 @@ def _claimed_epsilon(summary: Mapping[str, Any], plan: Plan) -> tuple[float, flo
 
 
 # train(run config, one node config per node) -> the run's summary: the same apps on as many nodes
-TrainFn = Callable[[dict[str, Any], list[dict[str, Any]]], dict[str, Any]]
+TrainFn = Callable[[RunConfig, list[dict[str, Any]]], dict[str, Any]]
 CANARY_KINDS = ("gradient", "text")
 
 
@@ -85,7 +86,7 @@ def _node_configs(planted: Mapping[str, Any], num_clients: int, folder: Path) ->
     return nodes
 
 
-def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: TrainFn, *, num_canaries: int = 256,
+def run_audit(cfg: RunConfig, data_clients: int, out_dir: Path, train: TrainFn, *, num_canaries: int = 256,
               repeats: int = 1, num_references: int = 256, mia_samples: int = 200, audit_seed: int = 0,
               canary_kind: str = "gradient", log=print) -> dict[str, Any]:
     """Plant canaries, train with `train(cfg, num_clients)` (same apps), score, write audit.json/.md/.png."""
@@ -101,26 +102,27 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
         raise ValueError(f"canary_kind: one of {CANARY_KINDS}, got {canary_kind!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     gradient = canary_kind == "gradient"
-    flip = not gradient and bool(cfg.get("label-head"))  # a label head learns label words, not passphrases
+    flip = not gradient and cfg.train.label_head  # a label head learns label words, not passphrases
     held_out: list[Example] = []
     init_values: dict[str, torch.Tensor] = {}
     if gradient:  # coordinates of the LoRA tensors the run trains, and their seed-shared init
         model = get_peft_model(cfg)
         label_head.remove(model)
         reset_adapter(model)
-        lora = {k: p for k, p in adapter_parameters(model, {**cfg, "label-head": False}).items() if k != label_head.HEAD_KEY}
-        plan: Plan | GradientPlan = make_gradient_plan(cfg["dp-mode"], data_clients, {k: p.numel() for k, p in lora.items()},
+        lora = {k: p for k, p in adapter_parameters(model, cfg.with_values({"label-head": False})).items()
+                if k != label_head.HEAD_KEY}
+        plan: Plan | GradientPlan = make_gradient_plan(cfg.privacy.dp_mode, data_clients, {k: p.numel() for k, p in lora.items()},
                                                        num_canaries, repeats, audit_seed)
         init_values = {k: p.detach().cpu().clone() for k, p in lora.items()}
     elif flip:
-        task = load_task(cfg["task"], int(cfg["seed"]))
+        task = load_task(cfg.data.task, cfg.train.seed)
         taken = {(e.prompt, e.answer) for e in eval_examples(cfg) + head_stat_examples(cfg)}
         pool = [e for e in task.eval if (e.prompt, e.answer) not in taken]  # held out from everything the run uses
-        plan = make_label_flip_plan(cfg["dp-mode"], data_clients, pool, task.label_words, num_canaries, repeats, audit_seed)
+        plan = make_label_flip_plan(cfg.privacy.dp_mode, data_clients, pool, task.label_words, num_canaries, repeats, audit_seed)
         canary_prompts = set(plan.prompts)
         held_out = [e for e in pool if e.prompt not in canary_prompts][:mia_samples]
     else:
-        plan = make_plan(cfg["dp-mode"], data_clients, num_canaries, repeats, num_references, audit_seed)
+        plan = make_plan(cfg.privacy.dp_mode, data_clients, num_canaries, repeats, num_references, audit_seed)
     canary_path = out_dir / "canaries.json"
     observations = out_dir / "observed_steps.jsonl"  # client 0's gradients at the canary coordinates (white box)
     observations.unlink(missing_ok=True)
@@ -130,7 +132,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
     # Client-level canaries: the declared population counts every canary client that could take part,
     # so the divisor (q x population) is the same whether a canary was included or not.
     population = data_clients + (len(plan.canaries) if plan.unit == "client" else 0)
-    run_cfg = {**cfg, "output-dir": str(out_dir / "run"), "population": population}
+    run_cfg = cfg.with_values({"output-dir": str(out_dir / "run"), "population": population})
     node_configs = _node_configs(planted, plan.num_clients, out_dir / "nodes")  # the canaries travel as node data
     kind = {"gradient": "Dirac gradients on the LoRA factors", "text": "mislabelled held-out texts" if flip else "passphrases"}
     log(f"audit: {sum(plan.included)}/{num_canaries} canaries ({kind[canary_kind]}) planted as "
@@ -139,18 +141,19 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
 
     model = get_peft_model(run_cfg)
     tokenizer = tokenizer_for(run_cfg)
-    adapter_dir = Path(run_cfg["output-dir"]) / "adapter"
-    head = label_head.load(model, adapter_dir) if run_cfg.get("label-head") else None
+    adapter_dir = Path(run_cfg.output.output_dir) / "adapter"
+    head = label_head.load(model, adapter_dir) if run_cfg.train.label_head else None
     if head is None:
         label_head.remove(model)
     params = adapter_parameters(model, run_cfg)
-    max_len = int(run_cfg["max-seq-len"])
-    score = {"system_prompt": run_cfg["system-prompt"]}  # encoded exactly as the run trained on them
+    max_len = run_cfg.data.max_seq_len
+    score = {"system_prompt": run_cfg.data.system_prompt}  # encoded exactly as the run trained on them
     canaries = [] if gradient else plan.examples()
     references = [] if gradient else [Example(QUESTION, r) for r in plan.references]
     members = client_examples(run_cfg, 0, data_clients)[:mia_samples]
     if not flip:  # non-members from the same pool as the members when the run left some out, else the eval split
-        held_out = (unused_train_examples(run_cfg) or eval_examples({**run_cfg, "max-eval-samples": 0}))[:mia_samples]
+        held_out = (unused_train_examples(run_cfg)
+                    or eval_examples(run_cfg.with_values({"max-eval-samples": 0})))[:mia_samples]
 
     trained_head = head.proj.weight.detach().clone() if head is not None else None
     reset_adapter(model)  # base model (and a zero head: no opinion): calibrates each example's own difficulty
@@ -216,7 +219,7 @@ def run_audit(cfg: dict[str, Any], data_clients: int, out_dir: Path, train: Trai
         "step_score_mean_excluded": None if stepwise is None else average([stepwise[i] for i in exc]),
         "canary_unit": plan.unit, "repeats": repeats, "references": len(references),
         "mia_members": len(members), "mia_non_members": len(held_out),
-        "dp_mode": cfg["dp-mode"], "run_dir": str(run_cfg["output-dir"]),
+        "dp_mode": cfg.privacy.dp_mode, "run_dir": run_cfg.output.output_dir,
         "final_eval": summary.get("final_eval"),
     }
     (out_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
