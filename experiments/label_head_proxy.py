@@ -52,12 +52,12 @@ def build_features():
     from fl_dplora.model_loading import load_tokenizer
     from fl_dplora.models import get_peft_model
     cfg = feature_config()
-    model = get_peft_model(cfg); tok = load_tokenizer(cfg["model"]); model.eval()
+    model = get_peft_model(cfg); tok = load_tokenizer(cfg.model.name); model.eval()
     dec, name, blocks = decoder_blocks(model)
     inner, decoder, head = decoder_and_head(model)
     LAYERS = [26, 27, 28, 29]
     assert prefix_start(model) == 26, prefix_start(model)
-    seq, sysp = int(cfg["max-seq-len"]), cfg["system-prompt"]
+    seq, sysp = cfg.data.max_seq_len, cfg.data.system_prompt
     def feats(enc):
         out = {l: [] for l in LAYERS + ["in26", "final"]}
         grabbed = {}
@@ -92,7 +92,7 @@ def build_features():
         where.setdefault(e.prompt, i)
     res["dev_stat_idx"] = torch.tensor([where[e.prompt] for e in head_stat_examples(cfg)])  # the app's statistic prompts
     res["dev_scored_idx"] = torch.tensor([where[e.prompt] for e in eval_examples(cfg)])  # the app's per-round scored subset
-    res["v1_scored_idx"] = torch.tensor([where[e.prompt] for e in eval_examples({**cfg, "task": "fin-sentiment-v1"})])
+    res["v1_scored_idx"] = torch.tensor([where[e.prompt] for e in eval_examples(cfg.with_values({"task": "fin-sentiment-v1"}))])
     assert not set(res["dev_stat_idx"].tolist()) & set(res["dev_scored_idx"].tolist())
     dolly = load_task("general-instruct").train[:400]
     pub = [Example(prompt=f"{task.instruction}\n\n{d.prompt[:280]}", answer="neutral", label=2) for d in dolly]

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = json.loads((args.run_dir / "summary.json").read_text())
     cfg = resolve({k: v for k, v in summary["config"].items() if k != "audit-canaries"})
-    task = load_task(cfg["task"], int(cfg["seed"]))
+    task = load_task(cfg.data.task, cfg.train.seed)
     if args.csv:
         examples = load_local_file(str(args.csv), task)
         source = str(args.csv)
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         source = (f"TFNS test part, {args.per_class} per class" if task.test else
                   f"TFNS validation, {args.per_class} per class, outside the server's eval subset")
     model = get_peft_model(cfg)
-    tok = load_tokenizer(cfg["model"])
-    score = dict(system_prompt=cfg["system-prompt"], prefix_cache=cfg["prefix-cache"])
+    tok = load_tokenizer(cfg.model.name)
+    score = dict(system_prompt=cfg.data.system_prompt, prefix_cache=cfg.model.prefix_cache)
     reset_adapter(model)
     label_head.remove(model)
-    base = evaluate(model, tok, task, examples, int(cfg["max-seq-len"]), **score)
+    base = evaluate(model, tok, task, examples, cfg.data.max_seq_len, **score)
     from safetensors.torch import load_file
 
     trained = load_file(str(args.run_dir / "adapter" / "adapter_model.safetensors"))
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, p in params.items():
             p.copy_(trained[k])
     label_head.load(model, args.run_dir / "adapter")  # the run's label head, if it trained one
-    adapted = evaluate(model, tok, task, examples, int(cfg["max-seq-len"]), **score)
+    adapted = evaluate(model, tok, task, examples, cfg.data.max_seq_len, **score)
     reset_adapter(model)
     label_head.remove(model)
     out = {"run": str(args.run_dir), "examples": len(examples), "source": source, "base": base, "adapter": adapted}

@@ -33,7 +33,7 @@ def main():
     torch.set_num_threads(args.threads)
     cfg = resolve({"model": args.model, "max-seq-len": 64})
     model = get_peft_model(cfg)
-    tok = load_tokenizer(cfg["model"])
+    tok = load_tokenizer(cfg.model.name)
     data = encode_all(tok, client_examples(cfg, 0, 5)[:8], 64)
     batch = collate(data, tok.pad_token_id)
     params = list(adapter_parameters(model, cfg).values())

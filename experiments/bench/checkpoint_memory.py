@@ -41,8 +41,8 @@ def one_variant(ckpt: bool, reps: int) -> dict:
                    "gradient-checkpointing": ckpt, "batch-size": 32, "micro-batch-size": 32, "local-steps": 1,
                    "max-seq-len": 96, "optimizer": "adamw", "learning-rate": 2e-3})
     model = get_peft_model(cfg)
-    tok = load_tokenizer(cfg["model"])
-    data = encode_all(tok, load_task("fin-sentiment").train[:32], 96, cfg["system-prompt"])
+    tok = load_tokenizer(cfg.model.name)
+    data = encode_all(tok, load_task("fin-sentiment").train[:32], 96, cfg.data.system_prompt)
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     from fl_dplora.forward import label_token_ids
 

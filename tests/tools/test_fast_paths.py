@@ -58,8 +58,8 @@ def test_answer_only_logits_match_full_logits_loss(model_name, targets):
         with torch.no_grad():  # non-zero B: the adapter must change the logits for the check to mean much
             for p in params.values():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        tok = load_tokenizer(cfg["model"])
-        task = load_task(cfg["task"], int(cfg["seed"]))
+        tok = load_tokenizer(cfg.model.name)
+        task = load_task(cfg.data.task, cfg.train.seed)
         # Unequal lengths (the longest truncated to 96, the others shorter): padding must be ignored too.
         by_length = sorted(task.train[:200], key=lambda e: len(e.prompt))
         examples = by_length[:3] + by_length[-2:]

@@ -58,19 +58,19 @@ def test_dry_run_prints_three_valid_simulate_commands(tmp_path):
         name = Path(flags["--output-dir"]).name
         assert Path(flags["--output-dir"]).parent == tmp_path.resolve()
         cfg = resolve(parse_overrides(flags["--run-config"]))  # a renamed or retyped key fails here
-        assert (cfg["num-server-rounds"], cfg["local-steps"], cfg["max-train-samples"]) == (2, 4, 400)
-        assert cfg["checkpoint-every"] == 0 and cfg["dp-mode"] == "sample"
-        assert cfg["head-rounds"] == 0  # both rounds train LoRA on the GPU, not only the label head
+        assert (cfg.federation.num_server_rounds, cfg.train.local_steps, cfg.data.max_train_samples) == (2, 4, 400)
+        assert cfg.output.checkpoint_every == 0 and cfg.privacy.dp_mode == "sample"
+        assert cfg.train.head_rounds == 0  # both rounds train LoRA on the GPU, not only the label head
         seen[name] = (flags, cfg)
     assert set(seen) == {"bf16", "4bit", "shared-gpu"}
     flags, cfg = seen["bf16"]
-    assert (flags["--num-clients"], flags["--num-gpus"], cfg["dtype"], cfg["quantization"]) == ("2", "1", "bfloat16", "none")
-    assert cfg["model"] == "smollm2-135m"
+    assert (flags["--num-clients"], flags["--num-gpus"], cfg.model.dtype, cfg.model.quantization) == ("2", "1", "bfloat16", "none")
+    assert cfg.model.name == "smollm2-135m"
     flags, cfg = seen["4bit"]
-    assert (flags["--num-clients"], flags["--num-gpus"], cfg["dtype"], cfg["quantization"]) == ("2", "1", "bfloat16", "4bit")
-    assert cfg["model"].endswith("smollm2-135m-hf")  # a GGUF cannot be quantized: the converted folder
+    assert (flags["--num-clients"], flags["--num-gpus"], cfg.model.dtype, cfg.model.quantization) == ("2", "1", "bfloat16", "4bit")
+    assert cfg.model.name.endswith("smollm2-135m-hf")  # a GGUF cannot be quantized: the converted folder
     flags, cfg = seen["shared-gpu"]
-    assert (flags["--num-clients"], flags["--num-gpus"], cfg["quantization"]) == ("4", "0.25", "none")
+    assert (flags["--num-clients"], flags["--num-gpus"], cfg.model.quantization) == ("4", "0.25", "none")
     assert float(flags["--num-gpus"]) * int(flags["--num-clients"]) == 1.0
     assert "--convert-gguf" in proc.stdout and str(tmp_path.resolve() / "summary.json") in proc.stdout
     assert not (tmp_path / "summary.json").exists()  # nothing ran

@@ -62,10 +62,10 @@ def main(argv: list[str]) -> None:
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": int(argv[1])},
                   state=RecordDict(), run_config={})
     for rnd in (1, 2):
-        config = ConfigRecord({**cfg, protocol.SIGMA: 0.0})
+        config = ConfigRecord({**cfg.to_record(), protocol.SIGMA: 0.0})
         config[protocol.ROUND] = rnd
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # the server's side
-        msg = Message(RecordDict({"arrays": to_array_record(glob, cfg["transfer-dtype"]), "config": config}),
+        msg = Message(RecordDict({"arrays": to_array_record(glob, cfg.federation.transfer_dtype), "config": config}),
                       dst_node_id=1, message_type="train")
         TaskIdentity.node_id = 1  # the client's side
         out[f"hwm_reset_round{rnd}"] = reset_hwm()

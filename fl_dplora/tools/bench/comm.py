@@ -8,6 +8,7 @@ import argparse
 import time
 from typing import Any
 
+from fl_dplora.config import RunConfig
 from fl_dplora.tools.bench.common import (
     QUICK_MODEL,
     common_arguments,
@@ -22,7 +23,7 @@ from fl_dplora.tools.bench.common import (
 NAME = "comm"
 
 
-def messages(cfg: dict[str, Any], params: dict[str, Any], dtype: str, seed: int):
+def messages(cfg: RunConfig, params: dict[str, Any], dtype: str, seed: int):
     """(down, up, delta) RecordDicts built as the strategy and the client build them, from random
     non-zero tensors (Flower stores identical arrays once: an all-zero B would understate the bytes)."""
     import torch
@@ -34,7 +35,7 @@ def messages(cfg: dict[str, Any], params: dict[str, Any], dtype: str, seed: int)
     g = torch.Generator().manual_seed(seed)
     glob = {k: torch.randn(p.shape, generator=g) * 0.02 for k, p in params.items()}
     delta = {k: torch.randn(p.shape, generator=g) * 1e-3 for k, p in params.items()}
-    config = ConfigRecord({**cfg, protocol.SIGMA: 0.0})
+    config = ConfigRecord({**cfg.to_record(), protocol.SIGMA: 0.0})
     config[protocol.ROUND] = 2
     down = RecordDict({"arrays": to_array_record(glob, dtype), "config": config})
     return down, upload(delta, dtype), delta

@@ -43,8 +43,8 @@ def opacus_variant(model, params, data, cfg, pad_id, dp, reset, state) -> Varian
     from fl_dplora.privacy.mechanisms import gaussian_like
     from fl_dplora.train import per_example_loss
 
-    n, micro = len(data), int(cfg["micro-batch-size"])
-    q = min(1.0, int(cfg["batch-size"]) / n)
+    n, micro = len(data), cfg.train.micro_batch_size
+    q = min(1.0, cfg.train.batch_size / n)
 
     def prepare():
         reset()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fl_dplora.config import RunConfig
 from fl_dplora.tools.bench.common import Variant
 
 
@@ -22,17 +23,17 @@ class LocalStep:
     state: dict[str, Any]
 
 
-def fixed_batch(cfg: dict[str, Any], n: int):
+def fixed_batch(cfg: RunConfig, n: int):
     """The first `n` training examples of the task, tokenized: the one batch every variant sees."""
     from fl_dplora.data import encode_all, load_task
     from fl_dplora.model_loading import load_tokenizer
 
-    task = load_task(cfg["task"], int(cfg["seed"]))
-    tok = load_tokenizer(cfg["model"])
-    return encode_all(tok, task.train[:n], int(cfg["max-seq-len"])), tok
+    task = load_task(cfg.data.task, cfg.train.seed)
+    tok = load_tokenizer(cfg.model.name)
+    return encode_all(tok, task.train[:n], cfg.data.max_seq_len), tok
 
 
-def timed_local_step(model, params, start, cfg: dict[str, Any], pad_id: int, state: dict[str, Any]):
+def timed_local_step(model, params, start, cfg: RunConfig, pad_id: int, state: dict[str, Any]):
     """(reset, step) for timing one local_train call: `reset()` puts `params` back to `start` with a
     fresh optimizer (untimed, before every repetition); `step(data, dp)` is the timed call, with the
     same Poisson draw every time; state["examples"] = examples it processed."""
@@ -57,7 +58,7 @@ def timed_local_step(model, params, start, cfg: dict[str, Any], pad_id: int, sta
     return reset, step
 
 
-def step_variants(cfg: dict[str, Any], data, pad_id: int) -> tuple[list[Variant], dict[str, Any], Callable[[], None], LocalStep]:
+def step_variants(cfg: RunConfig, data, pad_id: int) -> tuple[list[Variant], dict[str, Any], Callable[[], None], LocalStep]:
     """Local-step variants `none` and `sample` on the same model, parameters, batch and optimizer
     settings; the LocalStep lets a benchmark add a reference variant on the same set-up.
 
@@ -84,7 +85,7 @@ def step_variants(cfg: dict[str, Any], data, pad_id: int) -> tuple[list[Variant]
     state: dict[str, Any] = {}
     reset, step = timed_local_step(model, params, start, cfg, pad_id, state)
     # Secure RNG for the noise (generator None), as the client does by default (secure-rng = true).
-    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]), generator=None)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=cfg.privacy.max_grad_norm, generator=None)
     variants = [Variant("none", step(data, None), reset), Variant("sample", step(data, dp), reset)]
     info: dict[str, Any] = {"trainable_params": sum(p.numel() for p in params)}
 

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fl_dplora.config import RunConfig
 from fl_dplora.tools.bench.common import (
     Variant,
     apply_quick_step_defaults,
@@ -62,7 +63,7 @@ ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 BUILD_BATCH = 16  # compute_prefix's default batch; the forward baselines use the same batches
 
 
-def _model(cfg: dict[str, Any]):
+def _model(cfg: RunConfig):
     """The process's PEFT model for cfg and its prefix start (switching lora-layers re-wraps the same base)."""
     from fl_dplora.config import ConfigError
     from fl_dplora.frozen_prefix import decoder_blocks, prefix_start
@@ -73,12 +74,12 @@ def _model(cfg: dict[str, Any]):
     if start == 0:
         found = decoder_blocks(model)
         depth = len(found[2]) if found else "?"
-        raise ConfigError(f"bench prefix-cache: lora-layers {cfg['lora-layers']} leaves no frozen prefix "
-                          f"in {cfg['model']} ({depth} blocks); use --layers below the depth")
+        raise ConfigError(f"bench prefix-cache: lora-layers {cfg.lora.layers} leaves no frozen prefix "
+                          f"in {cfg.model.name} ({depth} blocks); use --layers below the depth")
     return model, start
 
 
-def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
+def _step_pair(cfg: RunConfig, shard, pad_id: int, n: int):
     """`full-nN` and `cached-nN`: the same DP step on the same model, weights and Poisson batch.
     Returns (variants, info, restore, state); state["examples"] = examples in the last timed step."""
     import torch
@@ -97,12 +98,12 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     device = params[0].device
     model.eval()
     with torch.no_grad():  # the cache changes the cost, never the numbers
-        mb = range(min(len(shard), int(cfg["micro-batch-size"])))
+        mb = range(min(len(shard), cfg.train.micro_batch_size))
         a, b = (per_example_loss(model, {k: v.to(device) for k, v in collate([d[i] for i in mb], pad_id).items()})
                 for d in (full, cached))
         diff = float((a - b).abs().max())
     # Secure RNG for the noise (generator None), as the client does by default (secure-rng = true).
-    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=float(cfg["max-grad-norm"]), generator=None)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=cfg.privacy.max_grad_norm, generator=None)
     state: dict[str, Any] = {}
     reset, step = timed_local_step(model, params, original, cfg, pad_id, state)
     variants = [Variant(f"full-n{n}", step(full, dp), reset), Variant(f"cached-n{n}", step(cached, dp), reset)]
@@ -110,7 +111,7 @@ def _step_pair(cfg: dict[str, Any], shard, pad_id: int, n: int):
     return variants, info, reset, state
 
 
-def _build_variants(cfg: dict[str, Any], data, pad_id: int, n: int, build_only: bool = False):
+def _build_variants(cfg: RunConfig, data, pad_id: int, n: int, build_only: bool = False):
     """`build-nN` (compute_prefix) and `build-nN-int8` vs `forward` and `decoder` (no grad, adapters
     off), same batches. Returns (variants, prefix start, hidden size, model)."""
     import torch
@@ -220,12 +221,12 @@ def int8_features(model, data, start: int, pad_id: int) -> dict[str, Any]:
     return out
 
 
-def _cache_payload_mib(cfg: dict[str, Any], hidden: int) -> float:
+def _cache_payload_mib(cfg: RunConfig, hidden: int) -> float:
     """Bytes of the states the client caches for its shard (float32, one per token), in MiB."""
     from fl_dplora.data import client_examples, encode_all
     from fl_dplora.model_loading import load_tokenizer
 
-    enc = encode_all(load_tokenizer(cfg["model"]), client_examples(cfg, 0, 1), int(cfg["max-seq-len"]), cfg["system-prompt"])
+    enc = encode_all(load_tokenizer(cfg.model.name), client_examples(cfg, 0, 1), cfg.data.max_seq_len, cfg.data.system_prompt)
     return sum(len(e.input_ids) for e in enc) * hidden * 4 / 2**20
 
 
@@ -253,10 +254,10 @@ def main(args: argparse.Namespace) -> int:
             **({"lora-variant": args.variant} if args.variant else {})}
     cfg = resolve(base)
     tok = load_tokenizer(model_name)
-    examples = load_task(cfg["task"], int(cfg["seed"])).train[: max(shard_n, build_n)]
-    data = encode_all(tok, examples, seq, cfg["system-prompt"])
+    examples = load_task(cfg.data.task, cfg.train.seed).train[: max(shard_n, build_n)]
+    data = encode_all(tok, examples, seq, cfg.data.system_prompt)
     env = environment()
-    print(f"prefix-cache: {model_name}, LoRA r={args.rank} ({cfg['lora-variant']}) on {args.targets}, {args.task}, "
+    print(f"prefix-cache: {model_name}, LoRA r={args.rank} ({cfg.lora.variant}) on {args.targets}, {args.task}, "
           f"system-prompt {args.system_prompt!r}, max-seq-len {seq}; DP step: sigma 1.0, expected batch {batch} "
           f"(q = {batch}/{shard_n}); {env['torch_threads']} torch threads; warm-up {warmup}, {reps} interleaved reps")
     med, med_cpu, samples, ratio, info = {}, {}, {}, {}, {}
@@ -346,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
         "held_rss_mib": {m: r["rss_before_round2_kb"] / 1024 for m, r in rss.items()},
         "cache_payload_mib": payload, "client_process": rss, "int8": int8,
         "setup": {"model": model_name, "task": args.task, "lora_rank": args.rank, "lora_targets": args.targets,
-                  "lora_variant": cfg["lora-variant"], "layers": layers, "batch_size": batch, "shard": shard_n,
+                  "lora_variant": cfg.lora.variant, "layers": layers, "batch_size": batch, "shard": shard_n,
                   "max_seq_len": seq, "system_prompt": args.system_prompt, "noise_multiplier": 1.0,
                   "build_examples": build_n, "build_layers": n, "cache_examples": cache_n, "reps": reps, "warmup": warmup,
                   "build_only": bool(args.build_only)},

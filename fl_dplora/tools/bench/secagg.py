@@ -38,6 +38,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fl_dplora.config import RunConfig
 from fl_dplora.tools.bench.common import (
     QUICK_MODEL,
     Variant,
@@ -58,7 +59,7 @@ NAME = "secagg"
 
 # ------------------------------------------------------------------ the section
 def run_section(shape_sets: Mapping[str, Shapes], num_clients: int, reps: int, warmup: int, *, clip: float = 1.0,
-                seed: int = 0, threshold: int = 0, shares: int = 0, config: Mapping[str, Any] | None = None,
+                seed: int = 0, threshold: int = 0, shares: int = 0, config: RunConfig | None = None,
                 verbose: bool = True) -> dict[str, Any]:
     """Both ways for every shape set ({"lora-r8": shapes, ...}); the result dict of the JSON (without
     environment/setup). Raises RuntimeError if any round's sum check fails."""

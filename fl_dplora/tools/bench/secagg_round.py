@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fl_dplora.config import RunConfig
+
 Shapes = dict[str, tuple[int, ...]]
 METRICS = {"partition-id": 0, "num-examples": 16}  # what a client-level DP reply carries (partition id set per node)
 
@@ -62,7 +64,7 @@ class SecAggSetup:
     and `secure_round()` run one round on a fresh in-process grid made by `new_grid()`."""
 
     def __init__(self, name: str, shapes: Shapes, num_clients: int, *, clip: float = 1.0, seed: int = 0,
-                 threshold: int = 0, shares: int = 0, config: Mapping[str, Any] | None = None) -> None:
+                 threshold: int = 0, shares: int = 0, config: RunConfig | None = None) -> None:
         import torch
         from flwr.app import ConfigRecord, RecordDict
 
@@ -89,7 +91,7 @@ class SecAggSetup:
             self.updates.append(clipped)
             self.rounded.append({k: round_to_grid(t, self.plan.step, g) for k, t in clipped.items()})
         glob = {k: torch.randn(self.shapes[k], generator=g) * 0.02 for k in self.keys}
-        base = dict(config or {})
+        base = config.to_record() if config is not None else {}
 
         def instruction(secure: bool) -> RecordDict:
             cfg = ConfigRecord({**base, protocol.SIGMA: 0.0, "secure-aggregation": secure})
@@ -104,6 +106,7 @@ class SecAggSetup:
         node's fixed update (plain: float32 ArrayRecord; secure: its grid-rounded update, FitRes-shaped)."""
         from flwr.app import Message, MetricRecord, RecordDict
         from flwr.clientapp import ClientApp
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
         from fl_dplora.clients.secagg_mod import fitres_reply, secagg_when_asked
         from fl_dplora.transport import to_array_record
@@ -114,7 +117,7 @@ class SecAggSetup:
         def train(msg, context):
             part = int(context.node_config["partition-id"])
             metrics = {**METRICS, "partition-id": part}
-            if bool(msg.content["config"].get("secure-aggregation", False)):
+            if RECORD_KEY_CONFIGS in msg.content.config_records:  # a secure round: the mod's SecAgg+ stage
                 return Message(fitres_reply(self.rounded[part], metrics), reply_to=msg)
             content = RecordDict({"arrays": to_array_record(self.updates[part]), "metrics": MetricRecord(metrics)})
             return Message(content, reply_to=msg)
