@@ -5,6 +5,8 @@
 - no import circle anywhere in the package (imports inside functions count too);
 - the tools and the testing namespace import no other module's private `_name`;
 - docs/architecture.md names every module of the package;
+- run-config keys are read by string (`cfg["seed"]`) only inside fl_dplora/config/: elsewhere the
+  RunConfig's attributes (`cfg.train.seed`);
 - the tests sit in their layers (tests/unit, integration, e2e, tools; docs/architecture.md#tests-in-four-layers),
   never directly in tests/, and every test file a page or a module names by its path exists.
 """
@@ -184,6 +186,83 @@ def test_architecture_doc_names_every_module():
     missing = sorted(modules - named)
     assert not missing, f"docs/architecture.md does not name: {', '.join(missing)}"
 
+
+
+# --- config keys are read by string only inside the config package (issue 29) -----------------------
+
+def schema_keys(schema: Path = PACKAGE / "config" / "schema.py") -> set[str]:
+    """The run-config keys: the string keys of the `SCHEMA = {...}` literal of config/schema.py."""
+    for node in ast.walk(ast.parse(schema.read_text())):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "SCHEMA" for t in targets):
+                return {k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    raise AssertionError(f"no SCHEMA literal in {schema}")
+
+
+def string_key_reads(modules: dict[str, Path], keys: set[str]) -> list[tuple[str, str, int]]:
+    """(module, key, line) of every `x["key"]`, `x.get("key")`, `x.pop("key")` with a run-config key
+    as a string constant; `SCHEMA["key"]` (the key's schema entry, not a value) is not a read."""
+    found = []
+    for m, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            key = None
+            if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and isinstance(node.slice, ast.Constant)
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "SCHEMA")):
+                key = node.slice.value
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                key = node.args[0].value
+            if isinstance(key, str) and key in keys:
+                found.append((m, key, node.lineno))
+    return sorted(found)
+
+
+# Reads of records that are not the run config, whose fields share a key's name: (module, key) -> why.
+NOT_RUN_CONFIG_READS = {
+    ("fl_dplora.adapter_io", "delta"): "the run summary's privacy record (the delta it spent)",
+    ("fl_dplora.adapter_io", "accountant"): "the run summary's privacy record (the accountant it used)",
+    ("fl_dplora.adapter_record", "model"): "adapter.json's base-model field",
+    ("fl_dplora.checkpoint", "task"): "migrating an old checkpoint's saved config record",
+    ("fl_dplora.cli.run", "loss"): "the final eval's loss metric",
+    ("fl_dplora.server.outputs", "loss"): "the last eval's loss metric",
+    ("fl_dplora.tools.audit.run", "delta"): "the run summary's privacy record (the delta it spent)",
+    ("fl_dplora.tools.audit.report", "delta"): "audit.json's delta",
+    ("fl_dplora.tools.experiments.runner", "loss"): "the summary's eval and test loss metrics",
+    ("fl_dplora.tools.experiments.runner", "delta"): "the summary's privacy record (the delta it spent)",
+    ("fl_dplora.tools.experiments.results", "seed"): "results.json records' seed field",
+    ("fl_dplora.tools.experiments.results", "task"): "results.json records' task field",
+}
+
+
+def _outside_config(modules: dict[str, Path]) -> dict[str, Path]:
+    return {m: p for m, p in modules.items() if m != "fl_dplora.config" and not m.startswith("fl_dplora.config.")}
+
+
+def test_config_keys_are_read_by_string_only_inside_the_config_package():
+    """Outside fl_dplora/config/ a run-config value is an attribute of the RunConfig (cfg.train.seed),
+    never `cfg["seed"]` or `cfg.get("seed")`."""
+    reads = string_key_reads(_outside_config(MODULES), schema_keys())
+    bad = [f"{m} line {line}: {key!r}" for m, key, line in reads if (m, key) not in NOT_RUN_CONFIG_READS]
+    assert not bad, "read the RunConfig's attribute (cfg.<section>.<field>) instead:\n" + "\n".join(bad)
+
+
+def test_the_allow_list_of_string_key_reads_has_no_stale_entry():
+    reads = {(m, key) for m, key, _ in string_key_reads(_outside_config(MODULES), schema_keys())}
+    stale = sorted(set(NOT_RUN_CONFIG_READS) - reads)
+    assert not stale, f"no such read any more, drop it from NOT_RUN_CONFIG_READS: {stale}"
+
+
+def test_the_string_key_check_catches_a_planted_read(tmp_path):
+    assert {"seed", "dp-mode", "delta"} <= schema_keys() and "id" not in schema_keys()
+    (tmp_path / "planted.py").write_text(
+        'def f(cfg, rec):\n'
+        '    a = cfg["seed"]\n'
+        '    b = cfg.get("dp-mode", "none")\n'
+        '    c = SCHEMA["seed"].default + rec["id"] + cfg.train.seed\n'
+        '    cfg["seed"] = 1\n')
+    assert string_key_reads({"planted": tmp_path / "planted.py"}, schema_keys()) == [
+        ("planted", "dp-mode", 3), ("planted", "seed", 2)]
 
 # --- the tests' own layout ---------------------------------------------------------------------------
 
