@@ -112,7 +112,7 @@ def simulate(cfg: RunConfig, num_clients: int, num_cpus: float, num_gpus: float,
     summary_path.unlink(missing_ok=True)
     previous = _exit_on_interrupt(out_dir, cfg.federation.num_server_rounds) if exit_on_interrupt else None
     try:
-        run_simulation(server_app=build_server_app(cfg), client_app=client_app, num_supernodes=num_clients,
+        run_simulation(server_app=build_server_app(cfg.to_record()), client_app=client_app, num_supernodes=num_clients,
                        backend_config=backend_config)
     finally:
         if previous is not None:

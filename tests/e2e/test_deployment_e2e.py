@@ -530,8 +530,8 @@ def test_a_restarted_supernode_continues_its_ledger_and_its_floor_stops_it(deplo
     cfg = tiny_config(**run_cfg)
     log = tmp_path / "node0-epsilon.jsonl"
     node0 = {"partition-id": 0, "num-partitions": 2, "epsilon-log": str(log)}
-    delta = NodePolicy.from_node_config({**node0, "max-epsilon": 1.0}).delta(cfg["delta"])  # the node's δ
-    eps = [PrivacyLedger([(2.0, 1.0, k)]).epsilon(delta, cfg["accountant"]) for k in (1, 2, 3)]
+    delta = NodePolicy.from_node_config({**node0, "max-epsilon": 1.0}).delta(cfg.privacy.delta)  # the node's δ
+    eps = [PrivacyLedger([(2.0, 1.0, k)]).epsilon(delta, cfg.privacy.accountant) for k in (1, 2, 3)]
     node0["max-epsilon"] = eps[1]  # two rounds of one step at q = 1
     node0_config = " ".join(f"{k}={json.dumps(v)}" for k, v in node0.items())
 

@@ -188,8 +188,8 @@ def test_int8_and_float32_states_are_cached_apart(monkeypatch):
 
 # ------------------------------------------------------------------ the run config
 def test_frozen_dtype_key_and_its_checks():
-    assert resolve()["frozen-dtype"] == "float32"
-    assert resolve({"frozen-dtype": "int8"})["frozen-dtype"] == "int8"
+    assert resolve().model.frozen_dtype == "float32"
+    assert resolve({"frozen-dtype": "int8"}).model.frozen_dtype == "int8"
     with pytest.raises(ConfigError, match=r"^frozen-dtype: unknown value 'int4'"):
         resolve({"frozen-dtype": "int4"})
     with pytest.raises(ConfigError, match=r"^frozen-dtype: int8 runs the frozen blocks below the LoRA layers"):
@@ -200,7 +200,7 @@ def test_get_peft_model_sets_the_runs_frozen_dtype():
     from fl_dplora.models import get_peft_model
 
     cfg = resolve({"model": "tiny-random-llama", "lora-layers": 1})
-    assert frozen_dtype(get_peft_model({**cfg, "frozen-dtype": "int8"})) == "int8"
+    assert frozen_dtype(get_peft_model(cfg.with_values({"frozen-dtype": "int8"}))) == "int8"
     assert frozen_dtype(get_peft_model(cfg)) == "float32"  # the same cached model follows the config
 
 

@@ -18,8 +18,8 @@ from harness import REPO
 
 def test_the_demo_preset_is_the_tiny_model_with_dp_on():
     cfg = resolve(base=load_preset("demo"))
-    assert (cfg["model"], cfg["dp-mode"], cfg["target-epsilon"]) == ("tiny-random-llama", "sample", 8.0)
-    assert cfg["num-server-rounds"] <= 2 and cfg["max-train-samples"] <= 64
+    assert (cfg.model.name, cfg.privacy.dp_mode, cfg.privacy.target_epsilon) == ("tiny-random-llama", "sample", 8.0)
+    assert cfg.federation.num_server_rounds <= 2 and cfg.data.max_train_samples <= 64
 
 
 @pytest.mark.slow

@@ -170,7 +170,7 @@ def test_simulate_overwrite_replaces_an_earlier_run_end_to_end(cli, tmp_path):
     assert not (out / "adapters").exists() and (out / "adapter" / "adapter_model.safetensors").read_bytes() != b"old"
     assert (out / "notes.txt").read_text() == "the user's own file"
     # the run-config key does the same (what `flwr run . --run-config "overwrite=true"` sets) ...
-    assert resolve({"overwrite": True})["overwrite"] is True
+    assert resolve({"overwrite": True}).output.overwrite is True
     # ... and without either, the folder (holding this run now) is refused
     r = cli(["simulate", "--num-clients", "2", "--output-dir", str(out), "--run-config", TINY_RUN], timeout=120)
     assert r.returncode == 2 and REFUSAL in r.stderr

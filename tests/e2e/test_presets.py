@@ -47,7 +47,7 @@ def test_pyproject_declares_exactly_the_packaged_defaults():
     packaged = defaults()
     declared = _pyproject_config()
     assert set(declared) == set(packaged), set(declared) ^ set(packaged)
-    assert resolve(base=declared) == defaults()
+    assert resolve(base=declared).to_record() == defaults()
     differ = {k for k in declared if declared[k] != packaged[k]}
     assert differ == set(), differ
 
@@ -57,12 +57,12 @@ def test_the_default_job_is_dp_lora_on_data_to_text():
     recipe; the TFNS label-head job is the fin-sentiment preset, and experiments keep it as their base
     on the earlier TFNS protocol (fin-sentiment-v1) that their committed results were computed with."""
     cfg = defaults()
-    assert cfg == resolve(base=load_preset("data-to-text"))
+    assert cfg == resolve(base=load_preset("data-to-text")).to_record()
     assert (cfg["task"], cfg["label-head"], cfg["lora-variant"], cfg["dp-mode"]) == ("data-to-text", False, "lora", "sample")
     assert cfg["target-epsilon"] <= 8.0 and cfg["delta"] == 1e-5 and cfg["accountant"] == "prv"
     tfns = tfns_recipe_defaults()
     assert (tfns["task"], tfns["label-head"], tfns["head-rounds"], tfns["eval-every"]) == ("fin-sentiment-v1", True, 4, 1)
-    preset = {**resolve(base=load_preset("fin-sentiment")), "max-new-tokens": 64, "eval-every": 1}
+    preset = {**resolve(base=load_preset("fin-sentiment")).to_record(), "max-new-tokens": 64, "eval-every": 1}
     assert preset["task"] == "fin-sentiment" and {**tfns, "task": "fin-sentiment"} == preset
 
 
@@ -78,9 +78,9 @@ def test_every_packaged_preset_resolves(name):
     values = load_preset(name)
     assert values, f"{name} sets no keys"
     assert preset_description(PRESETS[name]), f"{name} has no header comment"
-    cfg = resolve(base=values)
+    record = resolve(base=values).to_record()
     for key, value in values.items():
-        assert cfg[key] == value, key
+        assert record[key] == value, key
     # flwr run rejects an override key that pyproject's [tool.flwr.app.config] does not declare
     assert set(values) <= set(_pyproject_config()), set(values) - set(_pyproject_config())
 
@@ -91,17 +91,18 @@ def test_data_to_text_preset_is_the_measured_dp_lora_recipe():
     import tomllib
 
     cfg = resolve(base=load_preset("data-to-text"))
-    assert (cfg["task"], cfg["label-head"], cfg["head-rounds"], cfg["dp-mode"]) == ("data-to-text", False, 0, "sample")
-    assert (cfg["target-epsilon"], cfg["delta"]) == (8.0, 1e-5)
+    assert (cfg.data.task, cfg.train.label_head, cfg.train.head_rounds, cfg.privacy.dp_mode) == ("data-to-text", False, 0, "sample")
+    assert (cfg.privacy.target_epsilon, cfg.privacy.delta) == (8.0, 1e-5)
     spec = tomllib.loads((REPO / "experiments" / "data-to-text.toml").read_text())["config"]
-    differ = {k for k in set(spec) & set(load_preset("data-to-text")) if resolve(base=spec)[k] != cfg[k]}
+    ours, theirs = cfg.to_record(), resolve(base=spec).to_record()
+    differ = {k for k in set(spec) & set(load_preset("data-to-text")) if theirs[k] != ours[k]}
     assert differ == {"max-eval-samples"}, differ
 
 
 def test_fin_sentiment_is_the_label_head_recipe():
     cfg = resolve(base=load_preset("fin-sentiment"))
-    assert (cfg["task"], cfg["label-head"], cfg["loss"], cfg["dp-mode"]) == ("fin-sentiment", True, "label-words", "sample")
-    assert (cfg["target-epsilon"], cfg["delta"], cfg["max-eval-samples"]) == (8.0, 1e-5, 300)
+    assert (cfg.data.task, cfg.train.label_head, cfg.train.loss, cfg.privacy.dp_mode) == ("fin-sentiment", True, "label-words", "sample")
+    assert (cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.data.max_eval_samples) == (8.0, 1e-5, 300)
 
 
 def test_config_presets_lists_each_with_its_first_comment_line(cli):
@@ -121,19 +122,19 @@ def test_precedence_defaults_then_preset_then_run_config(tmp_path):
     cfg = prepare_config(["num-server-rounds=3", "learning-rate=0.02 lora-alpha=8"], str(tmp_path / "out"),
                          preset=str(preset))
     defaults_ = defaults()
-    assert defaults_["lora-rank"] != 6 and cfg["lora-rank"] == 6 and cfg["population"] == 9  # preset over the defaults
-    assert cfg["num-server-rounds"] == 3 and cfg["learning-rate"] == 0.02 and cfg["lora-alpha"] == 8.0  # run-config over it
-    assert cfg["dp-mode"] == defaults_["dp-mode"] and cfg["seed"] == defaults_["seed"]  # the rest: defaults
+    assert defaults_["lora-rank"] != 6 and cfg.lora.rank == 6 and cfg.federation.population == 9  # preset over the defaults
+    assert cfg.federation.num_server_rounds == 3 and cfg.train.learning_rate == 0.02 and cfg.lora.alpha == 8.0  # run-config over it
+    assert cfg.privacy.dp_mode == defaults_["dp-mode"] and cfg.train.seed == defaults_["seed"]  # the rest: defaults
     # the same through a packaged name
     cfg = prepare_config("target-epsilon=4", str(tmp_path / "out2"), preset="fin-sentiment")
-    assert cfg["target-epsilon"] == 4.0 and cfg["label-head"] is True
+    assert cfg.privacy.target_epsilon == 4.0 and cfg.train.label_head is True
 
 
 def test_num_clients_declares_population_over_the_preset_but_not_over_run_config(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('model = "tiny-random-llama"\ndp-mode = "none"\nmax-train-samples = 40\npopulation = 9\n')
-    assert prepare_config(None, str(tmp_path / "a"), 2, preset=str(preset))["population"] == 2
-    assert prepare_config("population=7", str(tmp_path / "b"), 2, preset=str(preset))["population"] == 7
+    assert prepare_config(None, str(tmp_path / "a"), 2, preset=str(preset)).federation.population == 2
+    assert prepare_config("population=7", str(tmp_path / "b"), 2, preset=str(preset)).federation.population == 7
 
 
 # ----------------------------------------------------------------------------- --run-config
@@ -157,7 +158,7 @@ def test_run_config_file_through_the_cli(tmp_path):
     f.write_text("lora-rank = 16\n")
     args = build_parser().parse_args(["simulate", "--run-config", str(f), "--run-config", "seed=3"])
     cfg = prepare_config(args.run_config, str(tmp_path / "out"))
-    assert cfg["lora-rank"] == 16 and cfg["seed"] == 3
+    assert cfg.lora.rank == 16 and cfg.train.seed == 3
 
 
 # ----------------------------------------------------------------------------- bad input: one line

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fl_dplora.write_ahead import read_operator
-from fl_dplora.config import SCHEMA, parse_overrides
+from fl_dplora.config import SCHEMA, RunConfig, parse_overrides
 from fl_dplora.model_loading import load_base_model, load_tokenizer
 from fl_dplora.models import adapter_parameters, get_peft_model, reset_adapter
 from fl_dplora.privacy.accounting import PrivacyLedger
@@ -195,15 +195,14 @@ def test_privacy_block(sim):
 
 
 # ----------------------------------------------------------------------------- the adapter
-def _initial_adapter(cfg: dict) -> dict[str, torch.Tensor]:
+def _initial_adapter(cfg: RunConfig) -> dict[str, torch.Tensor]:
     model = get_peft_model(cfg)
     reset_adapter(model)  # the seed-shared init every party starts from
     return {k: v.detach().clone() for k, v in adapter_parameters(model, cfg).items()}
 
 
 def test_global_adapter_moved_away_from_the_initial_one(sim):
-    cfg = _cfg(sim)
-    init = _initial_adapter(cfg)
+    init = _initial_adapter(RunConfig.from_record(_cfg(sim)))
     saved = sim.adapter
     assert set(saved) == set(init)
     for key, t in saved.items():
@@ -216,7 +215,7 @@ def test_global_adapter_moved_away_from_the_initial_one(sim):
 def test_adapter_loads_with_peft_and_reproduces_the_in_memory_adapter(sim):
     from peft import PeftModel
 
-    cfg = _cfg(sim)
+    cfg = RunConfig.from_record(_cfg(sim))  # summary.json holds every key
     saved = sim.adapter
     loaded = PeftModel.from_pretrained(load_base_model("tiny-random-llama", seed=42), str(sim.out / "adapter"))
     loaded.eval()
@@ -304,7 +303,7 @@ def test_secure_aggregation_through_the_ray_engine(tmp_path):
     assert all(r["bytes_up"] > 0 for r in ops)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["epsilon"] == pytest.approx(p["epsilon"])
-    init = _initial_adapter(cfg)  # the global adapter moved: the unmasked (noised) sum was applied
+    init = _initial_adapter(RunConfig.from_record(cfg))  # the global adapter moved: the unmasked (noised) sum was applied
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert set(saved) == set(init)
     assert all(torch.isfinite(t).all() for t in saved.values())

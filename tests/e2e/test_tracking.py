@@ -54,7 +54,7 @@ def test_metrics_png_has_a_panel_per_series(tmp_path):
 
 
 def _cfg(tmp_path, report_to):
-    return {**resolve({"model": "tiny-random-llama"}), "report-to": report_to, "output-dir": str(tmp_path)}
+    return resolve({"model": "tiny-random-llama", "report-to": report_to, "output-dir": str(tmp_path)})
 
 
 def _fake(monkeypatch, name, **attrs):

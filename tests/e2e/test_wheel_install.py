@@ -174,7 +174,7 @@ def test_a_tiny_simulate_of_the_default_task_completes_from_the_wheel(installed)
     from fl_dplora.config import parse_overrides, resolve
 
     # what the editable install resolves for the same command (cli.prepare_config's precedence)
-    expected = resolve({**parse_overrides(TINY_RUN), "population": NUM_CLIENTS, "output-dir": str(out)})
+    expected = resolve({**parse_overrides(TINY_RUN), "population": NUM_CLIENTS, "output-dir": str(out)}).to_record()
     got = summary["config"]
     assert got["task"] == "data-to-text" == _pyproject_config()["task"]  # the default job's data, from the wheel
-    assert {k: got.get(k) for k in expected} == json.loads(json.dumps(expected.to_record()))
+    assert {k: got.get(k) for k in expected} == json.loads(json.dumps(expected))
