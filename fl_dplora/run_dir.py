@@ -54,7 +54,7 @@ def check_writable_dir(path: Path, flag: str) -> Path:
 def check_output_dir(cfg: RunConfig) -> Path:
     """Refuse (ConfigError, one line) a new run into a folder holding a run, unless overwrite, or a
     place no folder can be written; touches nothing."""
-    out_dir = check_writable_dir(resolve_output_dir(cfg.to_record()), "output-dir")
+    out_dir = check_writable_dir(resolve_output_dir(cfg.output.output_dir), "output-dir")
     if cfg.output.resume and cfg.output.overwrite:
         raise ConfigError("overwrite: resume=true continues the run in output-dir, overwrite=true replaces it: give one")
     if cfg.output.resume:

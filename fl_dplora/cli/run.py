@@ -43,7 +43,7 @@ def prepare_config(run_config: str | list[str] | Mapping[str, Any] | None, outpu
     from fl_dplora.server.start import preflight
 
     # Paths mean the user's current directory here, whatever directory the workers start in.
-    paths = {"output-dir": str(resolve_output_dir(cfg.to_record()))}
+    paths = {"output-dir": str(resolve_output_dir(cfg.output.output_dir))}
     for key, value in (("task", cfg.data.task), ("model", cfg.model.name)):
         p = Path(os.path.expanduser(value))
         if looks_like_path(value) or p.exists():

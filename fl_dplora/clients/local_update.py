@@ -70,7 +70,8 @@ def _encoded_shard(model: str, task: str, data_path: str, partition_id: int, num
         run = task_for_node(card_json, seed) if card_json else load_task(task, seed)
         examples = load_local_file(data_path, run, own_card=own_card)
     else:
-        # the cache key holds the values (a RunConfig is unhashable); client_examples reads only these
+        # the cache key holds only what the shard depends on (a whole RunConfig would miss whenever an
+        # unrelated key changes); client_examples reads only these
         cfg = resolve({"task": task, "partitioner": partitioner, "dirichlet-alpha": alpha, "seed": seed,
                        "max-train-samples": max_train})
         examples = client_examples(cfg, partition_id, num_partitions, audit_canaries(canaries))

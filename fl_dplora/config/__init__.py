@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fl_dplora.config.parse import (PRESETS_DIR, available_presets, load_config_file, load_preset, lora_targets,
+from fl_dplora.config.parse import (PRESETS_DIR, available_presets, load_config_file, load_preset,
                                     parse_overrides, preset_description, resolve_output_dir, resolve_values,
                                     tfns_recipe_defaults)
 from fl_dplora.config.run_config import (SECTIONS, WHERE, DataConfig, FederationConfig, LoraConfig, ModelConfig,
@@ -33,7 +33,7 @@ __all__ = [
     "DP_MODES", "PACKAGE_DIR", "PRESETS_DIR", "SCHEMA", "SECTIONS",
     "SERVER_ONLY_KEYS", "TASKS", "WHERE", "ConfigError", "DataConfig", "FederationConfig", "Key", "LoraConfig",
     "ModelConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "SecAggConfig", "TrainConfig", "allowed_values",
-    "available_presets", "defaults", "describe_keys", "load_config_file", "load_preset", "lora_targets",
+    "available_presets", "defaults", "describe_keys", "load_config_file", "load_preset",
     "parse_overrides", "preset_description", "resolve", "resolve_output_dir", "resolve_values",
     "tfns_recipe_defaults",
 ]

@@ -240,13 +240,10 @@ def _secagg_checks(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def lora_targets(cfg: Mapping[str, Any]) -> list[str]:
-    return [t.strip() for t in str(cfg["lora-targets"]).split(",") if t.strip()]
-
-
-def resolve_output_dir(cfg: Mapping[str, Any]) -> Path:
-    """Where a run writes. Relative paths resolve against the current directory of the process."""
-    raw = str(cfg.get("output-dir", "") or "")
+def resolve_output_dir(output_dir: str) -> Path:
+    """Where a run writes (`cfg.output.output_dir`; empty: a new timestamped folder under ~/fl-dplora/runs).
+    Relative paths resolve against the current directory of the process."""
+    raw = str(output_dir or "")
     if not raw:
         return Path.home() / "fl-dplora" / "runs" / time.strftime("%Y%m%d-%H%M%S")
     return Path(os.path.expanduser(raw)).resolve()

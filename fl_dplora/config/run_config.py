@@ -4,17 +4,16 @@
     cfg.train.local_steps, cfg.privacy.max_grad_norm, cfg.lora.rank
     cfg.to_record()                                         # the flat kebab-case dict: Flower's wire, JSON, hashes
 
-Every SCHEMA key is exactly one field of one section (the field's metadata names its key). During the
-migration to attribute access a RunConfig is also a read-only Mapping over the kebab-case keys, so
-`cfg["local-steps"]`, `dict(cfg)` and `{**cfg, ...}` still work; a RunConfig equals a mapping with the
-same keys and values.
+Every SCHEMA key is exactly one field of one section (the field's metadata names its key). It is read by
+attribute only: no mapping view, so a string read of a key (`cfg["local-steps"]`) is a TypeError and
+outside fl_dplora/config/ a test (tests/tools/test_layout.py) finds any. Frozen with plain-value fields,
+it is hashable and two configs are equal when every value is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +135,8 @@ WHERE: dict[str, tuple[str, str]] = {f.metadata["key"]: (section, f.name)
                                      for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
-@dataclass(frozen=True, eq=False)
-class RunConfig(Mapping[str, Any]):
+@dataclass(frozen=True)
+class RunConfig:
     model: ModelConfig
     lora: LoraConfig
     data: DataConfig
@@ -167,14 +166,6 @@ class RunConfig(Mapping[str, Any]):
             parts[section][attr] = value
         return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
 
-    @classmethod
-    def of(cls, cfg: Mapping[str, Any]) -> RunConfig:
-        """`cfg` itself if it is a RunConfig, else a mapping of run-config keys resolved (validated).
-        Leaving: privacy/, train.py, server/ and the strategy take a RunConfig already (issue 29)."""
-        if not isinstance(cfg, RunConfig) and os.environ.get("FL_DPLORA_STRICT_CONFIG"):
-            raise TypeError(f"RunConfig.of got a {type(cfg).__name__}, not a RunConfig (FL_DPLORA_STRICT_CONFIG)")
-        return cfg if isinstance(cfg, RunConfig) else cls.from_run_config(cfg)
-
     def with_values(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A copy with some kebab-case keys changed, validated again."""
         return RunConfig.from_run_config(overrides, base=self.to_record())
@@ -182,28 +173,3 @@ class RunConfig(Mapping[str, Any]):
     def to_record(self) -> dict[str, Any]:
         """The flat kebab-case dict, in SCHEMA order: Flower's ConfigRecord, JSON files, hashes."""
         return {name: getattr(getattr(self, WHERE[name][0]), WHERE[name][1]) for name in SCHEMA}
-
-    # ------------------------------------------------------------------ the read-only Mapping view
-    def __getitem__(self, name: str) -> Any:
-        if os.environ.get("FL_DPLORA_STRICT_CONFIG"):  # issue 29 migration tripwire: no string reads
-            raise TypeError(f"cfg[{name!r}]: read the attribute (FL_DPLORA_STRICT_CONFIG)")
-        try:
-            section, attr = WHERE[name]
-        except KeyError:
-            raise KeyError(name) from None
-        return getattr(getattr(self, section), attr)
-
-    def __iter__(self) -> Iterator[str]:
-        if os.environ.get("FL_DPLORA_STRICT_CONFIG"):  # dict(cfg), {**cfg}, cfg.items(): use to_record()
-            raise TypeError("iterating a RunConfig: use cfg.to_record() (FL_DPLORA_STRICT_CONFIG)")
-        return iter(SCHEMA)
-
-    def __len__(self) -> int:
-        return len(SCHEMA)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        return self.to_record() == (other.to_record() if isinstance(other, RunConfig) else dict(other.items()))
-
-    __hash__ = None  # type: ignore[assignment]  # equal to dicts, which are unhashable
