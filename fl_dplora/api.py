@@ -13,13 +13,13 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from fl_dplora.config import RunConfig
 
-# what `simulate` accepts as its run config: a dict of keys, a TOML file, or --run-config text
-RunConfigInput = Mapping[str, Any] | str | os.PathLike | Sequence[str] | None
+# what `simulate` accepts as its run config: a dict of keys (or a RunConfig), a TOML file, or --run-config text
+RunConfigInput: TypeAlias = "Mapping[str, Any] | RunConfig | str | os.PathLike | Sequence[str] | None"
 
 
 def simulate(run_config: RunConfigInput = None, *, num_clients: int | None = None, output_dir: str | os.PathLike | None = None,
@@ -27,7 +27,7 @@ def simulate(run_config: RunConfigInput = None, *, num_clients: int | None = Non
              num_cpus: float = 2.0, num_gpus: float = 0.0, ray_address: str | None = None) -> Run:
     """Run a job in Flower's simulation engine, as `fl-dplora simulate` does, and open it.
 
-    run_config: a dict of run-config keys ({"model": "tiny-random-llama", "num-server-rounds": 1}),
+    run_config: a dict of run-config keys ({"model": "tiny-random-llama", "num-server-rounds": 1}), a RunConfig,
     the path of a TOML file of them, or `--run-config` text ("key=value ..."); over the defaults and
     `preset`. num_clients: virtual clients (default 5, or the resumed run's). output_dir: where the run
     writes (default ~/fl-dplora/runs/<timestamp>); a folder holding a run is refused unless

@@ -18,8 +18,10 @@ from fl_dplora.config import (SCHEMA, ConfigError, RunConfig, available_presets,
                               resolve, resolve_output_dir)
 
 
-def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """--run-config as given (key=value text, a TOML file, several of them) or a dict (the Python API)."""
+def as_overrides(run_config: str | os.PathLike | list[str] | Mapping[str, Any] | RunConfig | None) -> dict[str, Any]:
+    """--run-config as given (key=value text, a TOML file, several of them), a dict or a RunConfig (the Python API)."""
+    if isinstance(run_config, RunConfig):
+        return run_config.to_record()
     if isinstance(run_config, Mapping):
         return dict(run_config)
     return parse_overrides(os.fspath(run_config) if isinstance(run_config, os.PathLike) else run_config)

@@ -240,10 +240,12 @@ def _secagg_checks(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def resolve_output_dir(output_dir: str) -> Path:
+def resolve_output_dir(output_dir: str | os.PathLike) -> Path:
     """Where a run writes (`cfg.output.output_dir`; empty: a new timestamped folder under ~/fl-dplora/runs).
     Relative paths resolve against the current directory of the process."""
-    raw = str(output_dir or "")
+    if not isinstance(output_dir, (str, os.PathLike)):  # the old signature took the whole config mapping
+        raise TypeError(f"resolve_output_dir: give the output-dir path, not a {type(output_dir).__name__}")
+    raw = os.fspath(output_dir)
     if not raw:
         return Path.home() / "fl-dplora" / "runs" / time.strftime("%Y%m%d-%H%M%S")
     return Path(os.path.expanduser(raw)).resolve()

@@ -2,13 +2,17 @@
 
 Released (docs/privacy.md, "Threat model"): metrics.jsonl, summary.json, adapter/ (and adapters/round-N).
 The operator's, never released (write_ahead.py's operator.jsonl): who took part, drops, bytes, timings,
-the ledgers.
+the ledgers, and the software and CPU the run used (a rerun that differs in the 8th digit is then explained
+by the environment, not searched for in the commits).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +156,35 @@ def summary(cfg: RunConfig, state: RunState, privacy: dict[str, Any], sizes: dic
     return out
 
 
+SOFTWARE = ("torch", "transformers", "peft", "opacus", "flwr", "numpy")
+
+
+def _cpu_model() -> str:
+    try:  # Linux names the CPU model here; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def software_environment() -> dict[str, Any]:
+    """Python, the numeric packages' versions, the platform and the CPU: what a bit-for-bit rerun needs alike."""
+    versions = {}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), **versions, "platform": platform.platform(),
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+
+
 def operator_summary(cfg: RunConfig, state: RunState, wall_seconds: float) -> dict[str, Any]:
     """bytes and wall time depend on who took part: the operator's, next to the per-round rows; the
     ledgers let a reviewer recompute every ε with an accountant of their own."""
     return {"event": "summary", "bytes_up_total": state.totals["up"], "bytes_down_total": state.totals["down"],
             "wall_seconds": wall_seconds, "rounds": state.rounds_done, "accountant": cfg.privacy.accountant,
             "delta": cfg.privacy.delta, "server_ledger": state.engine.state_dict(),
-            "client_ledgers": state.client_ledgers}
+            "client_ledgers": state.client_ledgers, "environment": software_environment()}

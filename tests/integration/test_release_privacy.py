@@ -177,6 +177,10 @@ def test_operator_log_lets_a_reviewer_recompute_every_clients_epsilon(tmp_path):
 
     summary, out = _run(tmp_path, "sample", 0)
     _, total = read_operator(out)
+    # and names the software and CPU the numbers came from (a bit-for-bit rerun needs them alike)
+    env = total["environment"]
+    assert env["torch"] == torch.__version__
+    assert env["flwr"] and env["opacus"] and env["cpu"] and env["cpu_count"] >= 1
     ledgers = total["client_ledgers"]
     assert len(ledgers) == POPULATION
     for key, ledger in ledgers.items():

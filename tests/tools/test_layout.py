@@ -201,7 +201,7 @@ def schema_keys(schema: Path = PACKAGE / "config" / "schema.py") -> set[str]:
 
 
 def string_key_reads(modules: dict[str, Path], keys: set[str]) -> list[tuple[str, str, int]]:
-    """(module, key, line) of every `x["key"]`, `x.get("key")`, `x.pop("key")` with a run-config key
+    """(module, key, line) of every `x["key"]`, `x.get/pop/setdefault("key")` with a run-config key
     as a string constant; `SCHEMA["key"]` (the key's schema entry, not a value) is not a read."""
     found = []
     for m, path in modules.items():
@@ -210,7 +210,7 @@ def string_key_reads(modules: dict[str, Path], keys: set[str]) -> list[tuple[str
             if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and isinstance(node.slice, ast.Constant)
                     and not (isinstance(node.value, ast.Name) and node.value.id == "SCHEMA")):
                 key = node.slice.value
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop", "setdefault")
                   and node.args and isinstance(node.args[0], ast.Constant)):
                 key = node.args[0].value
             if isinstance(key, str) and key in keys:
@@ -218,20 +218,21 @@ def string_key_reads(modules: dict[str, Path], keys: set[str]) -> list[tuple[str
     return sorted(found)
 
 
-# Reads of records that are not the run config, whose fields share a key's name: (module, key) -> why.
+# Reads of records that are not a RunConfig, whose fields share a key's name: (module, key) -> (how many, why).
+# The count is exact, so a new read of the same key in the same module fails until it is looked at.
 NOT_RUN_CONFIG_READS = {
-    ("fl_dplora.adapter_io", "delta"): "the run summary's privacy record (the delta it spent)",
-    ("fl_dplora.adapter_io", "accountant"): "the run summary's privacy record (the accountant it used)",
-    ("fl_dplora.adapter_record", "model"): "adapter.json's base-model field",
-    ("fl_dplora.checkpoint", "task"): "migrating an old checkpoint's saved config record",
-    ("fl_dplora.cli.run", "loss"): "the final eval's loss metric",
-    ("fl_dplora.server.outputs", "loss"): "the last eval's loss metric",
-    ("fl_dplora.tools.audit.run", "delta"): "the run summary's privacy record (the delta it spent)",
-    ("fl_dplora.tools.audit.report", "delta"): "audit.json's delta",
-    ("fl_dplora.tools.experiments.runner", "loss"): "the summary's eval and test loss metrics",
-    ("fl_dplora.tools.experiments.runner", "delta"): "the summary's privacy record (the delta it spent)",
-    ("fl_dplora.tools.experiments.results", "seed"): "results.json records' seed field",
-    ("fl_dplora.tools.experiments.results", "task"): "results.json records' task field",
+    ("fl_dplora.adapter_io", "delta"): (1, "the run summary's privacy record (the delta it spent)"),
+    ("fl_dplora.adapter_io", "accountant"): (1, "the run summary's privacy record (the accountant it used)"),
+    ("fl_dplora.adapter_record", "model"): (4, "adapter.json's base-model field"),
+    ("fl_dplora.checkpoint", "task"): (1, "an old checkpoint's saved config, read before migration makes it a RunConfig"),
+    ("fl_dplora.cli.run", "loss"): (1, "the final eval's loss metric"),
+    ("fl_dplora.server.outputs", "loss"): (2, "the last eval's loss metric"),
+    ("fl_dplora.tools.audit.run", "delta"): (1, "the run summary's privacy record (the delta it spent)"),
+    ("fl_dplora.tools.audit.report", "delta"): (1, "audit.json's delta"),
+    ("fl_dplora.tools.experiments.runner", "loss"): (2, "the summary's eval and test loss metrics"),
+    ("fl_dplora.tools.experiments.runner", "delta"): (1, "the summary's privacy record (the delta it spent)"),
+    ("fl_dplora.tools.experiments.results", "seed"): (5, "results.json records' seed field"),
+    ("fl_dplora.tools.experiments.results", "task"): (1, "results.json records' task field"),
 }
 
 
@@ -239,16 +240,28 @@ def _outside_config(modules: dict[str, Path]) -> dict[str, Path]:
     return {m: p for m, p in modules.items() if m != "fl_dplora.config" and not m.startswith("fl_dplora.config.")}
 
 
+def _scanned() -> dict[str, Path]:
+    """The package outside config/, and the experiment scripts (experiments/**/*.py, not their results)."""
+    scripts = {str(p.relative_to(REPO)): p for p in sorted((REPO / "experiments").rglob("*.py"))
+               if "results" not in p.relative_to(REPO / "experiments").parts}
+    return {**_outside_config(MODULES), **scripts}
+
+
 def test_config_keys_are_read_by_string_only_inside_the_config_package():
     """Outside fl_dplora/config/ a run-config value is an attribute of the RunConfig (cfg.train.seed),
     never `cfg["seed"]` or `cfg.get("seed")`."""
-    reads = string_key_reads(_outside_config(MODULES), schema_keys())
-    bad = [f"{m} line {line}: {key!r}" for m, key, line in reads if (m, key) not in NOT_RUN_CONFIG_READS]
+    reads = string_key_reads(_scanned(), schema_keys())
+    assert any(m.startswith("experiments/") for m in _scanned())
+    counts: dict[tuple[str, str], list[int]] = {}
+    for m, key, line in reads:
+        counts.setdefault((m, key), []).append(line)
+    bad = [f"{m}: {key!r} read {len(lines)}x (lines {lines}), allowed {NOT_RUN_CONFIG_READS.get((m, key), (0,))[0]}"
+           for (m, key), lines in counts.items() if len(lines) != NOT_RUN_CONFIG_READS.get((m, key), (0,))[0]]
     assert not bad, "read the RunConfig's attribute (cfg.<section>.<field>) instead:\n" + "\n".join(bad)
 
 
 def test_the_allow_list_of_string_key_reads_has_no_stale_entry():
-    reads = {(m, key) for m, key, _ in string_key_reads(_outside_config(MODULES), schema_keys())}
+    reads = {(m, key) for m, key, _ in string_key_reads(_scanned(), schema_keys())}
     stale = sorted(set(NOT_RUN_CONFIG_READS) - reads)
     assert not stale, f"no such read any more, drop it from NOT_RUN_CONFIG_READS: {stale}"
 

@@ -82,3 +82,12 @@ def test_validation_happens_in_from_run_config_with_one_line_errors():
         RunConfig.from_record({"seed": 1})
 
 
+def test_the_python_api_takes_a_runconfig_and_resolve_output_dir_a_path():
+    from fl_dplora.cli.run import as_overrides
+    from fl_dplora.config import resolve_output_dir
+
+    cfg = resolve({"seed": 3, "output-dir": "/tmp/x"})
+    assert as_overrides(cfg) == cfg.to_record() and as_overrides({"seed": 3}) == {"seed": 3}
+    assert str(resolve_output_dir(cfg.output.output_dir)) == "/tmp/x"
+    with pytest.raises(TypeError, match="give the output-dir path"):
+        resolve_output_dir(cfg.to_record())  # type: ignore[arg-type]  # the old signature's argument

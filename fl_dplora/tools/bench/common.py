@@ -7,7 +7,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,11 +65,9 @@ def ratios(medians: dict[str, float], pairs: list[tuple[str, str]]) -> dict[str,
 def environment() -> dict[str, Any]:
     import torch
 
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "loadavg_start": list(os.getloadavg()),
-    }
+    from fl_dplora.server.outputs import software_environment
+
+    return {**software_environment(), "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
 
 
 def write_result(result: dict[str, Any], args: argparse.Namespace) -> int:
