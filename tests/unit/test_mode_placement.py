@@ -55,3 +55,12 @@ def test_under_secagg_the_plain_client_update_refuses(dp_mode, noise):
     assert set(out) == set(delta)
     plain = modes.for_config(tiny_config(dp_mode=dp_mode, client_noise="central", population=4))
     assert set(plain.client_update(delta, 1.0, torch.Generator().manual_seed(0))) == set(delta)  # no secagg: allowed
+
+
+def test_the_configs_dp_mode_choices_are_the_registry_of_modes():
+    """config/schema.py cannot import privacy/ (privacy imports config), so a new mode is named in both:
+    its class in MODES and its name in DP_MODES; this keeps the two lists one."""
+    from fl_dplora.config import DP_MODES, SCHEMA
+
+    assert tuple(modes.MODES) == DP_MODES == SCHEMA["dp-mode"].choices
+    assert all(name == cls.name for name, cls in modes.MODES.items())
