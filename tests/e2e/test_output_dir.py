@@ -152,11 +152,11 @@ def test_make_run_and_the_experiment_runner_replace_their_own_folders():
     assert "--output-dir $(OUT) --overwrite" in recipe
     from fl_dplora.tools.experiments import RunSpec, command
 
-    spec = RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1}), num_clients=2)
+    spec = RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1}).to_record(), num_clients=2)
     cmd = command(spec, Path("/tmp/x"))
     assert cmd[cmd.index("--output-dir") + 1:] == ["/tmp/x", "--overwrite"]
     # overwrite is a server-side, non-computing key: cached experiment runs keep their hashes
-    assert spec.hash == RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1, "overwrite": True}), 2).hash
+    assert spec.hash == RunSpec("r", "s", "train", {"seed": 1}, resolve({"seed": 1, "overwrite": True}).to_record(), 2).hash
 
 
 @pytest.mark.slow

@@ -47,10 +47,6 @@ class RunSpec:
     config: dict[str, Any] = field(default_factory=dict)  # the resolved run config as its flat record
     num_clients: int = 5
 
-    def __post_init__(self) -> None:
-        if isinstance(self.config, RunConfig):
-            self.config = self.config.to_record()
-
     @property
     def run_config(self) -> RunConfig:
         """`config` as the typed RunConfig (run.run_config.train.seed)."""
